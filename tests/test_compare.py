@@ -7,7 +7,7 @@ import json
 import numpy as np
 from test_train import TASKS, comoe_cli, tiny_model_dir  # noqa: F401  (fixture)
 
-from comoe.compare import PRESETS, Grid, paired_bootstrap
+from comoe.compare import PRESETS, REFERENCE, SPECIALISATION, Grid, paired_bootstrap
 
 
 def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
@@ -29,6 +29,7 @@ def test_presets_build_valid_run_configs():
     for name, variants in PRESETS.items():
         cells = Grid(variants=variants, seeds=[0], base={"train_per_task": 4}).runs()
         assert len(cells) == len(variants), name
+        assert REFERENCE.get(name) in (None, *variants), name
 
 
 def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):  # noqa: F811
@@ -46,6 +47,21 @@ def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):
     (diff,) = summary["differences"]
     assert diff["variant"] == "comoe" and len(diff["per_seed"]) == 2
     assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
-    assert "| comoe − moe-lora |" in (out / "summary.md").read_text()
+    markdown = (out / "summary.md").read_text()
+    assert "| comoe − moe-lora |" in markdown
+    # the specialisation numbers come from a `comoe analyze` pass, kept per run
+    for row in summary["rows"]:
+        nmi, std = row["specialisation"]["nmi"]
+        assert 0.0 <= nmi <= 1.0 and std >= 0.0
+        assert set(row["specialisation"]) == set(SPECIALISATION)
+    assert len(list(out.glob("runs/*/analysis.json"))) == 4
+    assert "| variant | setting | NMI |" in markdown
+    assert f"Command: `comoe compare --grid {grid} --out {out}`" in markdown
+    # a rerun skips finished runs and their analyses; --summary-only keeps the command that ran the grid
+    analysis_times = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/analysis.json")}
     again = comoe_cli("compare", "--grid", str(grid), "--out", str(out))
     assert again.stdout.count("done, skipped") == 4 and "running in" not in again.stdout
+    comoe_cli("compare", "--grid", str(grid), "--out", str(out), "--summary-only")
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/analysis.json")} == analysis_times
+    assert f"Command: `comoe compare --grid {grid} --out {out}`" in (out / "summary.md").read_text()
+    assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
+from comoe.files import write_json_atomic
 from comoe.layer import CoMoELayer, layer_features
 from comoe.model import CoMoEModel, find_targets, get_comoe_model
 
@@ -1146,15 +1147,7 @@ def load_results(directory: str | os.PathLike) -> list[dict]:
 
 
 def write_json(result: dict, directory: str | os.PathLike) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{result['name']}.json"
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(directory) / f"{result['name']}.json", result, indent=1)
 
 
 # --- command line -------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from comoe.files import write_json_atomic, write_text_atomic
 from comoe.runconfig import RunConfig
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -32,7 +33,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "anchor": {f"anchor={a}": {"method": "comoe", "anchor": a} for a in ("random", "all")},
     "negatives": {"negatives=all": {"method": "comoe"}, "negatives=1": {"method": "comoe", "num_negatives": 1}},
 }
-REFERENCE = {"default": "moe-lora", "lambda": "lambda=0"}
+# the variant each preset's paired differences are taken against: λ = 0, or the current default
+REFERENCE = {"default": "moe-lora", "lambda": "lambda=0", "tau": "tau=0.1", "experts": "experts=4",
+             "anchor": "anchor=random", "negatives": "negatives=all"}
+# `comoe analyze` summary numbers (means over adapted modules) reported per variant
+SPECIALISATION = {"nmi": "NMI", "nmi_sets": "NMI of top-k sets", "cosine": "expert cosine", "cka": "CKA",
+                  "contrastive_loss": "L_con", "infonce_bound": "log N − L_con"}
+ANALYSIS_NAME = "analysis.json"
+COMMAND_NAME = "command.txt"
 
 
 @dataclass
@@ -67,8 +75,12 @@ def load_grid(path: str | Path) -> Grid:
     return Grid(**data)
 
 
-def run_grid(grid: Grid, out: Path, dry_run: bool = False) -> list[dict[str, Any]]:
-    """Run every missing cell (each in a subprocess) and return the finished runs' metrics."""
+def run_grid(grid: Grid, out: Path, dry_run: bool = False, analyse: bool = True) -> list[dict[str, Any]]:
+    """Run every missing cell (each in a subprocess) and return the finished runs' metrics.
+
+    With ``analyse``, each finished run with routers also gets its specialisation numbers (see
+    ``specialisation``) under the key ``"specialisation"``.
+    """
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(yaml.safe_dump(asdict(grid), sort_keys=False))
     finished = []
@@ -85,8 +97,35 @@ def run_grid(grid: Grid, out: Path, dry_run: bool = False) -> list[dict[str, Any
             print(f"{label}: done, skipped", flush=True)
         if metrics_path.is_file():
             finished.append({"variant": name, "setting": setting, "seed": seed, "run_dir": str(run_dir),
-                             **json.loads(metrics_path.read_text())})
+                             **json.loads(metrics_path.read_text()),
+                             "specialisation": specialisation(run_dir) if analyse else None})
     return finished
+
+
+def specialisation(run_dir: Path) -> dict[str, float | None] | None:
+    """The run's `comoe analyze` summary (means over its adapted modules), or None for runs without routers.
+
+    Computed once (routing recorded over the run's test sets) and kept in ``RUN_DIR/analysis.json``.
+    """
+    from comoe.analysis import AnalyzeOptions, analyse_run, cpu_threads, skip_reason
+
+    path = run_dir / ANALYSIS_NAME
+    if path.is_file():
+        return json.loads(path.read_text())["summary"]
+    if skip_reason(run_dir) is not None:
+        return None
+    import torch
+
+    options = AnalyzeOptions(progress=False, tsne=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(None))
+    try:
+        metrics, _ = analyse_run(run_dir, options)
+    finally:
+        torch.set_num_threads(threads)
+    kept = {key: metrics[key] for key in ("label", "summary", "layers", "seconds")}
+    write_json_atomic(path, {**kept, "options": asdict(options)})
+    return metrics["summary"]
 
 
 def _train_in_subprocess(config: RunConfig, run_dir: Path, resume: bool) -> None:
@@ -147,8 +186,9 @@ def summarise(finished: list[dict[str, Any]], reference: str | None) -> dict[str
         row["average"] = mean_std([m["adapter"]["macro"]["accuracy"] for m in runs])
         row["base_average"] = runs[0].get("base", {}).get("macro", {}).get("accuracy")
         row["majority_average"] = runs[0]["majority"]["macro"]["accuracy"]
-        nmi = [m["analysis"]["mean_nmi"] for m in runs if m.get("analysis", {}).get("mean_nmi") is not None]
-        row["nmi"] = mean_std(nmi) if nmi else None
+        analysed = [m["specialisation"] for m in runs if m.get("specialisation")]
+        row["specialisation"] = {key: mean_std([a[key] for a in analysed]) for key in SPECIALISATION
+                                 if analysed and all(a.get(key) is not None for a in analysed)}
         rows.append(row)
     differences = []
     for (variant, setting), runs in by_variant.items():
@@ -176,17 +216,27 @@ def to_markdown(summary: dict[str, Any], command: str, machine: str) -> str:
     tasks = list(rows[0]["tasks"])
     pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
     lines = [f"Command: `{command}`  ", f"Machine: {machine}", "",
-             "| variant | setting | seeds | " + " | ".join(tasks) + " | average | NMI | trainable | train min |",
-             "|" + "---|" * (len(tasks) + 7)]
+             "Accuracy (%) on the test sets, mean ± std over seeds:", "",
+             "| variant | setting | seeds | " + " | ".join(tasks) + " | average | trainable | train min |",
+             "|" + "---|" * (len(tasks) + 6)]
     for r in rows:
-        nmi = f"{r['nmi'][0]:.3f} ± {r['nmi'][1]:.3f}" if r["nmi"] else "—"
         lines.append(f"| {r['variant']} | {r['setting']} | {len(r['seeds'])} | "
                      + " | ".join(pct(r["tasks"][t]) for t in tasks)
-                     + f" | **{pct(r['average'])}** | {nmi} | {r['trainable']:,} ({r['trainable_pct']:.2f}%) "
+                     + f" | **{pct(r['average'])}** | {r['trainable']:,} ({r['trainable_pct']:.2f}%) "
                      f"| {r['train_minutes'][0]:.1f} |")
     base = rows[0]["base_average"]
     lines += ["", f"Zero-shot base average: {100 * base:.1f}; majority class average: "
               f"{100 * rows[0]['majority_average']:.1f} (same test sets)." if base is not None else ""]
+    analysed = [r for r in rows if r.get("specialisation")]
+    if analysed:
+        lines += ["", "Specialisation (`comoe analyze`: means over adapted modules, then mean ± std over seeds; "
+                  "runs without routers are left out):", "",
+                  "| variant | setting | " + " | ".join(SPECIALISATION.values()) + " |",
+                  "|" + "---|" * (len(SPECIALISATION) + 2)]
+        for r in analysed:
+            cells = [f"{r['specialisation'][k][0]:.3f} ± {r['specialisation'][k][1]:.3f}"
+                     if k in r["specialisation"] else "—" for k in SPECIALISATION]
+            lines.append(f"| {r['variant']} | {r['setting']} | " + " | ".join(cells) + " |")
     if summary["differences"]:
         lines += ["", "Paired differences in average accuracy (points; 95% CI: bootstrap over test examples and seeds):",
                   "", "| variant − reference | setting | per seed | mean | 95% CI | significant |", "|---|---|---|---|---|---|"]
@@ -207,6 +257,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a RunConfig field for every run (repeatable), e.g. --set train_per_task=64")
     parser.add_argument("--out", default="results/compare", help="grid directory (runs/, summary.json, summary.md)")
     parser.add_argument("--summary-only", action="store_true", help="summarise finished runs, start none")
+    parser.add_argument("--no-analysis", action="store_true",
+                        help="skip the specialisation numbers (a `comoe analyze` pass per routed run, ~40 s each on CPU)")
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -226,14 +278,26 @@ def run_compare(args: argparse.Namespace) -> int:
     grid.runs()  # validate every cell before the first run starts
     out = Path(args.out)
     started = time.time()
-    finished = run_grid(grid, out, dry_run=args.summary_only)
+    command = grid_command(out, args.summary_only)
+    finished = run_grid(grid, out, dry_run=args.summary_only, analyse=not args.no_analysis)
     summary = summarise(finished, grid.reference)
     summary["grid_seconds"] = time.time() - started
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    command = "comoe compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "comoe compare"
-    (out / "summary.md").write_text(to_markdown(summary, command, _machine()))
-    print((out / "summary.md").read_text())
+    write_json_atomic(out / "summary.json", summary)
+    markdown = to_markdown(summary, command, _machine())
+    write_text_atomic(out / "summary.md", markdown)
+    print(markdown)
     return 0
+
+
+def grid_command(out: Path, summary_only: bool) -> str:
+    """The command that ran the grid: this one, kept in ``OUT/command.txt``; ``--summary-only`` reads it back."""
+    path = out / COMMAND_NAME
+    if summary_only and path.is_file():
+        return path.read_text().strip()
+    command = "comoe compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "comoe compare"
+    if not summary_only:
+        write_text_atomic(path, command + "\n")
+    return command
 
 
 def _machine() -> str:

@@ -11,6 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from comoe.files import write_json_atomic
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -173,13 +175,7 @@ class CoMoEConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, CONFIG_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(os.path.join(directory, CONFIG_NAME), self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> CoMoEConfig:

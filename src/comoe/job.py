@@ -22,6 +22,7 @@ from comoe.adapters import build_adapted_model, load_adapted_model, save_adapter
 from comoe.data.registry import load_task
 from comoe.data.schema import Example
 from comoe.evaluate import evaluate_tasks, majority_baseline, summarise
+from comoe.files import write_json_atomic
 from comoe.models import load_base_model
 from comoe.report import print_accuracy_table
 from comoe.runconfig import RUN_CONFIG_NAME, RunConfig
@@ -89,7 +90,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     if accelerator.is_main_process:
         metrics = {"run": run.output_dir, "method": run.method, "setting": run.setting, "seed": run.seed,
                    "protocol": run.protocol, **results}
-        (run_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
+        write_json_atomic(run_dir / METRICS_NAME, metrics)
         print_accuracy_table(metrics, title=f"{run.method} ({run.setting}-task) — {run_dir}")
         return metrics
     return {}
@@ -125,7 +126,7 @@ def _cached_base_eval(run, run_dir, base, tokenizer, test) -> dict:
     scores = evaluate_tasks(base, tokenizer, test, protocol=run.protocol, return_predictions=True,
                             batch_size=run.eval_batch_size,
                             max_length=run.max_length)
-    path.write_text(json.dumps(scores, indent=2))
+    write_json_atomic(path, scores)
     return scores
 
 
