@@ -65,3 +65,19 @@ def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/analysis.json")} == analysis_times
     assert f"Command: `comoe compare --grid {grid} --out {out}`" in (out / "summary.md").read_text()
     assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
+
+
+def test_single_task_setting_trains_one_adapter_per_task_and_skips_analysis(tiny_model_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "grid"
+    comoe_cli("compare", "--preset", "negatives", "--seeds", "0", "--settings", "single", "--out", str(out),
+              "--set", f"model={tiny_model_dir}", "--set", f"tasks={TASKS}", "--set", "train_per_task=8",
+              "--set", "test_per_task=4", "--set", "batch_size=4", "--set", "r=4", "--set", "max_steps=1",
+              "--set", "eval_base=false")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["variant"], r["setting"]) for r in summary["rows"]] == [("negatives=all", "single"), ("negatives=1", "single")]
+    for row in summary["rows"]:
+        assert set(row["tasks"]) == set(TASKS.split(",")) and row["specialisation"] == {}
+        assert 0 < row["train_minutes"][0] <= row["run_minutes"][0]
+    (diff,) = summary["differences"]
+    assert (diff["variant"], diff["reference"]) == ("negatives=1", "negatives=all")
+    assert not list(out.glob("runs/*/analysis.json"))  # single-task runs have no task-expert relation to analyse

@@ -169,6 +169,14 @@ def paired_bootstrap(a_runs: list[dict[str, np.ndarray]], b_runs: list[dict[str,
     return point, float(low), float(high)
 
 
+def training_seconds(metrics: dict[str, Any]) -> float:
+    """Seconds spent in training steps (all adapters of a single-task run), without evaluation."""
+    train = metrics["train"]
+    if "per_task" in train:
+        return sum(log["seconds"] for log in train["per_task"].values())
+    return train["seconds"]
+
+
 def summarise(finished: list[dict[str, Any]], reference: str | None) -> dict[str, Any]:
     """Mean ± std per variant and task, parameters, time, and paired differences against ``reference``."""
     by_variant: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -180,7 +188,8 @@ def summarise(finished: list[dict[str, Any]], reference: str | None) -> dict[str
         tasks = list(runs[0]["adapter"]["tasks"])
         row = {"variant": variant, "setting": setting, "seeds": [m["seed"] for m in runs], "tasks": {},
                "trainable": runs[0].get("trainable"), "trainable_pct": 100 * runs[0]["trainable"] / runs[0]["total_params"],
-               "train_minutes": mean_std([m["train_seconds"] / 60 for m in runs])}
+               "train_minutes": mean_std([training_seconds(m) / 60 for m in runs]),
+               "run_minutes": mean_std([m["train_seconds"] / 60 for m in runs])}
         for t in tasks:
             row["tasks"][t] = mean_std([m["adapter"]["tasks"][t]["accuracy"] for m in runs])
         row["average"] = mean_std([m["adapter"]["macro"]["accuracy"] for m in runs])
@@ -217,13 +226,13 @@ def to_markdown(summary: dict[str, Any], command: str, machine: str) -> str:
     pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
     lines = [f"Command: `{command}`  ", f"Machine: {machine}", "",
              "Accuracy (%) on the test sets, mean ± std over seeds:", "",
-             "| variant | setting | seeds | " + " | ".join(tasks) + " | average | trainable | train min |",
-             "|" + "---|" * (len(tasks) + 6)]
+             "| variant | setting | seeds | " + " | ".join(tasks) + " | average | trainable | train min | train + eval min |",
+             "|" + "---|" * (len(tasks) + 7)]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['setting']} | {len(r['seeds'])} | "
                      + " | ".join(pct(r["tasks"][t]) for t in tasks)
                      + f" | **{pct(r['average'])}** | {r['trainable']:,} ({r['trainable_pct']:.2f}%) "
-                     f"| {r['train_minutes'][0]:.1f} |")
+                     f"| {r['train_minutes'][0]:.1f} | {r['run_minutes'][0]:.1f} |")
     base = rows[0]["base_average"]
     lines += ["", f"Zero-shot base average: {100 * base:.1f}; majority class average: "
               f"{100 * rows[0]['majority_average']:.1f} (same test sets)." if base is not None else ""]
