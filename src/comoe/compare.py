@@ -193,8 +193,10 @@ def summarise(finished: list[dict[str, Any]], reference: str | None) -> dict[str
         for t in tasks:
             row["tasks"][t] = mean_std([m["adapter"]["tasks"][t]["accuracy"] for m in runs])
         row["average"] = mean_std([m["adapter"]["macro"]["accuracy"] for m in runs])
-        row["base_average"] = runs[0].get("base", {}).get("macro", {}).get("accuracy")
-        row["majority_average"] = runs[0]["majority"]["macro"]["accuracy"]
+        base = [m["base"]["macro"]["accuracy"] for m in runs if "base" in m]
+        row["base_average"] = float(np.mean(base)) if base else None
+        # the majority class comes from each seed's training sample, so it can differ between seeds
+        row["majority_average"] = mean_std([m["majority"]["macro"]["accuracy"] for m in runs])
         analysed = [m["specialisation"] for m in runs if m.get("specialisation")]
         row["specialisation"] = {key: mean_std([a[key] for a in analysed]) for key in SPECIALISATION
                                  if analysed and all(a.get(key) is not None for a in analysed)}
@@ -233,9 +235,10 @@ def to_markdown(summary: dict[str, Any], command: str, machine: str) -> str:
                      + " | ".join(pct(r["tasks"][t]) for t in tasks)
                      + f" | **{pct(r['average'])}** | {r['trainable']:,} ({r['trainable_pct']:.2f}%) "
                      f"| {r['train_minutes'][0]:.1f} | {r['run_minutes'][0]:.1f} |")
-    base = rows[0]["base_average"]
-    lines += ["", f"Zero-shot base average: {100 * base:.1f}; majority class average: "
-              f"{100 * rows[0]['majority_average']:.1f} (same test sets)." if base is not None else ""]
+    base = next((r["base_average"] for r in rows if r["base_average"] is not None), None)
+    majority = rows[0]["majority_average"]
+    lines += ["", (f"Zero-shot base average: {100 * base:.1f}; " if base is not None else "")
+              + f"majority class average (the training sample's most frequent answer per task): {pct(majority)}."]
     analysed = [r for r in rows if r.get("specialisation")]
     if analysed:
         lines += ["", "Specialisation (`comoe analyze`: means over adapted modules, then mean ± std over seeds; "
