@@ -34,8 +34,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "negatives": {"negatives=all": {"method": "comoe"}, "negatives=1": {"method": "comoe", "num_negatives": 1}},
 }
 # the variant each preset's paired differences are taken against: λ = 0, or the current default
-REFERENCE = {"default": "moe-lora", "lambda": "lambda=0", "tau": "tau=0.1", "experts": "experts=4",
-             "anchor": "anchor=random", "negatives": "negatives=all"}
+REFERENCE: dict[str, str | list[str]] = {
+    "default": ["moe-lora", "lora"], "lambda": "lambda=0", "tau": "tau=0.1", "experts": "experts=4",
+    "anchor": "anchor=random", "negatives": "negatives=all"}
 # `comoe analyze` summary numbers (means over adapted modules) reported per variant
 SPECIALISATION = {"nmi": "NMI", "nmi_sets": "NMI of top-k sets", "cosine": "expert cosine", "cka": "CKA",
                   "contrastive_loss": "L_con", "infonce_bound": "log N − L_con"}
@@ -49,7 +50,7 @@ class Grid:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     settings: list[str] = field(default_factory=lambda: ["multi"])
     base: dict[str, Any] = field(default_factory=dict)  # RunConfig fields shared by every run
-    reference: str | None = None  # the variant paired differences are taken against
+    reference: str | list[str] | None = None  # the variant(s) paired differences are taken against
 
     def runs(self) -> list[tuple[str, str, int, RunConfig]]:
         """(variant, setting, seed, config) for every cell; configs are validated here, before any run."""
@@ -177,8 +178,29 @@ def training_seconds(metrics: dict[str, Any]) -> float:
     return train["seconds"]
 
 
-def summarise(finished: list[dict[str, Any]], reference: str | None) -> dict[str, Any]:
-    """Mean ± std per variant and task, parameters, time, and paired differences against ``reference``."""
+def references(reference: str | list[str] | None) -> list[str]:
+    if reference is None:
+        return []
+    return [reference] if isinstance(reference, str) else list(reference)
+
+
+def paired_difference(runs: list[dict[str, Any]], ref_runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Macro-accuracy difference runs − ref_runs over their shared seeds, per seed and bootstrapped."""
+    seeds = sorted({m["seed"] for m in runs} & {m["seed"] for m in ref_runs})
+    if not seeds:
+        return None
+    a = [next(m for m in runs if m["seed"] == s) for s in seeds]
+    b = [next(m for m in ref_runs if m["seed"] == s) for s in seeds]
+    tasks = list(a[0]["adapter"]["tasks"])
+    per_seed = [x["adapter"]["macro"]["accuracy"] - y["adapter"]["macro"]["accuracy"] for x, y in zip(a, b, strict=True)]
+    point, low, high = paired_bootstrap([correct_vectors(m, tasks) for m in a], [correct_vectors(m, tasks) for m in b])
+    return {"seeds": seeds, "per_seed": per_seed, "mean": point, "ci95": [low, high],
+            "significant": not (low <= 0.0 <= high)}
+
+
+def summarise(finished: list[dict[str, Any]], reference: str | list[str] | None) -> dict[str, Any]:
+    """Mean ± std per variant and task, parameters, time, and paired differences against each reference
+    variant (a pair already taken the other way round is not repeated)."""
     by_variant: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for m in finished:
         by_variant.setdefault((m["variant"], m["setting"]), []).append(m)
@@ -202,21 +224,15 @@ def summarise(finished: list[dict[str, Any]], reference: str | None) -> dict[str
                                  if analysed and all(a.get(key) is not None for a in analysed)}
         rows.append(row)
     differences = []
-    for (variant, setting), runs in by_variant.items():
-        ref_runs = by_variant.get((reference, setting)) if reference else None
-        if not ref_runs or variant == reference:
-            continue
-        seeds = sorted({m["seed"] for m in runs} & {m["seed"] for m in ref_runs})
-        if not seeds:
-            continue
-        a = [next(m for m in runs if m["seed"] == s) for s in seeds]
-        b = [next(m for m in ref_runs if m["seed"] == s) for s in seeds]
-        tasks = list(a[0]["adapter"]["tasks"])
-        per_seed = [x["adapter"]["macro"]["accuracy"] - y["adapter"]["macro"]["accuracy"] for x, y in zip(a, b, strict=True)]
-        point, low, high = paired_bootstrap([correct_vectors(m, tasks) for m in a], [correct_vectors(m, tasks) for m in b])
-        differences.append({"variant": variant, "reference": reference, "setting": setting, "seeds": seeds,
-                            "per_seed": per_seed, "mean": point, "ci95": [low, high],
-                            "significant": not (low <= 0.0 <= high)})
+    for ref in references(reference):
+        for (variant, setting), runs in by_variant.items():
+            ref_runs = by_variant.get((ref, setting))
+            mirrored = any(d["variant"] == ref and d["reference"] == variant and d["setting"] == setting
+                           for d in differences)
+            if ref_runs and variant != ref and not mirrored:
+                difference = paired_difference(runs, ref_runs)
+                if difference is not None:
+                    differences.append({"variant": variant, "reference": ref, "setting": setting, **difference})
     return {"rows": rows, "differences": differences}
 
 
@@ -263,6 +279,8 @@ def to_markdown(summary: dict[str, Any], command: str, machine: str) -> str:
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", help="YAML: variants (name → RunConfig overrides) or preset, seeds, settings, base, reference")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a ready-made grid (default: lora / moe-lora / comoe)")
+    parser.add_argument("--reference", type=lambda s: s.split(","),
+                        help="variant(s) to take paired differences against, e.g. moe-lora,lora (default: the preset's)")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 0,1,2")
     parser.add_argument("--settings", type=lambda s: s.split(","), help="multi, single or multi,single")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -282,6 +300,8 @@ def run_compare(args: argparse.Namespace) -> int:
         raise ValueError("give --grid or --preset, not both")
     if args.seeds:
         grid.seeds = args.seeds
+    if args.reference:
+        grid.reference = args.reference
     if args.settings:
         grid.settings = args.settings
     for item in args.set:
