@@ -5,9 +5,19 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from test_train import TASKS, comoe_cli, tiny_model_dir  # noqa: F401  (fixture)
 
-from comoe.compare import PRESETS, REFERENCE, SPECIALISATION, Grid, paired_bootstrap, references, summarise
+from comoe.compare import (
+    MAJORITY,
+    PRESETS,
+    REFERENCE,
+    SPECIALISATION,
+    Grid,
+    paired_bootstrap,
+    references,
+    summarise,
+)
 
 
 def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
@@ -34,11 +44,12 @@ def test_presets_build_valid_run_configs():
 
 def fake_run(variant: str, seed: int, correct: dict[str, list[bool]]) -> dict:
     """The parts of a finished run's metrics that `summarise` reads."""
-    tasks = {t: {"accuracy": float(np.mean(c)), "predictions": [0 if ok else 1 for ok in c], "answers": [0] * len(c)}
+    tasks = {t: {"accuracy": float(np.mean(c)), "predictions": [0 if ok else 2 for ok in c], "answers": [0] * len(c)}
              for t, c in correct.items()}
     macro = float(np.mean([v["accuracy"] for v in tasks.values()]))
     return {"variant": variant, "setting": "multi", "seed": seed, "trainable": 10, "total_params": 100,
-            "train_seconds": 60.0, "train": {"seconds": 30.0}, "majority": {"macro": {"accuracy": 0.5}},
+            "train_seconds": 60.0, "train": {"seconds": 30.0},
+            "majority": {"tasks": {t: {"majority": 1} for t in correct}, "macro": {"accuracy": 0.0}},
             "adapter": {"tasks": tasks, "macro": {"accuracy": macro}}, "specialisation": None}
 
 
@@ -48,14 +59,19 @@ def test_summarise_takes_each_pair_once_against_every_reference():
                 for v, p in (("lora", 0.4), ("moe-lora", 0.5), ("comoe", 0.9)) for s in (0, 1, 2)]
     summary = summarise(finished, ["moe-lora", "lora"])
     pairs = [(d["variant"], d["reference"]) for d in summary["differences"]]
-    assert pairs == [("lora", "moe-lora"), ("comoe", "moe-lora"), ("comoe", "lora")]
+    assert pairs == [("lora", "moe-lora"), ("comoe", "moe-lora"), ("comoe", "lora"),
+                     ("lora", MAJORITY), ("moe-lora", MAJORITY), ("comoe", MAJORITY)]
+    # the majority class (answer 1) is never right here, so each variant beats it by its own accuracy
+    for d in summary["differences"][3:]:
+        (row,) = [r for r in summary["rows"] if r["variant"] == d["variant"]]
+        assert d["mean"] == pytest.approx(row["average"][0]) and d["significant"]
     comoe_vs_lora = summary["differences"][2]
     assert comoe_vs_lora["significant"] and comoe_vs_lora["ci95"][0] > 0.3 and len(comoe_vs_lora["per_seed"]) == 3
     (comoe_row,) = [r for r in summary["rows"] if r["variant"] == "comoe"]
     assert comoe_row["train_minutes"] == (0.5, 0.0) and comoe_row["run_minutes"] == (1.0, 0.0)
-    assert comoe_row["majority_average"] == (0.5, 0.0) and comoe_row["specialisation"] == {}
+    assert comoe_row["majority_average"] == (0.0, 0.0) and comoe_row["specialisation"] == {}
     assert summarise(finished, "comoe")["differences"][0]["reference"] == "comoe"
-    assert summarise(finished, None)["differences"] == []
+    assert [d["reference"] for d in summarise(finished, None)["differences"]] == [MAJORITY] * 3
 
 
 def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):  # noqa: F811
@@ -70,8 +86,9 @@ def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):
     assert first.stdout.count("running in") == 4
     summary = json.loads((out / "summary.json").read_text())
     assert {r["variant"] for r in summary["rows"]} == {"moe-lora", "comoe"}
-    (diff,) = summary["differences"]
-    assert diff["variant"] == "comoe" and len(diff["per_seed"]) == 2
+    diff, *against_majority = summary["differences"]
+    assert diff["variant"] == "comoe" and diff["reference"] == "moe-lora" and len(diff["per_seed"]) == 2
+    assert [d["reference"] for d in against_majority] == [MAJORITY] * 2
     assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
     markdown = (out / "summary.md").read_text()
     assert "| comoe − moe-lora |" in markdown
@@ -104,6 +121,6 @@ def test_single_task_setting_trains_one_adapter_per_task_and_skips_analysis(tiny
     for row in summary["rows"]:
         assert set(row["tasks"]) == set(TASKS.split(",")) and row["specialisation"] == {}
         assert 0 < row["train_minutes"][0] <= row["run_minutes"][0]
-    (diff,) = summary["differences"]
+    diff = summary["differences"][0]
     assert (diff["variant"], diff["reference"]) == ("negatives=1", "negatives=all")
     assert not list(out.glob("runs/*/analysis.json"))  # single-task runs have no task-expert relation to analyse

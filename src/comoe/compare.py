@@ -41,6 +41,7 @@ REFERENCE: dict[str, str | list[str]] = {
 SPECIALISATION = {"nmi": "NMI", "nmi_sets": "NMI of top-k sets", "cosine": "expert cosine", "cka": "CKA",
                   "contrastive_loss": "L_con", "infonce_bound": "log N − L_con"}
 ANALYSIS_NAME = "analysis.json"
+MAJORITY = "majority class"
 COMMAND_NAME = "command.txt"
 
 
@@ -184,6 +185,18 @@ def references(reference: str | list[str] | None) -> list[str]:
     return [reference] if isinstance(reference, str) else list(reference)
 
 
+def majority_run(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's majority-class predictor (its training sample's most frequent answer per task) in the shape
+    of a run, so the adapter can be paired with it; None when a task has no answer index (generation)."""
+    tasks = {}
+    for t, block in metrics["adapter"]["tasks"].items():
+        label = metrics["majority"]["tasks"].get(t, {}).get("majority")
+        if label is None or "answers" not in block:
+            return None
+        tasks[t] = {"predictions": [label] * len(block["answers"]), "answers": block["answers"]}
+    return {"seed": metrics["seed"], "adapter": {"tasks": tasks, "macro": metrics["majority"]["macro"]}}
+
+
 def paired_difference(runs: list[dict[str, Any]], ref_runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Macro-accuracy difference runs − ref_runs over their shared seeds, per seed and bootstrapped."""
     seeds = sorted({m["seed"] for m in runs} & {m["seed"] for m in ref_runs})
@@ -233,6 +246,12 @@ def summarise(finished: list[dict[str, Any]], reference: str | list[str] | None)
                 difference = paired_difference(runs, ref_runs)
                 if difference is not None:
                     differences.append({"variant": variant, "reference": ref, "setting": setting, **difference})
+    for (variant, setting), runs in by_variant.items():
+        majority = [majority_run(m) for m in runs]
+        if all(majority):
+            difference = paired_difference(runs, majority)
+            if difference is not None:
+                differences.append({"variant": variant, "reference": MAJORITY, "setting": setting, **difference})
     return {"rows": rows, "differences": differences}
 
 
