@@ -14,6 +14,7 @@ from comoe.compare import (
     REFERENCE,
     SPECIALISATION,
     Grid,
+    modal_share,
     paired_bootstrap,
     references,
     summarise,
@@ -70,8 +71,14 @@ def test_summarise_takes_each_pair_once_against_every_reference():
     (comoe_row,) = [r for r in summary["rows"] if r["variant"] == "comoe"]
     assert comoe_row["train_minutes"] == (0.5, 0.0) and comoe_row["run_minutes"] == (1.0, 0.0)
     assert comoe_row["majority_average"] == (0.0, 0.0) and comoe_row["specialisation"] == {}
+    assert 0.5 <= comoe_row["modal_share"][0] <= 1.0
     assert summarise(finished, "comoe")["differences"][0]["reference"] == "comoe"
     assert [d["reference"] for d in summarise(finished, None)["differences"]] == [MAJORITY] * 3
+
+
+def test_modal_share_is_one_for_a_constant_answer_and_falls_with_spread():
+    assert modal_share(fake_run("x", 0, {"a": [True] * 8, "b": [False] * 4})) == 1.0
+    assert modal_share(fake_run("x", 0, {"a": [True, False] * 4})) == 0.5
 
 
 def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):  # noqa: F811

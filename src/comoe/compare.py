@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,18 @@ def references(reference: str | list[str] | None) -> list[str]:
     return [reference] if isinstance(reference, str) else list(reference)
 
 
+def modal_share(metrics: dict[str, Any]) -> float:
+    """Mean over tasks of the share of test predictions that are the task's most frequent prediction.
+
+    1.0 means the adapter gives one constant answer per task: it has learnt an answer prior, not the task.
+    """
+    shares = []
+    for block in metrics["adapter"]["tasks"].values():
+        counts = Counter(map(str, block["predictions"]))
+        shares.append(max(counts.values()) / len(block["predictions"]))
+    return float(np.mean(shares))
+
+
 def majority_run(metrics: dict[str, Any]) -> dict[str, Any] | None:
     """The run's majority-class predictor (its training sample's most frequent answer per task) in the shape
     of a run, so the adapter can be paired with it; None when a task has no answer index (generation)."""
@@ -228,6 +241,7 @@ def summarise(finished: list[dict[str, Any]], reference: str | list[str] | None)
         for t in tasks:
             row["tasks"][t] = mean_std([m["adapter"]["tasks"][t]["accuracy"] for m in runs])
         row["average"] = mean_std([m["adapter"]["macro"]["accuracy"] for m in runs])
+        row["modal_share"] = mean_std([modal_share(m) for m in runs])
         base = [m["base"]["macro"]["accuracy"] for m in runs if "base" in m]
         row["base_average"] = float(np.mean(base)) if base else None
         # the majority class comes from each seed's training sample, so it can differ between seeds
@@ -263,13 +277,15 @@ def to_markdown(summary: dict[str, Any], command: str, machine: str) -> str:
     pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
     lines = [f"Command: `{command}`  ", f"Machine: {machine}", "",
              "Accuracy (%) on the test sets, mean ± std over seeds:", "",
-             "| variant | setting | seeds | " + " | ".join(tasks) + " | average | trainable | train min | train + eval min |",
-             "|" + "---|" * (len(tasks) + 7)]
+             "| variant | setting | seeds | " + " | ".join(tasks) + " | average | modal answer | trainable | train min | train + eval min |",
+             "|" + "---|" * (len(tasks) + 8)]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['setting']} | {len(r['seeds'])} | "
                      + " | ".join(pct(r["tasks"][t]) for t in tasks)
-                     + f" | **{pct(r['average'])}** | {r['trainable']:,} ({r['trainable_pct']:.2f}%) "
+                     + f" | **{pct(r['average'])}** | {pct(r['modal_share'])} | {r['trainable']:,} ({r['trainable_pct']:.2f}%) "
                      f"| {r['train_minutes'][0]:.1f} | {r['run_minutes'][0]:.1f} |")
+    lines += ["", "*modal answer*: share of each task's test predictions that are its most frequent prediction "
+              "(100 = one constant answer per task), averaged over tasks."]
     base = next((r["base_average"] for r in rows if r["base_average"] is not None), None)
     majority = rows[0]["majority_average"]
     lines += ["", (f"Zero-shot base average: {100 * base:.1f}; " if base is not None else "")
