@@ -41,7 +41,8 @@ import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -272,6 +273,18 @@ def cpu_threads(requested: int | None) -> int:
     except OSError:
         busy = False
     return 1 if busy else torch.get_num_threads()
+
+
+@contextmanager
+def analysis_threads(requested: int | None) -> Iterator[int]:
+    """Run the block with ``cpu_threads(requested)`` torch threads (unchanged on CUDA); yields the count."""
+    previous = torch.get_num_threads()
+    threads = previous if torch.cuda.is_available() else cpu_threads(requested)
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)
 
 
 class NotAnalysable(ValueError):
@@ -616,13 +629,8 @@ def analyze(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     """
     options = options or AnalyzeOptions()
     started = time.time()
-    previous_threads = torch.get_num_threads()
-    threads = previous_threads if torch.cuda.is_available() else cpu_threads(options.threads)
-    torch.set_num_threads(threads)
-    try:
+    with analysis_threads(options.threads) as threads:
         runs, projections, skipped = _analyse_all([Path(d) for d in run_dirs], options)
-    finally:
-        torch.set_num_threads(previous_threads)
     out = Path(out) if out is not None else default_out_dir([Path(d) for d in run_dirs])
     out.mkdir(parents=True, exist_ok=True)
     print(f"writing figures to {out}/", flush=True)

@@ -110,22 +110,16 @@ def specialisation(run_dir: Path) -> dict[str, float | None] | None:
 
     Computed once (routing recorded over the run's test sets) and kept in ``RUN_DIR/analysis.json``.
     """
-    from comoe.analysis import AnalyzeOptions, analyse_run, cpu_threads, skip_reason
+    from comoe.analysis import AnalyzeOptions, analyse_run, analysis_threads, skip_reason
 
     path = run_dir / ANALYSIS_NAME
     if path.is_file():
         return json.loads(path.read_text())["summary"]
     if skip_reason(run_dir) is not None:
         return None
-    import torch
-
     options = AnalyzeOptions(progress=False, tsne=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads(None))
-    try:
+    with analysis_threads(options.threads):
         metrics, _ = analyse_run(run_dir, options)
-    finally:
-        torch.set_num_threads(threads)
     kept = {key: metrics[key] for key in ("label", "summary", "layers", "seconds")}
     write_json_atomic(path, {**kept, "options": asdict(options)})
     return metrics["summary"]
