@@ -25,7 +25,7 @@ def test_defaults_follow_the_paper_and_design():
         ({"top_k": 0}, ["top_k", "1..num_experts"]),
         ({"r": 0}, ["r must be a positive integer", "0"]),
         ({"r": -3}, ["r must be a positive integer"]),
-        ({"r": 2.5}, ["r must be a positive integer"]),
+        ({"r": 2.5}, ["r must be an integer", "the float 2.5"]),
         ({"num_experts": 0, "top_k": 0}, ["num_experts must be an integer >= 1"]),
         ({"anchor": "first"}, ["anchor must be one of", "'random'", "'all'", "'first'"]),
         ({"routing": "hash"}, ["routing must be one of", "'topk'", "'soft'", "'hash'"]),
@@ -128,3 +128,90 @@ def test_loading_bad_config_files(tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps({"r": 4, "top_k": 9}))
     with pytest.raises(ValueError, match="top_k"):  # a saved file is validated like a constructor call
         CoMoEConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragments"),
+    [
+        ({"contrastive_weight": "0.1"}, ["contrastive_weight must be a number", "the string '0.1'", "without quotes"]),
+        ({"temperature": "cold"}, ["temperature must be a number", "the string 'cold'"]),
+        ({"lora_alpha": True}, ["lora_alpha must be a number", "the boolean True"]),
+        ({"r": "16"}, ["r must be an integer", "the string '16'", "(write 16 without quotes)"]),
+        ({"r": 16.0}, ["r must be an integer", "the float 16.0", "(write 16)"]),
+        ({"num_experts": True}, ["num_experts must be an integer", "the boolean True"]),
+        ({"top_k": None}, ["top_k must be an integer", "got none"]),
+        ({"num_negatives": "2"}, ["num_negatives must be an integer or none", "the string '2'"]),
+        ({"num_negatives": False}, ["num_negatives must be an integer or none", "the boolean False"]),
+        ({"routing": 1}, ["routing must be a string", "the integer 1"]),
+        ({"base_model_name_or_path": 3}, ["base_model_name_or_path must be a string or none", "the integer 3"]),
+        ({"target_modules": 5}, ["target_modules must be a list of strings or a string", "the integer 5"]),
+        ({"target_modules": ["q_proj", 1]}, ["target_modules must be a list of strings", "item 1 is the integer 1"]),
+        ({"layers": [0, "1"]}, ["layers must be a list of integers, a string or none", "item 1 is the string '1'"]),
+        ({"layers": [True]}, ["layers must be", "item 0 is the boolean True"]),
+        ({"layers": 2.5}, ["layers must be a list of integers, a string or none", "the float 2.5"]),
+        (
+            {"target_modules": "q_proj["},
+            ["target_modules 'q_proj[' is not a valid regular expression", "give a list of module names or a valid regex"],
+        ),
+        ({"target_modules": "(a|b"}, ["target_modules '(a|b' is not a valid regular expression"]),
+    ],
+)
+def test_wrong_types_and_bad_regexes_are_value_errors_naming_the_field(kwargs, fragments):
+    with pytest.raises(ValueError) as info:
+        CoMoEConfig(**kwargs)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "expected"),
+    [
+        ({"lora_alpha": 8}, "lora_alpha", 8.0),  # an int is a number: stored as a float
+        ({"contrastive_weight": 0}, "contrastive_weight", 0.0),
+        ({"target_modules": "all-linear"}, "target_modules", "all-linear"),
+        ({"target_modules": r".*\.(q|v)_proj"}, "target_modules", r".*\.(q|v)_proj"),
+        ({"layers": (0, 2)}, "layers", [0, 2]),
+        ({"num_negatives": None}, "num_negatives", None),
+    ],
+)
+def test_values_of_the_right_type_are_accepted_and_normalised(kwargs, field, expected):
+    value = getattr(CoMoEConfig(**kwargs), field)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        ("{not json", ["adapter_config.json is not valid JSON", "the adapter directory is damaged", "re-save the adapter"]),
+        ("", ["adapter_config.json is not valid JSON", "restore the file"]),
+        (b"\xff\xfe\x00garbage", ["adapter_config.json is not valid JSON", "damaged"]),
+        ("[1, 2]", ["adapter_config.json holds a JSON array, not an object", "re-save the adapter or restore the file"]),
+        ('"r"', ["holds a JSON string", "damaged"]),
+        ("null", ["holds a JSON null", "damaged"]),
+        (
+            json.dumps({"r": 4, "num_expertz": 3}),
+            ["adapter_config.json: unknown CoMoEConfig fields ['num_expertz']", "did you mean 'num_experts'"],
+        ),
+        (json.dumps({"r": "4"}), ["adapter_config.json: r must be an integer", "the string '4'"]),
+        (json.dumps({"top_k": 9}), ["adapter_config.json: top_k must be an integer in 1..num_experts"]),
+    ],
+)
+def test_damaged_adapter_config_files_are_named_in_the_error(tmp_path, content, fragments):
+    path = tmp_path / CONFIG_NAME
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError) as info:
+        CoMoEConfig.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_unknown_fields_without_a_close_match_get_no_suggestion():
+    with pytest.raises(ValueError) as info:
+        CoMoEConfig.from_dict({"zzzz": 1})
+    assert "unknown CoMoEConfig fields ['zzzz']" in str(info.value) and "did you mean" not in str(info.value)

@@ -63,7 +63,7 @@ def test_forward_backward_generate(family):
     labels = labels_for(family, inputs)
     out = model(**inputs, labels=labels)
     assert torch.isfinite(out.loss)
-    assert out.aux_losses.contrastive is not None and torch.isfinite(out.aux_losses.contrastive)
+    assert out.contrastive_loss is not None and torch.isfinite(out.contrastive_loss)
     out.loss.backward()
     n_adapter = 0
     for name, param in model.named_parameters():
@@ -124,9 +124,9 @@ def test_aux_loss_is_out_loss_minus_task_loss(family):
     aux = model.get_aux_loss()
     ce = task_loss(family, out.logits, labels)
     torch.testing.assert_close(aux, out.loss - ce, rtol=1e-5, atol=1e-5)
-    parts = out.aux_losses
-    torch.testing.assert_close(aux, 0.5 * parts.contrastive + 0.2 * parts.balance, rtol=1e-6, atol=1e-6)
-    assert parts.contrastive > 0 and parts.balance > 0
+    torch.testing.assert_close(out.aux_loss, aux)
+    torch.testing.assert_close(aux, 0.5 * out.contrastive_loss + 0.2 * out.balance_loss, rtol=1e-6, atol=1e-6)
+    assert out.contrastive_loss > 0 and out.balance_loss > 0
     assert aux.requires_grad  # usable in a custom training loop
 
 
@@ -189,7 +189,7 @@ def test_contrastive_is_the_mean_over_modules_of_algorithm_1_on_real_tokens():
                 )
             )
     torch.testing.assert_close(
-        out.aux_losses.contrastive, torch.stack(per_module).mean(), rtol=1e-5, atol=1e-5
+        out.contrastive_loss, torch.stack(per_module).mean(), rtol=1e-5, atol=1e-5
     )
 
 
@@ -210,9 +210,9 @@ def test_zero_weight_is_exactly_plain_moe_lora():
 
     out1 = comoe(**inputs, labels=labels)
     torch.testing.assert_close(out1.logits, out0.logits, rtol=1e-6, atol=1e-6)  # the forward is unchanged
-    assert out1.aux_losses.contrastive > 0
+    assert out1.contrastive_loss > 0
     torch.testing.assert_close(
-        out1.loss - task_loss("llama", out1.logits, labels), 0.5 * out1.aux_losses.contrastive
+        out1.loss - task_loss("llama", out1.logits, labels), 0.5 * out1.contrastive_loss
     )
     task_loss("llama", out1.logits, labels).backward()
     grads0 = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
@@ -233,7 +233,7 @@ def test_eval_mode_computes_no_aux_and_recording_does_not_change_the_loss():
             recorded = model(**inputs, labels=labels)
     # (recording computes every code densely for the loss; the grouped path sums in another order: 1e-7)
     torch.testing.assert_close(recorded.loss, plain.loss, rtol=1e-6, atol=1e-6)
-    assert recorded.aux_losses.contrastive is not None  # computed for the records only
+    assert recorded.contrastive_loss is not None  # computed for the records only
     assert all(s["contrastive_loss"] is not None for s in rec.summary().values())
 
 
@@ -256,7 +256,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(path):
             out.loss.backward()
         assert all(sum(map(sum, s["counts"])) == 2 * 12 for s in rec.summary().values())
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        results.append((out.loss.detach(), out.aux_losses.contrastive.detach(), grads))
+        results.append((out.loss.detach(), out.contrastive_loss.detach(), grads))
     (loss0, con0, grads0), (loss1, con1, grads1) = results
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(con1, con0, rtol=1e-6, atol=1e-6)
@@ -453,7 +453,7 @@ def test_fifty_adamw_steps_from_fresh_init_stay_finite_and_the_contrastive_loss_
         for p in params:
             assert torch.isfinite(p.grad).all()
         optimizer.step()
-        contrastive.append(out.aux_losses.contrastive.item())
+        contrastive.append(out.contrastive_loss.item())
     first, last = sum(contrastive[:5]) / 5, sum(contrastive[-5:]) / 5
     assert last < 0.8 * first, (first, last)
 
@@ -484,7 +484,7 @@ def _check_compiled_matches_eager(backend: str) -> None:
     out.loss.backward()
     torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.aux_losses.contrastive, eager.aux_losses.contrastive, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.contrastive_loss, eager.contrastive_loss, rtol=1e-5, atol=1e-5)
     params = dict(model.named_parameters())
     for name, grad in eager_grads.items():
         assert params[name].grad is not None, name

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from comoe.files import write_json_atomic
+from comoe.validation import check_field_types, did_you_mean
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -21,6 +23,7 @@ ANCHORS = ("random", "all")
 EXPERT_PATHS = ("auto", "dense", "grouped")
 CONTRASTIVE_FORMS = ("gram", "materialized")
 LAYER_GROUPS = ("low", "middle", "high", "low+high")
+ALL_LINEAR = "all-linear"
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_PROJECTIONS = ATTENTION_MODULES + ["gate_proj", "up_proj", "down_proj"]
 
@@ -82,17 +85,16 @@ class CoMoEConfig:
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Recorded on save."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        _check(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}")
+        check_field_types(self)  # first: the range checks below may then compare numbers safely
+        _check(self.r > 0, f"r must be a positive integer, got {self.r!r}")
         _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         _check(
-            isinstance(self.num_experts, int) and self.num_experts >= 1,
+            self.num_experts >= 1,
             f"num_experts must be an integer >= 1, got {self.num_experts!r}",
         )
         _check(
-            isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
+            1 <= self.top_k <= self.num_experts,
             f"top_k must be an integer in 1..num_experts={self.num_experts}, got {self.top_k!r}",
         )
         _check(self.routing in ROUTINGS, f"routing must be one of {ROUTINGS}, got {self.routing!r}")
@@ -109,15 +111,24 @@ class CoMoEConfig:
         _check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
         _check(self.router_init_std >= 0, f"router_init_std must be >= 0, got {self.router_init_std!r}")
         _check(
-            isinstance(self.target_modules, str)
-            or (isinstance(self.target_modules, list) and self.target_modules
-                and all(isinstance(t, str) and t for t in self.target_modules)),
+            isinstance(self.target_modules, str) or (bool(self.target_modules) and all(self.target_modules)),
             f"target_modules must be a non-empty list of names or a regex string, got {self.target_modules!r}",
         )
+        self._check_regex()
         self._check_layers()
         self._check_negatives()
         if self.contrastive_weight > 0:
             self._check_contrastive()
+
+    def _check_regex(self) -> None:
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise ValueError(
+                    f"target_modules {self.target_modules!r} is not a valid regular expression ({err}): "
+                    f"give a list of module names or a valid regex"
+                ) from None
 
     def _check_layers(self) -> None:
         if self.layers is None:
@@ -125,9 +136,8 @@ class CoMoEConfig:
         if isinstance(self.layers, str):
             _check(self.layers in LAYER_GROUPS, f"layers must be a list of indices or one of {LAYER_GROUPS}, got {self.layers!r}")
             return
-        self.layers = list(self.layers)
         _check(
-            bool(self.layers) and all(isinstance(i, int) and i >= 0 for i in self.layers),
+            bool(self.layers) and all(i >= 0 for i in self.layers),
             f"layers must be a non-empty list of non-negative indices, got {self.layers!r}",
         )
 
@@ -152,8 +162,7 @@ class CoMoEConfig:
         if self.num_negatives is not None:
             inactive = self.num_experts - self.top_k
             _check(
-                isinstance(self.num_negatives, int) and not isinstance(self.num_negatives, bool)
-                and 1 <= self.num_negatives <= inactive,
+                1 <= self.num_negatives <= inactive,
                 f"num_negatives must be None (all inactive) or an integer in 1..{inactive} "
                 f"(num_experts - top_k), got {self.num_negatives!r}",
             )
@@ -168,10 +177,13 @@ class CoMoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CoMoEConfig:
+        """A config from ``to_dict``'s output; unknown keys are an error that suggests the closest field."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"peft_type"})
+        unknown = sorted(map(str, set(data) - known - {"peft_type"}))
         if unknown:
-            raise ValueError(f"unknown CoMoEConfig fields {unknown}; known fields: {sorted(known)}")
+            raise ValueError(
+                f"unknown CoMoEConfig fields {unknown}{did_you_mean(unknown, known)}; known fields: {sorted(known)}"
+            )
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -179,15 +191,23 @@ class CoMoEConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> CoMoEConfig:
+        """Read ``adapter_config.json`` from an adapter directory; every error names the file."""
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a comoe adapter directory")
+        damaged = "the adapter directory is damaged: re-save the adapter or restore the file"
         try:
-            with open(path) as fh:
+            with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        return cls.from_dict(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); {damaged}") from err
+        if not isinstance(data, dict):
+            kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(data), "null")
+            raise ValueError(f"{path} holds a JSON {kind}, not an object of CoMoEConfig fields; {damaged}")
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
 
 def _check(ok: bool, message: str) -> None:

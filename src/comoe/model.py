@@ -3,6 +3,14 @@
 The shape follows PEFT: ``get_comoe_model`` wraps a model, freezes the base, and replaces each targeted
 ``nn.Linear`` / ``Conv1D`` by a ``CoMoELayer`` holding it as ``base_layer``. Every adapter tensor has
 ``comoe_`` in its name; that prefix drives both trainable marking and saving.
+
+The auxiliary losses travel as fields of the model output (``aux_loss``, ``contrastive_loss``,
+``balance_loss``), as transformers' own MoE models return theirs: wrappers that rebuild the output
+(accelerate's mixed precision, DDP, ``torch.compile``) keep mapping fields, where an attribute would be
+dropped. ``CoMoEModel`` presents the small part of ``peft.PeftModel``'s interface that
+``transformers.Trainer`` relies on (``get_base_model``, ``active_adapters``, ``load_adapter``,
+``save_pretrained(state_dict=...)``), so that Trainer with its default arguments keeps the model's input
+columns, saves an adapter directory rather than the whole model, and resumes from its checkpoints.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -39,6 +48,15 @@ class AuxLosses:
     pos_cos: Tensor | None
     neg_cos: Tensor | None
     total: Tensor  # contrastive_weight · contrastive + balance_weight · balance
+
+    def output_fields(self) -> dict[str, Tensor]:
+        """The tensors a model output carries: ``aux_loss`` (weighted total) and the unweighted parts."""
+        fields = {"aux_loss": self.total}
+        if self.contrastive is not None:
+            fields["contrastive_loss"] = self.contrastive
+        if self.balance is not None:
+            fields["balance_loss"] = self.balance
+        return fields
 
     def as_floats(self) -> dict[str, float]:
         """Detached values for logging (this syncs with the device)."""
@@ -113,11 +131,16 @@ def find_targets(model: nn.Module, config: CoMoEConfig) -> list[str]:
 
 
 # --- the wrapper ---------------------------------------------------------------------------------
-class CoMoEModel(nn.Module):
-    """A model whose targeted linears are CoMoE layers. Attribute access falls through to the base model."""
+class CoMoEModel(PeftModel):
+    """A model whose targeted linears are CoMoE layers. Attribute access falls through to the base model.
+
+    It subclasses ``PeftModel`` only so that ``transformers.Trainer`` treats it as an adapter model (saving
+    and resuming adapters, inspecting the base model's signature); ``PeftModel.__init__`` is not run and
+    every member Trainer uses is defined here.
+    """
 
     def __init__(self, model: nn.Module, config: CoMoEConfig):
-        super().__init__()
+        nn.Module.__init__(self)
         if any(isinstance(m, CoMoELayer) for m in model.modules()):
             raise ValueError("this model already holds CoMoE layers; wrap the original base model instead")
         self.base_model = model
@@ -146,16 +169,22 @@ class CoMoEModel(nn.Module):
             return getattr(self.base_model, name)
 
     # --- forward and the auxiliary losses ---------------------------------------------------------
-    def forward(self, *args, task_ids: Tensor | None = None, **kwargs):
-        """Forward of the base model. With ``labels``, ``outputs.loss`` includes the weighted aux losses.
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, *, task_ids: Tensor | None = None, **kwargs):
+        """Forward of the base model; in training, ``outputs.loss`` includes the weighted aux losses.
 
-        ``task_ids`` (batch,) is optional and only used by routing records.
+        The output also carries ``aux_loss`` (the weighted sum that was added), ``contrastive_loss`` and
+        ``balance_loss`` (unweighted) when they were computed. ``task_ids`` (batch,) is optional and only
+        used by routing records. The named arguments are spelled out so that Trainer keeps those columns.
         """
+        for key, value in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)):
+            if value is not None:
+                kwargs[key] = value
         cfg, ctx = self.comoe_config, self.context
-        mask = kwargs.get("attention_mask")
+        mask = attention_mask
         ctx.token_mask = mask.reshape(-1).bool() if mask is not None and mask.dim() == 2 else None
         if task_ids is not None:
-            shape = _token_shape(mask, args, kwargs)
+            shape = _token_shape(mask, input_ids)
             if shape is not None:  # (batch, seq): every token of a sequence gets its sequence's task id
                 ctx.task_ids = task_ids.reshape(-1, 1).expand(shape).reshape(-1)
         recording = ctx.recorder is not None and getattr(ctx.recorder, "contrastive", False)
@@ -163,7 +192,7 @@ class CoMoEModel(nn.Module):
         ctx.compute_balance = self.training and cfg.balance_weight > 0
         ctx.aux, ctx.pending, ctx.active = [], [], True
         try:
-            outputs = self.base_model(*args, **kwargs)
+            outputs = self.base_model(**kwargs)
             ctx.collect()  # after the base forward: checkpointed layers never re-run the loss computation
             self.last_aux = self._collect_aux()
         finally:
@@ -172,9 +201,10 @@ class CoMoEModel(nn.Module):
             ctx.pending = []
         # Only a training loss carries the aux terms: recording in eval mode must not change out.loss.
         if self.training and self.last_aux is not None and getattr(outputs, "loss", None) is not None:
-            outputs.loss = outputs.loss + self.last_aux.total
-        if self.last_aux is not None and hasattr(outputs, "__dict__"):
-            outputs.aux_losses = self.last_aux
+            outputs["loss"] = outputs.loss + self.last_aux.total
+        if self.last_aux is not None and isinstance(outputs, dict):  # ModelOutput; a tuple output has no room
+            for key, value in self.last_aux.output_fields().items():
+                outputs[key] = value
         return outputs
 
     def _collect_aux(self) -> AuxLosses | None:
@@ -203,6 +233,46 @@ class CoMoEModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         return self.base_model.generate(*args, **kwargs)
+
+    # --- the part of PeftModel's interface that transformers.Trainer uses --------------------------
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (its adapted linears are CoMoE layers)."""
+        return self.base_model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return ["default"]  # one adapter per model; PEFT's multi-adapter API is not supported
+
+    @property
+    def active_adapter(self) -> str:
+        return "default"
+
+    @property
+    def peft_config(self) -> dict[str, CoMoEConfig]:
+        return {"default": self.comoe_config}
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
+                     **_: object) -> None:
+        """Load the weights of a saved adapter with this model's configuration (Trainer's resume path)."""
+        if adapter_name != "default":
+            raise ValueError(f"comoe holds one adapter per model, named 'default'; got adapter_name={adapter_name!r}")
+        saved = CoMoEConfig.from_pretrained(directory)
+        mine = {k: v for k, v in self.comoe_config.to_dict().items() if k != "base_model_name_or_path"}
+        theirs = {k: v for k, v in saved.to_dict().items() if k != "base_model_name_or_path"}
+        differ = sorted(k for k in mine if mine[k] != theirs.get(k))
+        if differ:
+            raise AdapterLoadError(
+                f"{directory}: the saved adapter's configuration differs from this model's in {differ}; "
+                "load it onto a fresh base with CoMoEModel.from_pretrained(base, directory) instead"
+            )
+        self.load_adapter_weights(directory)
+        self.set_trainable(is_trainable)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """PEFT's name for :meth:`disable_adapters`."""
+        with self.disable_adapters():
+            yield
 
     # --- switches ------------------------------------------------------------------------------------
     @contextmanager
@@ -237,6 +307,8 @@ class CoMoEModel(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())
 
+    get_nb_trainable_parameters = trainable_parameters
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
@@ -256,11 +328,21 @@ class CoMoEModel(nn.Module):
             param.requires_grad_(requires_grad.get(name, param.requires_grad))
 
     # --- save / load ---------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None,
+                        is_main_process: bool = True, **_: object) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically.
+
+        ``state_dict`` (this wrapper's full state dict, as Trainer passes it under FSDP/DeepSpeed) replaces
+        the live parameters as the source of the adapter tensors; other keyword arguments are ignored.
+        """
+        if not is_main_process:
+            return
         os.makedirs(directory, exist_ok=True)
         self.comoe_config.save_pretrained(directory)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        adapter = self.adapter_state_dict()
+        if state_dict is not None:
+            adapter = {name: state_dict[f"base_model.{name}"] for name in adapter if f"base_model.{name}" in state_dict}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.items()}
         path = os.path.join(directory, WEIGHTS_NAME)
         tmp = path + ".tmp"
         save_file(tensors, tmp, metadata={"format": "pt", "adapter": "comoe"})
@@ -310,11 +392,10 @@ class CoMoEModel(nn.Module):
         return wrapped
 
 
-def _token_shape(mask: Tensor | None, args: tuple, kwargs: dict) -> torch.Size | None:
+def _token_shape(mask: Tensor | None, ids: Tensor | None) -> torch.Size | None:
     """(batch, seq) of this forward, from the attention mask or else from the token ids."""
     if mask is not None and mask.dim() == 2:
         return mask.shape
-    ids = kwargs.get("input_ids", args[0] if args else None)
     if isinstance(ids, Tensor) and ids.dim() == 2:
         return ids.shape
     return None

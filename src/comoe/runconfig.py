@@ -8,6 +8,7 @@ written to the run directory as ``run_config.yaml`` and is enough to reproduce o
 from __future__ import annotations
 
 import argparse
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -16,13 +17,15 @@ from typing import Any
 
 import yaml
 
-from comoe.config import ATTENTION_MODULES, CoMoEConfig
-from comoe.data.registry import BUILTIN_SUITE
+from comoe.config import ALL_LINEAR, ATTENTION_MODULES, CoMoEConfig
+from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX
+from comoe.validation import check_field_types, describe_hint, did_you_mean
 
 METHODS = ("comoe", "moe-lora", "soft-moe", "lora")
 SETTINGS = ("multi", "single")
 PROTOCOLS = ("label", "loglik")
 RUN_CONFIG_NAME = "run_config.yaml"
+NAME_LISTS = ("tasks", "target_modules")  # a string is read as comma-separated names
 
 
 @dataclass
@@ -40,7 +43,7 @@ class RunConfig:
     lora_dropout: float = 0.05
     num_experts: int = 4
     top_k: int = 2
-    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_MODULES))
+    target_modules: list[str] | str = field(default_factory=lambda: list(ATTENTION_MODULES))  # or 'all-linear'
     layers: list[int] | str | None = None
     contrastive_weight: float = 0.01
     temperature: float = 0.1
@@ -73,18 +76,41 @@ class RunConfig:
     output_dir: str | None = None
 
     def __post_init__(self) -> None:
+        for name in NAME_LISTS:
+            setattr(self, name, split_names(name, getattr(self, name)))
+        check_field_types(self)  # first: the range checks below may then compare numbers safely
         _one_of("method", self.method, METHODS)
         _one_of("setting", self.setting, SETTINGS)
         _one_of("protocol", self.protocol, PROTOCOLS)
-        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ValueError("give epochs > 0 or max_steps")
-        if not self.tasks:
-            raise ValueError("tasks is empty: name at least one task (see `comoe tasks`)")
+        _one_of("scheduler", self.scheduler, _scheduler_names())
+        for name in ("batch_size", "grad_accum", "save_steps", "eval_batch_size"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("train_per_task", "test_per_task", "lora_r"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"{name} must be >= 1 or none, got {value!r}")
+        _check(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length!r}")
+        _check(
+            self.max_steps is None or self.max_steps >= 1,
+            f"max_steps must be >= 1, or none to train for `epochs` epochs, got {self.max_steps!r}",
+        )
+        _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
+        _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        self._check_tasks()
         if self.method != "lora":
             self.comoe_config()  # fail now, not after the model has loaded
+
+    def _check_tasks(self) -> None:
+        _check(bool(self.tasks), "tasks is empty: name at least one task (see `comoe tasks`)")
+        seen: dict[str, str] = {}
+        for name in self.tasks:
+            _check(bool(name.strip()), f"tasks has an empty name: {self.tasks!r}; name each task (see `comoe tasks`)")
+            key = _task_key(name)
+            if key in seen:
+                same = "" if seen[key].strip() == name.strip() else f" ({seen[key]!r} and {name!r} are the same file)"
+                raise ValueError(f"task {name.strip()!r} is named twice in tasks: {self.tasks!r}{same}; name each task once")
+            seen[key] = name
 
     def comoe_config(self) -> CoMoEConfig:
         """The adapter config this run's method implies."""
@@ -92,7 +118,7 @@ class RunConfig:
         return CoMoEConfig(
             r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
             num_experts=self.num_experts, top_k=self.num_experts if self.method == "soft-moe" else self.top_k,
-            target_modules=list(self.target_modules), layers=self.layers,
+            target_modules=self.target_modules, layers=self.layers,
             routing="soft" if self.method == "soft-moe" else "topk",
             contrastive_weight=weight, temperature=self.temperature, epsilon=self.epsilon,
             anchor=self.anchor, num_negatives=self.num_negatives if weight > 0 else None,
@@ -104,23 +130,79 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        """Read a YAML file of fields (``1e-3`` is a float, as in YAML 1.2); ``overrides`` win over it."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such config file: {path}")
+        try:
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or err
+            context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+            if context and context_mark is not None:
+                problem = f"{problem}, {context} at line {context_mark.line + 1}"
+            raise ValueError(f"{path} is not valid YAML{where}: {problem}; fix the file there") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of RunConfig fields, got {type(data).__name__}")
         return cls.from_dict({**data, **overrides}, source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
+        """A config from a mapping of fields; unknown keys are an error that suggests the closest field."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise ValueError(f"{source}: unknown fields {unknown}; known fields: {sorted(known)}")
+            raise ValueError(
+                f"{source}: unknown fields {unknown}{did_you_mean(unknown, known)}; known fields: {sorted(known)}"
+            )
         return cls(**data)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent forms without a dot (``1e-3``, ``5E+4``) as floats, not strings."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def split_names(name: str, value: Any) -> Any:
+    """A comma-separated string of names as a list (``'a, b'`` → ``['a', 'b']``); 'all-linear' stays a string."""
+    if not isinstance(value, str):
+        return value
+    if name == "target_modules" and value.strip() == ALL_LINEAR:
+        return ALL_LINEAR
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _task_key(name: str) -> str:
+    """What makes two task specs the same task: the resolved path of a JSONL file, else the normalised name."""
+    name = name.strip()
+    if name.startswith(JSONL_PREFIX) or name.endswith(".jsonl"):
+        path = name[len(JSONL_PREFIX) :] if name.startswith(JSONL_PREFIX) else name
+        return JSONL_PREFIX + str(Path(path).expanduser().resolve())
+    return name.lower().replace("-", "_")
+
+
+def _scheduler_names() -> tuple[str, ...]:
+    from transformers import SchedulerType  # here: importing it costs seconds, only a RunConfig needs it
+
+    return tuple(s.value for s in SchedulerType)
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 # --- command-line flags from the dataclass --------------------------------------------------------
@@ -130,25 +212,23 @@ _HINTS = typing.get_type_hints(RunConfig)
 def parse_field_value(name: str, text: str) -> Any:
     """Read a command-line string as the type of RunConfig field ``name``."""
     hint = _HINTS[name]
-    optional = _is_optional(hint)
-    if optional and text.lower() == "none":
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if type(None) in members and text.strip().lower() == "none":
         return None
-    candidates = [a for a in typing.get_args(hint) if a is not type(None)] if optional else [hint]
-    for candidate in candidates:
+    if name in NAME_LISTS:
+        return split_names(name, text)
+    for member in members:
         try:
-            if typing.get_origin(candidate) is list:
-                item = typing.get_args(candidate)[0]
+            if typing.get_origin(member) is list:
+                item = typing.get_args(member)[0]
                 return [item(part.strip()) for part in text.split(",") if part.strip()]
-            if candidate is bool:
+            if member is bool:
                 return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[text.lower()]
-            return candidate(text)
+            if member is not type(None):
+                return member(text)
         except (ValueError, KeyError):
             continue
-    raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: cannot read {text!r} as {hint}")
-
-
-def _is_optional(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: cannot read {text!r} as {describe_hint(hint)}")
 
 
 def add_run_config_flags(parser: argparse.ArgumentParser) -> None:

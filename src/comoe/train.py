@@ -26,6 +26,7 @@ from comoe.batching import IGNORE_INDEX, EncodedExample, collate, encode_example
 from comoe.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from comoe.data.schema import Example
 from comoe.evaluate import accepts_logits_to_keep
+from comoe.model import CoMoEModel
 from comoe.runconfig import RunConfig
 
 MAX_GRAD_NORM = 1.0
@@ -147,16 +148,18 @@ def _accumulated_step(model, core, accelerator, optimizer, scheduler, params, mi
     totals: dict[str, float] = {}
     for i, micro in enumerate(micro_batches):
         batch = {k: v.to(accelerator.device) for k, v in collate(micro, pad_id).items()}
-        if not hasattr(core, "comoe_config"):
+        if not isinstance(core, CoMoEModel):
             batch.pop("task_ids")  # PEFT/plain models do not take it
         sync = i == len(micro_batches) - 1
         context = accelerator.no_sync(model) if not sync else nullcontext()
         with context, accelerator.autocast():
             task_loss, out = causal_lm_loss(model, batch, trim)
-            aux = getattr(out, "aux_losses", None)
-            loss = task_loss + aux.total if aux is not None else task_loss
+            aux = out.get("aux_loss")  # an output field: it survives mixed precision, DDP and compile
+            if aux is None and isinstance(core, CoMoEModel) and core.comoe_config.contrastive_weight > 0:
+                raise RuntimeError("the model output lost its aux_loss field: the contrastive term would be dropped")
+            loss = task_loss + aux if aux is not None else task_loss
             accelerator.backward(loss / len(micro_batches))
-        for key, value in _loss_parts(loss, task_loss, aux).items():
+        for key, value in _loss_parts(loss, task_loss, out).items():
             totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
     accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
     optimizer.step()
@@ -185,12 +188,11 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], trim: bool) -> tuple[t
     return task_loss, out
 
 
-def _loss_parts(loss: torch.Tensor, task_loss: torch.Tensor, aux) -> dict[str, float]:
+def _loss_parts(loss: torch.Tensor, task_loss: torch.Tensor, out) -> dict[str, float]:
     parts = {"loss": loss.item(), "task": task_loss.item()}
-    if aux is not None and aux.contrastive is not None:
-        parts["con"] = aux.contrastive.item()
-    if aux is not None and aux.balance is not None:
-        parts["bal"] = aux.balance.item()
+    for field, key in (("contrastive_loss", "con"), ("balance_loss", "bal")):
+        if out.get(field) is not None:
+            parts[key] = out[field].item()
     return parts
 
 
