@@ -62,7 +62,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
 
     base, tokenizer = load_base_model(run.model, dtype=base_dtype(run))
     if run.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     base.to(accelerator.device)
     results: dict = {"majority": majority_baseline(train, test)}

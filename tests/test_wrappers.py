@@ -1,0 +1,104 @@
+"""The contrastive term reaches the optimiser whatever wraps the model.
+
+Each wrapper that runs on the CPU (accelerate's bf16 mixed precision, DDP, torch.compile, activation
+checkpointing) gets a tiny CoMoE Llama in training mode; the test checks that the output still carries
+``aux_loss`` / ``contrastive_loss`` and that the gradient of the loss the model returns differs from the
+gradient of the task loss alone, i.e. the contrastive term is in the gradient. (A wrapper that rebuilt the
+output and dropped an attribute used to train plain MoE-LoRA in silence: issue 10.)
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from tiny_models import batch, build, randomize_adapters, tiny_comoe_config
+
+from comoe import get_comoe_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def tiny_model(**overrides):
+    model = get_comoe_model(build("llama"), tiny_comoe_config("llama", **overrides))
+    randomize_adapters(model)
+    return model.train()
+
+
+def inputs_and_labels() -> dict:
+    inputs = batch("llama")
+    return {**inputs, "labels": inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)}
+
+
+def expert_grads(loss: torch.Tensor, model) -> list[torch.Tensor]:
+    params = [p for n, p in sorted(model.named_parameters()) if n.endswith("comoe_A")]
+    return [g.float() for g in torch.autograd.grad(loss, params, retain_graph=True)]
+
+
+def assert_contrastive_in_gradient(out, core) -> None:
+    assert "aux_loss" in out and "contrastive_loss" in out, f"the output lost its aux fields: {list(out.keys())}"
+    assert torch.isfinite(out.contrastive_loss) and out.contrastive_loss > 0
+    with_aux = expert_grads(out.loss, core)
+    task_only = expert_grads(out.loss - out.aux_loss, core)
+    differences = [(a - b).abs().max().item() for a, b in zip(with_aux, task_only, strict=True)]
+    assert max(differences) > 0, "the contrastive term does not reach the expert gradients"
+
+
+def test_plain_model():
+    model = tiny_model()
+    assert_contrastive_in_gradient(model(**inputs_and_labels()), model)
+
+
+def test_accelerate_bf16_mixed_precision():
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    model = tiny_model()
+    prepared = accelerator.prepare(model)
+    with accelerator.autocast():
+        out = prepared(**inputs_and_labels())
+    assert out.logits.dtype == torch.float32  # accelerate rebuilt the output (fp32 conversion)...
+    assert_contrastive_in_gradient(out, accelerator.unwrap_model(prepared))  # ...and the aux fields survived
+
+
+def test_bf16_base_weights():
+    """What `comoe train --bf16 true` does: the frozen base in bf16, adapters and routers in fp32."""
+    model = get_comoe_model(build("llama").to(torch.bfloat16), tiny_comoe_config("llama"))
+    randomize_adapters(model)
+    assert {p.dtype for n, p in model.named_parameters() if "comoe_" in n} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.train()(**inputs_and_labels())
+    assert_contrastive_in_gradient(out, model)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_distributed_data_parallel():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        model = tiny_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        assert_contrastive_in_gradient(ddp(**inputs_and_labels()), model)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_compile():
+    model = tiny_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    try:
+        out = compiled(**inputs_and_labels())
+    except Exception as err:  # pragma: no cover - a torch build without a working compiler
+        pytest.skip(f"torch.compile is not usable here: {err}")
+    assert_contrastive_in_gradient(out, model)
+
+
+def test_gradient_checkpointing():
+    model = tiny_model()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert_contrastive_in_gradient(model(**inputs_and_labels()), model)
