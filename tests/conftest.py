@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,3 +28,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama saved with SmolLM2's tokenizer, loadable by path (`--model DIR`) like any HF model."""
+    from tiny_models import save_tiny_llama_with_real_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_llama_with_real_tokenizer(directory)
+    return directory

@@ -18,19 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_llama_with_real_tokenizer
 
 from comoe.runconfig import RunConfig
 
 TASKS = "strategyqa,social_iqa"
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama saved with SmolLM2's tokenizer, loadable by path like any HF model."""
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    save_tiny_llama_with_real_tokenizer(directory)
-    return directory
 
 
 def comoe_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -95,6 +86,13 @@ def test_resume_after_sigkill_gives_the_same_adapter(tiny_model_dir, tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert [r["loss"] for r in read_log(straight)][-2:] == [r["loss"] for r in read_log(killed)][-2:]
+    # The steps the killed process logged after its last checkpoint were redone: each step appears once,
+    # and the training summary covers the whole run, not only the steps after the resume.
+    assert [r["step"] for r in read_log(killed)] == list(range(1, 11))
+    summary = json.loads((killed / "metrics.json").read_text())["train"]
+    assert summary["resumed_at_step"] == 6 and summary["seconds"] > summary["seconds_before_resume"] > 0
+    expected = json.loads((straight / "metrics.json").read_text())["train"]["final"]
+    assert summary["final"] == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("method", ["lora", "soft-moe"])

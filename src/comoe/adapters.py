@@ -40,17 +40,9 @@ def build_adapted_model(base: nn.Module, run: RunConfig) -> nn.Module:
     rank = run.lora_r or matched_lora_rank(base, comoe_config)
     lora = LoraConfig(
         r=rank, lora_alpha=run.lora_alpha * rank / run.r, lora_dropout=run.lora_dropout,
-        target_modules=list(run.target_modules), layers_to_transform=_lora_layers(base, comoe_config),
+        target_modules=find_targets(base, comoe_config),  # the modules CoMoE would adapt, layers applied
     )
     return get_peft_model(base, lora)
-
-
-def _lora_layers(base: nn.Module, config: CoMoEConfig) -> list[int] | None:
-    if config.layers is None:
-        return None
-    from comoe.model import layer_index
-
-    return sorted({layer_index(n) for n in find_targets(base, config)})
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> None:
@@ -79,7 +71,12 @@ def load_adapted_model(base: nn.Module, directory: str | Path) -> nn.Module:
     config_path = Path(directory) / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not an adapter directory")
-    peft_type = json.loads(config_path.read_text()).get("peft_type")
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); the adapter directory is damaged: "
+                         "re-save the adapter or restore the file") from None
+    peft_type = data.get("peft_type") if isinstance(data, dict) else None
     if peft_type == "COMOE":
         return CoMoEModel.from_pretrained(base, directory)
     model = PeftModel.from_pretrained(base, str(directory))

@@ -394,8 +394,8 @@ def analyse_run(run_dir: Path, options: AnalyzeOptions) -> tuple[dict, dict | No
     projected = _chosen_module(names, options.layer, options.module)
     loaded = time.time()
     print(f"analysing {run_dir} ({run_label(run)}): {sum(map(len, test.values()))} test examples of "
-          f"{len(run.tasks)} tasks, {len(names)} adapted modules", flush=True)
-    recorder = record_routing(model, tokenizer, test, run.tasks, options, options.max_length or run.max_length,
+          f"{len(test)} tasks, {len(names)} adapted modules", flush=True)
+    recorder = record_routing(model, tokenizer, test, list(test), options, options.max_length or run.max_length,
                               projected, desc=run_label(run))
     passed = time.time()
     cfg = model.comoe_config
@@ -411,10 +411,10 @@ def analyse_run(run_dir: Path, options: AnalyzeOptions) -> tuple[dict, dict | No
     projection = None if proj is None else projection_data(proj[0], proj[2], options.tsne, options.seed)
     metrics = {
         "label": run_label(run), "run_dir": str(run_dir), "method": run.method, "seed": run.seed,
-        "contrastive_weight": cfg.contrastive_weight, "tasks": list(run.tasks),
+        "contrastive_weight": cfg.contrastive_weight, "tasks": list(test),
         "num_experts": cfg.num_experts, "top_k": cfg.top_k, "routing": cfg.routing, "temperature": cfg.temperature,
         "positives": positives, "negatives": negatives,
-        "examples_per_task": {t: len(test[t]) for t in run.tasks},
+        "examples_per_task": {t: len(test[t]) for t in test},
         "tokens_per_task": summary[names[0]]["tokens_per_task"],
         "accuracy": _run_accuracy(run_dir),
         "summary": {key: _mean([m[key] for m in modules.values()]) for key in SCALARS},

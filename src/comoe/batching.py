@@ -51,3 +51,27 @@ def collate(batch: list[EncodedExample], pad_token_id: int) -> dict[str, Tensor]
         attention_mask[row, :n] = 1
     task_ids = torch.tensor([item.task_id for item in batch], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
+
+
+def check_lengths(examples: list[Example], tokenizer, max_length: int) -> None:
+    """Refuse a ``max_length`` that leaves some example no prompt token before its answer; note truncation.
+
+    With too short a limit the answer fills the whole window (or is cut), the loss has nothing to predict
+    from and a run trains on NaN or on answers without questions; better to stop before training starts.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    answers = [len(tokenizer(answer_text(ex), add_special_tokens=False)["input_ids"]) + len(eos) for ex in examples]
+    need = max(answers) + 1
+    if max_length < need:
+        worst = examples[answers.index(max(answers))]
+        raise ValueError(
+            f"max_length={max_length} is too short: an answer of task {worst.task!r} takes {max(answers)} tokens "
+            f"(with end-of-sequence), leaving no room for its question; give --max-length {need} or more"
+            f"{' (a few times that, to keep the questions)' if need < 64 else ''}"
+        )
+    totals = [len(tokenizer(format_prompt(ex), add_special_tokens=True)["input_ids"]) + a
+              for ex, a in zip(examples, answers, strict=True)]
+    cut = sum(total > max_length for total in totals)
+    if cut:
+        print(f"note: {cut} of {len(examples)} training examples are longer than max_length={max_length} tokens "
+              f"and lose the start of their prompt (the longest needs {max(totals)})")

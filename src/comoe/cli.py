@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from comoe.runconfig import RUN_CONFIG_NAME, RunConfig, add_run_config_flags, run_config_from_args
+from comoe.runconfig import RunConfig, add_run_config_flags, load_yaml, run_config_from_args
 
 
 def _train(args: argparse.Namespace) -> int:
-    from comoe.job import run_job
+    from comoe.job import resumed_run, run_job
 
     if args.resume:
         run_dir = Path(args.resume)
-        config_path = run_dir / RUN_CONFIG_NAME
-        if not config_path.is_file():
-            raise SystemExit(f"--resume {run_dir}: no {RUN_CONFIG_NAME} there; is it a comoe run directory?")
-        run = RunConfig.from_yaml(config_path)
-        run_job(run, run_dir, resume=True)
+        run_job(resumed_run(run_dir, _requested_fields(args)), run_dir, resume=True)
         return 0
     run_job(run_config_from_args(args))
     return 0
+
+
+def _requested_fields(args: argparse.Namespace) -> dict:
+    """The RunConfig fields that the --config file and the flags set (the flags win)."""
+    requested = {}
+    if args.config:
+        data = load_yaml(args.config) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.config}: expected a mapping of RunConfig fields, got {type(data).__name__}")
+        requested.update(data)
+    requested.update({f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None})
+    return requested
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -88,10 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input (a ValueError, a file or network OSError, a missing package, a diverged
+    run) is reported as one message and exit status 2, without a traceback (``COMOE_DEBUG=1`` shows it)."""
+    from comoe.train import TrainingDiverged
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, ImportError, TrainingDiverged) as err:
+        if os.environ.get("COMOE_DEBUG"):
+            raise
         print(f"comoe {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from comoe.files import write_json_atomic, write_text_atomic
-from comoe.runconfig import RunConfig
+from comoe.runconfig import RunConfig, load_yaml
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {"lora": {"method": "lora"}, "moe-lora": {"method": "moe-lora"}, "comoe": {"method": "comoe"}},
@@ -67,7 +67,9 @@ class Grid:
 
 
 def load_grid(path: str | Path) -> Grid:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = load_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping (variants, seeds, settings, base, reference)")
     if "preset" in data:
         preset = data.pop("preset")
         data.setdefault("variants", PRESETS[preset])

@@ -11,31 +11,115 @@ write a run directory:
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
 from comoe.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
-from comoe.data.registry import load_task
+from comoe.batching import check_lengths
+from comoe.data.registry import load_task, subset
 from comoe.data.schema import Example
 from comoe.evaluate import evaluate_tasks, majority_baseline, summarise
 from comoe.files import write_json_atomic
+from comoe.model import find_targets
 from comoe.models import load_base_model
 from comoe.report import print_accuracy_table
 from comoe.runconfig import RUN_CONFIG_NAME, RunConfig
 from comoe.train import make_accelerator, train_adapter
 
 METRICS_NAME = "metrics.json"
+# Fields that only change what happens after training (evaluation, checkpoint cadence): a resumed run may
+# change them. Every other field shapes the adapter being trained, and a resumed run keeps it.
+RESUMABLE_FIELDS = ("save_steps", "protocol", "test_per_task", "eval_batch_size", "eval_base")
 
 
 def load_splits(run: RunConfig) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
-    """Train and test examples per task; every file is validated before any model is loaded."""
-    train = {t: load_task(t, "train", limit=run.train_per_task, seed=run.seed) for t in run.tasks}
-    test = {t: load_task(t, "test", limit=run.test_per_task, seed=0) for t in run.tasks}
+    """Train and test examples per task name; every file is validated before any model is loaded.
+
+    A task's name is its built-in name, or for a JSONL file the ``task`` field of its lines or else the
+    file name without ``.jsonl``; one file may hold several tasks, and two specs may not share a name.
+    """
+    train: dict[str, list[Example]] = {}
+    test: dict[str, list[Example]] = {}
+    origin: dict[str, str] = {}
+    for spec in run.tasks:
+        for split, into, limit, seed in (("train", train, run.train_per_task, run.seed),
+                                         ("test", test, run.test_per_task, 0)):
+            for name, examples in _by_task(load_task(spec, split)).items():
+                if origin.setdefault(name, spec) != spec:
+                    raise ValueError(
+                        f"tasks {origin[name]!r} and {spec!r} both hold a task named {name!r} (a JSONL task is named "
+                        "by its lines' \"task\" field, else by its file name): rename a file or set \"task\""
+                    )
+                into[name] = subset(examples, limit, seed)
+    for name in set(train) ^ set(test):
+        has, lacks = ("train", "test") if name in train else ("test", "train")
+        raise ValueError(f"task {name!r} of {origin[name]!r} has {has} examples but no {lacks} examples; "
+                         f"give some of its lines \"split\": \"{lacks}\"")
     return train, test
+
+
+def _by_task(examples: list[Example]) -> dict[str, list[Example]]:
+    grouped: dict[str, list[Example]] = {}
+    for example in examples:
+        grouped.setdefault(example.task, []).append(example)
+    return grouped
+
+
+def check_output_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse, before anything is loaded or written, a run directory that cannot be (or must not be) used."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"output directory {run_dir} is an existing file; give a directory path (--output-dir)")
+    if not resume and (run_dir / RUN_CONFIG_NAME).is_file():
+        raise ValueError(f"{run_dir} already holds a run; continue it with `comoe train --resume {run_dir}` "
+                         "or choose another --output-dir")
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"output directory {run_dir}: {existing} is a file, not a directory; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output directory {run_dir}: {existing} is not writable; give a path you can write to")
+
+
+def resumed_run(run_dir: Path, requested: dict) -> RunConfig:
+    """The configuration of the run in ``run_dir``, with the ``requested`` values that a resume may change.
+
+    A requested value of any other field that differs from the run's is refused, naming each field: the
+    run's adapter was partly trained with the old value, so silently keeping or applying it would both be
+    wrong. Nothing is written here.
+    """
+    config_path = run_dir / RUN_CONFIG_NAME
+    if not config_path.is_file():
+        raise ValueError(f"--resume {run_dir}: no {RUN_CONFIG_NAME} there; give a directory written by `comoe train`")
+    saved = RunConfig.from_yaml(config_path)
+    elsewhere = requested.get("output_dir")
+    if elsewhere is not None and Path(elsewhere).resolve() != run_dir.resolve():
+        raise ValueError(f"--resume {run_dir} continues the run in its own directory; drop --output-dir {elsewhere}")
+    wanted = RunConfig.from_dict({**asdict(saved), **requested}, source="the resume flags")
+    changed = [f.name for f in fields(RunConfig) if f.name in requested and f.name != "output_dir"
+               and getattr(wanted, f.name) != getattr(saved, f.name)]
+    refused = [name for name in changed if name not in RESUMABLE_FIELDS]
+    if refused:
+        listing = "; ".join(f"{name}: {getattr(saved, name)!r} -> {getattr(wanted, name)!r}" for name in refused)
+        raise ValueError(
+            f"--resume {run_dir}: the run was started with other settings ({listing}). A resumed run keeps the "
+            f"settings its adapter was trained with; drop those flags, or start a new run without --resume. "
+            f"On resume only {', '.join(RESUMABLE_FIELDS)} may change."
+        )
+    for name in changed:
+        print(f"resume: {name} = {getattr(wanted, name)!r} (was {getattr(saved, name)!r})")
+    wanted.output_dir = str(run_dir)
+    return wanted
+
+
+def check_adapter_fits(base: torch.nn.Module, run: RunConfig) -> None:
+    """Target modules and layers that do not exist in the base model fail here, before any evaluation."""
+    find_targets(base, run.comoe_config())
 
 
 def base_dtype(run: RunConfig) -> torch.dtype:
@@ -49,18 +133,28 @@ def default_run_dir(run: RunConfig) -> Path:
 
 
 def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -> dict:
-    """Train and evaluate as ``run`` says; returns (and writes) the metrics."""
+    """Train and evaluate as ``run`` says; returns (and writes) the metrics.
+
+    Everything that can be checked (output directory, data, model, target modules, lengths) is checked
+    before the run directory is created, so bad input leaves nothing behind.
+    """
     run_dir = Path(run_dir or run.output_dir or default_run_dir(run))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run.output_dir = str(run_dir)
+    check_output_dir(run_dir, resume)
+    train, test = load_splits(run)
+    base, tokenizer = load_base_model(run.model, dtype=base_dtype(run))
+    check_adapter_fits(base, run)
+    check_lengths([ex for examples in train.values() for ex in examples], tokenizer, run.max_length)
+
     accelerator = make_accelerator(run)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create output directory {run_dir}: {err.strerror}; give another path") from None
+    run.output_dir = str(run_dir)
     if accelerator.is_main_process:
         run.to_yaml(run_dir / RUN_CONFIG_NAME)
-    train, test = load_splits(run)
     accelerator.print(f"run directory: {run_dir}")
-    accelerator.print("tasks: " + ", ".join(f"{t} ({len(train[t])} train / {len(test[t])} test)" for t in run.tasks))
-
-    base, tokenizer = load_base_model(run.model, dtype=base_dtype(run))
+    accelerator.print("tasks: " + ", ".join(f"{t} ({len(train[t])} train / {len(test[t])} test)" for t in train))
     if run.gradient_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
@@ -74,8 +168,8 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         set_seed(run.seed)  # the adapter's initialisation depends only on the seed
         model = build_adapted_model(base, run)
         results["trainable"], results["total_params"] = trainable_counts(model)
-        examples = [ex for t in run.tasks for ex in train[t]]
-        trained = train_adapter(model, tokenizer, examples, run.tasks, run, run_dir, accelerator, resume, desc="train")
+        examples = [ex for t in train for ex in train[t]]
+        trained = train_adapter(model, tokenizer, examples, list(train), run, run_dir, accelerator, resume, desc="train")
         results["train"] = asdict(trained)
         core = accelerator.unwrap_model(model)
         if accelerator.is_main_process:
@@ -85,7 +179,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     else:
         results["adapter"], results["train"] = _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer)
         results["trainable"], results["total_params"] = results["train"].pop("params")
-    results["train_seconds"] = time.time() - started
+    results["train_seconds"] = time.time() - started + _seconds_before_resume(results["train"])
 
     if accelerator.is_main_process:
         metrics = {"run": run.output_dir, "method": run.method, "setting": run.setting, "seed": run.seed,
@@ -99,7 +193,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
 def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer):
     """One adapter per task, each on a fresh copy of the base, evaluated on its own task."""
     scores, logs, params = {}, {}, (0, 0)
-    for i, task in enumerate(run.tasks):
+    for i, task in enumerate(train):
         if i > 0:
             base, tokenizer = load_base_model(run.model, dtype=base_dtype(run))
             base.to(accelerator.device)
@@ -116,6 +210,12 @@ def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer
             scores.update(evaluate_tasks(core, tokenizer, {task: test[task]}, protocol=run.protocol,
                                          return_predictions=True, batch_size=run.eval_batch_size, max_length=run.max_length)["tasks"])
     return summarise(run.protocol, scores), {"per_task": logs, "params": params}
+
+
+def _seconds_before_resume(train: dict) -> float:
+    """Training seconds spent before this process resumed the run (0 for a run that was not resumed)."""
+    logs = train.get("per_task", {"all": train}).values()
+    return sum(log.get("seconds_before_resume", 0.0) for log in logs)
 
 
 def _cached_base_eval(run, run_dir, base, tokenizer, test) -> dict:
@@ -136,10 +236,20 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
     ``overrides`` may change the tasks, test size, protocol or model (for ``--base-only``).
     """
     if run_dir is not None:
-        run = RunConfig.from_yaml(Path(run_dir) / RUN_CONFIG_NAME, **(overrides or {}))
+        run_dir = Path(run_dir)
+        if not (run_dir / RUN_CONFIG_NAME).is_file():
+            raise ValueError(f"{run_dir} is not a comoe run directory (no {RUN_CONFIG_NAME}); give a directory "
+                             "written by `comoe train`, or --base-only to score the base model")
+        run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME, **(overrides or {}))
     else:
         run = RunConfig.from_dict(overrides or {}, source="command line")
     test = load_splits(run)[1]
+    if run_dir is not None and not base_only:
+        adapters = [run_dir / "adapter"] if run.setting == "multi" else [run_dir / "adapters" / t / "adapter" for t in test]
+        missing = [a for a in adapters if not a.is_dir()]
+        if missing:
+            raise ValueError(f"{run_dir} has no trained adapter at {missing[0]}: the run did not finish (continue it "
+                             f"with `comoe train --resume {run_dir}`), or that task was not trained in this run")
     base, tokenizer = load_base_model(run.model)
     kwargs = dict(protocol=run.protocol, batch_size=run.eval_batch_size, max_length=run.max_length)
     if base_only:
@@ -149,13 +259,13 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
         metrics = {"adapter": evaluate_tasks(model, tokenizer, test, **kwargs), "protocol": run.protocol}
     else:
         scores = {}
-        for i, task in enumerate(run.tasks):
+        for i, task in enumerate(test):
             if i > 0:
                 base, tokenizer = load_base_model(run.model)
             model = load_adapted_model(base, Path(run_dir) / "adapters" / task / "adapter")
             scores.update(evaluate_tasks(model, tokenizer, {task: test[task]}, **kwargs)["tasks"])
         metrics = {"adapter": summarise(run.protocol, scores), "protocol": run.protocol}
     if run_dir is not None:
-        (Path(run_dir) / f"eval_{run.protocol}.json").write_text(json.dumps(metrics, indent=2))
+        write_json_atomic(Path(run_dir) / f"eval_{run.protocol}.json", metrics)
     print_accuracy_table(metrics, title=f"{'base model' if base_only else run_dir} — {run.protocol} protocol")
     return metrics

@@ -104,10 +104,32 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        check_model_name(name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as err:  # offline, unknown hub id, or a directory without the files
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"model {name!r} could not be loaded ({first}). Give a local model directory, the "
+                             f"built-in {', '.join(map(repr, ALIASES))}, or a Hugging Face hub id (needs network)") from None
     model.eval()
     return model, prepare_tokenizer(tokenizer)
+
+
+def check_model_name(name: str) -> None:
+    """A clear error, before any loading, for a model name that is a missing path or a directory without a model."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model directory {path} has no config.json: give a directory written by save_pretrained")
+        return
+    if path.exists():
+        raise ValueError(f"model {name!r} is a file; give a model directory (with config.json), "
+                         f"the built-in {', '.join(map(repr, ALIASES))}, or a hub id")
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_like_path:
+        raise ValueError(f"no such model directory: {path} (relative paths start at {Path.cwd()}); give a model "
+                         f"directory, the built-in {', '.join(map(repr, ALIASES))}, or a hub id such as 'org/name'")
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:

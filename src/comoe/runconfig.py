@@ -108,7 +108,8 @@ class RunConfig:
             _check(bool(name.strip()), f"tasks has an empty name: {self.tasks!r}; name each task (see `comoe tasks`)")
             key = _task_key(name)
             if key in seen:
-                same = "" if seen[key].strip() == name.strip() else f" ({seen[key]!r} and {name!r} are the same file)"
+                what = "file" if key.startswith(JSONL_PREFIX) else "task"
+                same = "" if seen[key].strip() == name.strip() else f" ({seen[key]!r} and {name!r} are the same {what})"
                 raise ValueError(f"task {name.strip()!r} is named twice in tasks: {self.tasks!r}{same}; name each task once")
             seen[key] = name
 
@@ -126,24 +127,12 @@ class RunConfig:
         )
 
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+        Path(path).write_text(yaml.dump(asdict(self), Dumper=_YamlDumper, sort_keys=False))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
-        """Read a YAML file of fields (``1e-3`` is a float, as in YAML 1.2); ``overrides`` win over it."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such config file: {path}")
-        try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or err
-            context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
-            if context and context_mark is not None:
-                problem = f"{problem}, {context} at line {context_mark.line + 1}"
-            raise ValueError(f"{path} is not valid YAML{where}: {problem}; fix the file there") from None
+        """Read a YAML file of fields (see `load_yaml`); ``overrides`` win over the file."""
+        data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of RunConfig fields, got {type(data).__name__}")
         return cls.from_dict({**data, **overrides}, source=str(path))
@@ -164,11 +153,36 @@ class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that also reads exponent forms without a dot (``1e-3``, ``5E+4``) as floats, not strings."""
 
 
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
+class _YamlDumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings such as '1e5', so that `_YamlLoader` reads them back as strings."""
+
+
+for _cls in (_YamlLoader, _YamlDumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+.0123456789"),
+    )
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file safely, reading ``1e-3`` as a float (YAML 1.2) rather than a string (YAML 1.1).
+
+    A missing file is a FileNotFoundError and invalid YAML a ValueError, both naming the file (and the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such config file: {path}")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or err
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and context_mark is not None:
+            problem = f"{problem}, {context} at line {context_mark.line + 1}"
+        raise ValueError(f"{path} is not valid YAML{where}: {problem}; fix the file there") from None
 
 
 def split_names(name: str, value: Any) -> Any:

@@ -26,19 +26,26 @@ from comoe.batching import IGNORE_INDEX, EncodedExample, collate, encode_example
 from comoe.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from comoe.data.schema import Example
 from comoe.evaluate import accepts_logits_to_keep
+from comoe.files import write_text_atomic
 from comoe.model import CoMoEModel
 from comoe.runconfig import RunConfig
 
 MAX_GRAD_NORM = 1.0
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; training stopped before the adapter was saved."""
+
+
 @dataclass
 class TrainResult:
     steps: int
-    seconds: float
+    seconds: float  # training time of the whole run, the steps before a resume included
     final: dict[str, float]  # mean loss parts over the last 10 steps
     processes: int = 1
     replicas_identical: bool = True  # every process ended with the same adapter weights
+    resumed_at_step: int = 0
+    seconds_before_resume: float = 0.0
 
 
 def epoch_batches(
@@ -93,20 +100,21 @@ def train_adapter(
     core = accelerator.unwrap_model(model)
 
     checkpoint_dir = work_dir / "checkpoints"
-    start = 0
+    start, earlier_seconds = 0, 0.0
     found = list_checkpoints(checkpoint_dir) if resume else []
     if found:
-        start = load_checkpoint(found[-1], core, optimizer, scheduler)["step"]
+        progress = load_checkpoint(found[-1], core, optimizer, scheduler)
+        start, earlier_seconds = progress["step"], progress.get("elapsed_s", 0.0)
         accelerator.print(f"resumed from {found[-1]} at step {start}/{total_steps}")
     log_path = work_dir / "train_log.jsonl"
-    if accelerator.is_main_process and start == 0:
-        log_path.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        truncate_log(log_path, start)  # the steps a killed process logged after its last checkpoint are redone
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trim = accepts_logits_to_keep(core)  # run the output head only where labels are predicted
     model.train()
     recent: list[dict[str, float]] = []
-    began = time.time()
+    began = time.time() - earlier_seconds
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
     cached_epoch, batches = -1, []
     for step in range(start, total_steps):
@@ -117,6 +125,13 @@ def train_adapter(
                                   [[encoded[i] for i in b] for b in batches[slot * run.grad_accum:(slot + 1) * run.grad_accum]],
                                   pad_id, trim)
         parts.update(step=step + 1, epoch=epoch, lr=scheduler.get_last_lr()[0], elapsed_s=round(time.time() - began, 2))
+        if not math.isfinite(parts["loss"]):
+            last = list_checkpoints(checkpoint_dir)
+            raise TrainingDiverged(
+                f"{desc}: the loss is {parts['loss']} at step {step + 1} ({', '.join(f'{k} {v:.4g}' for k, v in parts.items() if k in ('task', 'con', 'bal'))}); "
+                f"no adapter was saved. Try a lower --learning-rate or check the data"
+                + (f"; the last good checkpoint is {last[-1]}" if last else "")
+            )
         recent = (recent + [parts])[-10:]
         bar.update(1)
         bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "task", "con", "bal") if k in parts})
@@ -126,11 +141,28 @@ def train_adapter(
         if (step + 1) % run.save_steps == 0 and step + 1 < total_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(checkpoint_dir, step + 1, core, optimizer, scheduler, {"epoch": epoch})
+                save_checkpoint(checkpoint_dir, step + 1, core, optimizer, scheduler,
+                                {"epoch": epoch, "elapsed_s": parts["elapsed_s"]})
     bar.close()
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and log_path.is_file():
+        recent = read_log(log_path)[-10:]  # across a resume, not only the steps of this process
     final = {k: sum(p[k] for p in recent) / len(recent) for k in ("loss", "task", "con", "bal") if recent and k in recent[0]}
-    return TrainResult(total_steps, time.time() - began, final, world, replicas_identical(params, accelerator))
+    return TrainResult(total_steps, time.time() - began, final, world, replicas_identical(params, accelerator),
+                       resumed_at_step=start, seconds_before_resume=earlier_seconds)
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of a ``train_log.jsonl``."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only the rows of steps ``<= step`` (all of them gone for a fresh start), atomically."""
+    if not path.is_file():
+        return
+    kept = [row for row in read_log(path) if row["step"] <= step] if step > 0 else []
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def replicas_identical(params: list[torch.Tensor], accelerator: Accelerator) -> bool:

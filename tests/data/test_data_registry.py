@@ -64,7 +64,25 @@ def test_user_jsonl_with_and_without_splits(tmp_path):
 
     plain = tmp_path / "plain.jsonl"
     plain.write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "split"}) for r in rows))
-    assert len(load_task(str(plain), "test")) == len(load_task(str(plain), "train")) == 3
+    assert len(load_task(str(plain), "test")) == 1 and len(load_task(str(plain), "train")) == 2
+
+
+def test_a_file_without_splits_holds_out_a_fifth_of_its_inputs_whatever_the_line_order(tmp_path):
+    rows = [{"question": f"q{i % 40}", "choices": ["a", "b"], "answer": i % 2} for i in range(50)]  # 10 repeats
+    (tmp_path / "f").mkdir(), (tmp_path / "b").mkdir()
+    forward, backward = tmp_path / "f" / "t.jsonl", tmp_path / "b" / "t.jsonl"
+    forward.write_text("\n".join(json.dumps(r) for r in rows))
+    backward.write_text("\n".join(json.dumps(r) for r in reversed(rows)))
+    train, test = load_task(str(forward), "train"), load_task(str(forward), "test")
+    assert len({e.question for e in test}) == 8 and len(train) + len(test) == 50
+    assert not {e.question for e in train} & {e.question for e in test}  # a repeated input stays on one side
+    assert {e.question for e in load_task(str(backward), "test")} == {e.question for e in test}
+    with pytest.raises(ValueError, match="only the splits"):
+        load_task(str(forward), "validation")
+    single = tmp_path / "one.jsonl"
+    single.write_text(json.dumps(rows[0]))
+    with pytest.raises(ValueError, match="at least 2 distinct inputs"):
+        load_task(str(single), "train")
 
     with pytest.raises(FileNotFoundError):
         load_task("jsonl:" + str(tmp_path / "missing.jsonl"))

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 from importlib.resources import files
 from pathlib import Path
@@ -20,6 +22,7 @@ __all__ = ["BUILTIN_SUITE", "PAPER_BENCHMARKS", "SUITE_SPLITS", "list_tasks", "l
 
 SUITE_SPLITS = ("train", "test")
 JSONL_PREFIX = "jsonl:"
+HELD_OUT_SHARE = 0.2  # of a JSONL file without `split` fields, the share of distinct inputs kept for "test"
 _SPLIT_ALIASES = {"dev": "validation", "val": "validation", "valid": "validation", "eval": "test"}
 _NAME_ALIASES = {
     "arc_easy": "arc_e",
@@ -47,12 +50,12 @@ def load_task(
     ``name``: a built-in suite task (``BUILTIN_SUITE``, splits train/test, offline), a paper benchmark
     (``PAPER_BENCHMARKS``, splits train/validation/test, from the Hugging Face hub or from
     ``data_files`` in the hub's schema), or a JSONL file as ``jsonl:PATH`` or a path ending in
-    ``.jsonl``. ``limit`` keeps a seeded random subset of that many examples, in file order.
+    ``.jsonl`` (see :func:`held_out_split` for a file without ``split`` fields). ``limit`` keeps a
+    seeded random subset of that many examples, in file order.
     """
     split = _SPLIT_ALIASES.get(split, split)
-    if name.startswith(JSONL_PREFIX) or name.endswith(".jsonl"):
-        path = name[len(JSONL_PREFIX) :] if name.startswith(JSONL_PREFIX) else name
-        examples = _load_user_file(Path(path).expanduser(), split)
+    if is_jsonl_spec(name):
+        examples = _load_user_file(jsonl_path(name), split)
     else:
         key = name.strip().lower().replace("-", "_")
         key = _NAME_ALIASES.get(key, key)
@@ -85,13 +88,50 @@ def _load_suite(name: str, split: str) -> list[Example]:
     return [e for e in examples if e.meta.get("split") == split]
 
 
+def is_jsonl_spec(name: str) -> bool:
+    """Whether a task name names a user's JSONL file (``jsonl:PATH`` or a path ending in ``.jsonl``)."""
+    return name.startswith(JSONL_PREFIX) or name.endswith(".jsonl")
+
+
+def jsonl_path(name: str) -> Path:
+    """The file a JSONL task spec names; a clear error for an empty spec."""
+    text = name[len(JSONL_PREFIX):] if name.startswith(JSONL_PREFIX) else name
+    if not text.strip():
+        raise ValueError(f"task {name!r} names no file: write jsonl:PATH, e.g. jsonl:data/my_task.jsonl")
+    return Path(text.strip()).expanduser()
+
+
+def held_out_split(examples: list[Example], split: str, source: str) -> list[Example]:
+    """The ``split`` ("train" or "test") of a file that has no ``split`` fields.
+
+    The distinct inputs (question + options) are ordered by a hash of their text and the first
+    ``HELD_OUT_SHARE`` of them (at least one) are "test": deterministic, independent of the line order,
+    and no input is in both splits, so a run never scores its adapter on examples it trained on.
+    """
+    if split not in SUITE_SPLITS:
+        raise ValueError(f"{source} has no 'split' fields, so it has only the splits {SUITE_SPLITS} "
+                         f"(test = {HELD_OUT_SHARE:.0%} of its inputs); not {split!r}")
+    keys = sorted({_input_key(e) for e in examples}, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+    if len(keys) < 2:
+        raise ValueError(f"{source}: a file without 'split' fields needs at least 2 distinct inputs to hold one "
+                         "out for testing; add more lines or give each line a \"split\": \"train\" or \"test\"")
+    test_keys = set(keys[:max(1, math.floor(HELD_OUT_SHARE * len(keys)))])
+    return [e for e in examples if (_input_key(e) in test_keys) == (split == "test")]
+
+
+def _input_key(example: Example) -> str:
+    return "\x1f".join((example.task, example.question, *example.choices))
+
+
 def _load_user_file(path: Path, split: str) -> list[Example]:
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; name a JSONL file in it, e.g. jsonl:{path / 'my_task.jsonl'}")
     if not path.is_file():
-        raise FileNotFoundError(f"no such JSONL file: {path}")
+        raise FileNotFoundError(f"no such JSONL file: {path} (relative paths start at {Path.cwd()})")
     examples = read_jsonl(path)
     splits = {e.meta.get("split") for e in examples} - {None}
     if not splits:
-        return examples  # no split field: the whole file, whatever split was asked for
+        return held_out_split(examples, split, str(path))
     if split not in splits:
         raise ValueError(f"{path}: no lines with split {split!r}; the file has {', '.join(sorted(splits))}")
     return [e for e in examples if e.meta.get("split") == split]

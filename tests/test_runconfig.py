@@ -1,0 +1,250 @@
+"""RunConfig: wrong types, bad ranges and bad YAML are ValueErrors that name the field and say what works."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from comoe.config import CoMoEConfig
+from comoe.runconfig import RunConfig, add_run_config_flags, parse_field_value, run_config_from_args
+
+
+def _message(error: type[Exception], make) -> str:
+    with pytest.raises(error) as info:
+        make()
+    return str(info.value)
+
+
+def _assert_fragments(message: str, fragments: list[str]) -> None:
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragments"),
+    [
+        # types
+        ({"batch_size": "8"}, ["batch_size must be an integer, got the string '8' (write 8 without quotes)"]),
+        ({"batch_size": 8.5}, ["batch_size must be an integer, got the float 8.5"]),
+        ({"batch_size": True}, ["batch_size must be an integer, got the boolean True"]),
+        ({"learning_rate": "fast"}, ["learning_rate must be a number, got the string 'fast'"]),
+        ({"learning_rate": "1e-3"}, ["learning_rate must be a number", "(write 1e-3 without quotes)"]),
+        ({"learning_rate": False}, ["learning_rate must be a number, got the boolean False"]),
+        ({"bf16": "yes"}, ["bf16 must be true or false, got the string 'yes'"]),
+        ({"bf16": "true"}, ["bf16 must be true or false", "(write true without quotes)"]),
+        ({"eval_base": 1}, ["eval_base must be true or false, got the integer 1"]),
+        ({"model": 3}, ["model must be a string, got the integer 3"]),
+        ({"output_dir": 5}, ["output_dir must be a string or none, got the integer 5"]),
+        ({"max_steps": "10"}, ["max_steps must be an integer or none", "(write 10 without quotes)"]),
+        ({"train_per_task": 4.0}, ["train_per_task must be an integer or none", "the float 4.0", "(write 4)"]),
+        ({"tasks": None}, ["tasks must be a list of strings, got none"]),
+        ({"tasks": ["winowhy", 3]}, ["tasks must be a list of strings", "item 1 is the integer 3"]),
+        ({"target_modules": 7}, ["target_modules must be a list of strings or a string, got the integer 7"]),
+        ({"layers": [0, "1"]}, ["layers must be a list of integers, a string or none", "item 1 is the string '1'"]),
+        ({"contrastive_weight": "0.1"}, ["contrastive_weight must be a number", "the string '0.1'"]),
+        # ranges
+        ({"max_steps": 0}, ["max_steps must be >= 1, or none to train for `epochs` epochs, got 0"]),
+        ({"max_steps": -1}, ["max_steps must be >= 1, or none to train for `epochs` epochs, got -1"]),
+        ({"epochs": 0}, ["epochs must be > 0, got 0.0"]),
+        ({"epochs": -1, "max_steps": 5}, ["epochs must be > 0"]),
+        ({"learning_rate": 0}, ["learning_rate must be > 0"]),
+        ({"learning_rate": float("nan")}, ["learning_rate must be > 0, got nan"]),
+        ({"weight_decay": -0.1}, ["weight_decay must be >= 0, got -0.1"]),
+        ({"warmup_ratio": 1.5}, ["warmup_ratio must be in [0, 1], got 1.5"]),
+        ({"warmup_ratio": -0.1}, ["warmup_ratio must be in [0, 1]"]),
+        ({"max_length": 1}, ["max_length must be >= 2, got 1"]),
+        ({"train_per_task": 0}, ["train_per_task must be >= 1 or none, got 0"]),
+        ({"test_per_task": -5}, ["test_per_task must be >= 1 or none, got -5"]),
+        ({"lora_r": 0, "method": "lora"}, ["lora_r must be >= 1 or none, got 0"]),
+        ({"batch_size": 0}, ["batch_size must be >= 1, got 0"]),
+        ({"grad_accum": 0}, ["grad_accum must be >= 1"]),
+        ({"scheduler": "cosin"}, ["scheduler must be one of", "linear", "cosine", "constant_with_warmup", "'cosin'"]),
+        ({"method": "adam"}, ["method must be one of comoe, moe-lora, soft-moe, lora, got 'adam'"]),
+        # tasks
+        ({"tasks": []}, ["tasks is empty"]),
+        ({"tasks": ""}, ["tasks is empty"]),
+        ({"tasks": ["winowhy", " "]}, ["tasks has an empty name"]),
+        (
+            {"tasks": ["winowhy", "strategyqa", " winowhy"]},
+            ["task 'winowhy' is named twice in tasks", "name each task once"],
+        ),
+        ({"tasks": "winowhy, strategyqa, winowhy"}, ["task 'winowhy' is named twice in tasks"]),
+        ({"tasks": ["social_iqa", "Social-IQA"]}, ["task 'Social-IQA' is named twice", "are the same task"]),
+        # the adapter config is checked too
+        ({"top_k": 9}, ["top_k must be an integer in 1..num_experts=4"]),
+    ],
+)
+def test_invalid_run_configs_say_what_would_work(kwargs, fragments):
+    _assert_fragments(_message(ValueError, lambda: RunConfig(**kwargs)), fragments)
+
+
+@pytest.mark.parametrize(
+    ("spelled", "same"),
+    [
+        (["jsonl:{d}/a.jsonl", "{d}/a.jsonl"], "'jsonl:{d}/a.jsonl' and '{d}/a.jsonl' are the same file"),
+        (["{d}/a.jsonl", "jsonl:{d}/./a.jsonl"], "the same file"),
+        (["jsonl:{d}/a.jsonl", "jsonl:{d}/sub/../a.jsonl"], "the same file"),
+    ],
+)
+def test_a_jsonl_file_named_twice_is_an_error_however_it_is_spelled(tmp_path, spelled, same):
+    tasks = [s.format(d=tmp_path) for s in spelled]
+    message = _message(ValueError, lambda: RunConfig(tasks=tasks))
+    _assert_fragments(message, ["is named twice in tasks", same.format(d=tmp_path), "name each task once"])
+
+
+def test_a_relative_jsonl_path_and_its_prefixed_form_are_the_same_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = _message(ValueError, lambda: RunConfig(tasks=["jsonl:a.jsonl", "a.jsonl"]))
+    _assert_fragments(message, ["task 'a.jsonl' is named twice", "'jsonl:a.jsonl' and 'a.jsonl' are the same file"])
+    assert RunConfig(tasks=["jsonl:a.jsonl", "b.jsonl"]).tasks == ["jsonl:a.jsonl", "b.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "expected"),
+    [
+        ({"tasks": "winowhy"}, "tasks", ["winowhy"]),
+        ({"tasks": "winowhy, strategyqa"}, "tasks", ["winowhy", "strategyqa"]),
+        ({"tasks": ("winowhy", "strategyqa")}, "tasks", ["winowhy", "strategyqa"]),
+        ({"target_modules": "q_proj,v_proj"}, "target_modules", ["q_proj", "v_proj"]),
+        ({"target_modules": "all-linear"}, "target_modules", "all-linear"),
+        ({"target_modules": " all-linear "}, "target_modules", "all-linear"),
+        ({"learning_rate": 1}, "learning_rate", 1.0),
+        ({"epochs": 2}, "epochs", 2.0),
+        ({"max_steps": None}, "max_steps", None),
+        ({"max_steps": 1}, "max_steps", 1),
+        ({"warmup_ratio": 0}, "warmup_ratio", 0.0),
+        ({"warmup_ratio": 1}, "warmup_ratio", 1.0),
+        ({"scheduler": "cosine"}, "scheduler", "cosine"),
+        ({"layers": "low"}, "layers", "low"),
+        ({"train_per_task": None, "test_per_task": 1}, "train_per_task", None),
+    ],
+)
+def test_valid_values_are_normalised(kwargs, field, expected):
+    value = getattr(RunConfig(**kwargs), field)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_all_linear_reaches_the_adapter_config_as_a_string():
+    assert RunConfig(target_modules="all-linear").comoe_config().target_modules == "all-linear"
+    assert isinstance(RunConfig(target_modules="all-linear").comoe_config(), CoMoEConfig)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "field", "expected"),
+    [
+        ("learning_rate: 1e-3\n", "learning_rate", 1e-3),
+        ("learning_rate: 5E+4\n", "learning_rate", 5e4),
+        ("learning_rate: 2.5e-4\n", "learning_rate", 2.5e-4),
+        ("learning_rate: 1.0e-3\n", "learning_rate", 1e-3),
+        ("temperature: .5e-1\n", "temperature", 0.05),
+        ("tasks: winowhy\n", "tasks", ["winowhy"]),
+        ("tasks: winowhy, strategyqa\n", "tasks", ["winowhy", "strategyqa"]),
+        ("tasks: [winowhy, strategyqa]\n", "tasks", ["winowhy", "strategyqa"]),
+        ("target_modules: all-linear\n", "target_modules", "all-linear"),
+        ("max_steps: null\n", "max_steps", None),
+        ("epochs: 2\n", "epochs", 2.0),
+        ('model: "1e5"\n', "model", "1e5"),  # quoted text stays text
+    ],
+)
+def test_from_yaml_reads_values(tmp_path, yaml_text, field, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    value = getattr(RunConfig.from_yaml(path), field)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "fragments"),
+    [
+        ('batch_size: "8"\n', ["batch_size must be an integer, got the string '8' (write 8 without quotes)"]),
+        ("learning_rate: fast\n", ["learning_rate must be a number, got the string 'fast'"]),
+        ("learning_rate: '1e-3'\n", ["learning_rate must be a number", "(write 1e-3 without quotes)"]),
+        ("max_steps: 0\n", ["max_steps must be >= 1, or none to train for `epochs` epochs"]),
+        ("tasks: winowhy, winowhy\n", ["task 'winowhy' is named twice in tasks"]),
+        ("tasks: [winowhy\nbatch_size: 4\n", ["is not valid YAML at line 2, column", "flow sequence at line 1"]),
+        ("a: b: c\n", ["is not valid YAML at line 1, column 5", "mapping values are not allowed here"]),
+        ("- 1\n- 2\n", ["expected a mapping of RunConfig fields, got list"]),
+        ("learning_rat: 0.1\n", ["unknown fields ['learning_rat']", "did you mean 'learning_rate'"]),
+        ("bach_size: 2\nzzz: 1\n", ["unknown fields ['bach_size', 'zzz']", "did you mean 'batch_size' for 'bach_size'?"]),
+    ],
+)
+def test_from_yaml_errors_name_the_problem(tmp_path, yaml_text, fragments):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    _assert_fragments(_message(ValueError, lambda: RunConfig.from_yaml(path)), fragments)
+
+
+def test_unknown_fields_name_the_file_and_give_no_suggestion_when_none_is_close(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("zzzz: 1\n")
+    message = _message(ValueError, lambda: RunConfig.from_yaml(path))
+    _assert_fragments(message, [str(path), "unknown fields ['zzzz']", "known fields"])
+    assert "did you mean" not in message
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("tasks: [winowhy\n")
+    assert str(path) in _message(ValueError, lambda: RunConfig.from_yaml(path))
+
+
+def test_a_missing_config_file_is_a_file_not_found_error_naming_it(tmp_path):
+    path = tmp_path / "nope.yaml"
+    assert str(path) in _message(FileNotFoundError, lambda: RunConfig.from_yaml(path))
+
+
+def test_to_yaml_round_trip_keeps_all_linear_small_floats_and_number_like_strings(tmp_path):
+    run = RunConfig(target_modules="all-linear", learning_rate=1e-5, tasks="winowhy,strategyqa", output_dir="1e5")
+    run.to_yaml(tmp_path / "run.yaml")
+    assert "output_dir: '1e5'" in (tmp_path / "run.yaml").read_text()
+    assert RunConfig.from_yaml(tmp_path / "run.yaml") == run
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("target_modules", "all-linear", "all-linear"),
+        ("target_modules", "q_proj, v_proj", ["q_proj", "v_proj"]),
+        ("tasks", "winowhy,strategyqa", ["winowhy", "strategyqa"]),
+        ("layers", "0,2", [0, 2]),
+        ("layers", "low+high", "low+high"),
+        ("layers", "none", None),
+        ("max_steps", "none", None),
+        ("max_steps", "None", None),
+        ("max_steps", "12", 12),
+        ("learning_rate", "1e-3", 1e-3),
+        ("bf16", "yes", True),
+        ("eval_base", "false", False),
+        ("output_dir", "runs/x", "runs/x"),
+    ],
+)
+def test_parse_field_value(name, text, expected):
+    value = parse_field_value(name, text)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "fragments"),
+    [
+        ("max_steps", "ten", ["--max-steps: cannot read 'ten' as an integer or none"]),
+        ("batch_size", "8.5", ["--batch-size: cannot read '8.5' as an integer"]),
+        ("learning_rate", "fast", ["--learning-rate: cannot read 'fast' as a number"]),
+        ("bf16", "maybe", ["--bf16: cannot read 'maybe' as true or false"]),
+        ("batch_size", "none", ["--batch-size: cannot read 'none' as an integer"]),
+    ],
+)
+def test_parse_field_value_errors(name, text, fragments):
+    _assert_fragments(_message(argparse.ArgumentTypeError, lambda: parse_field_value(name, text)), fragments)
+
+
+def test_command_line_flags_become_a_run_config(tmp_path):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_run_config_flags(parser)
+    (tmp_path / "run.yaml").write_text("tasks: winowhy\nlearning_rate: 1e-3\n")
+    args = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--target-modules", "all-linear", "--max-steps", "3"])
+    run = run_config_from_args(args)
+    assert (run.tasks, run.target_modules, run.learning_rate, run.max_steps) == (["winowhy"], "all-linear", 1e-3, 3)
+    args = parser.parse_args(["--max-steps", "0"])
+    _assert_fragments(_message(ValueError, lambda: run_config_from_args(args)), ["max_steps must be >= 1"])

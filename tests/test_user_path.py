@@ -1,0 +1,68 @@
+"""The paths a new user takes first, through the real command line, with the flags as the README writes them.
+
+On a tiny Llama with SmolLM2's tokenizer: the README's own JSONL example files (multiple choice without
+`split` fields, generation with them, two files at once) through train → eval → analyze; `--bf16 true`
+with the contrastive term in the log and in the optimised loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_train import comoe_cli, read_log
+
+from comoe.job import load_splits
+from comoe.runconfig import RunConfig
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
+USER_TASKS = f"jsonl:{EXAMPLES / 'sentiment.jsonl'},jsonl:{EXAMPLES / 'capitals.jsonl'}"
+
+
+def small(model_dir: Path, out: Path, tasks: str, *extra: str) -> list[str]:
+    return ["train", "--model", str(model_dir), "--tasks", tasks, "--batch-size", "4", "--r", "4",
+            "--learning-rate", "5e-3", "--output-dir", str(out), *extra]
+
+
+def test_readme_example_files_have_no_input_in_both_splits():
+    train, test = load_splits(RunConfig(tasks=USER_TASKS.split(","), train_per_task=None, test_per_task=None))
+    assert list(train) == list(test) == ["sentiment", "capitals"]
+    assert (len(train["sentiment"]), len(test["sentiment"])) == (32, 8)  # no split field: a fifth held out
+    assert (len(train["capitals"]), len(test["capitals"])) == (24, 6)  # the file's split fields
+    for task in train:
+        assert not {e.question for e in train[task]} & {e.question for e in test[task]}
+
+
+def test_two_user_files_train_eval_analyze(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "mine"
+    result = comoe_cli(*small(tiny_model_dir, run_dir, USER_TASKS, "--max-steps", "3"))
+    assert "sentiment (32 train / 8 test)" in result.stdout and "capitals (24 train / 6 test)" in result.stdout
+    table = result.stdout[result.stdout.index("majority class"):]
+    assert "sentiment" in table and "capitals" in table  # each row names its task, not its path
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert list(metrics["adapter"]["tasks"]) == ["sentiment", "capitals"]
+    assert metrics["adapter"]["tasks"]["capitals"]["n"] == 6
+    assert all("con" in row for row in read_log(run_dir))
+
+    comoe_cli("eval", str(run_dir))
+    again = json.loads((run_dir / "eval_label.json").read_text())
+    for task, scores in metrics["adapter"]["tasks"].items():
+        assert again["adapter"]["tasks"][task]["accuracy"] == scores["accuracy"]
+
+    comoe_cli("analyze", str(run_dir), "--out", str(tmp_path / "analysis"), "--no-tsne", "--no-progress")
+    analysed = json.loads((tmp_path / "analysis" / "metrics.json").read_text())
+    assert analysed["runs"][0]["tasks"] == ["sentiment", "capitals"]
+
+
+@pytest.mark.parametrize("flag", ["--bf16 true", "--bf16 true --gradient-checkpointing true"])
+def test_bf16_keeps_the_contrastive_term_in_the_optimised_loss(tiny_model_dir, tmp_path, flag):
+    run_dir = tmp_path / "bf16"
+    comoe_cli(*small(tiny_model_dir, run_dir, "strategyqa", "--train-per-task", "16", "--test-per-task", "4",
+                     "--max-steps", "3", "--eval-base", "false", "--contrastive-weight", "0.5", *flag.split()))
+    log = read_log(run_dir)
+    assert len(log) == 3
+    for row in log:
+        assert row["con"] > 0, "bf16 dropped the contrastive term"
+        assert row["loss"] == pytest.approx(row["task"] + 0.5 * row["con"], rel=1e-4, abs=1e-4)
+    assert RunConfig.from_yaml(run_dir / "run_config.yaml").bf16 is True
