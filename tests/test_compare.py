@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_train import TASKS, comoe_cli, tiny_model_dir  # noqa: F401  (fixture)
+from test_train import TASKS, comoe_cli
 
 from comoe.compare import (
     MAJORITY,

@@ -53,7 +53,7 @@ def collate(batch: list[EncodedExample], pad_token_id: int) -> dict[str, Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
 
 
-def check_lengths(examples: list[Example], tokenizer, max_length: int) -> None:
+def check_lengths(examples: list[Example], tokenizer, max_length: int, report: bool = True) -> None:
     """Refuse a ``max_length`` that leaves some example no prompt token before its answer; note truncation.
 
     With too short a limit the answer fills the whole window (or is cut), the loss has nothing to predict
@@ -72,6 +72,6 @@ def check_lengths(examples: list[Example], tokenizer, max_length: int) -> None:
     totals = [len(tokenizer(format_prompt(ex), add_special_tokens=True)["input_ids"]) + a
               for ex, a in zip(examples, answers, strict=True)]
     cut = sum(total > max_length for total in totals)
-    if cut:
+    if cut and report:
         print(f"note: {cut} of {len(examples)} training examples are longer than max_length={max_length} tokens "
               f"and lose the start of their prompt (the longest needs {max(totals)})")

@@ -9,6 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from comoe.runconfig import RunConfig, add_run_config_flags, load_yaml, run_config_from_args
+from comoe.validation import did_you_mean
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -29,6 +30,11 @@ def _requested_fields(args: argparse.Namespace) -> dict:
         data = load_yaml(args.config) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{args.config}: expected a mapping of RunConfig fields, got {type(data).__name__}")
+        known = {f.name for f in fields(RunConfig)}
+        unknown = sorted(map(str, set(data) - known))
+        if unknown:
+            raise ValueError(f"{args.config}: unknown fields {unknown}{did_you_mean(unknown, known)}; "
+                             f"known fields: {sorted(known)}")
         requested.update(data)
     requested.update({f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None})
     return requested
@@ -38,7 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
     from comoe.job import eval_job
 
     if args.run_dir is None and not args.base_only:
-        raise SystemExit("comoe eval: give a RUN_DIR, or --base-only to score the base model")
+        raise ValueError("give a RUN_DIR (a directory written by `comoe train`), or --base-only to score the base model")
     overrides = {k: getattr(args, k) for k in ("tasks", "test_per_task", "protocol", "model", "eval_batch_size")
                  if getattr(args, k) is not None}
     eval_job(Path(args.run_dir) if args.run_dir else None, base_only=args.base_only, overrides=overrides)
@@ -110,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"comoe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = " (`comoe train --resume RUN_DIR` continues from the last checkpoint)" if args.command == "train" else ""
+        print(f"comoe {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

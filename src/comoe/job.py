@@ -139,13 +139,14 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     before the run directory is created, so bad input leaves nothing behind.
     """
     run_dir = Path(run_dir or run.output_dir or default_run_dir(run))
-    check_output_dir(run_dir, resume)
+    accelerator = make_accelerator(run)
+    # Under DDP the main process may already have written run_config.yaml when another one gets here.
+    check_output_dir(run_dir, resume or not accelerator.is_main_process)
     train, test = load_splits(run)
     base, tokenizer = load_base_model(run.model, dtype=base_dtype(run))
     check_adapter_fits(base, run)
-    check_lengths([ex for examples in train.values() for ex in examples], tokenizer, run.max_length)
-
-    accelerator = make_accelerator(run)
+    check_lengths([ex for examples in train.values() for ex in examples], tokenizer, run.max_length,
+                  report=accelerator.is_main_process)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -21,8 +21,9 @@ Optional in both kinds:
 - ``task``: non-empty string naming the task of this line, so one file can hold several tasks;
   without it the task is the file name without ``.jsonl``.
 - ``split``: non-empty string such as ``"train"`` or ``"test"``. When any line of a file has one,
-  ``load_task(path, split=...)`` returns only the lines of that split; otherwise it returns the
-  whole file for every split (keep training and evaluation data in separate files).
+  ``load_task(path, split=...)`` returns only the lines of that split; otherwise a fifth of the
+  file's distinct inputs is held out as "test" (``comoe.data.registry.held_out_split``), so that a
+  run never scores its adapter on the examples it trained on.
 - ``id``: string or integer, kept in ``Example.meta["id"]``.
 - any other field is kept, unchecked, in ``Example.meta``.
 
@@ -72,16 +73,29 @@ def parse_jsonl(data: bytes | str, source: str, default_task: str) -> list[Examp
         data = data[1:]
     examples: list[Example] = []
     errors: list[str] = []
+    first_of_task: dict[str, tuple[int, bool]] = {}  # task -> (line, is multiple choice) of its first line
     # Split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which JSON strings may hold.
     for lineno, line in enumerate(data.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            examples.append(parse_record(_load_line(line), default_task))
+            example = parse_record(_load_line(line), default_task)
         except _RowError as exc:
             errors.append(f"{source}:{lineno}: {exc}")
+            continue
+        first_line, first_mc = first_of_task.setdefault(example.task, (lineno, example.is_multiple_choice))
+        if example.is_multiple_choice != first_mc:
+            kinds = {True: "multiple choice", False: "generation"}
+            errors.append(
+                f"{source}:{lineno}: task {example.task!r} mixes {kinds[first_mc]} (line {first_line}) and "
+                f"{kinds[example.is_multiple_choice]} lines; a task holds one kind: put each kind in its own "
+                f"file, or give these lines another \"task\""
+            )
+            continue
+        examples.append(example)
     if not errors and not examples:
-        errors.append(f"{source}:1: empty file: no JSON records")
+        errors.append(f"{source}:1: empty file: no JSON records; write one JSON object per line "
+                      "(see comoe.data.jsonl for the schema)")
     if errors:
         raise DataError(errors)
     return examples
@@ -95,7 +109,7 @@ def _load_line(line: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise _RowError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+        raise _RowError(f"invalid JSON: {exc.msg} (column {exc.colno}); each line must be one complete JSON object") from None
     if not isinstance(obj, dict):
         raise _RowError(f"expected a JSON object, got {_kind(obj)}")
     return obj
@@ -118,7 +132,7 @@ def parse_record(obj: dict, default_task: str) -> Example:
         question = _text(obj, "question")
         choices = _choices(obj["choices"])
         if "answer" not in obj:
-            raise _RowError("missing field 'answer'")
+            raise _RowError("missing field 'answer': give the correct option as a 0-based index, its text or a letter")
         return Example(task, question, choices, _answer(obj["answer"], choices), meta=meta)
     if "target" in obj:
         if "prompt" in obj and "question" in obj:
@@ -162,7 +176,7 @@ def _choices(value: object) -> tuple[str, ...]:
     seen: set[str] = set()
     for choice in value:
         if choice in seen:
-            raise _RowError(f"choice {choice!r} appears twice")
+            raise _RowError(f"choice {choice!r} appears twice; the options must be distinct")
         seen.add(choice)
     return tuple(value)
 
