@@ -53,7 +53,7 @@ def _assert_fragments(message: str, fragments: list[str]) -> None:
         ({"weight_decay": -0.1}, ["weight_decay must be >= 0, got -0.1"]),
         ({"warmup_ratio": 1.5}, ["warmup_ratio must be in [0, 1], got 1.5"]),
         ({"warmup_ratio": -0.1}, ["warmup_ratio must be in [0, 1]"]),
-        ({"max_length": 1}, ["max_length must be >= 2, got 1"]),
+        ({"max_length": 0}, ["max_length must be >= 1 token, got 0"]),
         ({"train_per_task": 0}, ["train_per_task must be >= 1 or none, got 0"]),
         ({"test_per_task": -5}, ["test_per_task must be >= 1 or none, got -5"]),
         ({"lora_r": 0, "method": "lora"}, ["lora_r must be >= 1 or none, got 0"]),

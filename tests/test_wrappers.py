@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tiny_models import batch, build, randomize_adapters, tiny_comoe_config
 
 from comoe import get_comoe_model
@@ -52,7 +53,15 @@ def test_plain_model():
     assert_contrastive_in_gradient(model(**inputs_and_labels()), model)
 
 
-def test_accelerate_bf16_mixed_precision():
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; another test's Accelerator must not fix its precision."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_accelerate_bf16_mixed_precision(fresh_accelerator_state):
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     model = tiny_model()
     prepared = accelerator.prepare(model)

@@ -147,10 +147,11 @@ class CoMoEModel(PeftModel):
         self.comoe_config = config
         self.context = ForwardContext()
         self.last_aux: AuxLosses | None = None
+        targets = find_targets(model, config)  # before anything changes: a refused wrap leaves the model as given
         for param in model.parameters():
             param.requires_grad_(False)
         self.adapted_modules: dict[str, CoMoELayer] = {}
-        for name in find_targets(model, config):
+        for name in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             layer = CoMoELayer(getattr(parent, child), config, self.context, name)

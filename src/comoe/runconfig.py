@@ -88,7 +88,8 @@ class RunConfig:
         for name in ("train_per_task", "test_per_task", "lora_r"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"{name} must be >= 1 or none, got {value!r}")
-        _check(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length!r}")
+        # The real minimum depends on the tokenizer and the answers: batching.check_lengths names it.
+        _check(self.max_length >= 1, f"max_length must be >= 1 token, got {self.max_length!r}")
         _check(
             self.max_steps is None or self.max_steps >= 1,
             f"max_steps must be >= 1, or none to train for `epochs` epochs, got {self.max_steps!r}",

@@ -133,7 +133,8 @@ def _load_user_file(path: Path, split: str) -> list[Example]:
     if not splits:
         return held_out_split(examples, split, str(path))
     if split not in splits:
-        raise ValueError(f"{path}: no lines with split {split!r}; the file has {', '.join(sorted(splits))}")
+        raise ValueError(f"{path}: no lines with split {split!r}; the file has {', '.join(sorted(splits))}: give some "
+                         f"lines \"split\": \"{split}\", or drop every \"split\" to hold out part of the file for test")
     return [e for e in examples if e.meta.get("split") == split]
 
 

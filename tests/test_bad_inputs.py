@@ -1,0 +1,567 @@
+"""Bad inputs, table-driven, through the real command line and the Python API.
+
+Every case checks four things: the command exits with status 2 (or the API raises the right exception);
+the message names the field, file or line and says what would work (a few fragments of it); the command
+line prints no traceback; and nothing was written or changed: no run directory at ``--output-dir``, no new
+file under the case's temporary directory, the finished run of the fixture byte-identical, a base model's
+weights untouched. Command-line cases run in-process (``comoe.cli.main``); a handful run as real
+subprocesses too, to prove that no traceback reaches the terminal.
+
+Guards patched into ``comoe.job`` turn "training started" and "evaluation started" into test failures,
+and for the cases marked ``model=False`` also "the model was loaded": bad input must fail before any of
+these wherever it can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import build, save_tiny_llama_with_real_tokenizer, tiny_comoe_config
+
+import comoe.job as job
+from comoe import CoMoEConfig, CoMoEModel, get_comoe_model
+from comoe.adapters import load_adapted_model
+from comoe.cli import build_parser, main
+from comoe.data.jsonl import DataError
+from comoe.data.registry import load_task
+from comoe.layer import CoMoELayer
+from comoe.model import AdapterLoadError
+from comoe.runconfig import RunConfig, run_config_from_args
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer, loadable with ``--model DIR``."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_llama_with_real_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """One real (2-step) run directory, for --resume and eval cases; no case may change it."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    rc = main(["train", "--model", str(tiny_model_dir), "--tasks", "strategyqa", "--train-per-task", "8",
+               "--test-per-task", "4", "--batch-size", "4", "--max-steps", "2", "--eval-base", "false",
+               "--output-dir", str(run_dir)])
+    assert rc == 0 and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    return run_dir
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root``, with a hash of each file's bytes."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+@dataclass
+class Ctx:
+    """What a case's setup and fragments may refer to: {tmp}, {model}, {run}."""
+
+    tmp: Path
+    model: Path
+    run: Path
+    base: torch.nn.Module | None = None
+
+    def sub(self, text: str) -> str:
+        return text.replace("{tmp}", str(self.tmp)).replace("{model}", str(self.model)).replace("{run}", str(self.run))
+
+    def write(self, rel: str, content: str | bytes) -> Path:
+        path = self.tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(self.sub(content), encoding="utf-8")
+        return path
+
+
+Setup = Callable[[Ctx], object]
+
+
+def files(mapping: dict[str, str | bytes]) -> Setup:
+    return lambda c: [c.write(rel, content) for rel, content in mapping.items()]
+
+
+def yaml_file(text: str) -> Setup:
+    return files({"c.yaml": text})
+
+
+def rows(*items: dict | str) -> str:
+    return "".join((item if isinstance(item, str) else json.dumps(item)) + "\n" for item in items)
+
+
+def mc(i: int, **extra) -> dict:
+    return {"question": f"Is {i} an even number?", "choices": ["yes", "no"], "answer": i % 2, **extra}
+
+
+def jsonl_file(*items: dict | str, name: str = "d.jsonl") -> Setup:
+    return files({name: rows(*items)})
+
+
+def copied_run(rel: str, then: Callable[[Path], object] | None = None) -> Setup:
+    def setup(c: Ctx) -> None:
+        shutil.copytree(c.run, c.tmp / rel)
+        if then is not None:
+            then(c.tmp / rel)
+    return setup
+
+
+def saved_adapter(rel: str, hidden: int = 32, then: Callable[[Path], object] | None = None, **config) -> Setup:
+    """An adapter saved from a fresh tiny Llama of width ``hidden``."""
+    def setup(c: Ctx) -> None:
+        get_comoe_model(build("llama", seed=1, hidden=hidden), tiny_comoe_config("llama", **config)).save_pretrained(
+            c.tmp / rel)
+        if then is not None:
+            then(c.tmp / rel)
+    return setup
+
+
+# --- the command line: in-process cases --------------------------------------------------------------
+TRAIN = ["train", "--model", "{model}", "--tasks", "strategyqa", "--train-per-task", "8", "--test-per-task", "4",
+         "--batch-size", "4", "--max-steps", "1", "--eval-base", "false", "--output-dir", "{tmp}/out"]
+YAML = ["train", "--config", "{tmp}/c.yaml", "--output-dir", "{tmp}/out"]  # no flag hides a YAML value
+JSONL = [*TRAIN, "--tasks", "jsonl:{tmp}/d.jsonl"]
+
+
+@dataclass
+class CliCase:
+    argv: list[str]
+    fragments: list[str]
+    setup: Setup | None = None
+    model: bool = False  # may the model be loaded before the refusal?
+
+
+def cli(id: str, argv: list[str], fragments: list[str], setup: Setup | None = None, *, model: bool = False,
+        marks=()) -> pytest.param:
+    return pytest.param(CliCase(argv, fragments, setup, model), id=id, marks=marks)
+
+
+def train(*extra: str) -> list[str]:
+    return [*TRAIN, *extra]  # argparse: the last value of a repeated flag wins
+
+
+CLI_CASES = [
+    # --- YAML configuration files -----------------------------------------------------------------
+    cli("yaml-learning-rate-word", YAML, ["learning_rate must be a number", "'fast'"], yaml_file("learning_rate: fast\n")),
+    cli("yaml-batch-size-quoted", YAML, ["batch_size must be an integer", "the string '8'", "write 8 without quotes"],
+        yaml_file('batch_size: "8"\n')),
+    cli("yaml-batch-size-float", YAML, ["batch_size must be an integer", "8.0", "(write 8)"], yaml_file("batch_size: 8.0\n")),
+    cli("yaml-eval-base-word", YAML, ["eval_base must be true or false", "'no'"], yaml_file('eval_base: "no"\n')),
+    cli("yaml-tasks-numbers", YAML, ["tasks must be a list of strings", "item 0 is the integer 1"], yaml_file("tasks: [1, 2]\n")),
+    cli("yaml-unknown-field", YAML, ["{tmp}/c.yaml", "unknown fields ['learning_rat']", "did you mean 'learning_rate'"],
+        yaml_file("learning_rat: 0.1\n")),
+    cli("yaml-invalid-syntax", YAML, ["{tmp}/c.yaml is not valid YAML at line 3", "fix the file there"],
+        yaml_file("r: 4\nlearning_rate: [1, 2\nseed: 3\n")),
+    cli("yaml-list-not-mapping", YAML, ["{tmp}/c.yaml", "expected a mapping of RunConfig fields, got list"],
+        yaml_file("- r\n- 4\n")),
+    cli("yaml-scalar-not-mapping", YAML, ["{tmp}/c.yaml", "expected a mapping of RunConfig fields, got str"],
+        yaml_file("just some words\n")),
+    cli("yaml-missing-file", [*YAML[:2], "{tmp}/nope.yaml", *YAML[3:]], ["no such config file", "{tmp}/nope.yaml"]),
+    cli("yaml-output-dir-is-file", YAML[:3], ["output directory {tmp}/afile is an existing file", "give a directory path"],
+        files({"c.yaml": "output_dir: {tmp}/afile\n", "afile": "x"})),
+    # --- flags ---------------------------------------------------------------------------------------
+    cli("max-steps-0", train("--max-steps", "0"), ["max_steps must be >= 1", "or none", "got 0"]),
+    cli("max-steps-negative", train("--max-steps", "-1"), ["max_steps must be >= 1", "got -1"]),
+    cli("max-length-1", train("--max-length", "1"), ["max_length", "--max-length 3"], model=True),
+    cli("max-length-2", train("--max-length", "2"), ["max_length=2 is too short", "task 'strategyqa'",
+                                                     "give --max-length 3 or more"], model=True),
+    cli("tasks-twice", train("--tasks", "winowhy,winowhy"), ["task 'winowhy' is named twice", "name each task once"]),
+    cli("tasks-twice-other-case", train("--tasks", "strategyqa,StrategyQA"), ["named twice", "are the same task"]),
+    cli("tasks-empty-list", train("--tasks", ","), ["tasks is empty", "comoe tasks"]),
+    cli("jsonl-empty-path", train("--tasks", "jsonl:"), ["task 'jsonl:' names no file", "write jsonl:PATH"]),
+    cli("jsonl-directory", train("--tasks", "jsonl:{tmp}/data"), ["{tmp}/data is a directory", "name a JSONL file in it"],
+        files({"data/readme.txt": "x"})),
+    cli("jsonl-missing-file", train("--tasks", "jsonl:{tmp}/missing.jsonl"),
+        ["no such JSONL file: {tmp}/missing.jsonl", "relative paths start at {tmp}"]),
+    cli("jsonl-missing-file-no-prefix", train("--tasks", "mine.jsonl"), ["no such JSONL file: mine.jsonl",
+                                                                          "relative paths start at {tmp}"]),
+    cli("unknown-task", train("--tasks", "nosuchtask"), ["unknown task 'nosuchtask'", "built-in offline suite",
+                                                         "strategyqa", "jsonl:PATH"]),
+    cli("hub-task-offline", train("--tasks", "arc_e"), ["paper benchmark 'arc_e'", "HF_HUB_OFFLINE=1",
+                                                        "Offline alternatives", "strategyqa", "jsonl:PATH"]),
+    cli("method-unknown", train("--method", "foo"), ["method must be one of comoe, moe-lora, soft-moe, lora", "'foo'"]),
+    cli("setting-unknown", train("--setting", "both"), ["setting must be one of multi, single", "'both'"]),
+    cli("protocol-unknown", train("--protocol", "exact"), ["protocol must be one of label, loglik"]),
+    cli("scheduler-unknown", train("--scheduler", "foo"), ["scheduler must be one of linear, cosine", "'foo'"]),
+    cli("expert-path-unknown", train("--expert-path", "fast"), ["expert_path must be one of", "'dense'", "'fast'"]),
+    cli("anchor-unknown", train("--anchor", "first"), ["anchor must be one of", "'random'", "'first'"]),
+    cli("top-k-above-experts", train("--top-k", "9"), ["top_k must be an integer in 1..num_experts=4", "got 9"]),
+    cli("num-experts-below-top-k", train("--num-experts", "1"), ["top_k must be an integer in 1..num_experts=1"]),
+    cli("num-negatives-too-many", train("--num-negatives", "5"), ["num_negatives", "1..2 (num_experts - top_k)", "got 5"]),
+    cli("learning-rate-word", train("--learning-rate", "abc"), ["argument --learning-rate", "cannot read 'abc' as a number"]),
+    cli("learning-rate-zero", train("--learning-rate", "0"), ["learning_rate must be > 0", "got 0.0"]),
+    cli("seed-float", train("--seed", "1.5"), ["argument --seed", "cannot read '1.5' as an integer"]),
+    cli("bf16-word", train("--bf16", "maybe"), ["argument --bf16", "cannot read 'maybe' as true or false"]),
+    cli("batch-size-0", train("--batch-size", "0"), ["batch_size must be >= 1", "got 0"]),
+    cli("grad-accum-0", train("--grad-accum", "0"), ["grad_accum must be >= 1", "got 0"]),
+    cli("eval-batch-size-0", train("--eval-batch-size", "0"), ["eval_batch_size must be >= 1", "got 0"]),
+    cli("train-per-task-0", train("--train-per-task", "0"), ["train_per_task must be >= 1 or none", "got 0"]),
+    cli("epochs-0", train("--epochs", "0", "--max-steps", "none"), ["epochs must be > 0", "got 0.0"]),
+    cli("warmup-ratio-2", train("--warmup-ratio", "2"), ["warmup_ratio must be in [0, 1]", "got 2.0"]),
+    cli("r-0", train("--r", "0"), ["r must be a positive integer", "got 0"]),
+    cli("lora-dropout-1.5", train("--lora-dropout", "1.5"), ["lora_dropout must be in [0, 1)", "got 1.5"]),
+    cli("contrastive-weight-negative", train("--contrastive-weight", "-1"), ["contrastive_weight must be >= 0"]),
+    cli("temperature-0", train("--temperature", "0"), ["temperature must be > 0"]),
+    cli("layers-unknown-group", train("--layers", "middle+low"), ["layers must be a list of indices or one of",
+                                                                  "'low+high'", "'middle+low'"]),
+    cli("target-modules-no-match", train("--target-modules", "nosuch"),
+        ["target_modules=['nosuch'] matched no", "q_proj", "down_proj"], model=True),
+    cli("target-modules-no-match-lora", train("--method", "lora", "--target-modules", "nosuch"),
+        ["target_modules=['nosuch'] matched no", "v_proj"], model=True),
+    cli("layers-beyond-model", train("--layers", "7"), ["layers [7] do not exist", "2 layers (0..1)"], model=True),
+    cli("model-missing-dir", train("--model", "/no/such/dir"), ["no such model directory: /no/such/dir", "smollm2-135m"],
+        model=True),  # checked by load_base_model, before it loads anything
+    cli("model-dir-without-config", train("--model", "{tmp}/empty"), ["model directory {tmp}/empty has no config.json",
+                                                                      "save_pretrained"], files({"empty/notes.txt": "x"}),
+        model=True),
+    cli("model-is-file", train("--model", "{tmp}/weights.bin"), ["'{tmp}/weights.bin' is a file",
+                                                                 "give a model directory (with config.json)"],
+        files({"weights.bin": "x"}), model=True),
+    cli("output-dir-is-file", train("--output-dir", "{tmp}/afile"), ["output directory {tmp}/afile is an existing file",
+                                                                     "give a directory path"], files({"afile": "x"})),
+    cli("output-dir-under-file", train("--output-dir", "{tmp}/afile/sub"), ["{tmp}/afile is a file, not a directory",
+                                                                           "give another path"], files({"afile": "x"})),
+    cli("output-dir-holds-a-run", train("--output-dir", "{run}"), ["{run} already holds a run",
+                                                                  "comoe train --resume {run}", "another --output-dir"]),
+    # --- JSONL content ---------------------------------------------------------------------------
+    cli("jsonl-malformed-line", JSONL, ["{tmp}/d.jsonl:2: invalid JSON", "one complete JSON object"],
+        jsonl_file(mc(1), '{"question": "q", "choices": ["a", "b"], "answer": 0', mc(3))),
+    cli("jsonl-not-an-object", JSONL, ["{tmp}/d.jsonl:2: expected a JSON object, got array"], jsonl_file(mc(1), "[1, 2]")),
+    cli("jsonl-missing-answer", JSONL, ["{tmp}/d.jsonl:2: missing field 'answer'", "0-based index"],
+        jsonl_file(mc(1), {"question": "q", "choices": ["a", "b"]})),
+    cli("jsonl-missing-everything", JSONL, ["{tmp}/d.jsonl:1: missing fields", "'question', 'choices', 'answer'",
+                                            "'prompt', 'target'"], jsonl_file({"text": "hello"})),
+    cli("jsonl-answer-index-out-of-range", JSONL, ["{tmp}/d.jsonl:2: answer index 2 out of range for 2 choices (0..1)"],
+        jsonl_file(mc(1), {"question": "q", "choices": ["a", "b"], "answer": 2})),
+    cli("jsonl-answer-letter-out-of-range", JSONL, ["{tmp}/d.jsonl:1: answer letter 'C'", "(A..B)"],
+        jsonl_file({"question": "q", "choices": ["a", "b"], "answer": "C"})),
+    cli("jsonl-answer-not-a-choice", JSONL, ["{tmp}/d.jsonl:1: answer 'maybe' is not one of the choices", "A..B"],
+        jsonl_file({"question": "q", "choices": ["yes", "no"], "answer": "maybe"})),
+    cli("jsonl-answer-float", JSONL, ["{tmp}/d.jsonl:1: 'answer' must be an integer index, an option's text or a letter"],
+        jsonl_file({"question": "q", "choices": ["yes", "no"], "answer": 1.0})),
+    cli("jsonl-duplicate-choice", JSONL, ["{tmp}/d.jsonl:1: choice 'a' appears twice", "must be distinct"],
+        jsonl_file({"question": "q", "choices": ["a", "a"], "answer": 0})),
+    cli("jsonl-one-choice", JSONL, ["{tmp}/d.jsonl:1: 'choices' needs at least 2 options, got 1"],
+        jsonl_file({"question": "q", "choices": ["a"], "answer": 0})),
+    cli("jsonl-choices-string", JSONL, ["{tmp}/d.jsonl:1: 'choices' must be a list of strings, got string"],
+        jsonl_file({"question": "q", "choices": "a,b", "answer": 0})),
+    cli("jsonl-question-wrong-type", JSONL, ["{tmp}/d.jsonl:1: 'question' must be a string, got integer"],
+        jsonl_file({"question": 3, "choices": ["a", "b"], "answer": 0})),
+    cli("jsonl-choices-and-target", JSONL, ["{tmp}/d.jsonl:1:", "'choices' + 'answer' (multiple choice) or 'target'"],
+        jsonl_file({"question": "q", "choices": ["a", "b"], "answer": 0, "target": "a"})),
+    cli("jsonl-empty-file", JSONL, ["{tmp}/d.jsonl:1: empty file", "one JSON object per line"], files({"d.jsonl": ""})),
+    cli("jsonl-blank-lines-only", JSONL, ["{tmp}/d.jsonl:1: empty file", "one JSON object per line"],
+        files({"d.jsonl": "\n   \n\n"})),
+    cli("jsonl-invalid-utf8", JSONL, ["{tmp}/d.jsonl:2: not valid UTF-8"],
+        files({"d.jsonl": rows(mc(1)).encode() + b'{"question": "caf\xe9", "choices": ["a", "b"], "answer": 0}\n'})),
+    cli("jsonl-mixed-kinds", JSONL, ["{tmp}/d.jsonl:3: task 'd' mixes multiple choice (line 1) and generation",
+                                     "its own file"],
+        jsonl_file(mc(1), mc(2), {"prompt": "Say hi", "target": "hi"}, {"prompt": "Say yo", "target": "yo"})),
+    cli("jsonl-same-stem-two-dirs", train("--tasks", "jsonl:{tmp}/x/same.jsonl,jsonl:{tmp}/y/same.jsonl"),
+        ["'jsonl:{tmp}/x/same.jsonl' and 'jsonl:{tmp}/y/same.jsonl' both hold a task named 'same'",
+         "rename a file or set \"task\""],
+        files({"x/same.jsonl": rows(*(mc(i) for i in range(6))), "y/same.jsonl": rows(*(mc(i + 10) for i in range(6)))})),
+    cli("jsonl-named-like-builtin", train("--tasks", "strategyqa,jsonl:{tmp}/strategyqa.jsonl"),
+        ["both hold a task named 'strategyqa'", "rename a file"], files({"strategyqa.jsonl": rows(*(mc(i) for i in range(6)))})),
+    cli("jsonl-same-file-twice", train("--tasks", "jsonl:{tmp}/d.jsonl,{tmp}/d.jsonl"),
+        ["is named twice", "are the same file", "name each task once"], jsonl_file(*(mc(i) for i in range(6)))),
+    cli("jsonl-all-lines-train", JSONL, ["{tmp}/d.jsonl: no lines with split 'test'", "the file has train",
+                                         '"split": "test"'], jsonl_file(*(mc(i, split="train") for i in range(6)))),
+    cli("jsonl-one-task-without-test", JSONL, ["task 'b' of 'jsonl:{tmp}/d.jsonl' has train examples but no test",
+                                               '"split": "test"'],
+        jsonl_file(mc(1, task="a", split="train"), mc(2, task="a", split="test"), mc(3, task="b", split="train"))),
+    # --- --resume ----------------------------------------------------------------------------------
+    cli("resume-not-a-run", ["train", "--resume", "{tmp}/notrun"], ["--resume {tmp}/notrun", "no run_config.yaml",
+                                                                   "written by `comoe train`"], files({"notrun/x": "x"})),
+    cli("resume-missing-dir", ["train", "--resume", "{tmp}/nowhere"], ["--resume {tmp}/nowhere", "no run_config.yaml"]),
+    cli("resume-learning-rate-changed", ["train", "--resume", "{run}", "--learning-rate", "0.5"],
+        ["--resume {run}", "learning_rate: 0.001 -> 0.5", "drop those flags", "eval_batch_size"]),
+    cli("resume-tasks-changed", ["train", "--resume", "{run}", "--tasks", "winowhy"],
+        ["tasks: ['strategyqa'] -> ['winowhy']", "start a new run without --resume"]),
+    cli("resume-output-dir-elsewhere", ["train", "--resume", "{run}", "--output-dir", "{tmp}/elsewhere"],
+        ["--resume {run} continues the run in its own directory", "drop --output-dir {tmp}/elsewhere"]),
+    cli("resume-bad-value", ["train", "--resume", "{run}", "--eval-batch-size", "0"],
+        ["eval_batch_size must be >= 1", "got 0"]),
+    cli("resume-config-unknown-field", ["train", "--resume", "{run}", "--config", "{tmp}/c.yaml"],
+        ["{tmp}/c.yaml: unknown fields ['eval_bach_size']", "did you mean 'eval_batch_size'"],
+        yaml_file("eval_bach_size: 4\n")),
+    # --- comoe eval --------------------------------------------------------------------------------
+    cli("eval-not-a-run", ["eval", "{tmp}/notrun"], ["{tmp}/notrun is not a comoe run directory",
+                                                     "written by `comoe train`", "--base-only"], files({"notrun/x": "x"})),
+    cli("eval-no-run-dir", ["eval"], ["give a RUN_DIR", "--base-only"]),
+    cli("eval-adapter-missing", ["eval", "{tmp}/r"], ["{tmp}/r has no trained adapter at {tmp}/r/adapter",
+                                                      "comoe train --resume {tmp}/r"],
+        copied_run("r", lambda r: shutil.rmtree(r / "adapter"))),
+    cli("eval-adapter-config-corrupted", ["eval", "{tmp}/r"], ["{tmp}/r/adapter/adapter_config.json is not valid JSON",
+                                                               "re-save the adapter or restore the file"],
+        copied_run("r", lambda r: (r / "adapter" / "adapter_config.json").write_text('{"r": 4,')), model=True),
+    cli("eval-adapter-weights-corrupted", ["eval", "{tmp}/r"], ["{tmp}/r/adapter/adapter_model.safetensors",
+                                                                "not a readable safetensors file", "nothing was loaded"],
+        copied_run("r", lambda r: (r / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")), model=True),
+    cli("eval-run-config-corrupted", ["eval", "{tmp}/r"], ["{tmp}/r/run_config.yaml is not valid YAML at line 3",
+                                                           "fix the file there"],
+        copied_run("r", lambda r: (r / "run_config.yaml").write_text("r: 4\ntasks: [strategyqa\n"))),
+    cli("eval-unknown-task", ["eval", "{run}", "--tasks", "nosuch"], ["unknown task 'nosuch'", "built-in offline suite"]),
+    cli("eval-protocol-unknown", ["eval", "{run}", "--protocol", "exact"], ["argument --protocol",
+                                                                          "invalid choice: 'exact'", "'loglik'"]),
+    cli("eval-with-eval-batch-size-0", ["eval", "{run}", "--eval-batch-size", "0"], ["eval_batch_size must be >= 1"]),
+]
+
+
+@pytest.fixture
+def guarded(monkeypatch, tmp_path):
+    """Offline, in the case's own working directory, with training and evaluation turned into failures."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.delenv("COMOE_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def fail(what):
+        def guard(*args, **kwargs):
+            raise AssertionError(f"{what} started: the bad input was not refused before it")
+        return guard
+
+    monkeypatch.setattr(job, "train_adapter", fail("training"))
+    monkeypatch.setattr(job, "evaluate_tasks", fail("evaluation"))
+    return monkeypatch
+
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit:  # argparse
+        return exit.code
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_refuses_bad_input(case: CliCase, tiny_model_dir, finished_run, tmp_path, guarded, capsys):
+    ctx = Ctx(tmp_path, tiny_model_dir, finished_run)
+    if case.setup is not None:
+        case.setup(ctx)
+    if not case.model:
+        guarded.setattr(job, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+    before_tmp, before_run = snapshot(tmp_path), snapshot(finished_run)
+    capsys.readouterr()
+
+    rc = run_cli([ctx.sub(arg) for arg in case.argv])
+
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    for fragment in case.fragments:
+        assert ctx.sub(fragment) in err, f"{fragment!r} not in the message:\n{err}"
+    assert not (tmp_path / "out").exists(), "a run directory was created"
+    assert snapshot(tmp_path) == before_tmp, "files were written or changed"
+    assert snapshot(finished_run) == before_run, "the finished run was changed"
+
+
+# --- what must work ------------------------------------------------------------------------------
+def test_yaml_tasks_as_one_string_is_a_list(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("tasks: winowhy\n")
+    assert RunConfig.from_yaml(config).tasks == ["winowhy"]
+    args = build_parser().parse_args(["train", "--config", str(config)])
+    assert run_config_from_args(args).tasks == ["winowhy"]
+
+
+def test_resume_may_change_the_eval_batch_size(finished_run, capsys):
+    before = snapshot(finished_run)
+    config = job.resumed_run(finished_run, {"eval_batch_size": 4})
+    assert config.eval_batch_size == 4
+    assert config.output_dir == str(finished_run)
+    assert "eval_batch_size = 4 (was 16)" in capsys.readouterr().out
+    assert snapshot(finished_run) == before
+
+
+# --- the command line in real subprocesses: no traceback reaches the terminal ---------------------------
+SUBPROCESS_CASES = {
+    "yaml-invalid-syntax": (yaml_file("r: 4\nlearning_rate: [1, 2\nseed: 3\n"), YAML,
+                            ["{tmp}/c.yaml is not valid YAML at line 3"]),
+    "jsonl-mixed-kinds": (jsonl_file(mc(1), {"prompt": "Say hi", "target": "hi"}), JSONL,
+                          ["{tmp}/d.jsonl:2: task 'd' mixes multiple choice (line 1) and generation"]),
+    "hub-model-offline": (None, train("--model", "no-such-org/no-such-model"),
+                          ["model 'no-such-org/no-such-model' could not be loaded", "Give a local model directory"]),
+    "eval-adapter-config-corrupted": (copied_run("r", lambda r: (r / "adapter" / "adapter_config.json").write_text("{")),
+                                      ["eval", "{tmp}/r"], ["{tmp}/r/adapter/adapter_config.json is not valid JSON"]),
+}
+
+
+@pytest.fixture(scope="module")
+def subprocess_results(tiny_model_dir, finished_run, tmp_path_factory) -> dict:
+    """All subprocess cases at once (imports dominate their time), each in its own directory."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    env.pop("COMOE_DEBUG", None)
+    started = {}
+    before_run = snapshot(finished_run)
+    for name, (setup, argv, _) in SUBPROCESS_CASES.items():
+        ctx = Ctx(tmp_path_factory.mktemp(name), tiny_model_dir, finished_run)
+        if setup is not None:
+            setup(ctx)
+        proc = subprocess.Popen([sys.executable, "-m", "comoe.cli", *map(ctx.sub, argv)], cwd=ctx.tmp, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started[name] = (ctx, snapshot(ctx.tmp), proc)
+    results = {}
+    for name, (ctx, before, proc) in started.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = (ctx, before, proc.returncode, err)
+    return {"cases": results, "run_changed": snapshot(finished_run) != before_run}
+
+
+@pytest.mark.parametrize("name", list(SUBPROCESS_CASES))
+def test_cli_subprocess_prints_one_message_not_a_traceback(name, subprocess_results):
+    ctx, before, rc, err = subprocess_results["cases"][name]
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    for fragment in SUBPROCESS_CASES[name][2]:
+        assert ctx.sub(fragment) in err, err
+    assert not (ctx.tmp / "out").exists()
+    assert snapshot(ctx.tmp) == before
+    assert not subprocess_results["run_changed"]
+
+
+# --- the Python API ------------------------------------------------------------------------------------
+def api(id: str, call: Callable[[Ctx], object], exc: type[BaseException], fragments: list[str],
+        setup: Setup | None = None, marks=()) -> pytest.param:
+    return pytest.param(call, exc, fragments, setup, id=id, marks=marks)
+
+
+def _corrupt(relpath: str, content: str | bytes) -> Callable[[Path], object]:
+    def corrupt(directory: Path) -> None:
+        path = directory / relpath
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    return corrupt
+
+
+def _unset_layers(directory: Path) -> None:
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "layers": None}))
+
+
+API_CASES = [
+    api("config-weight-quoted", lambda c: CoMoEConfig(contrastive_weight="0.1"), ValueError,
+        ["contrastive_weight must be a number", "write 0.1 without quotes"]),
+    api("config-target-regex-invalid", lambda c: CoMoEConfig(target_modules="q_proj["), ValueError,
+        ["target_modules 'q_proj['", "not a valid regular expression", "give a list of module names or a valid regex"]),
+    api("config-top-k-above-experts", lambda c: CoMoEConfig(top_k=5), ValueError,
+        ["top_k must be an integer in 1..num_experts=4", "got 5"]),
+    api("config-rank-float", lambda c: CoMoEConfig(r=4.0), ValueError, ["r must be an integer", "(write 4)"]),
+    api("config-top-k-1-contrastive", lambda c: CoMoEConfig(top_k=1), ValueError,
+        ["top_k must be >= 2", "set contrastive_weight=0"]),
+    api("config-soft-routing-contrastive", lambda c: CoMoEConfig(routing="soft"), ValueError,
+        ["routing='soft'", "set contrastive_weight=0"]),
+    api("config-layers-negative", lambda c: CoMoEConfig(layers=[-1]), ValueError,
+        ["layers must be a non-empty list of non-negative indices", "[-1]"]),
+    api("config-targets-empty", lambda c: CoMoEConfig(target_modules=[]), ValueError,
+        ["target_modules must be a non-empty list of names or a regex string"]),
+    api("config-from-dict-unknown", lambda c: CoMoEConfig.from_dict({"rr": 4}), ValueError,
+        ["unknown CoMoEConfig fields ['rr']", "did you mean 'r'"]),
+    api("config-json-corrupted", lambda c: CoMoEConfig.from_pretrained(c.tmp / "a"), ValueError,
+        ["{tmp}/a/adapter_config.json is not valid JSON", "re-save the adapter or restore the file"],
+        files({"a/adapter_config.json": "{not json"})),
+    api("config-json-array", lambda c: CoMoEConfig.from_pretrained(c.tmp / "a"), ValueError,
+        ["{tmp}/a/adapter_config.json holds a JSON array", "re-save the adapter"], files({"a/adapter_config.json": "[1]"})),
+    api("config-json-unknown-field", lambda c: CoMoEConfig.from_pretrained(c.tmp / "a"), ValueError,
+        ["{tmp}/a/adapter_config.json", "unknown CoMoEConfig fields ['rr']", "did you mean 'r'"],
+        files({"a/adapter_config.json": '{"peft_type": "COMOE", "rr": 4}'})),
+    api("config-dir-missing", lambda c: CoMoEConfig.from_pretrained(c.tmp / "nowhere"), FileNotFoundError,
+        ["no adapter_config.json in {tmp}/nowhere", "not a comoe adapter directory"]),
+    api("wrap-targets-match-nothing", lambda c: get_comoe_model(c.base, tiny_comoe_config("llama", target_modules=["nosuch"])),
+        ValueError, ["target_modules=['nosuch'] matched no", "LlamaForCausalLM", "q_proj", "down_proj", "lm_head"]),
+    api("wrap-regex-matches-nothing",
+        lambda c: get_comoe_model(c.base, tiny_comoe_config("llama", target_modules=r".*\.nosuch")), ValueError,
+        ["matched no nn.Linear/Conv1D module", "q_proj"]),
+    api("wrap-layers-beyond-model", lambda c: get_comoe_model(c.base, tiny_comoe_config("llama", layers=[5])),
+        ValueError, ["layers [5] do not exist", "2 layers (0..1)"]),
+    api("load-adapter-shape-mismatch", lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"), AdapterLoadError,
+        ["{tmp}/adapter/adapter_model.safetensors", "has shape (16, 64) but this model expects (16, 32)",
+         "nothing was loaded"], saved_adapter("adapter", hidden=64)),
+    api("load-adapter-tensors-missing", lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
+        AdapterLoadError, ["does not fit this model", "missing tensors ['model.layers.1.", "nothing was loaded"],
+        saved_adapter("adapter", layers=[0], then=_unset_layers)),
+    api("load-adapter-weights-garbage", lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
+        AdapterLoadError, ["{tmp}/adapter/adapter_model.safetensors: not a readable safetensors file"],
+        saved_adapter("adapter", then=_corrupt("adapter_model.safetensors", b"garbage"))),
+    api("load-adapter-weights-missing", lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
+        FileNotFoundError, ["no adapter_model.safetensors in {tmp}/adapter"],
+        saved_adapter("adapter", then=lambda d: (d / "adapter_model.safetensors").unlink())),
+    api("load-adapted-model-corrupted", lambda c: load_adapted_model(c.base, c.tmp / "adapter"), ValueError,
+        ["{tmp}/adapter/adapter_config.json is not valid JSON", "re-save the adapter"],
+        saved_adapter("adapter", then=_corrupt("adapter_config.json", "{"))),
+    api("load-task-jsonl-empty", lambda c: load_task("jsonl:"), ValueError,
+        ["task 'jsonl:' names no file", "write jsonl:PATH"]),
+    api("load-task-unknown", lambda c: load_task("nosuch"), ValueError,
+        ["unknown task 'nosuch'", "built-in offline suite", "jsonl:PATH"]),
+    api("load-task-bad-split", lambda c: load_task("strategyqa", "validation"), ValueError,
+        ["built-in task 'strategyqa' has splits train, test", "'validation'"]),
+    api("load-task-hub-offline", lambda c: load_task("arc_e", "test"), ConnectionError,
+        ["paper benchmark 'arc_e'", "HF_HUB_OFFLINE=1", "Offline alternatives", "data_files="]),
+    api("load-task-bad-line", lambda c: load_task(f"jsonl:{c.tmp / 'd.jsonl'}"), DataError,
+        ["{tmp}/d.jsonl:2: missing field 'answer'"], jsonl_file(mc(1), {"question": "q", "choices": ["a", "b"]})),
+    api("runconfig-max-steps-0", lambda c: RunConfig(max_steps=0), ValueError, ["max_steps must be >= 1", "or none"]),
+    api("runconfig-tasks-twice", lambda c: RunConfig(tasks=["a", "a"]), ValueError,
+        ["task 'a' is named twice", "name each task once"]),
+    api("runconfig-tasks-empty", lambda c: RunConfig(tasks=[]), ValueError, ["tasks is empty", "comoe tasks"]),
+    api("runconfig-learning-rate-quoted", lambda c: RunConfig(learning_rate="1e-3"), ValueError,
+        ["learning_rate must be a number", "write 1e-3 without quotes"]),
+    api("runconfig-unknown-field", lambda c: RunConfig.from_dict({"learning_rat": 1}), ValueError,
+        ["unknown fields ['learning_rat']", "did you mean 'learning_rate'"]),
+]
+
+
+@pytest.mark.parametrize("call, exc, fragments, setup", API_CASES)
+def test_api_refuses_bad_input(call, exc, fragments, setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ctx = Ctx(tmp_path, Path("/nonexistent-model"), Path("/nonexistent-run"), base=build("llama"))
+    if setup is not None:
+        setup(ctx)
+    weights = {name: tensor.clone() for name, tensor in ctx.base.state_dict().items()}
+    kinds = [type(m) for m in ctx.base.modules()]
+    before = snapshot(tmp_path)
+
+    with pytest.raises(exc) as info:
+        call(ctx)
+
+    for fragment in fragments:
+        assert ctx.sub(fragment) in str(info.value)
+    assert snapshot(tmp_path) == before, "files were written or changed"
+    after = ctx.base.state_dict()
+    assert after.keys() == weights.keys()
+    assert all(torch.equal(after[name], weights[name]) for name in weights), "the base model's weights changed"
+    assert [type(m) for m in ctx.base.modules()] == kinds
+    assert not any(isinstance(m, CoMoELayer) for m in ctx.base.modules())
+
+
+@pytest.mark.parametrize("wrap", [
+    pytest.param(lambda base, tmp: CoMoEModel.from_pretrained(base, tmp / "adapter"), id="from-pretrained-shape-mismatch"),
+    pytest.param(lambda base, tmp: get_comoe_model(base, tiny_comoe_config("llama", target_modules=["nosuch"])),
+                 id="get-comoe-model-no-match"),
+])
+def test_refused_wrap_leaves_the_base_trainable(wrap, tmp_path):
+    saved_adapter("adapter", hidden=64)(Ctx(tmp_path, Path(), Path()))
+    base = build("llama")
+    with pytest.raises(ValueError):
+        wrap(base, tmp_path)
+    assert all(p.requires_grad for p in base.parameters())
