@@ -50,6 +50,10 @@ def test_two_user_files_train_eval_analyze(tiny_model_dir, tmp_path):
     for task, scores in metrics["adapter"]["tasks"].items():
         assert again["adapter"]["tasks"][task]["accuracy"] == scores["accuracy"]
 
+    comoe_cli("eval", str(run_dir), "--protocol", "loglik")
+    loglik = json.loads((run_dir / "eval_loglik.json").read_text())
+    assert set(loglik["adapter"]["tasks"]) == {"sentiment", "capitals"}
+
     comoe_cli("analyze", str(run_dir), "--out", str(tmp_path / "analysis"), "--no-tsne", "--no-progress")
     analysed = json.loads((tmp_path / "analysis" / "metrics.json").read_text())
     assert analysed["runs"][0]["tasks"] == ["sentiment", "capitals"]
@@ -66,3 +70,23 @@ def test_bf16_keeps_the_contrastive_term_in_the_optimised_loss(tiny_model_dir, t
         assert row["con"] > 0, "bf16 dropped the contrastive term"
         assert row["loss"] == pytest.approx(row["task"] + 0.5 * row["con"], rel=1e-4, abs=1e-4)
     assert RunConfig.from_yaml(run_dir / "run_config.yaml").bf16 is True
+
+
+def test_readme_config_file_with_flags_and_the_moe_lora_ablation(tiny_model_dir, tmp_path):
+    """`comoe train --config my.yaml --learning-rate 1e-3 --tasks social_iqa,strategyqa`, as the README has it."""
+    config = tmp_path / "my.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nmethod: moe-lora\nlearning_rate: 5e-2\nr: 4\nbatch_size: 4\n"
+                      f"train_per_task: 8\ntest_per_task: 4\nmax_steps: 2\neval_base: false\n"
+                      f"output_dir: {tmp_path / 'run'}\n")
+    comoe_cli("train", "--config", str(config), "--learning-rate", "1e-3", "--tasks", "social_iqa,strategyqa")
+    run = RunConfig.from_yaml(tmp_path / "run" / "run_config.yaml")
+    assert (run.learning_rate, run.tasks, run.method, run.r) == (1e-3, ["social_iqa", "strategyqa"], "moe-lora", 4)
+    assert all("con" not in row for row in read_log(tmp_path / "run"))  # λ = 0: no contrastive term
+
+
+def test_readme_tasks_and_base_only_eval(tiny_model_dir):
+    listed = comoe_cli("tasks").stdout.split()
+    assert {"strategyqa", "winowhy", "arc_e"} <= set(listed)
+    result = comoe_cli("eval", "--base-only", "--tasks", "winowhy", "--model", str(tiny_model_dir),
+                       "--test-per-task", "4")
+    assert "winowhy" in result.stdout
