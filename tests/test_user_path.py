@@ -90,3 +90,27 @@ def test_readme_tasks_and_base_only_eval(tiny_model_dir):
     result = comoe_cli("eval", "--base-only", "--tasks", "winowhy", "--model", str(tiny_model_dir),
                        "--test-per-task", "4")
     assert "winowhy" in result.stdout
+
+
+def test_a_loss_that_turns_nan_stops_the_run_without_saving_an_adapter(tiny_model_dir, tmp_path, capsys):
+    """A base model with a NaN weight (a broken checkpoint) makes every loss NaN: the run must say so."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from comoe.cli import main
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = next(k for k in weights if k.endswith("input_layernorm.weight"))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    run_dir = tmp_path / "run"
+    status = main(small(broken, run_dir, "strategyqa", "--train-per-task", "8", "--test-per-task", "4",
+                        "--max-steps", "3", "--eval-base", "false"))
+    message = capsys.readouterr().err
+    assert status == 2, message
+    assert "the loss is nan at step 1" in message and "no adapter was saved" in message, message
+    assert not (run_dir / "adapter").exists() and not (run_dir / "metrics.json").exists()
