@@ -105,3 +105,20 @@ def test_trainer_checkpoints_are_adapters_and_resume_to_the_same_weights(tmp_pat
     for name, value in adapter_tensors(straight).items():
         torch.testing.assert_close(adapter_tensors(second)[name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert os.path.isdir(tmp_path / "resumed" / "checkpoint-4")
+
+
+def test_with_gradient_accumulation_the_aux_term_weighs_by_the_micro_batch_token_share(tmp_path):
+    """Trainer passes num_items_in_batch (labelled tokens of the whole accumulated batch) and then does not
+    divide by the accumulation steps: the aux term must be scaled to this micro-batch's share, or λ would
+    count once per micro-batch."""
+    model = comoe_model()
+    trainer = trainer_for(model, tmp_path / "out", gradient_accumulation_steps=2)
+    assert trainer.model_accepts_loss_kwargs
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    predicted = int((inputs["labels"][:, 1:] != -100).sum())
+    total = 2 * predicted  # two micro-batches of the same size
+    model.train()
+    loss, out = trainer.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=total)
+    task_sum = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), inputs["labels"][:, 1:].reshape(-1),
+                               reduction="sum")
+    torch.testing.assert_close(loss, task_sum / total + out.aux_loss * predicted / total, rtol=1e-5, atol=1e-6)

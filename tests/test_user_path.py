@@ -114,3 +114,26 @@ def test_a_loss_that_turns_nan_stops_the_run_without_saving_an_adapter(tiny_mode
     assert status == 2, message
     assert "the loss is nan at step 1" in message and "no adapter was saved" in message, message
     assert not (run_dir / "adapter").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_resume_with_another_protocol_and_test_size_rescores_the_base_model(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = small(tiny_model_dir, run_dir, "strategyqa", "--train-per-task", "8", "--test-per-task", "4",
+                 "--max-steps", "2")
+    comoe_cli(*args)
+    comoe_cli("train", "--resume", str(run_dir), "--protocol", "loglik", "--test-per-task", "3")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["protocol"] == "loglik"
+    for column in ("base", "adapter"):  # both columns scored on the same 3 examples with the same protocol
+        assert metrics[column]["tasks"]["strategyqa"]["n"] == 3
+        assert "acc_norm" in metrics[column]["tasks"]["strategyqa"]  # a loglik-only score
+
+
+def test_too_few_examples_for_one_step_fail_before_anything_is_written(tiny_model_dir, tmp_path, capsys):
+    from comoe.cli import main
+
+    run_dir = tmp_path / "run"
+    status = main(small(tiny_model_dir, run_dir, "strategyqa", "--train-per-task", "2", "--grad-accum", "4"))
+    message = capsys.readouterr().err
+    assert status == 2 and "2 training examples make no full step" in message and "grad_accum=4" in message
+    assert not run_dir.exists()

@@ -98,12 +98,12 @@ def test_distributed_data_parallel():
 
 
 def test_torch_compile():
-    model = tiny_model()
-    compiled = torch.compile(model, backend="aot_eager")
-    try:
-        out = compiled(**inputs_and_labels())
-    except Exception as err:  # pragma: no cover - a torch build without a working compiler
+    try:  # a torch build without a working compiler skips; a failure of the CoMoE model below does not
+        torch.compile(torch.nn.Linear(2, 2), backend="aot_eager")(torch.ones(1, 2))
+    except Exception as err:  # pragma: no cover
         pytest.skip(f"torch.compile is not usable here: {err}")
+    model = tiny_model()
+    out = torch.compile(model, backend="aot_eager")(**inputs_and_labels())
     assert_contrastive_in_gradient(out, model)
 
 

@@ -10,6 +10,7 @@ write a run directory:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -29,12 +30,13 @@ from comoe.model import find_targets
 from comoe.models import load_base_model
 from comoe.report import print_accuracy_table
 from comoe.runconfig import RUN_CONFIG_NAME, RunConfig
-from comoe.train import make_accelerator, train_adapter
+from comoe.train import make_accelerator, plan_steps, train_adapter
 
 METRICS_NAME = "metrics.json"
 # Fields that only change what happens after training (evaluation, checkpoint cadence): a resumed run may
 # change them. Every other field shapes the adapter being trained, and a resumed run keeps it.
-RESUMABLE_FIELDS = ("save_steps", "protocol", "test_per_task", "eval_batch_size", "eval_base")
+RESUMABLE_FIELDS = ("save_steps", "protocol", "test_per_task", "eval_batch_size", "eval_base",
+                    "gradient_checkpointing")  # the last one changes memory, not the maths
 
 
 def load_splits(run: RunConfig) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
@@ -86,7 +88,7 @@ def check_output_dir(run_dir: Path, resume: bool) -> None:
         raise ValueError(f"output directory {run_dir}: {existing} is not writable; give a path you can write to")
 
 
-def resumed_run(run_dir: Path, requested: dict) -> RunConfig:
+def resumed_run(run_dir: Path, requested: dict, report: bool = True) -> RunConfig:
     """The configuration of the run in ``run_dir``, with the ``requested`` values that a resume may change.
 
     A requested value of any other field that differs from the run's is refused, naming each field: the
@@ -111,7 +113,7 @@ def resumed_run(run_dir: Path, requested: dict) -> RunConfig:
             f"settings its adapter was trained with; drop those flags, or start a new run without --resume. "
             f"On resume only {', '.join(RESUMABLE_FIELDS)} may change."
         )
-    for name in changed:
+    for name in changed if report else []:
         print(f"resume: {name} = {getattr(wanted, name)!r} (was {getattr(saved, name)!r})")
     wanted.output_dir = str(run_dir)
     return wanted
@@ -139,14 +141,18 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     before the run directory is created, so bad input leaves nothing behind.
     """
     run_dir = Path(run_dir or run.output_dir or default_run_dir(run))
+    if resume:  # the API path too: a resumed run keeps its training settings (see resumed_run)
+        run = resumed_run(run_dir, {k: v for k, v in asdict(run).items() if k != "output_dir"}, report=False)
     accelerator = make_accelerator(run)
-    # Under DDP the main process may already have written run_config.yaml when another one gets here.
-    check_output_dir(run_dir, resume or not accelerator.is_main_process)
+    check_output_dir(run_dir, resume)
     train, test = load_splits(run)
+    for examples in ([ex for t in train for ex in train[t]],) if run.setting == "multi" else train.values():
+        plan_steps(len(examples), run, accelerator.num_processes)
     base, tokenizer = load_base_model(run.model, dtype=base_dtype(run))
     check_adapter_fits(base, run)
     check_lengths([ex for examples in train.values() for ex in examples], tokenizer, run.max_length,
                   report=accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # every process has passed every check before anything is written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -220,15 +226,30 @@ def _seconds_before_resume(train: dict) -> float:
 
 
 def _cached_base_eval(run, run_dir, base, tokenizer, test) -> dict:
-    """Zero-shot base scores, kept in the run directory so a resumed run does not recompute them."""
+    """Zero-shot base scores, kept in the run directory so a resumed run does not recompute them.
+
+    The cache is used only for the same model, protocol, length limit and test examples (a resume may
+    change the protocol and the test size).
+    """
     path = run_dir / "base_metrics.json"
+    key = _base_eval_key(run, test)
     if path.is_file():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["scores"]
     scores = evaluate_tasks(base, tokenizer, test, protocol=run.protocol, return_predictions=True,
-                            batch_size=run.eval_batch_size,
-                            max_length=run.max_length)
-    write_json_atomic(path, scores)
+                            batch_size=run.eval_batch_size, max_length=run.max_length)
+    write_json_atomic(path, {"key": key, "scores": scores})
     return scores
+
+
+def _base_eval_key(run: RunConfig, test: dict[str, list[Example]]) -> dict:
+    digest = hashlib.sha256()
+    for task, examples in test.items():
+        for ex in examples:
+            digest.update(json.dumps([task, ex.question, ex.choices, ex.answer, ex.target]).encode())
+    return {"model": run.model, "protocol": run.protocol, "max_length": run.max_length,
+            "test_examples": digest.hexdigest()}
 
 
 def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict | None = None) -> dict:

@@ -136,7 +136,8 @@ class CoMoEModel(PeftModel):
 
     It subclasses ``PeftModel`` only so that ``transformers.Trainer`` treats it as an adapter model (saving
     and resuming adapters, inspecting the base model's signature); ``PeftModel.__init__`` is not run and
-    every member Trainer uses is defined here.
+    the members Trainer uses are defined here. Most of the rest of PEFT's API (multiple adapters,
+    merging, ``get_model_status``) does not work on it: comoe is not yet a registered PEFT method.
     """
 
     def __init__(self, model: nn.Module, config: CoMoEConfig):
@@ -174,9 +175,15 @@ class CoMoEModel(PeftModel):
                 labels: Tensor | None = None, *, task_ids: Tensor | None = None, **kwargs):
         """Forward of the base model; in training, ``outputs.loss`` includes the weighted aux losses.
 
-        The output also carries ``aux_loss`` (the weighted sum that was added), ``contrastive_loss`` and
-        ``balance_loss`` (unweighted) when they were computed. ``task_ids`` (batch,) is optional and only
-        used by routing records. The named arguments are spelled out so that Trainer keeps those columns.
+        The output also carries ``aux_loss`` (the weighted sum, λ·L_con + balance term, of this batch),
+        ``contrastive_loss`` and ``balance_loss`` (unweighted) when they were computed. ``task_ids``
+        (batch,) is optional and only used by routing records. ``labels`` is named so that Trainer finds
+        the label column.
+
+        When Trainer passes ``num_items_in_batch`` (the labelled tokens of a whole accumulated, possibly
+        multi-process batch), the task loss is a sum over that many tokens and Trainer no longer divides
+        by the accumulation steps; ``aux_loss`` is then added in proportion to this micro-batch's share of
+        those tokens, so that λ weighs the same with or without gradient accumulation.
         """
         for key, value in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)):
             if value is not None:
@@ -202,7 +209,8 @@ class CoMoEModel(PeftModel):
             ctx.pending = []
         # Only a training loss carries the aux terms: recording in eval mode must not change out.loss.
         if self.training and self.last_aux is not None and getattr(outputs, "loss", None) is not None:
-            outputs["loss"] = outputs.loss + self.last_aux.total
+            share = _token_share(labels, kwargs.get("num_items_in_batch"))
+            outputs["loss"] = outputs.loss + self.last_aux.total * share
         if self.last_aux is not None and isinstance(outputs, dict):  # ModelOutput; a tuple output has no room
             for key, value in self.last_aux.output_fields().items():
                 outputs[key] = value
@@ -268,6 +276,11 @@ class CoMoEModel(PeftModel):
             )
         self.load_adapter_weights(directory)
         self.set_trainable(is_trainable)
+
+    def set_adapter(self, adapter_name: str = "default", **_: object) -> None:
+        """Only the one adapter, 'default', exists: accepted as a no-op (Trainer calls it on resume)."""
+        if adapter_name != "default":
+            raise ValueError(f"comoe holds one adapter per model, named 'default'; got {adapter_name!r}")
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -338,11 +351,11 @@ class CoMoEModel(PeftModel):
         """
         if not is_main_process:
             return
-        os.makedirs(directory, exist_ok=True)
-        self.comoe_config.save_pretrained(directory)
         adapter = self.adapter_state_dict()
         if state_dict is not None:
-            adapter = {name: state_dict[f"base_model.{name}"] for name in adapter if f"base_model.{name}" in state_dict}
+            adapter = _adapter_tensors_from(state_dict, list(adapter))
+        os.makedirs(directory, exist_ok=True)
+        self.comoe_config.save_pretrained(directory)
         tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.items()}
         path = os.path.join(directory, WEIGHTS_NAME)
         tmp = path + ".tmp"
@@ -391,6 +404,28 @@ class CoMoEModel(PeftModel):
         if not is_trainable:
             wrapped.eval()
         return wrapped
+
+
+def _adapter_tensors_from(state_dict: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+    """The adapter tensors of a full state dict, whatever wrapper prefixed its keys; all of them or an error."""
+    by_name = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod.", "base_model."):  # DDP, torch.compile, this wrapper
+            key = key.removeprefix(prefix)
+        by_name[key] = value
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise AdapterLoadError(f"the state_dict given to save_pretrained lacks {len(missing)} adapter tensors "
+                               f"(e.g. {missing[0]}); nothing was written")
+    return {name: by_name[name] for name in names}
+
+
+def _token_share(labels: Tensor | None, num_items_in_batch: Tensor | int | None) -> Tensor | float:
+    """This micro-batch's labelled (predicted) tokens over ``num_items_in_batch``; 1 when that is not given."""
+    if num_items_in_batch is None or labels is None:
+        return 1.0
+    predicted = labels[..., 1:] if labels.dim() >= 2 else labels  # causal LMs predict labels[1:]
+    return (predicted != -100).sum() / num_items_in_batch
 
 
 def _token_shape(mask: Tensor | None, ids: Tensor | None) -> torch.Size | None:

@@ -34,7 +34,7 @@ MAX_GRAD_NORM = 1.0
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; training stopped before the adapter was saved."""
+    """Training cannot go on as configured (a NaN/inf loss, lost auxiliary losses); no adapter was saved."""
 
 
 @dataclass
@@ -83,14 +83,7 @@ def train_adapter(
     encoded = [encode_example(ex, tokenizer, task_index[ex.task], run.max_length, run.train_on_prompt) for ex in examples]
     rank, world = accelerator.process_index, accelerator.num_processes
     lengths = [len(item.input_ids) for item in encoded]
-    micro_per_epoch = len(epoch_batches(lengths, run.batch_size, run.seed, 0, rank, world))
-    steps_per_epoch = micro_per_epoch // run.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{len(encoded)} training examples make no full step of batch_size={run.batch_size} × "
-            f"grad_accum={run.grad_accum} × {world} processes: lower them or add data"
-        )
-    total_steps = run.max_steps or math.ceil(run.epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = plan_steps(len(encoded), run, world)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay)
@@ -126,11 +119,10 @@ def train_adapter(
                                   pad_id, trim)
         parts.update(step=step + 1, epoch=epoch, lr=scheduler.get_last_lr()[0], elapsed_s=round(time.time() - began, 2))
         if not math.isfinite(parts["loss"]):
-            last = list_checkpoints(checkpoint_dir)
+            shown = ", ".join(f"{k} {parts[k]:.4g}" for k in ("task", "con", "bal") if k in parts)
             raise TrainingDiverged(
-                f"{desc}: the loss is {parts['loss']} at step {step + 1} ({', '.join(f'{k} {v:.4g}' for k, v in parts.items() if k in ('task', 'con', 'bal'))}); "
-                f"no adapter was saved. Try a lower --learning-rate or check the data"
-                + (f"; the last good checkpoint is {last[-1]}" if last else "")
+                f"{desc}: the loss is {parts['loss']} at step {step + 1} ({shown}); no adapter was saved. "
+                f"Check the model and the data, or start a new run (another --output-dir) with a lower --learning-rate"
             )
         recent = (recent + [parts])[-10:]
         bar.update(1)
@@ -153,8 +145,16 @@ def train_adapter(
 
 
 def read_log(path: Path) -> list[dict]:
-    """The rows of a ``train_log.jsonl``."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a ``train_log.jsonl``; a last line cut short by a killed process is skipped."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON row; the log is damaged (delete the line)") from None
+    return rows
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -163,6 +163,21 @@ def truncate_log(path: Path, step: int) -> None:
         return
     kept = [row for row in read_log(path) if row["step"] <= step] if step > 0 else []
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def plan_steps(num_examples: int, run: RunConfig, world: int) -> tuple[int, int]:
+    """(optimiser steps per epoch, total steps) for ``num_examples``; a clear error when there is no step.
+
+    Every process gets ``ceil(n / batch_size) // world`` micro-batches an epoch (see ``epoch_batches``).
+    """
+    micro_per_epoch = math.ceil(num_examples / run.batch_size) // world
+    steps_per_epoch = micro_per_epoch // run.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{num_examples} training examples make no full step of batch_size={run.batch_size} × "
+            f"grad_accum={run.grad_accum} × {world} processes: lower them or add data (train_per_task)"
+        )
+    return steps_per_epoch, run.max_steps or math.ceil(run.epochs * steps_per_epoch)
 
 
 def replicas_identical(params: list[torch.Tensor], accelerator: Accelerator) -> bool:
@@ -187,8 +202,10 @@ def _accumulated_step(model, core, accelerator, optimizer, scheduler, params, mi
         with context, accelerator.autocast():
             task_loss, out = causal_lm_loss(model, batch, trim)
             aux = out.get("aux_loss")  # an output field: it survives mixed precision, DDP and compile
-            if aux is None and isinstance(core, CoMoEModel) and core.comoe_config.contrastive_weight > 0:
-                raise RuntimeError("the model output lost its aux_loss field: the contrastive term would be dropped")
+            if aux is None and isinstance(core, CoMoEModel) and (
+                    core.comoe_config.contrastive_weight > 0 or core.comoe_config.balance_weight > 0):
+                raise TrainingDiverged("the model output lost its aux_loss field (a wrapper rebuilt it without its "
+                                       "mapping fields): the auxiliary losses would be dropped, so training stops")
             loss = task_loss + aux if aux is not None else task_loss
             accelerator.backward(loss / len(micro_batches))
         for key, value in _loss_parts(loss, task_loss, out).items():
