@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from comoe.data.bigbench import (
+    BUILTIN_TASKS,
+    SUITE_NAMES,
     SUITE_TASKS,
     SuiteTask,
     assign_splits,
@@ -145,3 +147,79 @@ def test_build_script_end_to_end(tmp_path):
     assert module.main(["--sdist", str(sdist), "--out", str(out), "--check"]) == 0
     (out / "strategyqa.jsonl").write_text("")
     assert module.main(["--sdist", str(sdist), "--out", str(out), "--check"]) == 1
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("build_suite", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_sdist(path: Path) -> Path:
+    """A fake sdist holding just two task.json files: a label-set task and one with per-example options."""
+    tasks = {
+        "mood": [_mc(f"I feel {w} number {i}.", ["happy", "sad"], i % 2) for i, w in enumerate(["ok"] * 40)],
+        "sums/two": [_mc(f"What is {i} plus 1?", [str(i + 1), str(i + 7), "banana"], 0) for i in range(50)],
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for task_path, examples in tasks.items():
+            data = json.dumps({"name": task_path, "examples": examples}).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{task_path}/task.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_build_two_suites_from_a_tiny_fixture(tmp_path):
+    module = _load_script()
+    sdist = _tiny_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
+    mood = SuiteTask(name="mood", path="mood", what="w", source="s", license="CC-BY-4.0 (x)",
+                     instruction="How?", test_size=8, train_cap=20)
+    sums = SuiteTask(name="sums", path="sums/two", what="w", source="s", license="Apache-2.0 (BIG-bench)")
+    suites = {"learnable": (mood,), "hard": (sums,)}
+    files = module.build(sdist, suites)
+    assert set(files) == {"mood.jsonl", "sums.jsonl", "SOURCES.md"}
+    assert module.build(sdist, suites) == files  # byte-identical on a rebuild
+    rows = {name: [json.loads(line) for line in files[f"{name}.jsonl"].splitlines()] for name in ("mood", "sums")}
+    # mood: 40 examples, test capped at 8 (its own test_size), train capped at 20 (its own train_cap).
+    assert Counter(r["split"] for r in rows["mood"]) == {"train": 20, "test": 8}
+    # sums: 50 examples, the default test size is capped at a quarter of a small task.
+    assert Counter(r["split"] for r in rows["sums"]) == {"train": 38, "test": 12}
+    for name, records in rows.items():
+        assert [r["split"] for r in records] == sorted((r["split"] for r in records), key=["train", "test"].index)
+        train = {r["question"] for r in records if r["split"] == "train"}
+        assert not train & {r["question"] for r in records if r["split"] == "test"}
+        examples = parse_jsonl(files[f"{name}.jsonl"].encode(), name, name)
+        assert all(0 <= e.answer < len(e.choices) for e in examples)
+    assert all(r["question"].startswith("How?\nI feel") and r["choices"] == ["happy", "sad"] for r in rows["mood"])
+    assert all(r["choices"][r["answer"]] == str(r["id"] + 1) for r in rows["sums"])
+    assert len({r["answer"] for r in rows["sums"]}) > 1  # per-example options are shuffled
+    sources = files["SOURCES.md"]
+    assert "### Suite `learnable` (the default)" in sources and "### Suite `hard`" in sources
+    assert "| `mood` | `bigbench/benchmark_tasks/mood` | 20 | 8 |" in sources
+    assert "CC-BY-4.0 (x)" in sources and "test up to 8 examples, train capped at 20" in sources
+
+
+def test_build_refuses_a_suite_over_the_size_budget(tmp_path, monkeypatch):
+    module = _load_script()
+    sdist = _tiny_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
+    monkeypatch.setattr(module, "MAX_SUITE_BYTES", 100)
+    sums = SuiteTask(name="sums", path="sums/two", what="", source="", license="")
+    with pytest.raises(SystemExit, match="byte budget"):
+        module.build(sdist, {"learnable": (sums,)})
+
+
+def test_build_script_writes_both_suites(tmp_path):
+    module = _load_script()
+    sdist = _fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
+    out = tmp_path / "suite"
+    assert module.main(["--sdist", str(sdist), "--out", str(out)]) == 0
+    names = sorted(p.name[: -len(".jsonl")] for p in out.glob("*.jsonl"))
+    assert names == sorted(BUILTIN_TASKS)
+    sources = (out / "SOURCES.md").read_text()
+    for suite, tasks in SUITE_NAMES.items():
+        assert f"### Suite `{suite}`" in sources and all(f"| `{t}` |" in sources for t in tasks)
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert module.main(["--sdist", str(sdist), "--out", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first

@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from comoe.data import BUILTIN_SUITE, PAPER_BENCHMARKS, list_tasks, load_task
+from comoe.data import PAPER_BENCHMARKS, list_tasks, load_task
+from comoe.data.bigbench import BUILTIN_TASKS
 from comoe.data.hub import HubUnavailableError
 from comoe.data.registry import subset
 
 
 def test_list_tasks():
-    assert list_tasks() == BUILTIN_SUITE + PAPER_BENCHMARKS
+    assert list_tasks() == ("suite:learnable", "suite:hard") + BUILTIN_TASKS + PAPER_BENCHMARKS
     assert PAPER_BENCHMARKS == ("arc_e", "arc_c", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
 
 

@@ -1,4 +1,4 @@
-"""The built-in offline suite as shipped: loads, sizes, valid answers, disjoint deterministic splits."""
+"""The built-in offline suites as shipped: loads, sizes, valid answers, disjoint deterministic splits."""
 
 from __future__ import annotations
 
@@ -9,10 +9,21 @@ from importlib.resources import files
 import pytest
 
 from comoe.data import BUILTIN_SUITE, load_task
-from comoe.data.bigbench import SUITE_TASKS, normalize_space
+from comoe.data.bigbench import (
+    BUILTIN_TASKS,
+    DEFAULT_SUITE,
+    HARD_TASKS,
+    LEARNABLE_CANDIDATES,
+    SUITE_NAMES,
+    SUITE_TASKS,
+    SUITES,
+    normalize_space,
+)
 from comoe.data.prompts import format_prompt
 
 SUITE_DIR = files("comoe.data").joinpath("suite")
+TASK = {task.name: task for task in SUITE_TASKS}
+HARD = ("social_iqa", "strategyqa", "winowhy", "epistemic_reasoning", "logical_fallacy_detection", "elementary_math_qa")
 
 
 def _rows(name: str) -> list[dict]:
@@ -21,24 +32,51 @@ def _rows(name: str) -> list[dict]:
 
 def test_suite_files_match_the_task_list():
     on_disk = sorted(p.name[: -len(".jsonl")] for p in SUITE_DIR.iterdir() if p.name.endswith(".jsonl"))
-    assert on_disk == sorted(BUILTIN_SUITE)
-    assert len(BUILTIN_SUITE) >= 5
+    assert on_disk == sorted(BUILTIN_TASKS)
+    assert len(set(BUILTIN_TASKS)) == len(BUILTIN_TASKS)
     sources = SUITE_DIR.joinpath("SOURCES.md").read_text("utf-8")
     for task in SUITE_TASKS:
-        assert f"`{task.name}`" in sources and task.path in sources
+        assert f"`{task.name}`" in sources and task.path in sources and task.license in sources
+    for suite in SUITES:
+        assert f"### Suite `{suite}`" in sources
     assert "scripts/build_suite.py" in sources and "Apache-2.0" in sources
 
 
+def test_the_suites():
+    assert DEFAULT_SUITE == "learnable" and SUITE_NAMES["learnable"] == BUILTIN_SUITE
+    assert SUITE_NAMES["hard"] == HARD  # the first suite keeps its tasks, names and order
+    assert tuple(task.name for task in HARD_TASKS) == HARD
+    assert len(SUITE_NAMES["learnable"]) >= 6
+    assert not set(SUITE_NAMES["learnable"]) & set(HARD)
+    assert all(task in LEARNABLE_CANDIDATES for task in SUITES["learnable"])
+    assert sorted(BUILTIN_TASKS) == sorted(SUITE_NAMES["learnable"] + HARD)
+
+
 def test_suite_size_budget():
-    total = sum(len(SUITE_DIR.joinpath(f"{name}.jsonl").read_bytes()) for name in BUILTIN_SUITE)
+    total = sum(len(SUITE_DIR.joinpath(f"{name}.jsonl").read_bytes()) for name in BUILTIN_TASKS)
     assert total <= 5_000_000
 
 
-@pytest.mark.parametrize("name", BUILTIN_SUITE)
+@pytest.mark.parametrize("suite", list(SUITE_NAMES))
+def test_a_whole_suite_loads_by_name(suite):
+    test = load_task(f"suite:{suite}", "test")
+    assert list(dict.fromkeys(e.task for e in test)) == list(SUITE_NAMES[suite])
+    assert test == [e for name in SUITE_NAMES[suite] for e in load_task(name, "test")]
+    small = load_task(f" Suite:{suite} ", "train", limit=3)
+    assert Counter(e.task for e in small) == {name: 3 for name in SUITE_NAMES[suite]}
+
+
+def test_unknown_suite_names_the_suites():
+    with pytest.raises(ValueError, match="suite:learnable, suite:hard"):
+        load_task("suite:easy")
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
 def test_task_loads_with_valid_examples(name):
     train, test = load_task(name, "train"), load_task(name, "test")
-    assert 0 < len(train) <= 1500
-    assert 250 <= len(test) <= 300
+    assert 0 < len(train) <= TASK[name].train_cap
+    assert min(150, TASK[name].test_size) <= len(test) <= TASK[name].test_size
+    assert len(train) >= min(TASK[name].train_cap, 2 * len(test))
     for example in train + test:
         assert example.task == name
         assert example.question.strip() and example.is_multiple_choice
@@ -49,7 +87,7 @@ def test_task_loads_with_valid_examples(name):
         assert format_prompt(example).endswith("\nAnswer:")
 
 
-@pytest.mark.parametrize("name", BUILTIN_SUITE)
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
 def test_splits_are_disjoint_and_stable(name):
     rows = _rows(name)
     assert [r["split"] for r in rows] == sorted((r["split"] for r in rows), key=["train", "test"].index)
@@ -62,7 +100,7 @@ def test_splits_are_disjoint_and_stable(name):
     assert load_task(name, "test") == load_task(name, "test")
 
 
-@pytest.mark.parametrize("name", BUILTIN_SUITE)
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
 def test_majority_class_is_not_trivial(name):
     test = load_task(name, "test")
     top = Counter(e.answer for e in test).most_common(1)[0][1]

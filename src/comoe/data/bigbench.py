@@ -52,9 +52,13 @@ class SuiteTask:
     instruction: str = ""  # a line put before the input (BIG-bench's task_prefix, reworded where needed)
     suffix: str = ""  # a line put after the input
     group: Callable[[str], str] = field(default=_default_group, compare=False)
+    test_size: int = TEST_SIZE  # test takes whole groups up to this many examples (a quarter of a small task)
+    train_cap: int = TRAIN_CAP  # train keeps at most this many examples
 
 
-SUITE_TASKS: tuple[SuiteTask, ...] = (
+# The "hard" suite: the first built-in suite, reasoning tasks that SmolLM2-135M does not learn in minutes
+# (its adapters mostly learn the answer prior). Kept with its files and names unchanged.
+HARD_TASKS: tuple[SuiteTask, ...] = (
     SuiteTask(
         name="social_iqa",
         path="social_iqa",
@@ -119,7 +123,127 @@ SUITE_TASKS: tuple[SuiteTask, ...] = (
     ),
 )
 
-BUILTIN_SUITE: tuple[str, ...] = tuple(task.name for task in SUITE_TASKS)
+LEARNABLE_TEST_SIZE = 400
+LEARNABLE_TRAIN_CAP = 1000
+
+# Every task considered for the "learnable" suite (the default): short inputs, different input styles and
+# label spaces. ``LEARNABLE_NAMES`` picks the suite from them by validation measurements
+# (scripts/select_suite.py, results/suite-selection/README.md); the others are not shipped.
+LEARNABLE_CANDIDATES: tuple[SuiteTask, ...] = tuple(
+    SuiteTask(test_size=LEARNABLE_TEST_SIZE, train_cap=LEARNABLE_TRAIN_CAP, **fields)  # type: ignore[arg-type]
+    for fields in (
+        dict(
+            name="intent_recognition",
+            path="intent_recognition",
+            what="intent of a voice-assistant utterance (playlist, restaurant, weather, music, ...); 7 labels",
+            source=(
+                "SNIPS NLU benchmark (Coucke et al., 2018, https://github.com/snipsco/nlu-benchmark), "
+                "converted for BIG-bench"
+            ),
+            license=(
+                "distributed inside BIG-bench under Apache-2.0; the SNIPS benchmark's own licence was not "
+                "verified here"
+            ),
+            instruction="Predict the intent of the utterance.",
+        ),
+        dict(
+            name="multiemo_sentiment",
+            path="multiemo/all_sentence_en",
+            what="sentiment of one sentence of a consumer review (medicine, hotels, products, school); 4 labels",
+            source=(
+                "MultiEmo (Kocoń, Miłkowski & Kanclerz, ICCS 2021, https://clarin-pl.eu/dspace/handle/11321/798): "
+                "PolEmo 2.0 reviews machine-translated to English; BIG-bench's multiemo/all_sentence_en"
+            ),
+            license="CC-BY-4.0 (MultiEmo, CLARIN-PL)",
+            instruction="Is the sentiment of this opinion positive, negative, neutral or ambivalent?",
+        ),
+        dict(
+            name="vitaminc_fact_verification",
+            path="vitaminc_fact_verification",
+            what="does a Wikipedia sentence support, refute or not decide a claim? 3 labels (True/False/Neither)",
+            source=(
+                "VitaminC (Schuster, Fisch & Barzilay, NAACL 2021, https://github.com/TalSchuster/VitaminC), "
+                "built from Wikipedia revisions"
+            ),
+            license="CC-BY-SA-3.0 (VitaminC; Wikipedia text)",
+            instruction=(
+                "Based only on the quote from Wikipedia, is the claim True, False, or Neither (the quote does "
+                "not say)?"
+            ),
+        ),
+        dict(
+            name="two_digit_addition",
+            path="arithmetic/2_digit_addition",
+            what="'What is 80 plus 29?' with 7 options (the sum, near misses, 'banana', 'house')",
+            source="written for BIG-bench (arithmetic/2_digit_addition, generated)",
+            license="Apache-2.0 (BIG-bench)",
+        ),
+        dict(
+            name="two_digit_multiplication",
+            path="arithmetic/2_digit_multiplication",
+            what="'What is 53 times 23?' with 7 options (the product, near misses, 'banana', 'house')",
+            source="written for BIG-bench (arithmetic/2_digit_multiplication, generated)",
+            license="Apache-2.0 (BIG-bench)",
+        ),
+        dict(
+            name="unit_identification",
+            path="unit_conversion/unit_identification",
+            what="which of 3 quantities (same number) is in the unit the question asks for? e.g. decaamps",
+            source="written for BIG-bench (unit_conversion/unit_identification, generated)",
+            license="Apache-2.0 (BIG-bench)",
+        ),
+        dict(
+            name="color_hex",
+            path="color/hex",
+            what="the basic colour name closest to a HEX code (#8002c6 -> purple); 10 labels",
+            source="written for BIG-bench (color/hex, generated from colour-naming data)",
+            license="Apache-2.0 (BIG-bench)",
+        ),
+        dict(
+            name="hyperbaton",
+            path="hyperbaton",
+            what="which of two phrases has the correct English adjective order? 2 labels (a/b)",
+            source="written for BIG-bench (hyperbaton, generated)",
+            license="Apache-2.0 (BIG-bench)",
+        ),
+        dict(
+            name="sports_understanding",
+            path="sports_understanding",
+            what="is a sentence about a named athlete and a sport's action plausible? 2 labels",
+            source="written for BIG-bench (sports_understanding, generated from athlete and action lists)",
+            license="Apache-2.0 (BIG-bench)",
+            instruction="Is the following sentence plausible or implausible?",
+        ),
+        dict(
+            name="presuppositions_as_nli",
+            path="presuppositions_as_nli",
+            what="NLI on presupposition triggers: entailment, neutral or contradiction; 3 labels",
+            source="written for BIG-bench (presuppositions_as_nli; premises adapted from fiction and news)",
+            license="Apache-2.0 (BIG-bench)",
+            instruction="Does sentence 1 entail sentence 2, contradict it, or neither (neutral)?",
+        ),
+    )
+)
+
+LEARNABLE_NAMES: tuple[str, ...] = (
+    "intent_recognition",
+    "multiemo_sentiment",
+    "vitaminc_fact_verification",
+    "two_digit_multiplication",
+    "unit_identification",
+    "sports_understanding",
+)
+LEARNABLE_TASKS: tuple[SuiteTask, ...] = tuple(t for t in LEARNABLE_CANDIDATES if t.name in LEARNABLE_NAMES)
+
+# Named suites (``--tasks suite:hard``); the default suite comes first.
+DEFAULT_SUITE = "learnable"
+SUITES: dict[str, tuple[SuiteTask, ...]] = {"learnable": LEARNABLE_TASKS, "hard": HARD_TASKS}
+SUITE_TASKS: tuple[SuiteTask, ...] = LEARNABLE_TASKS + HARD_TASKS  # every shipped task
+BUILTIN_SUITE: tuple[str, ...] = tuple(task.name for task in SUITES[DEFAULT_SUITE])  # the default tasks
+BUILTIN_TASKS: tuple[str, ...] = tuple(task.name for task in SUITE_TASKS)  # every task load_task knows offline
+SUITE_NAMES: dict[str, tuple[str, ...]] = {
+    suite: tuple(task.name for task in tasks) for suite, tasks in SUITES.items()
+}
 
 # Trailing answer cues ("A:", "Answer:", ...) that would double the "Answer:" our prompt format adds.
 _TRAILING_CUE = re.compile(
@@ -221,12 +345,15 @@ def convert_examples(task: SuiteTask, examples: list[dict]) -> tuple[list[dict],
 
 
 def assign_splits(
-    task: SuiteTask, records: list[dict], test_size: int = TEST_SIZE, train_cap: int = TRAIN_CAP
+    task: SuiteTask, records: list[dict], test_size: int | None = None, train_cap: int | None = None
 ) -> list[dict]:
     """Add ``"split"`` to each record; drop train records past the cap. Order: train, then test.
 
-    Small tasks give at most a quarter of their examples to test.
+    Small tasks give at most a quarter of their examples to test. ``test_size`` and ``train_cap`` default
+    to the task's own.
     """
+    test_size = task.test_size if test_size is None else test_size
+    train_cap = task.train_cap if train_cap is None else train_cap
     groups: dict[str, list[dict]] = {}
     for record in records:
         groups.setdefault(task.group(record["question"]), []).append(record)

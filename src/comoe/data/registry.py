@@ -3,6 +3,7 @@
 >>> train = load_task("strategyqa", "train", limit=200)
 >>> test = load_task("arc_e", "test")                  # Hugging Face hub (network)
 >>> mine = load_task("jsonl:data/my_task.jsonl")       # schema: comoe.data.jsonl
+>>> hard = load_task("suite:hard", "test")              # every task of a built-in suite, each by its name
 """
 
 from __future__ import annotations
@@ -13,15 +14,27 @@ import random
 from importlib.resources import files
 from pathlib import Path
 
-from comoe.data.bigbench import BUILTIN_SUITE
+from comoe.data.bigbench import BUILTIN_SUITE, BUILTIN_TASKS, DEFAULT_SUITE, SUITE_NAMES
 from comoe.data.hub import BENCHMARKS, PAPER_BENCHMARKS, load_benchmark
 from comoe.data.jsonl import parse_jsonl, read_jsonl
 from comoe.data.schema import Example
 
-__all__ = ["BUILTIN_SUITE", "PAPER_BENCHMARKS", "SUITE_SPLITS", "list_tasks", "load_task", "subset"]
+__all__ = [
+    "BUILTIN_SUITE",
+    "BUILTIN_TASKS",
+    "PAPER_BENCHMARKS",
+    "SUITE_NAMES",
+    "SUITE_PREFIX",
+    "SUITE_SPLITS",
+    "list_tasks",
+    "load_task",
+    "subset",
+    "suite_specs",
+]
 
 SUITE_SPLITS = ("train", "test")
 JSONL_PREFIX = "jsonl:"
+SUITE_PREFIX = "suite:"  # "suite:hard" names every task of a built-in suite
 HELD_OUT_SHARE = 0.2  # of a JSONL file without `split` fields, the share of distinct inputs kept for "test"
 _SPLIT_ALIASES = {"dev": "validation", "val": "validation", "valid": "validation", "eval": "test"}
 _NAME_ALIASES = {
@@ -32,9 +45,14 @@ _NAME_ALIASES = {
 }
 
 
+def suite_specs() -> tuple[str, ...]:
+    """The built-in suites as ``--tasks`` names: ``suite:learnable`` (the default), ``suite:hard``."""
+    return tuple(SUITE_PREFIX + name for name in SUITE_NAMES)
+
+
 def list_tasks() -> tuple[str, ...]:
-    """Every named task: the built-in suite (offline) first, then the paper benchmarks (hub)."""
-    return BUILTIN_SUITE + PAPER_BENCHMARKS
+    """Everything ``--tasks`` can name: the built-in suites, their tasks (offline), the paper benchmarks (hub)."""
+    return suite_specs() + BUILTIN_TASKS + PAPER_BENCHMARKS
 
 
 def load_task(
@@ -47,13 +65,18 @@ def load_task(
 ) -> list[Example]:
     """Load one split of a task as a list of :class:`Example`.
 
-    ``name``: a built-in suite task (``BUILTIN_SUITE``, splits train/test, offline), a paper benchmark
+    ``name``: a built-in task (``BUILTIN_TASKS``, splits train/test, offline), a whole built-in suite as
+    ``suite:NAME`` (``SUITE_NAMES``: "learnable", the default tasks ``BUILTIN_SUITE``, and "hard"; its
+    tasks' examples one after another, ``limit`` applied per task), a paper benchmark
     (``PAPER_BENCHMARKS``, splits train/validation/test, from the Hugging Face hub or from
     ``data_files`` in the hub's schema), or a JSONL file as ``jsonl:PATH`` or a path ending in
     ``.jsonl`` (see :func:`held_out_split` for a file without ``split`` fields). ``limit`` keeps a
     seeded random subset of that many examples, in file order.
     """
     split = _SPLIT_ALIASES.get(split, split)
+    suite = suite_name(name)
+    if suite is not None:
+        return [e for task in SUITE_NAMES[suite] for e in load_task(task, split, limit, seed)]
     if is_jsonl_spec(name):
         examples = _load_user_file(jsonl_path(name), split)
     else:
@@ -61,7 +84,7 @@ def load_task(
         key = _NAME_ALIASES.get(key, key)
         if data_files is not None and key not in BENCHMARKS:
             raise ValueError(f"data_files= is only for the paper benchmarks ({', '.join(PAPER_BENCHMARKS)})")
-        if key in BUILTIN_SUITE:
+        if key in BUILTIN_TASKS:
             examples = _load_suite(key, split)
         elif key in BENCHMARKS:
             examples = load_benchmark(key, split, data_files=data_files)
@@ -88,34 +111,66 @@ def _load_suite(name: str, split: str) -> list[Example]:
     return [e for e in examples if e.meta.get("split") == split]
 
 
+def suite_name(name: str) -> str | None:
+    """The built-in suite a ``suite:NAME`` spec names (None for any other name); unknown suites raise."""
+    text = name.strip().lower()
+    if not text.startswith(SUITE_PREFIX):
+        return None
+    suite = text[len(SUITE_PREFIX):].strip().replace("-", "_")
+    if suite not in SUITE_NAMES:
+        raise ValueError(f"unknown suite {name.strip()!r}: the built-in suites are {', '.join(suite_specs())} "
+                         f"({DEFAULT_SUITE!r} holds the default tasks)")
+    return suite
+
+
 def is_jsonl_spec(name: str) -> bool:
     """Whether a task name names a user's JSONL file (``jsonl:PATH`` or a path ending in ``.jsonl``)."""
+    name = name.strip()
     return name.startswith(JSONL_PREFIX) or name.endswith(".jsonl")
 
 
 def jsonl_path(name: str) -> Path:
     """The file a JSONL task spec names; a clear error for an empty spec."""
-    text = name[len(JSONL_PREFIX):] if name.startswith(JSONL_PREFIX) else name
+    text = name.strip()
+    text = text[len(JSONL_PREFIX):] if text.startswith(JSONL_PREFIX) else text
     if not text.strip():
         raise ValueError(f"task {name!r} names no file: write jsonl:PATH, e.g. jsonl:data/my_task.jsonl")
     return Path(text.strip()).expanduser()
 
 
+def canonical_task_key(name: str) -> str:
+    """What makes two task names the same task: ``jsonl:`` + the resolved path of a JSONL file, else the
+    name as ``load_task`` resolves it (lower case, ``-`` as ``_``, aliases such as arc_easy -> arc_e)."""
+    if is_jsonl_spec(name):
+        return JSONL_PREFIX + str(jsonl_path(name).resolve())
+    key = name.strip().lower().replace("-", "_")
+    return _NAME_ALIASES.get(key, key)
+
+
 def held_out_split(examples: list[Example], split: str, source: str) -> list[Example]:
     """The ``split`` ("train" or "test") of a file that has no ``split`` fields.
 
-    The distinct inputs (question + options) are ordered by a hash of their text and the first
-    ``HELD_OUT_SHARE`` of them (at least one) are "test": deterministic, independent of the line order,
-    and no input is in both splits, so a run never scores its adapter on examples it trained on.
+    Per task of the file: its distinct inputs (question + options) are ordered by a hash of their text
+    and the first ``HELD_OUT_SHARE`` of them (at least one) are "test": deterministic, independent of
+    the line order, every task has test lines, and no input is in both splits, so a run never scores
+    its adapter on examples it trained on. A task with fewer than 2 distinct inputs is refused.
     """
     if split not in SUITE_SPLITS:
         raise ValueError(f"{source} has no 'split' fields, so it has only the splits {SUITE_SPLITS} "
-                         f"(test = {HELD_OUT_SHARE:.0%} of its inputs); not {split!r}")
-    keys = sorted({_input_key(e) for e in examples}, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
-    if len(keys) < 2:
-        raise ValueError(f"{source}: a file without 'split' fields needs at least 2 distinct inputs to hold one "
-                         "out for testing; add more lines or give each line a \"split\": \"train\" or \"test\"")
-    test_keys = set(keys[:max(1, math.floor(HELD_OUT_SHARE * len(keys)))])
+                         f"(test = {HELD_OUT_SHARE:.0%} of each task's inputs); not {split!r}")
+    by_task: dict[str, set[str]] = {}
+    for example in examples:
+        by_task.setdefault(example.task, set()).add(_input_key(example))
+    test_keys: set[str] = set()
+    for task, task_keys in by_task.items():
+        if len(task_keys) < 2:
+            raise ValueError(
+                f"{source}: task {task!r} has {len(task_keys)} distinct input; a file without 'split' fields needs "
+                "at least 2 distinct inputs per task to hold one out for testing; add lines to that task, or give "
+                "every line of the file a \"split\": \"train\" or \"test\""
+            )
+        ordered = sorted(task_keys, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+        test_keys.update(ordered[:max(1, math.floor(HELD_OUT_SHARE * len(ordered)))])
     return [e for e in examples if (_input_key(e) in test_keys) == (split == "test")]
 
 
@@ -128,7 +183,7 @@ def _load_user_file(path: Path, split: str) -> list[Example]:
         raise ValueError(f"{path} is a directory; name a JSONL file in it, e.g. jsonl:{path / 'my_task.jsonl'}")
     if not path.is_file():
         raise FileNotFoundError(f"no such JSONL file: {path} (relative paths start at {Path.cwd()})")
-    examples = read_jsonl(path)
+    examples = read_jsonl(path)  # refuses a file where only some lines have a "split"
     splits = {e.meta.get("split") for e in examples} - {None}
     if not splits:
         return held_out_split(examples, split, str(path))
@@ -139,9 +194,11 @@ def _load_user_file(path: Path, split: str) -> list[Example]:
 
 
 def _unknown(name: str) -> str:
+    suites = "".join(f"  built-in suite {suite!r} (offline): {', '.join(tasks)}\n" for suite, tasks in SUITE_NAMES.items())
     return (
         f"unknown task {name!r}.\n"
-        f"  built-in offline suite: {', '.join(BUILTIN_SUITE)}\n"
+        f"  a whole built-in suite: {', '.join(suite_specs())}\n"
+        f"{suites}"
         f"  paper benchmarks (Hugging Face hub): {', '.join(PAPER_BENCHMARKS)}\n"
         f"  your own file: 'jsonl:PATH' or a path ending in .jsonl (schema: comoe.data.jsonl)"
     )
