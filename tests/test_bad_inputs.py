@@ -26,12 +26,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build, save_tiny_llama_with_real_tokenizer, tiny_comoe_config
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from tiny_models import build, tiny_comoe_config
 
 import comoe.job as job
 from comoe import CoMoEConfig, CoMoEModel, get_comoe_model
 from comoe.adapters import load_adapted_model
-from comoe.cli import build_parser, main
+from comoe.cli import _requested_fields, build_parser, main
 from comoe.data.jsonl import DataError
 from comoe.data.registry import load_task
 from comoe.layer import CoMoELayer
@@ -50,22 +52,25 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer, loadable with ``--model DIR``."""
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    save_tiny_llama_with_real_tokenizer(directory)
-    return directory
+def _finished(model_dir: Path, run_dir: Path, *extra: str) -> Path:
+    rc = main(["train", "--model", str(model_dir), "--tasks", "strategyqa", "--train-per-task", "8",
+               "--test-per-task", "4", "--batch-size", "4", "--max-steps", "2", "--eval-base", "false",
+               "--output-dir", str(run_dir), *extra])
+    assert rc == 0 and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    return run_dir
 
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
     """One real (2-step) run directory, for --resume and eval cases; no case may change it."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    rc = main(["train", "--model", str(tiny_model_dir), "--tasks", "strategyqa", "--train-per-task", "8",
-               "--test-per-task", "4", "--batch-size", "4", "--max-steps", "2", "--eval-base", "false",
-               "--output-dir", str(run_dir)])
-    assert rc == 0 and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    return _finished(tiny_model_dir, tmp_path_factory.mktemp("finished") / "run")
+
+
+@pytest.fixture(scope="module")
+def finished_lora_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """The same with plain LoRA (a PEFT adapter), for the cases marked ``lora=True``; no case may change it."""
+    run_dir = _finished(tiny_model_dir, tmp_path_factory.mktemp("finished-lora") / "run", "--method", "lora")
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     return run_dir
 
 
@@ -83,6 +88,7 @@ class Ctx:
     model: Path
     run: Path
     base: torch.nn.Module | None = None
+    lora: Path | None = None  # a finished plain-LoRA run, for the cases marked lora=True
 
     def sub(self, text: str) -> str:
         return text.replace("{tmp}", str(self.tmp)).replace("{model}", str(self.model)).replace("{run}", str(self.run))
@@ -120,12 +126,28 @@ def jsonl_file(*items: dict | str, name: str = "d.jsonl") -> Setup:
     return files({name: rows(*items)})
 
 
-def copied_run(rel: str, then: Callable[[Path], object] | None = None) -> Setup:
+def copied_run(rel: str, then: Callable[[Path], object] | None = None, *, lora: bool = False) -> Setup:
     def setup(c: Ctx) -> None:
-        shutil.copytree(c.run, c.tmp / rel)
+        shutil.copytree(c.lora if lora else c.run, c.tmp / rel)
         if then is not None:
             then(c.tmp / rel)
     return setup
+
+
+def saved_lora_adapter(rel: str, then: Callable[[Path], object] | None = None) -> Setup:
+    """A PEFT LoRA adapter saved from a fresh tiny Llama."""
+    def setup(c: Ctx) -> None:
+        get_peft_model(build("llama", seed=1), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(
+            c.tmp / rel)
+        if then is not None:
+            then(c.tmp / rel)
+    return setup
+
+
+def _reshaped_tensors(directory: Path) -> None:
+    """Valid safetensors whose LoRA tensors have the wrong shapes."""
+    path = directory / "adapter_model.safetensors"
+    save_file({name: torch.zeros(3, 3) for name in load_file(path)}, path)
 
 
 def saved_adapter(rel: str, hidden: int = 32, then: Callable[[Path], object] | None = None, **config) -> Setup:
@@ -151,11 +173,12 @@ class CliCase:
     fragments: list[str]
     setup: Setup | None = None
     model: bool = False  # may the model be loaded before the refusal?
+    lora: bool = False  # does the setup need the finished LoRA run?
 
 
 def cli(id: str, argv: list[str], fragments: list[str], setup: Setup | None = None, *, model: bool = False,
-        marks=()) -> pytest.param:
-    return pytest.param(CliCase(argv, fragments, setup, model), id=id, marks=marks)
+        lora: bool = False, marks=()) -> pytest.param:
+    return pytest.param(CliCase(argv, fragments, setup, model, lora), id=id, marks=marks)
 
 
 def train(*extra: str) -> list[str]:
@@ -165,8 +188,12 @@ def train(*extra: str) -> list[str]:
 CLI_CASES = [
     # --- YAML configuration files -----------------------------------------------------------------
     cli("yaml-learning-rate-word", YAML, ["learning_rate must be a number", "'fast'"], yaml_file("learning_rate: fast\n")),
-    cli("yaml-batch-size-quoted", YAML, ["batch_size must be an integer", "the string '8'", "write 8 without quotes"],
-        yaml_file('batch_size: "8"\n')),
+    cli("yaml-batch-size-quoted", YAML, ["{tmp}/c.yaml: batch_size must be an integer", "the string '8'",
+                                         "write 8 without quotes"], yaml_file('batch_size: "8"\n')),
+    cli("yaml-learning-rate-inf", YAML, ["{tmp}/c.yaml: learning_rate must be a finite number, got inf"],
+        yaml_file("learning_rate: .inf\n")),
+    cli("yaml-epochs-nan", YAML, ["{tmp}/c.yaml: epochs must be a finite number, got nan"],
+        yaml_file("epochs: .nan\nmax_steps: null\n")),
     cli("yaml-batch-size-float", YAML, ["batch_size must be an integer", "8.0", "(write 8)"], yaml_file("batch_size: 8.0\n")),
     cli("yaml-eval-base-word", YAML, ["eval_base must be true or false", "'no'"], yaml_file('eval_base: "no"\n')),
     cli("yaml-tasks-numbers", YAML, ["tasks must be a list of strings", "item 0 is the integer 1"], yaml_file("tasks: [1, 2]\n")),
@@ -197,10 +224,11 @@ CLI_CASES = [
         ["no such JSONL file: {tmp}/missing.jsonl", "relative paths start at {tmp}"]),
     cli("jsonl-missing-file-no-prefix", train("--tasks", "mine.jsonl"), ["no such JSONL file: mine.jsonl",
                                                                           "relative paths start at {tmp}"]),
-    cli("unknown-task", train("--tasks", "nosuchtask"), ["unknown task 'nosuchtask'", "built-in offline suite",
-                                                         "strategyqa", "jsonl:PATH"]),
+    cli("unknown-task", train("--tasks", "nosuchtask"), ["unknown task 'nosuchtask'", "built-in suite",
+                                                         "(offline)", "strategyqa", "jsonl:PATH"]),
     cli("hub-task-offline", train("--tasks", "arc_e"), ["paper benchmark 'arc_e'", "HF_HUB_OFFLINE=1",
-                                                        "Offline alternatives", "strategyqa", "jsonl:PATH"]),
+                                                        "Offline alternatives", "built-in suite",
+                                                        "jsonl:PATH"]),
     cli("method-unknown", train("--method", "foo"), ["method must be one of comoe, moe-lora, soft-moe, lora", "'foo'"]),
     cli("setting-unknown", train("--setting", "both"), ["setting must be one of multi, single", "'both'"]),
     cli("protocol-unknown", train("--protocol", "exact"), ["protocol must be one of label, loglik"]),
@@ -219,6 +247,10 @@ CLI_CASES = [
     cli("eval-batch-size-0", train("--eval-batch-size", "0"), ["eval_batch_size must be >= 1", "got 0"]),
     cli("train-per-task-0", train("--train-per-task", "0"), ["train_per_task must be >= 1 or none", "got 0"]),
     cli("epochs-0", train("--epochs", "0", "--max-steps", "none"), ["epochs must be > 0", "got 0.0"]),
+    cli("epochs-inf", train("--epochs", "inf", "--max-steps", "none"), ["epochs must be a finite number, got inf"]),
+    cli("learning-rate-nan", train("--learning-rate", "nan"), ["learning_rate must be a finite number, got nan"]),
+    cli("tasks-twice-by-alias", train("--tasks", "arc_easy,arc_e"), ["task 'arc_e' is named twice",
+                                                                     "'arc_easy' and 'arc_e' are the same task"]),
     cli("warmup-ratio-2", train("--warmup-ratio", "2"), ["warmup_ratio must be in [0, 1]", "got 2.0"]),
     cli("r-0", train("--r", "0"), ["r must be a positive integer", "got 0"]),
     cli("lora-dropout-1.5", train("--lora-dropout", "1.5"), ["lora_dropout must be in [0, 1)", "got 1.5"]),
@@ -287,6 +319,17 @@ CLI_CASES = [
         ["both hold a task named 'strategyqa'", "rename a file"], files({"strategyqa.jsonl": rows(*(mc(i) for i in range(6)))})),
     cli("jsonl-same-file-twice", train("--tasks", "jsonl:{tmp}/d.jsonl,{tmp}/d.jsonl"),
         ["is named twice", "are the same file", "name each task once"], jsonl_file(*(mc(i) for i in range(6)))),
+    cli("jsonl-partial-splits", JSONL, ['{tmp}/d.jsonl:2: this line has no "split" but line 1 has one',
+                                        'give every line a "split" or none', "{tmp}/d.jsonl:4: this line"],
+        jsonl_file(mc(1, split="train"), mc(2), mc(3, split="test"), mc(4))),
+    cli("jsonl-task-path-like", JSONL, ["{tmp}/d.jsonl:2: 'task' '../escape' is not a plain name",
+                                        "letters, digits, '_', '.' and '-'", "without '..'"],
+        jsonl_file(mc(1, task="a"), mc(2, task="../escape"), mc(3, task="a"))),
+    cli("jsonl-task-absolute-path", JSONL, ["{tmp}/d.jsonl:1: 'task' '/tmp/x' is not a plain name"],
+        jsonl_file(mc(1, task="/tmp/x"))),
+    cli("jsonl-task-one-input-without-splits", JSONL, ["{tmp}/d.jsonl: task 'b' has 1 distinct input",
+                                                       "at least 2 distinct inputs per task", "add lines to that task"],
+        jsonl_file(*(mc(i, task="a") for i in range(6)), mc(1, task="b"))),
     cli("jsonl-all-lines-train", JSONL, ["{tmp}/d.jsonl: no lines with split 'test'", "the file has train",
                                          '"split": "test"'], jsonl_file(*(mc(i, split="train") for i in range(6)))),
     cli("jsonl-one-task-without-test", JSONL, ["task 'b' of 'jsonl:{tmp}/d.jsonl' has train examples but no test",
@@ -302,6 +345,8 @@ CLI_CASES = [
         ["tasks: ['strategyqa'] -> ['winowhy']", "start a new run without --resume"]),
     cli("resume-output-dir-elsewhere", ["train", "--resume", "{run}", "--output-dir", "{tmp}/elsewhere"],
         ["--resume {run} continues the run in its own directory", "drop --output-dir {tmp}/elsewhere"]),
+    cli("resume-max-steps-none", ["train", "--resume", "{run}", "--max-steps", "none"],
+        ["--resume {run}", "max_steps: 2 -> None", "drop those flags"]),  # `none` is a value given, not ignored
     cli("resume-bad-value", ["train", "--resume", "{run}", "--eval-batch-size", "0"],
         ["eval_batch_size must be >= 1", "got 0"]),
     cli("resume-config-unknown-field", ["train", "--resume", "{run}", "--config", "{tmp}/c.yaml"],
@@ -320,10 +365,25 @@ CLI_CASES = [
     cli("eval-adapter-weights-corrupted", ["eval", "{tmp}/r"], ["{tmp}/r/adapter/adapter_model.safetensors",
                                                                 "not a readable safetensors file", "nothing was loaded"],
         copied_run("r", lambda r: (r / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")), model=True),
+    cli("eval-lora-weights-garbage", ["eval", "{tmp}/r"], ["{tmp}/r/adapter/adapter_model.safetensors",
+                                                           "not a readable safetensors file", "nothing was loaded"],
+        copied_run("r", lambda r: (r / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage"), lora=True),
+        model=True, lora=True),
+    cli("eval-lora-config-array", ["eval", "{tmp}/r"], ["{tmp}/r/adapter/adapter_config.json holds a JSON array",
+                                                        "re-save the adapter or restore the file"],
+        copied_run("r", lambda r: (r / "adapter" / "adapter_config.json").write_text("[1, 2]"), lora=True),
+        model=True, lora=True),
+    cli("eval-lora-config-no-peft-type", ["eval", "{tmp}/r"], ['{tmp}/r/adapter/adapter_config.json has no "peft_type"',
+                                                               "re-save the adapter"],
+        copied_run("r", lambda r: (r / "adapter" / "adapter_config.json").write_text('{"r": 4}'), lora=True),
+        model=True, lora=True),
+    cli("eval-lora-weights-wrong-shapes", ["eval", "{tmp}/r"], ["{tmp}/r/adapter: PEFT could not load this LORA adapter",
+                                                                "size mismatch", "re-save the adapter"],
+        copied_run("r", lambda r: _reshaped_tensors(r / "adapter"), lora=True), model=True, lora=True),
     cli("eval-run-config-corrupted", ["eval", "{tmp}/r"], ["{tmp}/r/run_config.yaml is not valid YAML at line 3",
                                                            "fix the file there"],
         copied_run("r", lambda r: (r / "run_config.yaml").write_text("r: 4\ntasks: [strategyqa\n"))),
-    cli("eval-unknown-task", ["eval", "{run}", "--tasks", "nosuch"], ["unknown task 'nosuch'", "built-in offline suite"]),
+    cli("eval-unknown-task", ["eval", "{run}", "--tasks", "nosuch"], ["unknown task 'nosuch'", "built-in suite"]),
     cli("eval-protocol-unknown", ["eval", "{run}", "--protocol", "exact"], ["argument --protocol",
                                                                           "invalid choice: 'exact'", "'loglik'"]),
     cli("eval-with-eval-batch-size-0", ["eval", "{run}", "--eval-batch-size", "0"], ["eval_batch_size must be >= 1"]),
@@ -356,13 +416,16 @@ def run_cli(argv: list[str]) -> int:
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
-def test_cli_refuses_bad_input(case: CliCase, tiny_model_dir, finished_run, tmp_path, guarded, capsys):
-    ctx = Ctx(tmp_path, tiny_model_dir, finished_run)
+def test_cli_refuses_bad_input(case: CliCase, tiny_model_dir, finished_run, finished_lora_run, tmp_path, guarded,
+                               capsys):
+    lora = finished_lora_run if case.lora else None  # module-scoped: made before `guarded` stops training
+    ctx = Ctx(tmp_path, tiny_model_dir, finished_run, lora=lora)
     if case.setup is not None:
         case.setup(ctx)
     if not case.model:
         guarded.setattr(job, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
     before_tmp, before_run = snapshot(tmp_path), snapshot(finished_run)
+    before_lora = snapshot(lora) if lora else None
     capsys.readouterr()
 
     rc = run_cli([ctx.sub(arg) for arg in case.argv])
@@ -375,6 +438,28 @@ def test_cli_refuses_bad_input(case: CliCase, tiny_model_dir, finished_run, tmp_
     assert not (tmp_path / "out").exists(), "a run directory was created"
     assert snapshot(tmp_path) == before_tmp, "files were written or changed"
     assert snapshot(finished_run) == before_run, "the finished run was changed"
+    assert lora is None or snapshot(lora) == before_lora, "the finished LoRA run was changed"
+
+
+def test_cli_refuses_an_unwritable_output_directory(tiny_model_dir, tmp_path, guarded, capsys):
+    """Tests run as root, where everything is writable: ``os.access`` says no for one directory instead."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    guarded.setattr(job.os, "access", lambda path, mode, *a, **k: False if Path(path) == locked
+                    else real_access(path, mode, *a, **k))
+    guarded.setattr(job, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+    ctx = Ctx(tmp_path, tiny_model_dir, Path("/nonexistent-run"))
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+
+    rc = run_cli([ctx.sub(arg) for arg in train("--output-dir", "{tmp}/locked/out")])
+
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert ctx.sub("output directory {tmp}/locked/out: {tmp}/locked is not writable; give a path you can write to") in err
+    assert snapshot(tmp_path) == before and not any(locked.iterdir()), "files were written"
 
 
 # --- what must work ------------------------------------------------------------------------------
@@ -384,6 +469,16 @@ def test_yaml_tasks_as_one_string_is_a_list(tmp_path):
     assert RunConfig.from_yaml(config).tasks == ["winowhy"]
     args = build_parser().parse_args(["train", "--config", str(config)])
     assert run_config_from_args(args).tasks == ["winowhy"]
+
+
+def test_max_steps_none_on_the_command_line_overrides_the_yaml(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("max_steps: 100\nepochs: 2\n")
+    args = build_parser().parse_args(["train", "--config", str(config), "--max-steps", "none"])
+    assert run_config_from_args(args).max_steps is None  # trains `epochs` epochs, as asked
+    assert _requested_fields(args)["max_steps"] is None  # what a --resume compares with the run
+    args = build_parser().parse_args(["train", "--config", str(config)])
+    assert run_config_from_args(args).max_steps == 100 and _requested_fields(args)["max_steps"] == 100
 
 
 def test_resume_may_change_the_eval_batch_size(finished_run, capsys):
@@ -510,10 +605,30 @@ API_CASES = [
     api("load-adapted-model-corrupted", lambda c: load_adapted_model(c.base, c.tmp / "adapter"), ValueError,
         ["{tmp}/adapter/adapter_config.json is not valid JSON", "re-save the adapter"],
         saved_adapter("adapter", then=_corrupt("adapter_config.json", "{"))),
+    api("load-adapted-model-lora-weights-garbage", lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        AdapterLoadError, ["{tmp}/adapter/adapter_model.safetensors: not a readable safetensors file",
+                           "nothing was loaded"],
+        saved_lora_adapter("adapter", then=_corrupt("adapter_model.safetensors", b"garbage"))),
+    api("load-adapted-model-lora-config-array", lambda c: load_adapted_model(c.base, c.tmp / "adapter"), ValueError,
+        ["{tmp}/adapter/adapter_config.json holds a JSON array", "re-save the adapter"],
+        saved_lora_adapter("adapter", then=_corrupt("adapter_config.json", "[1]"))),
+    api("load-adapted-model-lora-no-peft-type", lambda c: load_adapted_model(c.base, c.tmp / "adapter"), ValueError,
+        ['{tmp}/adapter/adapter_config.json has no "peft_type"'],
+        saved_lora_adapter("adapter", then=_corrupt("adapter_config.json", '{"r": 2}'))),
+    api("load-adapted-model-lora-wrong-shapes", lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        AdapterLoadError, ["{tmp}/adapter: PEFT could not load this LORA adapter", "size mismatch"],
+        saved_lora_adapter("adapter", then=_reshaped_tensors)),  # the base is put back as it was
+    api("load-adapted-model-lora-weights-missing", lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        FileNotFoundError, ["no adapter_model.safetensors in {tmp}/adapter"],
+        saved_lora_adapter("adapter", then=lambda d: (d / "adapter_model.safetensors").unlink())),
+    api("load-task-jsonl-partial-splits", lambda c: load_task(f"jsonl:{c.tmp / 'd.jsonl'}"), DataError,
+        ['{tmp}/d.jsonl:1: this line has no "split" but line 2 has one'], jsonl_file(mc(1), mc(2, split="test"))),
+    api("load-task-jsonl-task-path-like", lambda c: load_task(f"jsonl:{c.tmp / 'd.jsonl'}"), DataError,
+        ["{tmp}/d.jsonl:1: 'task' 'a/../../b' is not a plain name"], jsonl_file(mc(1, task="a/../../b"))),
     api("load-task-jsonl-empty", lambda c: load_task("jsonl:"), ValueError,
         ["task 'jsonl:' names no file", "write jsonl:PATH"]),
     api("load-task-unknown", lambda c: load_task("nosuch"), ValueError,
-        ["unknown task 'nosuch'", "built-in offline suite", "jsonl:PATH"]),
+        ["unknown task 'nosuch'", "built-in suite", "jsonl:PATH"]),
     api("load-task-bad-split", lambda c: load_task("strategyqa", "validation"), ValueError,
         ["built-in task 'strategyqa' has splits train, test", "'validation'"]),
     api("load-task-hub-offline", lambda c: load_task("arc_e", "test"), ConnectionError,

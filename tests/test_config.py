@@ -122,10 +122,10 @@ def test_loading_bad_config_files(tmp_path):
     (tmp_path / CONFIG_NAME).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         CoMoEConfig.from_pretrained(tmp_path)
-    (tmp_path / CONFIG_NAME).write_text(json.dumps({"r": 4, "num_expertz": 3}))
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "COMOE", "r": 4, "num_expertz": 3}))
     with pytest.raises(ValueError, match=r"unknown CoMoEConfig fields \['num_expertz'\]"):
         CoMoEConfig.from_pretrained(tmp_path)
-    (tmp_path / CONFIG_NAME).write_text(json.dumps({"r": 4, "top_k": 9}))
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "COMOE", "r": 4, "top_k": 9}))
     with pytest.raises(ValueError, match="top_k"):  # a saved file is validated like a constructor call
         CoMoEConfig.from_pretrained(tmp_path)
 
@@ -135,6 +135,9 @@ def test_loading_bad_config_files(tmp_path):
     [
         ({"contrastive_weight": "0.1"}, ["contrastive_weight must be a number", "the string '0.1'", "without quotes"]),
         ({"temperature": "cold"}, ["temperature must be a number", "the string 'cold'"]),
+        ({"temperature": float("inf")}, ["temperature must be a finite number, got inf"]),
+        ({"contrastive_weight": float("nan")}, ["contrastive_weight must be a finite number, got nan"]),
+        ({"lora_alpha": 10**400}, ["lora_alpha must be a finite number, got 1000"]),
         ({"lora_alpha": True}, ["lora_alpha must be a number", "the boolean True"]),
         ({"r": "16"}, ["r must be an integer", "the string '16'", "(write 16 without quotes)"]),
         ({"r": 16.0}, ["r must be an integer", "the float 16.0", "(write 16)"]),
@@ -186,11 +189,15 @@ def test_values_of_the_right_type_are_accepted_and_normalised(kwargs, field, exp
         ('"r"', ["holds a JSON string", "damaged"]),
         ("null", ["holds a JSON null", "damaged"]),
         (
-            json.dumps({"r": 4, "num_expertz": 3}),
+            json.dumps({"peft_type": "COMOE", "r": 4, "num_expertz": 3}),
             ["adapter_config.json: unknown CoMoEConfig fields ['num_expertz']", "did you mean 'num_experts'"],
         ),
-        (json.dumps({"r": "4"}), ["adapter_config.json: r must be an integer", "the string '4'"]),
-        (json.dumps({"top_k": 9}), ["adapter_config.json: top_k must be an integer in 1..num_experts"]),
+        (json.dumps({"peft_type": "COMOE", "r": "4"}), ["adapter_config.json: r must be an integer", "the string '4'"]),
+        (json.dumps({"peft_type": "COMOE", "top_k": 9}), ["adapter_config.json: top_k must be an integer in 1..num_experts"]),
+        (json.dumps({"r": 4}), ['adapter_config.json has no "peft_type"', "not an adapter configuration", "damaged"]),
+        (json.dumps({"peft_type": 3, "r": 4}), ['has no "peft_type"']),
+        (json.dumps({"peft_type": "LORA", "r": 4}), ["describes a PEFT LORA adapter, not a CoMoE one",
+                                                     "load_adapted_model"]),
     ],
 )
 def test_damaged_adapter_config_files_are_named_in_the_error(tmp_path, content, fragments):

@@ -49,7 +49,12 @@ def _assert_fragments(message: str, fragments: list[str]) -> None:
         ({"epochs": 0}, ["epochs must be > 0, got 0.0"]),
         ({"epochs": -1, "max_steps": 5}, ["epochs must be > 0"]),
         ({"learning_rate": 0}, ["learning_rate must be > 0"]),
-        ({"learning_rate": float("nan")}, ["learning_rate must be > 0, got nan"]),
+        ({"learning_rate": float("nan")}, ["learning_rate must be a finite number, got nan"]),
+        ({"learning_rate": float("inf")}, ["learning_rate must be a finite number, got inf"]),
+        ({"epochs": float("inf"), "max_steps": None}, ["epochs must be a finite number, got inf"]),
+        ({"lora_alpha": float("-inf")}, ["lora_alpha must be a finite number, got -inf"]),
+        ({"temperature": float("nan")}, ["temperature must be a finite number, got nan"]),
+        ({"max_steps": float("inf")}, ["max_steps must be an integer or none, got the float inf"]),
         ({"weight_decay": -0.1}, ["weight_decay must be >= 0, got -0.1"]),
         ({"warmup_ratio": 1.5}, ["warmup_ratio must be in [0, 1], got 1.5"]),
         ({"warmup_ratio": -0.1}, ["warmup_ratio must be in [0, 1]"]),
@@ -71,6 +76,9 @@ def _assert_fragments(message: str, fragments: list[str]) -> None:
         ),
         ({"tasks": "winowhy, strategyqa, winowhy"}, ["task 'winowhy' is named twice in tasks"]),
         ({"tasks": ["social_iqa", "Social-IQA"]}, ["task 'Social-IQA' is named twice", "are the same task"]),
+        ({"tasks": ["arc_easy", "arc_e"]}, ["task 'arc_e' is named twice", "'arc_easy' and 'arc_e' are the same task"]),
+        ({"tasks": "ARC-Challenge,arc_c"}, ["task 'arc_c' is named twice", "are the same task"]),
+        ({"tasks": ["winowhy", "jsonl:"]}, ["task 'jsonl:' names no file", "write jsonl:PATH"]),
         # the adapter config is checked too
         ({"top_k": 9}, ["top_k must be an integer in 1..num_experts=4"]),
     ],
@@ -158,6 +166,8 @@ def test_from_yaml_reads_values(tmp_path, yaml_text, field, expected):
     ("yaml_text", "fragments"),
     [
         ('batch_size: "8"\n', ["batch_size must be an integer, got the string '8' (write 8 without quotes)"]),
+        ("learning_rate: .inf\n", ["learning_rate must be a finite number, got inf"]),
+        ("epochs: .nan\nmax_steps: null\n", ["epochs must be a finite number, got nan"]),
         ("learning_rate: fast\n", ["learning_rate must be a number, got the string 'fast'"]),
         ("learning_rate: '1e-3'\n", ["learning_rate must be a number", "(write 1e-3 without quotes)"]),
         ("max_steps: 0\n", ["max_steps must be >= 1, or none to train for `epochs` epochs"]),
@@ -172,7 +182,23 @@ def test_from_yaml_reads_values(tmp_path, yaml_text, field, expected):
 def test_from_yaml_errors_name_the_problem(tmp_path, yaml_text, fragments):
     path = tmp_path / "run.yaml"
     path.write_text(yaml_text)
-    _assert_fragments(_message(ValueError, lambda: RunConfig.from_yaml(path)), fragments)
+    message = _message(ValueError, lambda: RunConfig.from_yaml(path))
+    assert message.startswith(str(path)), message  # every error names the file, those of __post_init__ too
+    _assert_fragments(message, fragments)
+
+
+def test_from_dict_names_its_source_in_value_errors():
+    message = _message(ValueError, lambda: RunConfig.from_dict({"batch_size": "8"}, source="c.yaml"))
+    assert message.startswith("c.yaml: batch_size must be an integer"), message
+
+
+def test_task_names_are_stripped_once_and_aliases_agree_with_the_registry(tmp_path, monkeypatch):
+    from comoe.data.registry import canonical_task_key
+
+    assert RunConfig(tasks=[" winowhy ", "strategyqa"]).tasks == ["winowhy", "strategyqa"]
+    assert canonical_task_key(" ARC-Easy ") == canonical_task_key("arc_e") == "arc_e"
+    monkeypatch.chdir(tmp_path)
+    assert canonical_task_key(" jsonl:a.jsonl ") == canonical_task_key("a.jsonl") == f"jsonl:{tmp_path / 'a.jsonl'}"
 
 
 def test_unknown_fields_name_the_file_and_give_no_suggestion_when_none_is_close(tmp_path):
@@ -248,3 +274,24 @@ def test_command_line_flags_become_a_run_config(tmp_path):
     assert (run.tasks, run.target_modules, run.learning_rate, run.max_steps) == (["winowhy"], "all-linear", 1e-3, 3)
     args = parser.parse_args(["--max-steps", "0"])
     _assert_fragments(_message(ValueError, lambda: run_config_from_args(args)), ["max_steps must be >= 1"])
+
+
+def test_a_flag_given_as_none_overrides_the_yaml_file(tmp_path):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_run_config_flags(parser)
+    (tmp_path / "run.yaml").write_text("max_steps: 100\nlora_r: 8\nmethod: lora\n")
+    given = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--max-steps", "none", "--lora-r", "None"])
+    run = run_config_from_args(given)
+    assert (run.max_steps, run.lora_r, run.method) == (None, None, "lora")
+    absent = parser.parse_args(["--config", str(tmp_path / "run.yaml")])
+    assert not hasattr(absent, "max_steps")  # a flag not given leaves no attribute
+    assert (run_config_from_args(absent).max_steps, run_config_from_args(absent).lora_r) == (100, 8)
+
+
+def test_epochs_inf_on_the_command_line_is_refused_before_training():
+    parser = argparse.ArgumentParser()
+    add_run_config_flags(parser)
+    args = parser.parse_args(["--epochs", "inf", "--max-steps", "none"])
+    message = _message(ValueError, lambda: run_config_from_args(args))
+    assert message == "command line: epochs must be a finite number, got inf"

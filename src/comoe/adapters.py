@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from comoe.config import CONFIG_NAME, CoMoEConfig
+from comoe.config import DAMAGED, WEIGHTS_NAME, CoMoEConfig, read_adapter_config
 from comoe.layer import layer_features
-from comoe.model import CoMoEModel, find_targets, get_comoe_model
+from comoe.model import AdapterLoadError, CoMoEModel, find_targets, get_comoe_model
 from comoe.runconfig import RunConfig
 
 
@@ -60,28 +60,58 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     if isinstance(model, CoMoEModel):
         model.load_adapter_weights(directory)
         return
-    weights = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise AdapterLoadError(f"{path}: not a readable safetensors file ({err}); nothing was loaded") from err
     result = set_peft_model_state_dict(model, weights)
     if result.unexpected_keys:
         raise ValueError(f"{directory}: unexpected LoRA tensors {result.unexpected_keys[:5]}")
 
 
 def load_adapted_model(base: nn.Module, directory: str | Path) -> nn.Module:
-    """Wrap ``base`` with whichever adapter (CoMoE or PEFT LoRA) ``directory`` holds, for evaluation."""
-    config_path = Path(directory) / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not an adapter directory")
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}); the adapter directory is damaged: "
-                         "re-save the adapter or restore the file") from None
-    peft_type = data.get("peft_type") if isinstance(data, dict) else None
+    """Wrap ``base`` with whichever adapter (CoMoE or PEFT LoRA) ``directory`` holds, for evaluation.
+
+    A damaged directory is a FileNotFoundError (no config or weights) or a ValueError naming the file
+    (:class:`~comoe.model.AdapterLoadError` when the weights cannot be loaded).
+    """
+    directory = Path(directory)
+    peft_type = read_adapter_config(directory)["peft_type"]
     if peft_type == "COMOE":
         return CoMoEModel.from_pretrained(base, directory)
-    model = PeftModel.from_pretrained(base, str(directory))
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file() and not (directory / "adapter_model.bin").is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}: {DAMAGED}")
+    if weights.is_file():  # its header, before PEFT changes the base model
+        try:
+            with safe_open(weights, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise AdapterLoadError(f"{weights}: not a readable safetensors file ({err}); nothing was loaded") from err
+    attributes, requires_grad = set(vars(base)), {name: p.requires_grad for name, p in base.named_parameters()}
+    try:
+        model = PeftModel.from_pretrained(base, str(directory))
+    except Exception as err:  # PEFT raises many kinds (KeyError, TypeError, RuntimeError, SafetensorError, ...)
+        _undo_peft_wrap(base, attributes, requires_grad)
+        raise AdapterLoadError(f"{directory}: PEFT could not load this {peft_type} adapter "
+                               f"({type(err).__name__}: {err}); {DAMAGED}, or load it onto the base model "
+                               "it was trained on") from err
     model.eval()
     return model
+
+
+def _undo_peft_wrap(base: nn.Module, attributes: set[str], requires_grad: dict[str, bool]) -> None:
+    """Undo what a failed ``PeftModel.from_pretrained`` did to ``base``: wrapped modules, new attributes
+    (``peft_config``), trainable flags."""
+    for name in set(vars(base)) - attributes:
+        delattr(base, name)
+    for name, module in list(base.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, module.get_base_layer())
+    for name, param in base.named_parameters():
+        param.requires_grad_(requires_grad.get(name, param.requires_grad))
 
 
 def trainable_counts(model: nn.Module) -> tuple[int, int]:

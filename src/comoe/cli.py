@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from comoe.runconfig import RunConfig, add_run_config_flags, load_yaml, run_config_from_args
+from comoe.runconfig import RunConfig, add_run_config_flags, given_fields, load_yaml, run_config_from_args
 from comoe.validation import did_you_mean
 
 
@@ -36,7 +36,7 @@ def _requested_fields(args: argparse.Namespace) -> dict:
             raise ValueError(f"{args.config}: unknown fields {unknown}{did_you_mean(unknown, known)}; "
                              f"known fields: {sorted(known)}")
         requested.update(data)
-    requested.update({f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None})
+    requested.update(given_fields(args))  # a flag given as `none` counts too
     return requested
 
 

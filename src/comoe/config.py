@@ -192,22 +192,38 @@ class CoMoEConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> CoMoEConfig:
         """Read ``adapter_config.json`` from an adapter directory; every error names the file."""
+        data = read_adapter_config(directory)
         path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a comoe adapter directory")
-        damaged = "the adapter directory is damaged: re-save the adapter or restore the file"
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); {damaged}") from err
-        if not isinstance(data, dict):
-            kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(data), "null")
-            raise ValueError(f"{path} holds a JSON {kind}, not an object of CoMoEConfig fields; {damaged}")
+        if data["peft_type"] != "COMOE":
+            raise ValueError(f"{path} describes a PEFT {data['peft_type']} adapter, not a CoMoE one; load it with "
+                             "comoe.adapters.load_adapted_model or peft.PeftModel.from_pretrained")
         try:
             return cls.from_dict(data)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+
+
+DAMAGED = "the adapter directory is damaged: re-save the adapter or restore the file"
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``directory``'s ``adapter_config.json`` (CoMoE's or PEFT's), with its
+    ``peft_type``; a missing file is a FileNotFoundError, anything else wrong a ValueError naming the file."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a comoe adapter directory")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {DAMAGED}") from err
+    if not isinstance(data, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(data), "null")
+        raise ValueError(f"{path} holds a JSON {kind}, not an object of adapter settings; {DAMAGED}")
+    if not isinstance(data.get("peft_type"), str):
+        raise ValueError(f"{path} has no \"peft_type\" (\"COMOE\" or a PEFT type such as \"LORA\"), so it is not an "
+                         f"adapter configuration; {DAMAGED}")
+    return data
 
 
 def _check(ok: bool, message: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from comoe.config import ALL_LINEAR, ATTENTION_MODULES, CoMoEConfig
-from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX
+from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, canonical_task_key
 from comoe.validation import check_field_types, describe_hint, did_you_mean
 
 METHODS = ("comoe", "moe-lora", "soft-moe", "lora")
@@ -104,14 +104,16 @@ class RunConfig:
 
     def _check_tasks(self) -> None:
         _check(bool(self.tasks), "tasks is empty: name at least one task (see `comoe tasks`)")
+        _check(all(name.strip() for name in self.tasks),
+               f"tasks has an empty name: {self.tasks!r}; name each task (see `comoe tasks`)")
+        self.tasks = [name.strip() for name in self.tasks]
         seen: dict[str, str] = {}
         for name in self.tasks:
-            _check(bool(name.strip()), f"tasks has an empty name: {self.tasks!r}; name each task (see `comoe tasks`)")
-            key = _task_key(name)
+            key = canonical_task_key(name)
             if key in seen:
                 what = "file" if key.startswith(JSONL_PREFIX) else "task"
-                same = "" if seen[key].strip() == name.strip() else f" ({seen[key]!r} and {name!r} are the same {what})"
-                raise ValueError(f"task {name.strip()!r} is named twice in tasks: {self.tasks!r}{same}; name each task once")
+                same = "" if seen[key] == name else f" ({seen[key]!r} and {name!r} are the same {what})"
+                raise ValueError(f"task {name!r} is named twice in tasks: {self.tasks!r}{same}; name each task once")
             seen[key] = name
 
     def comoe_config(self) -> CoMoEConfig:
@@ -147,7 +149,10 @@ class RunConfig:
             raise ValueError(
                 f"{source}: unknown fields {unknown}{did_you_mean(unknown, known)}; known fields: {sorted(known)}"
             )
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -195,15 +200,6 @@ def split_names(name: str, value: Any) -> Any:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _task_key(name: str) -> str:
-    """What makes two task specs the same task: the resolved path of a JSONL file, else the normalised name."""
-    name = name.strip()
-    if name.startswith(JSONL_PREFIX) or name.endswith(".jsonl"):
-        path = name[len(JSONL_PREFIX) :] if name.startswith(JSONL_PREFIX) else name
-        return JSONL_PREFIX + str(Path(path).expanduser().resolve())
-    return name.lower().replace("-", "_")
-
-
 def _scheduler_names() -> tuple[str, ...]:
     from transformers import SchedulerType  # here: importing it costs seconds, only a RunConfig needs it
 
@@ -247,20 +243,29 @@ def parse_field_value(name: str, text: str) -> Any:
 
 
 def add_run_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` flag per RunConfig field; unset flags leave YAML/default values alone."""
+    """One ``--field-name`` flag per RunConfig field; unset flags leave YAML/default values alone.
+
+    A flag that is not given leaves no attribute on the parsed namespace (``argparse.SUPPRESS``), so that
+    ``--max-steps none`` (None) is told apart from no ``--max-steps`` at all.
+    """
     defaults = asdict(RunConfig())
     for f in fields(RunConfig):
         default = defaults[f.name]
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE",
+            "--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
             type=lambda text, name=f.name: parse_field_value(name, text), help=f"default: {shown}",
         )
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults, then the YAML file of ``--config`` if given, then every flag that was set."""
-    overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
+    """Defaults, then the YAML file of ``--config`` if given, then every flag that was given (``none`` included)."""
+    overrides = given_fields(args)
     if getattr(args, "config", None):
         return RunConfig.from_yaml(args.config, **overrides)
     return RunConfig.from_dict(overrides, source="command line")
+
+
+def given_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunConfig fields whose flags were given (see `add_run_config_flags`), ``none`` values included."""
+    return {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}

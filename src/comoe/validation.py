@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import numbers
 import types
 import typing
@@ -24,12 +25,17 @@ class _Mismatch(Exception):
     """Internal: a value does not fit a type hint; ``args[0]`` may say which list item is wrong."""
 
 
+class _NotFinite(Exception):
+    """Internal: a float field holds inf or nan (no other member of a union can take it)."""
+
+
 def check_field_types(instance: Any) -> None:
     """Check every field of dataclass ``instance`` against its type hint, in place.
 
     ints accept ints (not bools), floats accept ints and floats (ints become floats), bools only bools,
     strs only strs; ``X | None`` also accepts None, ``list[X]`` a list or tuple of X (stored as a list),
-    and a union any of its members. Raises ValueError naming the field, the value and what would work.
+    and a union any of its members. Floats must be finite (no inf, no nan). Raises ValueError naming
+    the field, the value and what would work.
     """
     hints = _type_hints(type(instance))
     for f in dataclasses.fields(instance):
@@ -37,6 +43,8 @@ def check_field_types(instance: Any) -> None:
         hint = hints[f.name]
         try:
             converted = _convert(value, hint)
+        except _NotFinite as err:
+            raise ValueError(f"{f.name} must be a finite number, got {err.args[0]}") from None
         except _Mismatch as err:
             detail = f" ({err.args[0]})" if err.args and err.args[0] else _unquote_hint(value, hint)
             raise ValueError(f"{f.name} must be {describe_hint(hint)}, got {describe_value(value)}{detail}") from None
@@ -122,7 +130,13 @@ def _convert(value: Any, hint: Any) -> Any:
         raise _Mismatch("")
     if hint is float:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return value if type(value) is float else float(value)
+            try:
+                converted = value if type(value) is float else float(value)
+            except OverflowError:  # an integer beyond float range
+                raise _NotFinite(repr(value)) from None
+            if not math.isfinite(converted):
+                raise _NotFinite(repr(converted))
+            return converted
         raise _Mismatch("")
     if isinstance(hint, type) and not isinstance(value, hint):
         raise _Mismatch("")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from comoe.data.jsonl import DataError, read_jsonl
+from comoe.data.registry import load_task
 
 GOOD = {"question": "2 + 2 = ?", "choices": ["3", "4"], "answer": 1}
 
@@ -42,10 +43,10 @@ def test_generation_forms_and_optional_fields(tmp_path):
     path = _write(
         tmp_path,
         [
-            {"prompt": "Say hi", "target": "hi", "task": "greet"},
+            {"prompt": "Say hi", "target": "hi", "task": "greet", "split": "train"},
             "",
             {"question": "Say bye", "target": "bye", "split": "test", "id": 7, "source": "me"},
-            {**GOOD, "task": "math", "id": "q1"},
+            {**GOOD, "task": "math", "id": "q1", "split": "train"},
         ],
     )
     hi, bye, math = read_jsonl(path)
@@ -90,6 +91,14 @@ BAD_LINES = [
     ({"prompt": "p", "target": 5}, "'target' must be a string"),
     ({"prompt": "p", "target": ""}, "'target' is empty"),
     ({**GOOD, "task": ""}, "'task' is empty"),
+    ({**GOOD, "task": "../evil"}, "'task' '../evil' is not a plain name"),
+    ({**GOOD, "task": "a/b"}, "is not a plain name: use letters, digits, '_', '.' and '-'"),
+    ({**GOOD, "task": "/abs"}, "is not a plain name"),
+    ({**GOOD, "task": ".."}, "is not a plain name"),
+    ({**GOOD, "task": ".hidden"}, "starting with a letter or digit"),
+    ({**GOOD, "task": "a..b"}, "without '..'"),
+    ({**GOOD, "task": "my task"}, "is not a plain name"),
+    ({**GOOD, "task": "a\\b"}, "is not a plain name"),
     ({**GOOD, "id": [1]}, "'id' must be a string or an integer"),
 ]
 
@@ -124,3 +133,45 @@ def test_invalid_utf8(tmp_path):
     path.write_bytes(json.dumps(GOOD).encode() + b'\n{"question": "\xff"}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid UTF-8"):
         read_jsonl(path)
+
+
+def test_plain_task_names_are_accepted(tmp_path):
+    names = ["a", "Task2", "my_task.v1-b", "9lives"]
+    path = _write(tmp_path, [{**GOOD, "task": name} for name in names])
+    assert [e.task for e in read_jsonl(path)] == names
+
+
+def test_some_lines_with_a_split_and_some_without_is_refused(tmp_path):
+    path = _write(tmp_path, [GOOD, {**GOOD, "split": "train"}, "", GOOD, {**GOOD, "split": "test"}])
+    with pytest.raises(DataError) as info:
+        load_task(f"jsonl:{path}", "train")
+    assert info.value.errors == [
+        f'{path}:{line}: this line has no "split" but line 2 has one; give every line a "split" or none'
+        for line in (1, 4)
+    ]
+
+
+def _mc(task: str, i: int) -> dict:
+    return {"question": f"{task}: is {i} even?", "choices": ["yes", "no"], "answer": i % 2, "task": task}
+
+
+def test_a_multi_task_file_without_splits_holds_out_inputs_of_every_task(tmp_path):
+    path = _write(tmp_path, [_mc("a", i) for i in range(20)] + [_mc("b", i) for i in range(3)], name="two.jsonl")
+    train, test = load_task(str(path), "train"), load_task(str(path), "test")
+    count = lambda examples, task: sum(e.task == task for e in examples)  # noqa: E731
+    assert (count(test, "a"), count(test, "b")) == (4, 1)  # a fifth of each task, at least one
+    assert (count(train, "a"), count(train, "b")) == (16, 2)
+    assert not {e.question for e in train} & {e.question for e in test}
+    reordered = _write(tmp_path, list(reversed([_mc("a", i) for i in range(20)] + [_mc("b", i) for i in range(3)])),
+                       name="other.jsonl")
+    assert {e.question for e in load_task(str(reordered), "test")} == {e.question for e in test}
+
+
+def test_a_task_with_one_input_in_a_file_without_splits_is_refused(tmp_path):
+    path = _write(tmp_path, [_mc("a", i) for i in range(5)] + [_mc("b", 1), _mc("b", 1)])
+    with pytest.raises(ValueError) as info:
+        load_task(str(path), "test")
+    message = str(info.value)
+    for fragment in (f"{path}: task 'b' has 1 distinct input", "at least 2 distinct inputs per task",
+                     "add lines to that task", '"split": "train" or "test"'):
+        assert fragment in message, message

@@ -18,12 +18,14 @@ Generation::
 
 Optional in both kinds:
 
-- ``task``: non-empty string naming the task of this line, so one file can hold several tasks;
-  without it the task is the file name without ``.jsonl``.
-- ``split``: non-empty string such as ``"train"`` or ``"test"``. When any line of a file has one,
-  ``load_task(path, split=...)`` returns only the lines of that split; otherwise a fifth of the
-  file's distinct inputs is held out as "test" (``comoe.data.registry.held_out_split``), so that a
-  run never scores its adapter on the examples it trained on.
+- ``task``: a plain name (letters, digits, ``_``, ``.``, ``-``; starting with a letter or digit; no
+  ``..``) naming the task of this line, so one file can hold several tasks; it becomes a directory
+  name in a run (``adapters/<task>``). Without it the task is the file name without ``.jsonl``.
+- ``split``: non-empty string such as ``"train"`` or ``"test"``, on every line of the file or on
+  none. With splits, ``load_task(path, split=...)`` returns only the lines of that split; without,
+  a fifth of each task's distinct inputs is held out as "test"
+  (``comoe.data.registry.held_out_split``), so that a run never scores its adapter on the examples
+  it trained on.
 - ``id``: string or integer, kept in ``Example.meta["id"]``.
 - any other field is kept, unchecked, in ``Example.meta``.
 
@@ -35,6 +37,7 @@ problem (at most 20 are listed).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from comoe.data.prompts import LETTERS
@@ -42,6 +45,7 @@ from comoe.data.schema import Example
 
 MAX_REPORTED = 20
 _KNOWN = {"question", "prompt", "choices", "answer", "target", "task", "split", "id"}
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a "task" value names a directory of a run
 
 
 class DataError(ValueError):
@@ -74,6 +78,7 @@ def parse_jsonl(data: bytes | str, source: str, default_task: str) -> list[Examp
     examples: list[Example] = []
     errors: list[str] = []
     first_of_task: dict[str, tuple[int, bool]] = {}  # task -> (line, is multiple choice) of its first line
+    has_split: list[tuple[int, bool]] = []  # (line, has a "split") of every valid line
     # Split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which JSON strings may hold.
     for lineno, line in enumerate(data.split("\n"), start=1):
         if not line.strip():
@@ -92,13 +97,24 @@ def parse_jsonl(data: bytes | str, source: str, default_task: str) -> list[Examp
                 f"file, or give these lines another \"task\""
             )
             continue
+        has_split.append((lineno, "split" in example.meta))
         examples.append(example)
+    errors += _partial_splits(has_split, source)
     if not errors and not examples:
         errors.append(f"{source}:1: empty file: no JSON records; write one JSON object per line "
                       "(see comoe.data.jsonl for the schema)")
     if errors:
         raise DataError(errors)
     return examples
+
+
+def _partial_splits(has_split: list[tuple[int, bool]], source: str) -> list[str]:
+    """An error for each line without a "split" in a file where some line has one."""
+    first = next((lineno for lineno, labelled in has_split if labelled), None)
+    if first is None:
+        return []
+    return [f'{source}:{lineno}: this line has no "split" but line {first} has one; give every line a "split" or none'
+            for lineno, labelled in has_split if not labelled]
 
 
 def _load_line(line: str) -> dict:
@@ -118,7 +134,7 @@ def _load_line(line: str) -> dict:
 def parse_record(obj: dict, default_task: str) -> Example:
     """One JSON object -> Example; raises ``_RowError`` with what is wrong."""
     meta = {k: v for k, v in obj.items() if k not in _KNOWN}
-    task = _optional_text(obj, "task") or default_task
+    task = _task_name(obj) or default_task
     if "split" in obj:
         meta["split"] = _text(obj, "split")
     if "id" in obj:
@@ -159,6 +175,14 @@ def _text(obj: dict, key: str) -> str:
 
 def _optional_text(obj: dict, key: str) -> str | None:
     return _text(obj, key) if key in obj else None
+
+
+def _task_name(obj: dict) -> str | None:
+    task = _optional_text(obj, "task")
+    if task is not None and (not TASK_NAME.fullmatch(task) or ".." in task):
+        raise _RowError(f"'task' {task!r} is not a plain name: use letters, digits, '_', '.' and '-', starting "
+                        "with a letter or digit and without '..' (it becomes a directory name in a run)")
+    return task
 
 
 def _choices(value: object) -> tuple[str, ...]:
