@@ -43,7 +43,7 @@ def test_suite_files_match_the_task_list():
 
 
 def test_the_suites():
-    assert DEFAULT_SUITE == "learnable" and SUITE_NAMES["learnable"] == BUILTIN_SUITE
+    assert DEFAULT_SUITE == "hard" and SUITE_NAMES["hard"] == BUILTIN_SUITE
     assert SUITE_NAMES["hard"] == HARD  # the first suite keeps its tasks, names and order
     assert tuple(task.name for task in HARD_TASKS) == HARD
     assert len(SUITE_NAMES["learnable"]) >= 6
@@ -67,7 +67,7 @@ def test_a_whole_suite_loads_by_name(suite):
 
 
 def test_unknown_suite_names_the_suites():
-    with pytest.raises(ValueError, match="suite:learnable, suite:hard"):
+    with pytest.raises(ValueError, match="suite:hard, suite:learnable"):
         load_task("suite:easy")
 
 
