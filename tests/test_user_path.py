@@ -137,3 +137,15 @@ def test_too_few_examples_for_one_step_fail_before_anything_is_written(tiny_mode
     message = capsys.readouterr().err
     assert status == 2 and "2 training examples make no full step" in message and "grad_accum=4" in message
     assert not run_dir.exists()
+
+
+def test_a_whole_suite_by_name(tiny_model_dir, tmp_path):
+    """`comoe train --tasks suite:learnable`, as the README has it."""
+    run_dir = tmp_path / "suite"
+    comoe_cli(*small(tiny_model_dir, run_dir, "suite:learnable", "--train-per-task", "4", "--test-per-task", "2",
+                     "--max-steps", "1", "--eval-base", "false"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert list(metrics["adapter"]["tasks"]) == [
+        "intent_recognition", "multiemo_sentiment", "vitaminc_fact_verification", "two_digit_multiplication",
+        "unit_identification", "sports_understanding"]
+    assert all(scores["n"] == 2 for scores in metrics["adapter"]["tasks"].values())
