@@ -264,10 +264,16 @@ def test_parse_field_value_errors(name, text, fragments):
     _assert_fragments(_message(argparse.ArgumentTypeError, lambda: parse_field_value(name, text)), fragments)
 
 
-def test_command_line_flags_become_a_run_config(tmp_path):
+def flag_parser() -> argparse.ArgumentParser:
+    """`comoe train`'s --config and RunConfig flags."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
     add_run_config_flags(parser)
+    return parser
+
+
+def test_command_line_flags_become_a_run_config(tmp_path):
+    parser = flag_parser()
     (tmp_path / "run.yaml").write_text("tasks: winowhy\nlearning_rate: 1e-3\n")
     args = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--target-modules", "all-linear", "--max-steps", "3"])
     run = run_config_from_args(args)
@@ -277,9 +283,7 @@ def test_command_line_flags_become_a_run_config(tmp_path):
 
 
 def test_a_flag_given_as_none_overrides_the_yaml_file(tmp_path):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config")
-    add_run_config_flags(parser)
+    parser = flag_parser()
     (tmp_path / "run.yaml").write_text("max_steps: 100\nlora_r: 8\nmethod: lora\n")
     given = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--max-steps", "none", "--lora-r", "None"])
     run = run_config_from_args(given)
