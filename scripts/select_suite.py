@@ -88,7 +88,8 @@ def run(work: Path, tasks: list[str], label: str, extra: list[str]) -> dict:
     if "--eval-base" not in extra:
         cmd += ["--eval-base", "false"]
     cmd += extra
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    threads = os.environ.get("SELECT_THREADS", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     started = time.time()
     subprocess.run(cmd, check=True, env=env)
     seconds = time.time() - started

@@ -131,3 +131,30 @@ def test_single_task_setting_trains_one_adapter_per_task_and_skips_analysis(tiny
     diff = summary["differences"][0]
     assert (diff["variant"], diff["reference"]) == ("negatives=1", "negatives=all")
     assert not list(out.glob("runs/*/analysis.json"))  # single-task runs have no task-expert relation to analyse
+
+
+def test_jobs_trains_cells_side_by_side_and_names_a_failed_cell(tiny_model_dir, tmp_path):  # noqa: F811
+    """`--jobs 2`: two cells at once, each with its output in its own train.log; a cell that fails is named,
+    the other finishes, and rerunning resumes only what is missing."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "variants:\n  lora: {method: lora}\n  broken: {method: lora, model: 'no-such-model-dir'}\n"
+        "seeds: [0]\n"
+        f"base: {{model: '{tiny_model_dir}', tasks: [{TASKS}], train_per_task: 8, test_per_task: 4, "
+        "batch_size: 4, r: 4, max_steps: 1, eval_base: false}\n")
+    out = tmp_path / "grid"
+    failed = comoe_cli("compare", "--grid", str(grid), "--out", str(out), "--jobs", "2", "--no-analysis", check=False)
+    assert failed.returncode == 2 and "1 run(s) failed: [2/2] broken multi seed 0" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert (out / "runs/lora-multi-seed0/metrics.json").is_file()
+    assert "no-such-model-dir" in (out / "runs/broken-multi-seed0/train.log").read_text()
+    assert "adapter" in (out / "runs/lora-multi-seed0/train.log").read_text()  # its table went to the log
+    grid.write_text(grid.read_text().replace("no-such-model-dir", str(tiny_model_dir)))
+    again = comoe_cli("compare", "--grid", str(grid), "--out", str(out), "--jobs", "2", "--no-analysis")
+    assert again.stdout.count("done, skipped") == 1 and again.stdout.count("running in") == 1
+    assert {r["variant"] for r in json.loads((out / "summary.json").read_text())["rows"]} == {"lora", "broken"}
+
+
+def test_jobs_must_be_positive(tmp_path):
+    result = comoe_cli("compare", "--preset", "default", "--out", str(tmp_path / "g"), "--jobs", "0", check=False)
+    assert result.returncode == 2 and "--jobs must be >= 1" in result.stderr

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,31 +82,55 @@ def load_grid(path: str | Path) -> Grid:
     return Grid(**data)
 
 
-def run_grid(grid: Grid, out: Path, dry_run: bool = False, analyse: bool = True) -> list[dict[str, Any]]:
+def run_grid(grid: Grid, out: Path, dry_run: bool = False, analyse: bool = True,
+             jobs: int = 1) -> list[dict[str, Any]]:
     """Run every missing cell (each in a subprocess) and return the finished runs' metrics.
 
+    With ``jobs`` > 1, that many cells train at once, each with ``cpu_count // jobs`` torch threads and its
+    output in ``RUN_DIR/train.log`` (threads that outnumber the free cores spin and slow every run down).
     With ``analyse``, each finished run with routers also gets its specialisation numbers (see
     ``specialisation``) under the key ``"specialisation"``.
     """
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(yaml.safe_dump(asdict(grid), sort_keys=False))
-    finished = []
     cells = grid.runs()
+    todo = []
     for i, (name, setting, seed, config) in enumerate(cells, 1):
         run_dir = out / "runs" / f"{name}-{setting}-seed{seed}"
-        metrics_path = run_dir / "metrics.json"
         label = f"[{i}/{len(cells)}] {name} {setting} seed {seed}"
-        if not metrics_path.is_file() and not dry_run:
-            started = (run_dir / "run_config.yaml").is_file()
-            print(f"{label}: {'resuming' if started else 'running'} in {run_dir}", flush=True)
-            _train_in_subprocess(config, run_dir, resume=started)
-        elif metrics_path.is_file():
+        if (run_dir / "metrics.json").is_file():
             print(f"{label}: done, skipped", flush=True)
-        if metrics_path.is_file():
+        elif not dry_run:
+            todo.append((label, config, run_dir))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(_start_cell, label, config, run_dir, threads): label for label, config, run_dir in todo}
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except subprocess.CalledProcessError as err:
+                failed.append(f"{futures[future]} (exit status {err.returncode})")
+    if failed:
+        raise ValueError(f"{len(failed)} run(s) failed: {'; '.join(sorted(failed))}; the finished runs are kept, and "
+                         "running the same command again resumes the others")
+    finished = []
+    for name, setting, seed, _ in cells:
+        run_dir = out / "runs" / f"{name}-{setting}-seed{seed}"
+        if (run_dir / "metrics.json").is_file():
             finished.append({"variant": name, "setting": setting, "seed": seed, "run_dir": str(run_dir),
-                             **json.loads(metrics_path.read_text()),
+                             **json.loads((run_dir / "metrics.json").read_text()),
                              "specialisation": specialisation(run_dir) if analyse else None})
     return finished
+
+
+def _start_cell(label: str, config: RunConfig, run_dir: Path, threads: int | None) -> None:
+    started = (run_dir / "run_config.yaml").is_file()
+    where = f" (output in {run_dir / 'train.log'})" if threads else ""
+    print(f"{label}: {'resuming' if started else 'running'} in {run_dir}{where}", flush=True)
+    _train_in_subprocess(config, run_dir, resume=started, threads=threads)
+    if threads:
+        print(f"{label}: finished", flush=True)
 
 
 def specialisation(run_dir: Path) -> dict[str, float | None] | None:
@@ -127,7 +153,8 @@ def specialisation(run_dir: Path) -> dict[str, float | None] | None:
     return metrics["summary"]
 
 
-def _train_in_subprocess(config: RunConfig, run_dir: Path, resume: bool) -> None:
+def _train_in_subprocess(config: RunConfig, run_dir: Path, resume: bool, threads: int | None = None) -> None:
+    """`comoe train` for one cell; with ``threads``, that many torch threads and the output in train.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         cmd = [sys.executable, "-m", "comoe.cli", "train", "--resume", str(run_dir)]
@@ -135,10 +162,14 @@ def _train_in_subprocess(config: RunConfig, run_dir: Path, resume: bool) -> None
         config.output_dir = str(run_dir)
         config.to_yaml(run_dir / "grid_cell.yaml")
         cmd = [sys.executable, "-m", "comoe.cli", "train", "--config", str(run_dir / "grid_cell.yaml")]
-    subprocess.run(cmd, check=True)
+    if threads is None:
+        subprocess.run(cmd, check=True)
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-# --- statistics ------------------------------------------------------------------------------------
 def mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
@@ -317,6 +348,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a RunConfig field for every run (repeatable), e.g. --set train_per_task=64")
     parser.add_argument("--out", default="results/compare", help="grid directory (runs/, summary.json, summary.md)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each with cores/jobs torch threads and its output in RUN_DIR/train.log")
     parser.add_argument("--summary-only", action="store_true", help="summarise finished runs, start none")
     parser.add_argument("--no-analysis", action="store_true",
                         help="skip the specialisation numbers (a `comoe analyze` pass per routed run, ~40 s each on CPU)")
@@ -342,7 +375,9 @@ def run_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     started = time.time()
     command = grid_command(out, args.summary_only)
-    finished = run_grid(grid, out, dry_run=args.summary_only, analyse=not args.no_analysis)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    finished = run_grid(grid, out, dry_run=args.summary_only, analyse=not args.no_analysis, jobs=args.jobs)
     summary = summarise(finished, grid.reference)
     summary["grid_seconds"] = time.time() - started
     write_json_atomic(out / "summary.json", summary)
@@ -364,7 +399,6 @@ def grid_command(out: Path, summary_only: bool) -> str:
 
 
 def _machine() -> str:
-    import os
     import platform
 
     import torch

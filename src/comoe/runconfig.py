@@ -33,8 +33,8 @@ class RunConfig:
     # what to train
     model: str = "smollm2-135m"
     tasks: list[str] = field(default_factory=lambda: list(BUILTIN_SUITE))
-    train_per_task: int | None = 48
-    test_per_task: int | None = 64
+    train_per_task: int | None = 300
+    test_per_task: int | None = 100
     method: str = "comoe"
     setting: str = "multi"
     # the adapter (CoMoE fields; `lora_r` is the plain-LoRA rank, None = parameter-matched to CoMoE)
@@ -54,7 +54,7 @@ class RunConfig:
     expert_path: str = "auto"
     lora_r: int | None = None
     # optimisation
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     weight_decay: float = 0.0
     epochs: float = 1.0
     max_steps: int | None = None

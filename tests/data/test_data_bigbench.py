@@ -196,7 +196,7 @@ def test_build_two_suites_from_a_tiny_fixture(tmp_path):
     assert all(r["choices"][r["answer"]] == str(r["id"] + 1) for r in rows["sums"])
     assert len({r["answer"] for r in rows["sums"]}) > 1  # per-example options are shuffled
     sources = files["SOURCES.md"]
-    assert "### Suite `hard` (the default)" in sources and "### Suite `learnable`" in sources
+    assert "### Suite `learnable` (the default)" in sources and "### Suite `hard`\n" in sources
     assert "| `mood` | `bigbench/benchmark_tasks/mood` | 20 | 8 |" in sources
     assert "CC-BY-4.0 (x)" in sources and "test up to 8 examples, train capped at 20" in sources
 

@@ -13,7 +13,7 @@ from comoe.data.registry import subset
 
 
 def test_list_tasks():
-    assert list_tasks() == ("suite:hard", "suite:learnable") + BUILTIN_TASKS + PAPER_BENCHMARKS
+    assert list_tasks() == ("suite:learnable", "suite:hard") + BUILTIN_TASKS + PAPER_BENCHMARKS
     assert PAPER_BENCHMARKS == ("arc_e", "arc_c", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
 
 

@@ -126,8 +126,7 @@ HARD_TASKS: tuple[SuiteTask, ...] = (
 LEARNABLE_TEST_SIZE = 400
 LEARNABLE_TRAIN_CAP = 1000
 
-# Every task considered for the "learnable" suite (provisional): short inputs, different input styles and
-# label spaces. ``LEARNABLE_NAMES`` picks the suite from them by validation measurements
+# Every task considered for the "learnable" suite: short inputs, different input styles and label spaces. ``LEARNABLE_NAMES`` picks the suite from them by validation measurements
 # (scripts/select_suite.py, results/suite-selection/README.md); the others are not shipped.
 LEARNABLE_CANDIDATES: tuple[SuiteTask, ...] = tuple(
     SuiteTask(test_size=LEARNABLE_TEST_SIZE, train_cap=LEARNABLE_TRAIN_CAP, **fields)  # type: ignore[arg-type]
@@ -215,6 +214,52 @@ LEARNABLE_CANDIDATES: tuple[SuiteTask, ...] = tuple(
             instruction="Is the following sentence plausible or implausible?",
         ),
         dict(
+            name="bbq_ambiguous",
+            path="bbq_lite_json/gender_identity_ambig",
+            what="BBQ, ambiguous contexts: which person does a stereotyped question ask about? 3 options (two "
+                 "people, or 'cannot be determined')",
+            source="BBQ (Parrish et al., Findings of ACL 2022, https://github.com/nyu-mll/BBQ), gender identity",
+            license="CC-BY-4.0 (BBQ)",
+        ),
+        dict(
+            name="three_digit_division",
+            path="arithmetic/3_digit_division",
+            what="'What is 852 divided by 4?' with up to 7 options (the quotient, near misses, 'banana', 'house')",
+            source="written for BIG-bench (arithmetic/3_digit_division, generated)",
+            license="Apache-2.0 (BIG-bench)",
+        ),
+        dict(
+            name="metaphor_boolean",
+            path="metaphor_boolean",
+            what="is the second sentence a correct paraphrase of the metaphoric first? 2 labels",
+            source="written for BIG-bench (metaphor_boolean)",
+            license="Apache-2.0 (BIG-bench)",
+            instruction="Is the second sentence a correct paraphrase of the metaphoric first sentence?",
+        ),
+        dict(
+            name="implicatures",
+            path="implicatures",
+            what="does Speaker 2's indirect answer mean yes or no? 2 labels",
+            source="conversational implicatures (George & Mamidi, 2020), converted for BIG-bench",
+            license="distributed inside BIG-bench under Apache-2.0; the source corpus's licence was not verified",
+            instruction="Does Speaker 2's answer mean yes or no?",
+        ),
+        dict(
+            name="fever_fact_check",
+            path="fact_checker/fever",
+            what="is a one-sentence claim about a Wikipedia entity true or false? 2 labels",
+            source="FEVER (Thorne et al., NAACL 2018, https://fever.ai), via BIG-bench fact_checker",
+            license="CC-BY-SA-3.0 (FEVER; Wikipedia text)",
+        ),
+        dict(
+            name="social_support",
+            path="social_support",
+            what="is an online reply supportive, neutral or unsupportive? 3 labels",
+            source="written for BIG-bench (social_support; replies from online Q&A)",
+            license="distributed inside BIG-bench under Apache-2.0; the replies' source licence was not verified",
+            instruction="Is the following message supportive, neutral or unsupportive?",
+        ),
+        dict(
             name="presuppositions_as_nli",
             path="presuppositions_as_nli",
             what="NLI on presupposition triggers: entailment, neutral or contradiction; 3 labels",
@@ -228,18 +273,19 @@ LEARNABLE_CANDIDATES: tuple[SuiteTask, ...] = tuple(
 LEARNABLE_NAMES: tuple[str, ...] = (
     "intent_recognition",
     "multiemo_sentiment",
-    "vitaminc_fact_verification",
-    "two_digit_multiplication",
     "unit_identification",
-    "sports_understanding",
+    "two_digit_multiplication",
+    "three_digit_division",
+    "bbq_ambiguous",
 )
-LEARNABLE_TASKS: tuple[SuiteTask, ...] = tuple(t for t in LEARNABLE_CANDIDATES if t.name in LEARNABLE_NAMES)
+LEARNABLE_TASKS: tuple[SuiteTask, ...] = tuple(
+    next(t for t in LEARNABLE_CANDIDATES if t.name == name) for name in LEARNABLE_NAMES
+)
 
-# Named suites (``--tasks suite:hard``); the default suite comes first.
-# "hard" stays the default until a budget is measured under which SmolLM2 learns every learnable task
-# within the main job's time (issue 14; results/suite-selection/README.md).
-DEFAULT_SUITE = "hard"
-SUITES: dict[str, tuple[SuiteTask, ...]] = {"hard": HARD_TASKS, "learnable": LEARNABLE_TASKS}
+# Named suites (``--tasks suite:hard``); the default suite comes first. "learnable" is the default: the six
+# tasks SmolLM2-135M learns in one mixture within the main job's budget (results/suite-selection/README.md).
+DEFAULT_SUITE = "learnable"
+SUITES: dict[str, tuple[SuiteTask, ...]] = {"learnable": LEARNABLE_TASKS, "hard": HARD_TASKS}
 SUITE_TASKS: tuple[SuiteTask, ...] = LEARNABLE_TASKS + HARD_TASKS  # every shipped task
 BUILTIN_SUITE: tuple[str, ...] = tuple(task.name for task in SUITES[DEFAULT_SUITE])  # the default tasks
 BUILTIN_TASKS: tuple[str, ...] = tuple(task.name for task in SUITE_TASKS)  # every task load_task knows offline
