@@ -57,11 +57,15 @@ class Grid:
     reference: str | list[str] | None = None  # the variant(s) paired differences are taken against
 
     def runs(self) -> list[tuple[str, str, int, RunConfig]]:
-        """(variant, setting, seed, config) for every cell; configs are validated here, before any run."""
+        """(variant, setting, seed, config) for every cell; configs are validated here, before any run.
+
+        Seed-major order: a grid stopped part-way has every variant for its first seeds, so its paired
+        differences can already be read.
+        """
         cells = []
-        for name, overrides in self.variants.items():
-            for setting in self.settings:
-                for seed in self.seeds:
+        for seed in self.seeds:
+            for name, overrides in self.variants.items():
+                for setting in self.settings:
                     config = RunConfig.from_dict({**self.base, **overrides, "setting": setting, "seed": seed},
                                                  source=f"variant {name}")
                     cells.append((name, setting, seed, config))
