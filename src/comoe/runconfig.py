@@ -33,7 +33,7 @@ class RunConfig:
     # what to train
     model: str = "smollm2-135m"
     tasks: list[str] = field(default_factory=lambda: list(BUILTIN_SUITE))
-    train_per_task: int | None = 300
+    train_per_task: int | None = 280
     test_per_task: int | None = 100
     method: str = "comoe"
     setting: str = "multi"
