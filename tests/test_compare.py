@@ -143,14 +143,19 @@ def test_jobs_trains_cells_side_by_side_and_names_a_failed_cell(tiny_model_dir, 
         f"base: {{model: '{tiny_model_dir}', tasks: [{TASKS}], train_per_task: 8, test_per_task: 4, "
         "batch_size: 4, r: 4, max_steps: 1, eval_base: false}\n")
     out = tmp_path / "grid"
-    failed = comoe_cli("compare", "--grid", str(grid), "--out", str(out), "--jobs", "2", "--no-analysis", check=False)
+    # as the README has it: `comoe compare --jobs 2 --set test_per_task=none` (every test example)
+    failed = comoe_cli("compare", "--grid", str(grid), "--out", str(out), "--jobs", "2", "--set", "test_per_task=none",
+                       "--no-analysis", check=False)
     assert failed.returncode == 2 and "1 run(s) failed: [2/2] broken multi seed 0" in failed.stderr
     assert "Traceback" not in failed.stderr
     assert (out / "runs/lora-multi-seed0/metrics.json").is_file()
     assert "no-such-model-dir" in (out / "runs/broken-multi-seed0/train.log").read_text()
     assert "adapter" in (out / "runs/lora-multi-seed0/train.log").read_text()  # its table went to the log
+    scores = json.loads((out / "runs/lora-multi-seed0/metrics.json").read_text())["adapter"]["tasks"]
+    assert {task: s["n"] for task, s in scores.items()} == {"strategyqa": 300, "social_iqa": 300}
     grid.write_text(grid.read_text().replace("no-such-model-dir", str(tiny_model_dir)))
-    again = comoe_cli("compare", "--grid", str(grid), "--out", str(out), "--jobs", "2", "--no-analysis")
+    again = comoe_cli("compare", "--grid", str(grid), "--out", str(out), "--jobs", "2", "--set", "test_per_task=none",
+                      "--no-analysis")
     assert again.stdout.count("done, skipped") == 1 and again.stdout.count("running in") == 1
     assert {r["variant"] for r in json.loads((out / "summary.json").read_text())["rows"]} == {"lora", "broken"}
 

@@ -73,23 +73,24 @@ def test_bf16_keeps_the_contrastive_term_in_the_optimised_loss(tiny_model_dir, t
 
 
 def test_readme_config_file_with_flags_and_the_moe_lora_ablation(tiny_model_dir, tmp_path):
-    """`comoe train --config my.yaml --learning-rate 1e-3 --tasks social_iqa,strategyqa`, as the README has it."""
+    """`comoe train --config my.yaml --learning-rate 1e-3 --tasks intent_recognition,bbq_ambiguous`, as the README
+    has it."""
     config = tmp_path / "my.yaml"
     config.write_text(f"model: {tiny_model_dir}\nmethod: moe-lora\nlearning_rate: 5e-2\nr: 4\nbatch_size: 4\n"
                       f"train_per_task: 8\ntest_per_task: 4\nmax_steps: 2\neval_base: false\n"
                       f"output_dir: {tmp_path / 'run'}\n")
-    comoe_cli("train", "--config", str(config), "--learning-rate", "1e-3", "--tasks", "social_iqa,strategyqa")
+    comoe_cli("train", "--config", str(config), "--learning-rate", "1e-3", "--tasks", "intent_recognition,bbq_ambiguous")
     run = RunConfig.from_yaml(tmp_path / "run" / "run_config.yaml")
-    assert (run.learning_rate, run.tasks, run.method, run.r) == (1e-3, ["social_iqa", "strategyqa"], "moe-lora", 4)
+    assert (run.learning_rate, run.tasks, run.method, run.r) == (1e-3, ["intent_recognition", "bbq_ambiguous"], "moe-lora", 4)
     assert all("con" not in row for row in read_log(tmp_path / "run"))  # λ = 0: no contrastive term
 
 
 def test_readme_tasks_and_base_only_eval(tiny_model_dir):
     listed = comoe_cli("tasks").stdout.split()
-    assert {"strategyqa", "winowhy", "arc_e"} <= set(listed)
-    result = comoe_cli("eval", "--base-only", "--tasks", "winowhy", "--model", str(tiny_model_dir),
+    assert {"suite:learnable", "suite:hard", "unit_identification", "winowhy", "arc_e"} <= set(listed)
+    result = comoe_cli("eval", "--base-only", "--tasks", "unit_identification", "--model", str(tiny_model_dir),
                        "--test-per-task", "4")
-    assert "winowhy" in result.stdout
+    assert "unit_identification" in result.stdout
 
 
 def test_a_loss_that_turns_nan_stops_the_run_without_saving_an_adapter(tiny_model_dir, tmp_path, capsys):
@@ -140,12 +141,11 @@ def test_too_few_examples_for_one_step_fail_before_anything_is_written(tiny_mode
 
 
 def test_a_whole_suite_by_name(tiny_model_dir, tmp_path):
-    """`comoe train --tasks suite:learnable`, as the README has it."""
+    """`comoe train --tasks suite:hard`, as the README has it."""
     run_dir = tmp_path / "suite"
-    comoe_cli(*small(tiny_model_dir, run_dir, "suite:learnable", "--train-per-task", "4", "--test-per-task", "2",
+    comoe_cli(*small(tiny_model_dir, run_dir, "suite:hard", "--train-per-task", "4", "--test-per-task", "2",
                      "--max-steps", "1", "--eval-base", "false"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert list(metrics["adapter"]["tasks"]) == [
-        "intent_recognition", "multiemo_sentiment", "vitaminc_fact_verification", "two_digit_multiplication",
-        "unit_identification", "sports_understanding"]
+        "social_iqa", "strategyqa", "winowhy", "epistemic_reasoning", "logical_fallacy_detection", "elementary_math_qa"]
     assert all(scores["n"] == 2 for scores in metrics["adapter"]["tasks"].values())
