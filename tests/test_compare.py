@@ -163,3 +163,4 @@ def test_jobs_trains_cells_side_by_side_and_names_a_failed_cell(tiny_model_dir, 
 def test_jobs_must_be_positive(tmp_path):
     result = comoe_cli("compare", "--preset", "default", "--out", str(tmp_path / "g"), "--jobs", "0", check=False)
     assert result.returncode == 2 and "--jobs must be >= 1" in result.stderr
+    assert not (tmp_path / "g").exists()  # refused before anything was written

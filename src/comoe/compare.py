@@ -100,7 +100,7 @@ def run_grid(grid: Grid, out: Path, dry_run: bool = False, analyse: bool = True,
     cells = grid.runs()
     todo = []
     for i, (name, setting, seed, config) in enumerate(cells, 1):
-        run_dir = out / "runs" / f"{name}-{setting}-seed{seed}"
+        run_dir = cell_dir(out, name, setting, seed)
         label = f"[{i}/{len(cells)}] {name} {setting} seed {seed}"
         if (run_dir / "metrics.json").is_file():
             print(f"{label}: done, skipped", flush=True)
@@ -120,12 +120,16 @@ def run_grid(grid: Grid, out: Path, dry_run: bool = False, analyse: bool = True,
                          "running the same command again resumes the others")
     finished = []
     for name, setting, seed, _ in cells:
-        run_dir = out / "runs" / f"{name}-{setting}-seed{seed}"
+        run_dir = cell_dir(out, name, setting, seed)
         if (run_dir / "metrics.json").is_file():
             finished.append({"variant": name, "setting": setting, "seed": seed, "run_dir": str(run_dir),
                              **json.loads((run_dir / "metrics.json").read_text()),
                              "specialisation": specialisation(run_dir) if analyse else None})
     return finished
+
+
+def cell_dir(out: Path, variant: str, setting: str, seed: int) -> Path:
+    return out / "runs" / f"{variant}-{setting}-seed{seed}"
 
 
 def _start_cell(label: str, config: RunConfig, run_dir: Path, threads: int | None) -> None:
@@ -174,6 +178,7 @@ def _train_in_subprocess(config: RunConfig, run_dir: Path, resume: bool, threads
         subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+# --- statistics ------------------------------------------------------------------------------------
 def mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
@@ -362,6 +367,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     from comoe.runconfig import parse_field_value
 
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+
     grid = load_grid(args.grid) if args.grid else Grid(variants=PRESETS[args.preset or "default"],
                                                        reference=REFERENCE.get(args.preset or "default"))
     if args.grid and args.preset:
@@ -379,8 +387,6 @@ def run_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     started = time.time()
     command = grid_command(out, args.summary_only)
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     finished = run_grid(grid, out, dry_run=args.summary_only, analyse=not args.no_analysis, jobs=args.jobs)
     summary = summarise(finished, grid.reference)
     summary["grid_seconds"] = time.time() - started
