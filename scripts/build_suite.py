@@ -128,14 +128,14 @@ def render_sources(
             "",
             f"Split sizes: {size_text}.",
             "",
-            "| task | BIG-bench path | train | test | test majority | dropped (invalid/dup/conflict) | options shuffled |",
+            "| task | BIG-bench path | train | test | test majority | dropped (invalid/dup/conflict/other label) | options shuffled |",
             "|---|---|---|---|---|---|---|",
         ]
         for task, stats, splits in suite_rows:
             lines.append(
                 f"| `{task.name}` | `{TASKS_ROOT}/{task.path}` | {splits['train']['count']} | "
                 f"{splits['test']['count']} | {splits['test']['majority']:.3f} | "
-                f"{stats.invalid}/{stats.duplicates}/{stats.conflicts} of {stats.source} | "
+                f"{stats.invalid}/{stats.duplicates}/{stats.conflicts}/{stats.filtered} of {stats.source} | "
                 f"{'yes' if stats.shuffled else 'no (label set)'} |"
             )
         lines.append("")

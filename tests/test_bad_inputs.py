@@ -340,7 +340,7 @@ CLI_CASES = [
                                                                    "written by `comoe train`"], files({"notrun/x": "x"})),
     cli("resume-missing-dir", ["train", "--resume", "{tmp}/nowhere"], ["--resume {tmp}/nowhere", "no run_config.yaml"]),
     cli("resume-learning-rate-changed", ["train", "--resume", "{run}", "--learning-rate", "0.5"],
-        ["--resume {run}", "learning_rate: 0.002 -> 0.5", "drop those flags", "eval_batch_size"]),
+        ["--resume {run}", "learning_rate: 0.001 -> 0.5", "drop those flags", "eval_batch_size"]),
     cli("resume-tasks-changed", ["train", "--resume", "{run}", "--tasks", "winowhy"],
         ["tasks: ['strategyqa'] -> ['winowhy']", "start a new run without --resume"]),
     cli("resume-output-dir-elsewhere", ["train", "--resume", "{run}", "--output-dir", "{tmp}/elsewhere"],

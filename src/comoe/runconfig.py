@@ -54,7 +54,7 @@ class RunConfig:
     expert_path: str = "auto"
     lora_r: int | None = None
     # optimisation
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     weight_decay: float = 0.0
     epochs: float = 1.0
     max_steps: int | None = None

@@ -80,6 +80,20 @@ def test_instruction_and_suffix():
     assert record["question"] == "Do it.\nbody\nWell?"
 
 
+def test_labels_keep_only_examples_answered_by_them_and_offer_only_them():
+    task = SuiteTask(name="p", path="p", what="", source="", license="", labels=("positive", "negative"))
+    examples = [
+        _mc("great", ["neutral", "positive", "negative", "ambivalent"], 1),
+        _mc("meh", ["neutral", "positive", "negative", "ambivalent"], 0),  # answer outside the labels: dropped
+        _mc("awful", ["neutral", "positive", "negative", "ambivalent"], 2),
+        _mc("no such label", ["yes", "no"], 0),  # options lack the labels: dropped
+    ]
+    records, stats = convert_examples(task, examples)
+    assert [(r["question"], r["choices"], r["answer"]) for r in records] == [
+        ("great", ["positive", "negative"], 0), ("awful", ["positive", "negative"], 1)]
+    assert stats.filtered == 2 and not stats.shuffled
+
+
 def test_assign_splits_groups_caps_and_determinism():
     task = SuiteTask(name="g", path="g", what="", source="", license="", group=lambda q: q.split("|")[0])
     records = [
@@ -108,6 +122,8 @@ def _fake_sdist(path: Path, n: int = 60) -> Path:
             examples = [
                 _mc(f"{task.name} question {i}?", [f"opt{i}", f"alt{i}", "third"], i % 3) for i in range(n)
             ]
+            if task.labels:  # every third example is answered by a label outside the task's: filtered out
+                examples = [_mc(f"{task.name} sentence {i}.", [*task.labels, "neutral"], i % 3) for i in range(n)]
             if task.name == "winowhy":
                 examples = [
                     _mc(f"S{i // 3}. The 'it' refers to x because r{i}.", ["correct", "incorrect"], i % 2)

@@ -54,6 +54,7 @@ class SuiteTask:
     group: Callable[[str], str] = field(default=_default_group, compare=False)
     test_size: int = TEST_SIZE  # test takes whole groups up to this many examples (a quarter of a small task)
     train_cap: int = TRAIN_CAP  # train keeps at most this many examples
+    labels: tuple[str, ...] = ()  # if set: keep only examples answered by one of these, offered as the options
 
 
 # The "hard" suite: the first built-in suite, reasoning tasks that SmolLM2-135M does not learn in minutes
@@ -155,6 +156,19 @@ LEARNABLE_CANDIDATES: tuple[SuiteTask, ...] = tuple(
             ),
             license="CC-BY-4.0 (MultiEmo, CLARIN-PL)",
             instruction="Is the sentiment of this opinion positive, negative, neutral or ambivalent?",
+        ),
+        dict(
+            name="multiemo_polarity",
+            path="multiemo/all_sentence_en",
+            what="is one sentence of a consumer review positive or negative? 2 labels (MultiEmo's neutral and "
+                 "ambivalent sentences left out)",
+            source=(
+                "MultiEmo (Kocoń, Miłkowski & Kanclerz, ICCS 2021, https://clarin-pl.eu/dspace/handle/11321/798): "
+                "PolEmo 2.0 reviews machine-translated to English; BIG-bench's multiemo/all_sentence_en"
+            ),
+            license="CC-BY-4.0 (MultiEmo, CLARIN-PL)",
+            instruction="Is the sentiment of this opinion positive or negative?",
+            labels=("positive", "negative"),
         ),
         dict(
             name="vitaminc_fact_verification",
@@ -272,7 +286,7 @@ LEARNABLE_CANDIDATES: tuple[SuiteTask, ...] = tuple(
 
 LEARNABLE_NAMES: tuple[str, ...] = (
     "intent_recognition",
-    "multiemo_sentiment",
+    "multiemo_polarity",
     "unit_identification",
     "two_digit_multiplication",
     "three_digit_division",
@@ -335,6 +349,7 @@ class ConvertStats:
     invalid: int = 0  # not exactly one best option, empty or repeated option texts
     duplicates: int = 0  # same input, options and answer as an earlier example
     conflicts: int = 0  # same input and options, different answers: all copies dropped
+    filtered: int = 0  # answer outside the task's ``labels``
     shuffled: bool = False
 
 
@@ -361,6 +376,13 @@ def convert_examples(task: SuiteTask, examples: list[dict]) -> tuple[list[dict],
         ):
             stats.invalid += 1
             continue
+        if task.labels:
+            if choices[values.index(best)] not in task.labels or not set(task.labels) <= set(choices):
+                stats.filtered += 1
+                continue
+            answer_text = choices[values.index(best)]
+            choices = list(task.labels)
+            values = [float(c == answer_text) for c in choices]
         question = clean_text(str(example["input"]))
         if task.instruction:
             question = f"{task.instruction}\n{question}"
