@@ -216,6 +216,8 @@ CLI_CASES = [
                                                      "give --max-length 3 or more"], model=True),
     cli("tasks-twice", train("--tasks", "winowhy,winowhy"), ["task 'winowhy' is named twice", "name each task once"]),
     cli("tasks-twice-other-case", train("--tasks", "strategyqa,StrategyQA"), ["named twice", "are the same task"]),
+    cli("tasks-suite-and-its-task", train("--tasks", "suite:hard,StrategyQA"),
+        ["task 'StrategyQA' is named twice", "'suite:hard' and 'StrategyQA' both name it", "name each task once"]),
     cli("tasks-empty-list", train("--tasks", ","), ["tasks is empty", "comoe tasks"]),
     cli("jsonl-empty-path", train("--tasks", "jsonl:"), ["task 'jsonl:' names no file", "write jsonl:PATH"]),
     cli("jsonl-directory", train("--tasks", "jsonl:{tmp}/data"), ["{tmp}/data is a directory", "name a JSONL file in it"],

@@ -78,6 +78,10 @@ def _assert_fragments(message: str, fragments: list[str]) -> None:
         ({"tasks": ["social_iqa", "Social-IQA"]}, ["task 'Social-IQA' is named twice", "are the same task"]),
         ({"tasks": ["arc_easy", "arc_e"]}, ["task 'arc_e' is named twice", "'arc_easy' and 'arc_e' are the same task"]),
         ({"tasks": "ARC-Challenge,arc_c"}, ["task 'arc_c' is named twice", "are the same task"]),
+        ({"tasks": "suite:hard,strategyqa"}, ["task 'strategyqa' is named twice",
+                                              "'suite:hard' and 'strategyqa' both name it"]),
+        ({"tasks": "winowhy,suite:hard"}, ["task 'winowhy' is named twice", "'winowhy' and 'suite:hard' both name it"]),
+        ({"tasks": "suite:learnable,suite:learnable"}, ["task 'intent_recognition' is named twice"]),
         ({"tasks": ["winowhy", "jsonl:"]}, ["task 'jsonl:' names no file", "write jsonl:PATH"]),
         # the adapter config is checked too
         ({"top_k": 9}, ["top_k must be an integer in 1..num_experts=4"]),

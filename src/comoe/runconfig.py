@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from comoe.config import ALL_LINEAR, ATTENTION_MODULES, CoMoEConfig
-from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, canonical_task_key
+from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
 from comoe.validation import check_field_types, describe_hint, did_you_mean
 
 METHODS = ("comoe", "moe-lora", "soft-moe", "lora")
@@ -107,14 +107,21 @@ class RunConfig:
         _check(all(name.strip() for name in self.tasks),
                f"tasks has an empty name: {self.tasks!r}; name each task (see `comoe tasks`)")
         self.tasks = [name.strip() for name in self.tasks]
-        seen: dict[str, str] = {}
-        for name in self.tasks:
-            key = canonical_task_key(name)
-            if key in seen:
-                what = "file" if key.startswith(JSONL_PREFIX) else "task"
-                same = "" if seen[key] == name else f" ({seen[key]!r} and {name!r} are the same {what})"
-                raise ValueError(f"task {name!r} is named twice in tasks: {self.tasks!r}{same}; name each task once")
-            seen[key] = name
+        seen: dict[str, str] = {}  # canonical key -> the spec that named it (a suite names each of its tasks)
+        for spec in self.tasks:
+            suite = suite_name(spec)
+            for name in SUITE_NAMES[suite] if suite else [spec]:
+                key = canonical_task_key(name)
+                if key in seen:
+                    first, what = seen[key], "file" if key.startswith(JSONL_PREFIX) else "task"
+                    if first == spec:
+                        note = ""
+                    elif suite or suite_name(first):
+                        note = f" ({first!r} and {spec!r} both name it)"
+                    else:
+                        note = f" ({first!r} and {spec!r} are the same {what})"
+                    raise ValueError(f"task {name!r} is named twice in tasks: {self.tasks!r}{note}; name each task once")
+                seen[key] = spec
 
     def comoe_config(self) -> CoMoEConfig:
         """The adapter config this run's method implies."""
