@@ -76,6 +76,20 @@ def test_summarise_takes_each_pair_once_against_every_reference():
     assert [d["reference"] for d in summarise(finished, None)["differences"]] == [MAJORITY] * 3
 
 
+def test_summarise_pairs_each_variants_single_task_setting_with_its_multi_task_one():
+    rng = np.random.default_rng(2)
+    finished = []
+    for setting, p in (("multi", 0.5), ("single", 0.9)):
+        for seed in (0, 1):
+            run = fake_run("comoe", seed, {"a": list(rng.random(80) < p), "b": list(rng.random(80) < p)})
+            finished.append({**run, "setting": setting})
+    finished.append(fake_run("lora", 0, {"a": [True] * 80, "b": [True] * 80}))  # multi only: no pair
+    pairs = [(d["variant"], d["reference"], d["setting"]) for d in summarise(finished, None)["differences"]]
+    assert pairs[0] == ("comoe", "comoe (multi)", "single") and [p[1] for p in pairs[1:]] == [MAJORITY] * 3
+    single_vs_multi = summarise(finished, None)["differences"][0]
+    assert single_vs_multi["significant"] and single_vs_multi["ci95"][0] > 0.2 and single_vs_multi["seeds"] == [0, 1]
+
+
 def test_modal_share_is_one_for_a_constant_answer_and_falls_with_spread():
     assert modal_share(fake_run("x", 0, {"a": [True] * 8, "b": [False] * 4})) == 1.0
     assert modal_share(fake_run("x", 0, {"a": [True, False] * 4})) == 0.5

@@ -262,7 +262,8 @@ def paired_difference(runs: list[dict[str, Any]], ref_runs: list[dict[str, Any]]
 
 def summarise(finished: list[dict[str, Any]], reference: str | list[str] | None) -> dict[str, Any]:
     """Mean ± std per variant and task, parameters, time, and paired differences against each reference
-    variant (a pair already taken the other way round is not repeated)."""
+    variant (a pair already taken the other way round is not repeated), of each variant's single-task
+    setting against its multi-task one, and against the majority class."""
     by_variant: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for m in finished:
         by_variant.setdefault((m["variant"], m["setting"]), []).append(m)
@@ -296,6 +297,13 @@ def summarise(finished: list[dict[str, Any]], reference: str | list[str] | None)
                 difference = paired_difference(runs, ref_runs)
                 if difference is not None:
                     differences.append({"variant": variant, "reference": ref, "setting": setting, **difference})
+    for (variant, setting), runs in by_variant.items():  # the paper's MT-vs-ST question, per variant
+        multi = by_variant.get((variant, "multi"))
+        if setting == "single" and multi:
+            difference = paired_difference(runs, multi)
+            if difference is not None:
+                differences.append({"variant": variant, "reference": f"{variant} (multi)", "setting": setting,
+                                    **difference})
     for (variant, setting), runs in by_variant.items():
         majority = [majority_run(m) for m in runs]
         if all(majority):
