@@ -133,18 +133,22 @@ def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):
 
 def test_single_task_setting_trains_one_adapter_per_task_and_skips_analysis(tiny_model_dir, tmp_path):  # noqa: F811
     out = tmp_path / "grid"
-    comoe_cli("compare", "--preset", "negatives", "--seeds", "0", "--settings", "single", "--out", str(out),
+    comoe_cli("compare", "--preset", "negatives", "--seeds", "0", "--settings", "multi,single", "--out", str(out),
               "--set", f"model={tiny_model_dir}", "--set", f"tasks={TASKS}", "--set", "train_per_task=8",
               "--set", "test_per_task=4", "--set", "batch_size=4", "--set", "r=4", "--set", "max_steps=1",
               "--set", "eval_base=false")
     summary = json.loads((out / "summary.json").read_text())
-    assert [(r["variant"], r["setting"]) for r in summary["rows"]] == [("negatives=all", "single"), ("negatives=1", "single")]
+    rows = [(r["variant"], r["setting"]) for r in summary["rows"]]
+    assert sorted(rows) == sorted((v, s) for v in ("negatives=all", "negatives=1") for s in ("multi", "single"))
     for row in summary["rows"]:
-        assert set(row["tasks"]) == set(TASKS.split(",")) and row["specialisation"] == {}
+        assert set(row["tasks"]) == set(TASKS.split(","))
+        assert (row["specialisation"] == {}) == (row["setting"] == "single")
         assert 0 < row["train_minutes"][0] <= row["run_minutes"][0]
-    diff = summary["differences"][0]
-    assert (diff["variant"], diff["reference"]) == ("negatives=1", "negatives=all")
-    assert not list(out.glob("runs/*/analysis.json"))  # single-task runs have no task-expert relation to analyse
+    pairs = {(d["variant"], d["reference"], d["setting"]) for d in summary["differences"]}
+    assert {("negatives=1", "negatives=all", "single"), ("negatives=1", "negatives=all", "multi"),
+            ("negatives=all", "negatives=all (multi)", "single"), ("negatives=1", "negatives=1 (multi)", "single")} <= pairs
+    # single-task runs have no task-expert relation to analyse
+    assert {p.parent.name for p in out.glob("runs/*/analysis.json")} == {"negatives=all-multi-seed0", "negatives=1-multi-seed0"}
 
 
 def test_jobs_trains_cells_side_by_side_and_names_a_failed_cell(tiny_model_dir, tmp_path):  # noqa: F811
