@@ -377,10 +377,10 @@ def convert_examples(task: SuiteTask, examples: list[dict]) -> tuple[list[dict],
             stats.invalid += 1
             continue
         if task.labels:
-            if choices[values.index(best)] not in task.labels or not set(task.labels) <= set(choices):
+            answer_text = choices[values.index(best)]
+            if answer_text not in task.labels or not set(task.labels) <= set(choices):
                 stats.filtered += 1
                 continue
-            answer_text = choices[values.index(best)]
             choices = list(task.labels)
             values = [float(c == answer_text) for c in choices]
         question = clean_text(str(example["input"]))
