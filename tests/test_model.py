@@ -352,7 +352,7 @@ def test_layers_out_of_range():
 def test_wrapping_twice_is_refused_and_regex_targets_work():
     model = get_comoe_model(build("llama"), make_config("llama"))
     with pytest.raises(ValueError, match="already holds CoMoE layers"):
-        get_comoe_model(model.base_model, make_config("llama"))
+        get_comoe_model(model.get_base_model(), make_config("llama"))
     regex = get_comoe_model(build("llama"), make_config("llama", target_modules=r"model\.layers\.1\.mlp\..*"))
     assert sorted(regex.adapted_modules) == [
         f"model.layers.1.mlp.{p}" for p in ("down_proj", "gate_proj", "up_proj")
@@ -539,5 +539,5 @@ def test_dense_layer_compiles_without_graph_breaks():
 def test_comoe_layer_is_exported_and_used():
     model = wrapped("qwen2")
     assert all(isinstance(m, CoMoELayer) for m in model.adapted_modules.values())
-    assert isinstance(model.get_submodule("model.layers.0.mlp.gate_proj"), CoMoELayer)
-    assert not isinstance(model.get_submodule("model.layers.0.mlp.up_proj"), CoMoELayer)
+    assert isinstance(model.get_base_model().get_submodule("model.layers.0.mlp.gate_proj"), CoMoELayer)
+    assert not isinstance(model.get_base_model().get_submodule("model.layers.0.mlp.up_proj"), CoMoELayer)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from peft import get_peft_model
 from safetensors.torch import load_file
 from tiny_models import VOCAB, build, tiny_comoe_config
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -33,8 +34,13 @@ def dataset(rows: int = 16, length: int = 12) -> Dataset:
     })
 
 
-def comoe_model() -> CoMoEModel:
-    return get_comoe_model(build("llama"), tiny_comoe_config("llama", contrastive_weight=0.5))
+def comoe_model(maker: str = "get_comoe_model"):
+    """A CoMoE model made by comoe's own API or by PEFT's (a PeftModelForCausalLM)."""
+    config = tiny_comoe_config("llama", contrastive_weight=0.5)
+    if maker == "get_peft_model":
+        config.task_type = "CAUSAL_LM"
+        return get_peft_model(build("llama"), config)
+    return get_comoe_model(build("llama"), config)
 
 
 def trainer_for(model, out_dir, **overrides) -> Trainer:
@@ -57,9 +63,10 @@ def adapter_tensors(model: CoMoEModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
 
 
+@pytest.mark.parametrize("maker", ["get_comoe_model", "get_peft_model"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
-def test_trainer_defaults_train_with_the_contrastive_term_and_save_an_adapter(tmp_path, checkpointing):
-    model = comoe_model()
+def test_trainer_defaults_train_with_the_contrastive_term_and_save_an_adapter(tmp_path, checkpointing, maker):
+    model = comoe_model(maker)
     before = adapter_tensors(model)
     trainer = trainer_for(model, tmp_path / "out", activation_checkpointing=checkpointing)
 
@@ -80,7 +87,7 @@ def test_trainer_defaults_train_with_the_contrastive_term_and_save_an_adapter(tm
     trainer.save_model(str(saved))
     assert (saved / CONFIG_NAME).is_file() and (saved / WEIGHTS_NAME).is_file()
     assert not (saved / "model.safetensors").exists(), "Trainer wrote the whole model instead of the adapter"
-    assert set(load_file(saved / WEIGHTS_NAME)) == set(after)
+    assert set(load_file(saved / WEIGHTS_NAME)) == {"base_model.model." + k for k in after}  # PEFT layout
 
     reloaded = CoMoEModel.from_pretrained(build("llama"), saved)
     ids = dataset()["input_ids"][:2]

@@ -5,6 +5,7 @@ from comoe.layer import CoMoELayer
 from comoe.losses import contrastive_loss, contrastive_loss_materialized, load_balancing_loss
 from comoe.model import AdapterLoadError, AuxLosses, CoMoEModel, get_comoe_model
 from comoe.records import RoutingRecorder
+from comoe.tuner import CoMoETuner  # importing it registers CoMoE with PEFT
 
 __all__ = [
     "AdapterLoadError",
@@ -12,6 +13,7 @@ __all__ = [
     "CoMoEConfig",
     "CoMoELayer",
     "CoMoEModel",
+    "CoMoETuner",
     "RoutingRecorder",
     "contrastive_loss",
     "contrastive_loss_materialized",

@@ -1,7 +1,10 @@
 """`CoMoEConfig`: every choice of the method in one validated, JSON-serialisable dataclass.
 
 Defaults follow the paper where it is specific and DESIGN.md where it is not (see the help text of each
-field). The config round-trips through ``adapter_config.json`` beside the adapter weights.
+field). The config round-trips through ``adapter_config.json`` beside the adapter weights. It is a
+``peft.PeftConfig`` (``peft_type`` "COMOE"), so ``peft.get_peft_model`` and ``PeftModel.from_pretrained``
+accept it once ``comoe`` is imported; the fields PEFT adds (``task_type``, ``inference_mode``,
+``revision``, ``peft_version``, ``auto_mapping``, ``base_model_name_or_path``) are its bookkeeping.
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from typing import Any
 
+from peft import PeftConfig
+
 from comoe.files import write_json_atomic
+from comoe.peft_type import COMOE
 from comoe.validation import check_field_types, did_you_mean
 
 CONFIG_NAME = "adapter_config.json"
@@ -29,7 +36,7 @@ ALL_PROJECTIONS = ATTENTION_MODULES + ["gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
-class CoMoEConfig:
+class CoMoEConfig(PeftConfig):
     r: int = field(default=16, metadata={"help": "LoRA rank of each expert."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator: outputs scale by alpha / r."})
     lora_dropout: float = field(
@@ -82,10 +89,12 @@ class CoMoEConfig:
         default=1e-6,
         metadata={"help": "Floor on expert-output norms in the cosine; keeps the first steps from B=0 finite."},
     )
-    base_model_name_or_path: str | None = field(default=None, metadata={"help": "Recorded on save."})
 
     def __post_init__(self) -> None:
-        check_field_types(self)  # first: the range checks below may then compare numbers safely
+        super().__post_init__()  # PEFT's: checks task_type, records peft_version
+        self.peft_type = COMOE
+        # first: the range checks below may then compare numbers safely
+        check_field_types(self, own_fields() | {"base_model_name_or_path"})
         _check(self.r > 0, f"r must be a positive integer, got {self.r!r}")
         _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
@@ -173,25 +182,37 @@ class CoMoEConfig:
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"peft_type": "COMOE", **asdict(self)}
+        """Plain JSON values (enums as their strings); ``peft_type`` is "COMOE"."""
+        return {k: v.value if isinstance(v, Enum) else v for k, v in asdict(self).items()}
+
+    def method_dict(self) -> dict[str, Any]:
+        """The method's own fields, without PEFT's bookkeeping: two adapters with equal ``method_dict``
+        are interchangeable."""
+        own = own_fields()
+        return {k: v for k, v in self.to_dict().items() if k in own}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CoMoEConfig:
         """A config from ``to_dict``'s output; unknown keys are an error that suggests the closest field."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(map(str, set(data) - known - {"peft_type"}))
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise ValueError(
                 f"unknown CoMoEConfig fields {unknown}{did_you_mean(unknown, known)}; known fields: {sorted(known)}"
             )
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in known and k != "peft_type"})
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, **_: object) -> None:
+        """Write ``adapter_config.json`` atomically (PEFT's keyword arguments are accepted and ignored)."""
         write_json_atomic(os.path.join(directory, CONFIG_NAME), self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> CoMoEConfig:
-        """Read ``adapter_config.json`` from an adapter directory; every error names the file."""
+    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None, **_: object) -> CoMoEConfig:
+        """Read ``adapter_config.json`` from a local adapter directory; every error names the file.
+
+        PEFT's hub keyword arguments are accepted and ignored: comoe reads local directories only."""
+        if subfolder:
+            directory = os.path.join(directory, subfolder)
         data = read_adapter_config(directory)
         path = os.path.join(directory, CONFIG_NAME)
         if data["peft_type"] != "COMOE":
@@ -224,6 +245,11 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} has no \"peft_type\" (\"COMOE\" or a PEFT type such as \"LORA\"), so it is not an "
                          f"adapter configuration; {DAMAGED}")
     return data
+
+
+def own_fields() -> frozenset[str]:
+    """The fields CoMoEConfig declares itself (not those it inherits from ``peft.PeftConfig``)."""
+    return frozenset(CoMoEConfig.__annotations__)
 
 
 def _check(ok: bool, message: str) -> None:

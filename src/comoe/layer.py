@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
@@ -50,7 +51,7 @@ class ModuleAux:
 class ForwardContext:
     """State the model wrapper shares with all its layers for the current forward pass.
 
-    While ``active`` (inside ``CoMoEModel.forward``) each layer only leaves what its auxiliary losses need
+    While ``active`` (inside a forward of the adapted model, see ``comoe.tuner``) each layer only leaves what its auxiliary losses need
     in ``pending``; ``collect()`` computes the losses after the base model's forward. Activation
     checkpointing re-runs a layer's forward inside backward, so that forward must run the same ops whatever
     these flags say (they are reset by then), and the losses must not be part of it.
@@ -83,19 +84,34 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot adapt {type(layer).__name__}: only nn.Linear and transformers Conv1D are supported")
 
 
-class CoMoELayer(nn.Module):
-    """Wraps ``base_layer``; parameters whose names start with ``comoe_`` are the adapter."""
+MERGE_REFUSED = (
+    "a CoMoE adapter cannot be merged into the base weights: each token's update depends on which experts its "
+    "router selects, so no single weight matrix reproduces the adapted layer. Keep the adapter unmerged (it "
+    "runs as it trained), or use unload() to get the base model back without the adapter"
+)
+ONE_ADAPTER = "comoe holds one adapter per model"
 
-    def __init__(self, base_layer: nn.Module, config: CoMoEConfig, context: ForwardContext, name: str = ""):
+
+class CoMoELayer(nn.Module, BaseTunerLayer):
+    """Wraps ``base_layer``; parameters whose names start with ``comoe_`` are the adapter.
+
+    As a PEFT tuner layer it holds a single adapter (its parameters are not keyed by adapter name, so saved
+    tensor names are the same as before comoe was a PEFT method); ``set_adapter`` accepts that one name.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: CoMoEConfig, context: ForwardContext, name: str = "",
+                 adapter_name: str = "default"):
         super().__init__()
         self.base_layer = base_layer
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
         self.in_features, self.out_features = layer_features(base_layer)
         self.num_experts, self.r, self.top_k = config.num_experts, config.r, config.top_k
         self.config = config
         self.context = context
         self.module_name = name
         self.scaling = config.scaling
-        self.disabled = False
         device = base_layer.weight.device
         n_codes = self.num_experts * self.r
         # Adapter weights are kept in fp32 whatever the base dtype (as PEFT does), the router always.
@@ -108,6 +124,36 @@ class CoMoELayer(nn.Module):
         every_expert_active = config.routing == "soft" or self.top_k == self.num_experts
         self._path = "dense" if every_expert_active else config.expert_path
         self.reset_parameters()
+
+    # --- PEFT's tuner-layer protocol: one adapter, never merged ----------------------------------
+    @property
+    def disabled(self) -> bool:
+        """True while the layer runs as its base layer alone."""
+        return self._disable_adapters
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self._disable_adapters = bool(value)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [self.comoe_A, self.comoe_B, self.comoe_router]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's switch; unlike PEFT's layers it leaves ``requires_grad`` as it was."""
+        self.disabled = not enabled
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if names != [self._active_adapter]:
+            raise ValueError(f"{ONE_ADAPTER}, named {self._active_adapter!r}; cannot activate {names}")
+        for param in self.adapter_parameters():
+            param.requires_grad_(not inference_mode)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(MERGE_REFUSED)
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged."""
 
     @property
     def expert_path(self) -> str:
@@ -175,7 +221,7 @@ class CoMoELayer(nn.Module):
             if ctx.active:
                 ctx.pending.append((self, codes, probs, top_idx))
             elif not (self.training and torch.is_grad_enabled()):
-                # Called outside CoMoEModel.forward (e.g. by generate): routing records only. A training
+                # Called outside a forward of the adapted model (a submodule run alone): records only. A training
                 # forward with autograd outside it is a checkpointing recompute: already recorded.
                 recorder.observe(self, probs.detach(), top_idx, None, None, None, codes)
         out = result + (delta * self.scaling).view(*lead_shape, self.out_features).to(result.dtype)

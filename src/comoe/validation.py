@@ -29,8 +29,8 @@ class _NotFinite(Exception):
     """Internal: a float field holds inf or nan (no other member of a union can take it)."""
 
 
-def check_field_types(instance: Any) -> None:
-    """Check every field of dataclass ``instance`` against its type hint, in place.
+def check_field_types(instance: Any, only: Iterable[str] | None = None) -> None:
+    """Check every field of dataclass ``instance`` (or those named in ``only``) against its type hint, in place.
 
     ints accept ints (not bools), floats accept ints and floats (ints become floats), bools only bools,
     strs only strs; ``X | None`` also accepts None, ``list[X]`` a list or tuple of X (stored as a list),
@@ -39,6 +39,8 @@ def check_field_types(instance: Any) -> None:
     """
     hints = _type_hints(type(instance))
     for f in dataclasses.fields(instance):
+        if only is not None and f.name not in only:
+            continue
         value = getattr(instance, f.name)
         hint = hints[f.name]
         try:

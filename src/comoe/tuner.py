@@ -1,0 +1,314 @@
+"""CoMoE as a PEFT method: ``CoMoETuner`` puts CoMoE layers into a model and adds the auxiliary losses.
+
+Importing this module registers the method with PEFT (``peft_type`` "COMOE", prefix ``comoe_``), so that
+``peft.get_peft_model(model, CoMoEConfig(...))`` and ``peft.PeftModel.from_pretrained(base, adapter_dir)``
+build it, as they build LoRA. ``comoe.get_comoe_model`` goes through the same tuner.
+
+The auxiliary losses are added by forward hooks on the wrapped transformers model rather than by a forward
+of the tuner: PEFT's plain ``PeftModel`` calls that model directly, its task classes
+(``PeftModelForCausalLM``) call the tuner, ``generate`` calls neither; hooks see every path. The pre-hook
+prepares the layers' shared context from the batch (padding mask, optional ``task_ids`` for routing
+records); the post-hook computes the losses from what the layers left pending, adds them to a training
+``loss`` and sets the output fields ``aux_loss`` (weighted sum), ``contrastive_loss`` and
+``balance_loss``, as transformers' own MoE models return theirs. Wrappers that rebuild the output
+(accelerate's mixed precision, DDP, ``torch.compile``) keep mapping fields, where an attribute would be
+dropped.
+
+One adapter per model: its parameters are not keyed by adapter name. ``set_adapter`` accepts its name;
+a second adapter, ``delete_adapter`` and merging are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import register_peft_method
+from torch import Tensor, nn
+
+from comoe.config import CoMoEConfig
+from comoe.layer import MERGE_REFUSED, ONE_ADAPTER, CoMoELayer, ForwardContext
+from comoe.records import RoutingRecorder
+from comoe.targets import find_targets
+
+ADAPTER_PREFIX = "comoe_"
+PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's parameter names
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file that cannot be loaded into this base model; nothing was changed."""
+
+
+@dataclass
+class AuxLosses:
+    """The auxiliary losses of the last forward, averaged over adapted modules."""
+
+    contrastive: Tensor | None
+    balance: Tensor | None
+    pos_cos: Tensor | None
+    neg_cos: Tensor | None
+    total: Tensor  # contrastive_weight · contrastive + balance_weight · balance
+
+    def output_fields(self) -> dict[str, Tensor]:
+        """The tensors a model output carries: ``aux_loss`` (weighted total) and the unweighted parts."""
+        fields = {"aux_loss": self.total}
+        if self.contrastive is not None:
+            fields["contrastive_loss"] = self.contrastive
+        if self.balance is not None:
+            fields["balance_loss"] = self.balance
+        return fields
+
+    def as_floats(self) -> dict[str, float]:
+        """Detached values for logging (this syncs with the device)."""
+        out = {"aux_total": self.total.item()}
+        for key in ("contrastive", "balance", "pos_cos", "neg_cos"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value.item()
+        return out
+
+
+def refuse_stacking(model: nn.Module) -> None:
+    """A clear error for a model that already carries adapters (comoe's or another PEFT method's)."""
+    if any(isinstance(m, CoMoELayer) for m in model.modules()):
+        raise ValueError("this model already holds CoMoE layers; wrap the original base model instead")
+    other = next((m for m in model.modules() if isinstance(m, (BaseTunerLayer, PeftModel))), None)
+    if other is not None:
+        raise ValueError(
+            f"this model already carries PEFT adapters ({type(other).__name__}); comoe cannot train on top of them "
+            "(it would freeze their weights). Merge them into the base first, e.g. "
+            "model = peft_model.merge_and_unload(), and wrap the merged model, or wrap the original base model"
+        )
+
+
+class CoMoETuner(BaseTuner):
+    """PEFT's tuner for CoMoE (``PeftModel.base_model`` of a CoMoE adapter). Holds the layers' shared
+    forward context, the last forward's ``AuxLosses`` and the adapted layers by module name."""
+
+    prefix = ADAPTER_PREFIX
+    tuner_layer_cls = CoMoELayer
+    target_module_mapping: dict[str, list[str]] = {}  # CoMoEConfig always names its targets
+
+    # --- injection -----------------------------------------------------------------------------------
+    def _pre_injection_hook(self, model: nn.Module, config: CoMoEConfig, adapter_name: str) -> None:
+        if not isinstance(config, CoMoEConfig):
+            raise TypeError(f"CoMoETuner needs a CoMoEConfig, got {type(config).__name__}")
+        refuse_stacking(model)
+        self.context = ForwardContext()
+        self.last_aux: AuxLosses | None = None
+        self.training_aux: AuxLosses | None = None
+        self.adapted_modules: dict[str, CoMoELayer] = {}
+        # comoe's matching ('all-linear', layer groups), resolved before any module changes: a refused
+        # config leaves the model as it was given.
+        self._targets = set(find_targets(model, config))
+
+    def _check_new_adapter_config(self, config: CoMoEConfig) -> None:
+        if len(self.peft_config) > 1:
+            first = next(iter(self.peft_config))
+            raise ValueError(
+                f"{ONE_ADAPTER}: this model already has the adapter {first!r}. Load another adapter onto its own "
+                "copy of the base model, or unload() this one first"
+            )
+
+    def _prepare_adapter_config(self, peft_config: CoMoEConfig, model_config: dict) -> CoMoEConfig:
+        # PEFT rewrites target_modules of the config it gets back (e.g. 'all-linear' to its own meaning);
+        # a copy keeps the saved config as the user wrote it. Matching uses self._targets.
+        return copy.copy(peft_config)
+
+    def _check_target_module_exists(self, peft_config: CoMoEConfig, key: str) -> bool:
+        return key in self._targets
+
+    def _create_and_replace(self, peft_config: CoMoEConfig, adapter_name: str, target: nn.Module,
+                            target_name: str, parent: nn.Module, current_key: str, **_: Any) -> None:
+        config = self.peft_config[adapter_name]  # the user's object, not PEFT's working copy
+        layer = CoMoELayer(target, config, self.context, current_key, adapter_name)
+        setattr(parent, target_name, layer)
+        self.adapted_modules[current_key] = layer
+
+    def _post_injection_hook(self, model: nn.Module, config: CoMoEConfig, adapter_name: str) -> None:
+        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if config.base_model_name_or_path is None and name_or_path:
+            config.base_model_name_or_path = name_or_path
+        self._hook_handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
+        ]
+
+    # --- forward hooks: the auxiliary losses ------------------------------------------------------------
+    @property
+    def comoe_config(self) -> CoMoEConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Prepare the layers' context for this forward; ``task_ids`` (batch,) is taken out of the inputs."""
+        task_ids = kwargs.pop("task_ids", None)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        cfg, ctx = self.comoe_config, self.context
+        ctx.token_mask = mask.reshape(-1).bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        if task_ids is not None:
+            shape = _token_shape(mask, input_ids)
+            if shape is not None:  # (batch, seq): every token of a sequence gets its sequence's task id
+                ctx.task_ids = task_ids.reshape(-1, 1).expand(shape).reshape(-1)
+        recording = ctx.recorder is not None and getattr(ctx.recorder, "contrastive", False)
+        ctx.compute_contrastive = (module.training and cfg.contrastive_weight > 0) or recording
+        ctx.compute_balance = module.training and cfg.balance_weight > 0
+        ctx.aux, ctx.pending, ctx.active = [], [], True
+        return args, kwargs
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
+        """Compute the auxiliary losses and add them to the output (also runs, to reset, when forward raised).
+
+        When Trainer passes ``num_items_in_batch`` (the labelled tokens of a whole accumulated, possibly
+        multi-process batch), the task loss is a sum over that many tokens and Trainer no longer divides
+        by the accumulation steps; ``aux_loss`` is then added in proportion to this micro-batch's share of
+        those tokens, so that λ weighs the same with or without gradient accumulation.
+        """
+        ctx = self.context
+        try:
+            if outputs is None:  # the forward raised
+                return None
+            ctx.collect()  # after the base forward: checkpointed layers never re-run the loss computation
+            self.last_aux = self._collect_aux()
+            if module.training and torch.is_grad_enabled():
+                self.training_aux = self.last_aux  # what a trainer that ignores outputs.loss must add (comoe.sft)
+            # Only a training loss carries the aux terms: recording in eval mode must not change out.loss.
+            if module.training and self.last_aux is not None and getattr(outputs, "loss", None) is not None:
+                share = token_share(kwargs.get("labels"), kwargs.get("num_items_in_batch"))
+                outputs["loss"] = outputs.loss + self.last_aux.total * share
+            if self.last_aux is not None and isinstance(outputs, dict):  # ModelOutput; a tuple has no room
+                for key, value in self.last_aux.output_fields().items():
+                    outputs[key] = value
+            return outputs
+        finally:
+            ctx.token_mask = ctx.task_ids = None
+            ctx.compute_contrastive = ctx.compute_balance = ctx.active = False
+            ctx.pending = []
+
+    def _collect_aux(self) -> AuxLosses | None:
+        aux = self.context.aux
+        if not aux:
+            return None
+        cfg = self.comoe_config
+        cons = [a.contrastive for a in aux if a.contrastive is not None]
+        bals = [a.balance for a in aux if a.balance is not None]
+        mean = lambda xs: torch.stack(xs).mean() if xs else None  # noqa: E731
+        contrastive = mean([c.loss for c in cons])
+        balance = mean(bals)
+        device = (contrastive if contrastive is not None else balance).device
+        total = torch.zeros((), device=device)
+        if contrastive is not None:
+            total = total + cfg.contrastive_weight * contrastive
+        if balance is not None:
+            total = total + cfg.balance_weight * balance
+        return AuxLosses(contrastive, balance, mean([c.pos_cos for c in cons]), mean([c.neg_cos for c in cons]), total)
+
+    def get_aux_loss(self) -> Tensor:
+        """Weighted auxiliary loss of the last forward, for custom training loops (add it to your loss)."""
+        if self.last_aux is None:
+            return torch.zeros(())
+        return self.last_aux.total
+
+    @contextmanager
+    def recording(self, recorder: RoutingRecorder | None = None) -> Iterator[RoutingRecorder]:
+        """Record routing statistics for every forward inside this block."""
+        recorder = recorder or RoutingRecorder()
+        self.context.recorder = recorder
+        try:
+            yield recorder
+        finally:
+            self.context.recorder = None
+
+    # --- parameters ------------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """Every adapter tensor (routers and experts), keyed by its name inside the wrapped model."""
+        return {n: p for n, p in self.model.named_parameters() if ADAPTER_PREFIX in n.rsplit(".", 1)[-1]}
+
+    def set_trainable(self, trainable: bool = True) -> None:
+        for param in self.adapter_state_dict().values():
+            param.requires_grad_(trainable)
+
+    # --- what PEFT offers that a routed mixture cannot do ------------------------------------------------
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(MERGE_REFUSED)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        raise ValueError(f"{ONE_ADAPTER}; to remove it, use unload(), which returns the base model")
+
+    def unload(self) -> nn.Module:
+        """The base model without CoMoE layers or hooks (the adapter is dropped, never merged)."""
+        for handle in getattr(self, "_hook_handles", []):
+            handle.remove()
+        self._hook_handles = []
+        model = super().unload()
+        self.adapted_modules = {}
+        return model
+
+    # --- PEFT's save/load key mapping --------------------------------------------------------------------
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return key  # the parameters carry no adapter name
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: CoMoEConfig, adapter_name: str,
+                                           state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Checkpoint keys → model keys, after checking that the checkpoint fits exactly (every tensor
+        present, nothing extra, same shapes); adapters saved by comoe 0.1 (keys without PEFT's prefix) load."""
+        expected = {k: v.shape for k, v in model.state_dict().items() if ADAPTER_PREFIX in k.rsplit(".", 1)[-1]}
+        model_prefix = PEFT_PREFIX if any(k.startswith(PEFT_PREFIX) for k in expected) else ""
+        remapped = {model_prefix + key.removeprefix(PEFT_PREFIX): value for key, value in state_dict.items()}
+        check_adapter_tensors(remapped, expected, "the adapter checkpoint")
+        return remapped
+
+
+def check_adapter_tensors(tensors: dict[str, Tensor], expected: dict[str, torch.Size], source: str) -> None:
+    """Raise AdapterLoadError unless ``tensors`` has exactly the ``expected`` names and shapes."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterLoadError(
+            f"{source} does not fit this model: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; nothing was loaded"
+        )
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise AdapterLoadError(
+                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)} but this model expects "
+                f"{tuple(shape)} (an adapter for a base of another shape?); nothing was loaded"
+            )
+
+
+def token_share(labels: Tensor | None, num_items_in_batch: Tensor | int | None) -> Tensor | float:
+    """This micro-batch's labelled (predicted) tokens over ``num_items_in_batch``; 1 when that is not given."""
+    if num_items_in_batch is None or labels is None:
+        return 1.0
+    predicted = labels[..., 1:] if labels.dim() >= 2 else labels  # causal LMs predict labels[1:]
+    return (predicted != -100).sum() / num_items_in_batch
+
+
+def _token_shape(mask: Tensor | None, ids: Tensor | None) -> torch.Size | None:
+    """(batch, seq) of this forward, from the attention mask or else from the token ids."""
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        return mask.shape
+    if isinstance(ids, Tensor) and ids.dim() == 2:
+        return ids.shape
+    return None
+
+
+def register() -> None:
+    """Register CoMoE with PEFT (idempotent)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    from comoe.peft_type import COMOE
+
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(COMOE) is None:
+        register_peft_method(name="comoe", config_cls=CoMoEConfig, model_cls=CoMoETuner, prefix=ADAPTER_PREFIX)
+
+
+register()
