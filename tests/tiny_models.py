@@ -130,13 +130,13 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 123, std: float = 0.1
             param.copy_(torch.randn(param.shape, generator=gen))
 
 
-def save_tiny_llama_with_real_tokenizer(directory) -> None:
+def save_tiny_llama_with_real_tokenizer(directory, hidden: int = 32) -> None:
     """A 2-layer random Llama saved with SmolLM2's tokenizer: loadable by path like any HF model, so the
     command line (`--model DIR`) runs end to end on it in seconds."""
     from comoe.models import load_tokenizer
 
     tokenizer = load_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)

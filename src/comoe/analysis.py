@@ -384,7 +384,7 @@ def analyse_run(run_dir: Path, options: AnalyzeOptions) -> tuple[dict, dict | No
     started = time.time()
     run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME, test_per_task=options.test_per_task)
     _, test = load_splits(run)
-    base, tokenizer = load_base_model(run.model)
+    base, tokenizer = load_base_model(run.model, quantize=run.quantize)
     if torch.cuda.is_available():
         base.to("cuda")
     model = load_adapted_model(base, run_dir / "adapter")

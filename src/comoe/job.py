@@ -148,7 +148,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     train, test = load_splits(run)
     for examples in ([ex for t in train for ex in train[t]],) if run.setting == "multi" else train.values():
         plan_steps(len(examples), run, accelerator.num_processes)
-    base, tokenizer = load_base_model(run.model, dtype=base_dtype(run))
+    base, tokenizer = load_base_model(run.model, dtype=base_dtype(run), quantize=run.quantize)
     check_adapter_fits(base, run)
     check_lengths([ex for examples in train.values() for ex in examples], tokenizer, run.max_length,
                   report=accelerator.is_main_process)
@@ -202,7 +202,7 @@ def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer
     scores, logs, params = {}, {}, (0, 0)
     for i, task in enumerate(train):
         if i > 0:
-            base, tokenizer = load_base_model(run.model, dtype=base_dtype(run))
+            base, tokenizer = load_base_model(run.model, dtype=base_dtype(run), quantize=run.quantize)
             base.to(accelerator.device)
         set_seed(run.seed)
         model = build_adapted_model(base, run)
@@ -272,7 +272,7 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
         if missing:
             raise ValueError(f"{run_dir} has no trained adapter at {missing[0]}: the run did not finish (continue it "
                              f"with `comoe train --resume {run_dir}`), or that task was not trained in this run")
-    base, tokenizer = load_base_model(run.model)
+    base, tokenizer = load_base_model(run.model, quantize=run.quantize)
     kwargs = dict(protocol=run.protocol, batch_size=run.eval_batch_size, max_length=run.max_length)
     if base_only:
         metrics = {"base": evaluate_tasks(base, tokenizer, test, **kwargs), "protocol": run.protocol}
@@ -283,7 +283,7 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
         scores = {}
         for i, task in enumerate(test):
             if i > 0:
-                base, tokenizer = load_base_model(run.model)
+                base, tokenizer = load_base_model(run.model, quantize=run.quantize)
             model = load_adapted_model(base, Path(run_dir) / "adapters" / task / "adapter")
             scores.update(evaluate_tasks(model, tokenizer, {task: test[task]}, **kwargs)["tasks"])
         metrics = {"adapter": summarise(run.protocol, scores), "protocol": run.protocol}

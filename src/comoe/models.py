@@ -88,25 +88,52 @@ def gguf_path(alias: str = DEFAULT_MODEL) -> Path:
     )
 
 
+QUANTIZATIONS = ("nf4", "int8")
+
+
+def quantization_config(quantize: str | None, dtype: torch.dtype):
+    """bitsandbytes settings for ``quantize``: 'nf4' (QLoRA's 4-bit NormalFloat with double quantisation,
+    computing in ``dtype``) or 'int8' (LLM.int8()); None for an unquantised base."""
+    if quantize is None:
+        return None
+    check_quantization_available(quantize)
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantize must be one of {QUANTIZATIONS} or none, got {quantize!r}")
+
+
+def check_quantization_available(quantize: str) -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantize={quantize!r} needs bitsandbytes, which is not installed; install it with: "
+                         "pip install 'comoe[quant]'")
+
+
 def load_base_model(
-    name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+    name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, quantize: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer.
 
     ``name`` is an alias from :data:`ALIASES` (offline, cached on first use), a local directory, or a
-    Hugging Face hub id (needs network). The model is returned in eval mode.
+    Hugging Face hub id (needs network). ``quantize`` ('nf4', 'int8') loads the linears quantised by
+    bitsandbytes (the rest in ``dtype``). The model is returned in eval mode.
     """
+    quantized = {"quantization_config": quantization_config(quantize, dtype)} if quantize else {}
     if name.lower() in ALIASES:
         alias = name.lower()
         path = model_cache_dir(alias)
         if not path.is_dir():
             build_cache(alias)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quantized)
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         check_model_name(name)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **quantized)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except OSError as err:  # offline, unknown hub id, or a directory without the files
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

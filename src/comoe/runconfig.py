@@ -19,6 +19,7 @@ import yaml
 
 from comoe.config import ALL_LINEAR, ATTENTION_MODULES, CoMoEConfig
 from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
+from comoe.models import QUANTIZATIONS, check_quantization_available
 from comoe.validation import check_field_types, describe_hint, did_you_mean
 
 METHODS = ("comoe", "moe-lora", "soft-moe", "lora")
@@ -66,6 +67,7 @@ class RunConfig:
     train_on_prompt: bool = False
     seed: int = 0
     bf16: bool = False
+    quantize: str | None = None  # 'nf4' or 'int8': a bitsandbytes-quantised frozen base (adapters stay fp32)
     gradient_checkpointing: bool = False
     save_steps: int = 50
     # evaluation
@@ -83,6 +85,9 @@ class RunConfig:
         _one_of("setting", self.setting, SETTINGS)
         _one_of("protocol", self.protocol, PROTOCOLS)
         _one_of("scheduler", self.scheduler, _scheduler_names())
+        if self.quantize is not None:
+            _one_of("quantize", self.quantize, QUANTIZATIONS)
+            check_quantization_available(self.quantize)
         for name in ("batch_size", "grad_accum", "save_steps", "eval_batch_size"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("train_per_task", "test_per_task", "lora_r"):
