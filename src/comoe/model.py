@@ -14,6 +14,7 @@ these live on the tuner, so a plain ``PeftModel`` of a CoMoE adapter reaches the
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -52,7 +53,9 @@ class CoMoEModel(PeftModel):
     def __init__(self, model: nn.Module, config: CoMoEConfig, adapter_name: str = "default", **kwargs):
         if not isinstance(config, CoMoEConfig):
             raise TypeError(f"CoMoEModel needs a CoMoEConfig, got {type(config).__name__}")
-        super().__init__(model, config, adapter_name, **kwargs)
+        with warnings.catch_warnings():  # PEFT 0.21 reads an attribute that transformers 5 deprecates
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            super().__init__(model, config, adapter_name, **kwargs)
 
     @property
     def comoe_config(self) -> CoMoEConfig:
