@@ -1,7 +1,7 @@
 """The contrastive term reaches the optimiser whatever wraps the model.
 
 Each wrapper that runs on the CPU (accelerate's bf16 mixed precision, DDP, torch.compile, activation
-checkpointing) gets a tiny CoMoE Llama in training mode; the test checks that the output still carries
+checkpointing) gets a tiny CoMoE Llama in training mode, made by comoe's API and by PEFT's; the test checks that the output still carries
 ``aux_loss`` / ``contrastive_loss`` and that the gradient of the loss the model returns differs from the
 gradient of the task loss alone, i.e. the contrastive term is in the gradient. (A wrapper that rebuilt the
 output and dropped an attribute used to train plain MoE-LoRA in silence: issue 10.)
@@ -18,13 +18,26 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tiny_models import batch, build, randomize_adapters, tiny_comoe_config
 
+from peft import get_peft_model
+
 from comoe import get_comoe_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def tiny_model(**overrides):
-    model = get_comoe_model(build("llama"), tiny_comoe_config("llama", **overrides))
+@pytest.fixture(params=["get_comoe_model", "get_peft_model"])
+def maker(request) -> str:
+    """Each wrapper is tested on comoe's model and on the PeftModelForCausalLM that PEFT's own API builds."""
+    return request.param
+
+
+def tiny_model(maker: str = "get_comoe_model", **overrides):
+    config = tiny_comoe_config("llama", **overrides)
+    if maker == "get_peft_model":
+        config.task_type = "CAUSAL_LM"
+        model = get_peft_model(build("llama"), config)
+    else:
+        model = get_comoe_model(build("llama"), config)
     randomize_adapters(model)
     return model.train()
 
@@ -48,8 +61,8 @@ def assert_contrastive_in_gradient(out, core) -> None:
     assert max(differences) > 0, "the contrastive term does not reach the expert gradients"
 
 
-def test_plain_model():
-    model = tiny_model()
+def test_plain_model(maker):
+    model = tiny_model(maker)
     assert_contrastive_in_gradient(model(**inputs_and_labels()), model)
 
 
@@ -61,9 +74,9 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_accelerate_bf16_mixed_precision(fresh_accelerator_state):
+def test_accelerate_bf16_mixed_precision(fresh_accelerator_state, maker):
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
-    model = tiny_model()
+    model = tiny_model(maker)
     prepared = accelerator.prepare(model)
     with accelerator.autocast():
         out = prepared(**inputs_and_labels())
@@ -87,27 +100,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_distributed_data_parallel():
+def test_distributed_data_parallel(maker):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        model = tiny_model()
+        model = tiny_model(maker)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         assert_contrastive_in_gradient(ddp(**inputs_and_labels()), model)
     finally:
         dist.destroy_process_group()
 
 
-def test_torch_compile():
+def test_torch_compile(maker):
     try:  # a torch build without a working compiler skips; a failure of the CoMoE model below does not
         torch.compile(torch.nn.Linear(2, 2), backend="aot_eager")(torch.ones(1, 2))
     except Exception as err:  # pragma: no cover
         pytest.skip(f"torch.compile is not usable here: {err}")
-    model = tiny_model()
+    model = tiny_model(maker)
     out = torch.compile(model, backend="aot_eager")(**inputs_and_labels())
     assert_contrastive_in_gradient(out, model)
 
 
-def test_gradient_checkpointing():
-    model = tiny_model()
+def test_gradient_checkpointing(maker):
+    model = tiny_model(maker)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert_contrastive_in_gradient(model(**inputs_and_labels()), model)
