@@ -216,3 +216,24 @@ def test_wrapping_a_peft_lora_model_is_refused_and_leaves_its_lora_weights_train
     merged = lora.merge_and_unload()
     combined = get_comoe_model(merged, tiny_comoe_config("llama"))
     assert len(combined.adapted_modules) == 8
+
+
+def test_positional_inputs_are_read_by_name_whatever_the_model_orders_them():
+    """GPT-2's second forward parameter is past_key_values, Llama's attention_mask: the padding mask that
+    the contrastive loss uses must be the attention mask in both."""
+    from tiny_models import build as build_family
+
+    for family in ("gpt2", "llama"):
+        model = get_comoe_model(build_family(family), tiny_comoe_config(family))
+        model.train()
+        inputs = batch(family)
+        by_name = model(**inputs)
+        tuner = model.base_model
+        masks = []
+        tuner.model.register_forward_pre_hook(lambda m, a, k: masks.append(tuner.context.token_mask), with_kwargs=True)
+        if family == "llama":
+            model(inputs["input_ids"], inputs["attention_mask"])
+        else:
+            model(inputs["input_ids"], None, inputs["attention_mask"])  # (input_ids, past_key_values, attention_mask)
+        assert torch.equal(masks[0], inputs["attention_mask"].reshape(-1).bool())
+        assert by_name.contrastive_loss is not None

@@ -21,6 +21,7 @@ a second adapter, ``delete_adapter`` and merging are refused with the reason.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -148,8 +149,8 @@ class CoMoETuner(BaseTuner):
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Prepare the layers' context for this forward; ``task_ids`` (batch,) is taken out of the inputs."""
         task_ids = kwargs.pop("task_ids", None)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        named = _named_arguments(module, args, kwargs)
+        input_ids, mask = named.get("input_ids"), named.get("attention_mask")
         cfg, ctx = self.comoe_config, self.context
         ctx.token_mask = mask.reshape(-1).bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
         if task_ids is not None:
@@ -290,6 +291,17 @@ def token_share(labels: Tensor | None, num_items_in_batch: Tensor | int | None) 
         return 1.0
     predicted = labels[..., 1:] if labels.dim() >= 2 else labels  # causal LMs predict labels[1:]
     return (predicted != -100).sum() / num_items_in_batch
+
+
+def _named_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The forward's arguments by name (positional ones bound through the signature, which models order
+    differently: GPT-2's second parameter is past_key_values)."""
+    if not args:
+        return kwargs
+    try:
+        return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return kwargs
 
 
 def _token_shape(mask: Tensor | None, ids: Tensor | None) -> torch.Size | None:
