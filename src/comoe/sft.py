@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from trl import SFTTrainer
+try:
+    from trl import SFTTrainer
+except ImportError as err:  # an optional extra
+    raise ImportError("comoe.sft needs TRL, which is not installed: pip install 'comoe[trl]'") from err
 
 from comoe.tuner import CoMoETuner, token_share
 
