@@ -230,7 +230,9 @@ def test_positional_inputs_are_read_by_name_whatever_the_model_orders_them():
         by_name = model(**inputs)
         tuner = model.base_model
         masks = []
-        tuner.model.register_forward_pre_hook(lambda m, a, k: masks.append(tuner.context.token_mask), with_kwargs=True)
+        context = tuner.context
+        tuner.model.register_forward_pre_hook(
+            lambda m, a, k, masks=masks, context=context: masks.append(context.token_mask), with_kwargs=True)
         if family == "llama":
             model(inputs["input_ids"], inputs["attention_mask"])
         else:

@@ -16,9 +16,8 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from tiny_models import batch, build, randomize_adapters, tiny_comoe_config
-
 from peft import get_peft_model
+from tiny_models import batch, build, randomize_adapters, tiny_comoe_config
 
 from comoe import get_comoe_model
 
