@@ -40,7 +40,7 @@ def measure(quantize: str | None, steps: int, batch: int, seq: int) -> dict:
     import torch
 
     from comoe import CoMoEConfig, get_comoe_model
-    from comoe.models import load_base_model
+    from comoe.training.base_models import load_base_model
 
     torch.manual_seed(0)
     base, _ = load_base_model("smollm2-135m", quantize=quantize)
@@ -74,7 +74,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
-    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: one variant, print JSON
+    parser.add_argument(
+        "--variant", default=None, help=argparse.SUPPRESS
+    )  # internal: one variant, print JSON
     args = parser.parse_args()
     if args.variant is not None:
         quantize = None if args.variant == "fp32" else args.variant
@@ -82,19 +84,35 @@ def main() -> None:
         return
     rows = []
     for quantize in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", quantize or "fp32", "--steps", str(args.steps),
-               "--batch", str(args.batch), "--seq", str(args.seq)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            quantize or "fp32",
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     ref = rows[0]
-    print(f"SmolLM2-135M, CoMoE default adapter, batch {args.batch} × {args.seq} tokens, {args.steps} AdamW steps, CPU")
-    print("| base | weights (MB) | ratio | RSS built (MB) | ratio | training peak RSS (MB) | ratio | step (s) | ratio |")
+    print(
+        f"SmolLM2-135M, CoMoE default adapter, batch {args.batch} × {args.seq} tokens, {args.steps} AdamW steps, CPU"
+    )
+    print(
+        "| base | weights (MB) | ratio | RSS built (MB) | ratio | training peak RSS (MB) | ratio | step (s) | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['quantize']} | {row['weights_mb']:.0f} | {row['weights_mb'] / ref['weights_mb']:.2f}× "
-              f"| {row['rss_built_mb']:.0f} | {row['rss_built_mb'] / ref['rss_built_mb']:.2f}× "
-              f"| {row['peak_rss_mb']:.0f} | {row['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× "
-              f"| {row['step_s']:.2f} | {row['step_s'] / ref['step_s']:.2f}× |")
+        print(
+            f"| {row['quantize']} | {row['weights_mb']:.0f} | {row['weights_mb'] / ref['weights_mb']:.2f}× "
+            f"| {row['rss_built_mb']:.0f} | {row['rss_built_mb'] / ref['rss_built_mb']:.2f}× "
+            f"| {row['peak_rss_mb']:.0f} | {row['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× "
+            f"| {row['step_s']:.2f} | {row['step_s'] / ref['step_s']:.2f}× |"
+        )
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=2)

@@ -3,11 +3,11 @@
 #   benchmarks/run_all.sh            # all CPU runs + render   (≈ 10-15 min on 2 shared cores)
 #   GPU=1 benchmarks/run_all.sh      # also the LLaMA-2-7B-shaped CUDA sweep (needs a GPU)
 #   RENDER_ONLY=1 benchmarks/run_all.sh
-# `python -m comoe.bench ARGS` and `comoe bench ARGS` are the same command.
+# `python -m comoe bench ARGS` and `comoe bench ARGS` are the same command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-BENCH="python -m comoe.bench"
+BENCH="python -m comoe bench"
 
 if [[ -z "${RENDER_ONLY:-}" ]]; then
   # tiny: ours vs the naive per-expert loop (overhead regime), plus the torch.compile check

@@ -20,14 +20,16 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 import comoe  # noqa: F401  (registers CoMoE with PEFT)
 from comoe import CoMoEConfig
-from comoe.models import load_base_model
+from comoe.training.base_models import load_base_model
 
 DATA = Path(__file__).parent / "data" / "capitals.jsonl"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="comoe's offline alias, a model directory or a hub id")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="comoe's offline alias, a model directory or a hub id"
+    )
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--output-dir", default="runs/trainer-example")
     args = parser.parse_args()
@@ -36,14 +38,24 @@ def main() -> None:
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     texts = [f"{row['prompt']} {row['target']}{tokenizer.eos_token}" for row in rows]
     dataset = Dataset.from_dict({"text": texts}).map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=64), batched=True, remove_columns=["text"])
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=64),
+        batched=True,
+        remove_columns=["text"],
+    )
 
     model = get_peft_model(base, CoMoEConfig(task_type="CAUSAL_LM", contrastive_weight=0.01))
     model.print_trainable_parameters()
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=8,
-                               learning_rate=1e-3, logging_steps=10, save_strategy="no", report_to="none"),
+        args=TrainingArguments(
+            output_dir=args.output_dir,
+            max_steps=args.max_steps,
+            per_device_train_batch_size=8,
+            learning_rate=1e-3,
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+        ),
         train_dataset=dataset,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )

@@ -8,7 +8,7 @@ bigbench==1.0.0.
 
 Writes src/comoe/data/suite/<task>.jsonl (one example a line: {"id", "split", "question", "choices",
 "answer"}, train lines first, then test) and SOURCES.md. The tasks and conversion rules live in
-comoe.data.bigbench; the output is byte-identical on every run.
+comoe.data.suites; the output is byte-identical on every run.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from comoe.data.bigbench import (
+from comoe.data.suites import (
     DEFAULT_SUITE,
+    SUITES,
+    SuiteTask,
+)
+from comoe.tools.suite_builder import (
     SDIST_NAME,
     SDIST_REQUIREMENT,
-    SUITES,
     TASKS_ROOT,
     ConvertStats,
-    SuiteTask,
     assign_splits,
     convert_examples,
     dump_jsonl,

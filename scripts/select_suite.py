@@ -5,7 +5,7 @@
     python scripts/select_suite.py run --work /tmp/select --tasks intent_recognition,color_hex \\
         --label mix-a -- --train-per-task 200 --test-per-task 100 --max-steps 150 --learning-rate 1e-3
 
-``prepare`` converts every candidate of comoe.data.bigbench.LEARNABLE_CANDIDATES (and the shipped tasks)
+``prepare`` converts every candidate of comoe.data.suites.LEARNABLE_CANDIDATES (and the shipped tasks)
 from the sdist with the suite's own rules, keeps only each task's train split, and holds out a fixed
 VALIDATION_SHARE of its inputs (ordered by SHA-1 of task name + normalised input) as validation. It writes
 ``WORK/data/<task>.jsonl`` whose "train" lines are the rest of train and whose "test" lines are the
@@ -31,13 +31,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from comoe.data.bigbench import (
+from comoe.data.suites import (
     LEARNABLE_CANDIDATES,
     SUITE_TASKS,
+    normalize_space,
+)
+from comoe.tools.suite_builder import (
     assign_splits,
     convert_examples,
     dump_jsonl,
-    normalize_space,
     read_task_files,
 )
 
@@ -56,7 +58,9 @@ def carve_validation(task_name: str, train: list[dict], share: float = VALIDATIO
     Whole inputs go to validation (no input in both), the first ``share`` of the distinct normalised inputs
     ordered by SHA-1 of task name + input; independent of the record order.
     """
-    keys = sorted({normalize_space(r["question"]).lower() for r in train}, key=lambda k: _sha1(f"{task_name}\x00{k}"))
+    keys = sorted(
+        {normalize_space(r["question"]).lower() for r in train}, key=lambda k: _sha1(f"{task_name}\x00{k}")
+    )
     held = set(keys[: max(1, int(share * len(keys)))])
     out = []
     for split in ("train", "test"):
@@ -77,8 +81,11 @@ def prepare(sdist: Path, work: Path) -> None:
         (work / "data" / f"{task.name}.jsonl").write_text(dump_jsonl(rows), encoding="utf-8")
         counts = Counter(r["split"] for r in rows)
         val = Counter(r["answer"] for r in rows if r["split"] == "test")
-        print(f"{task.name:28s} train {counts['train']:5d}  validation {counts['test']:4d}  "
-              f"validation majority {max(val.values()) / counts['test']:.3f}", file=sys.stderr)
+        print(
+            f"{task.name:28s} train {counts['train']:5d}  validation {counts['test']:4d}  "
+            f"validation majority {max(val.values()) / counts['test']:.3f}",
+            file=sys.stderr,
+        )
 
 
 def run(work: Path, tasks: list[str], label: str, extra: list[str]) -> dict:
@@ -115,18 +122,29 @@ def run(work: Path, tasks: list[str], label: str, extra: list[str]) -> dict:
 
 
 def render_record(r: dict) -> str:
-    lines = [f"#### `{r['label']}`: {r['seconds_total']:.0f} s in all, {r['seconds_train']:.0f} s training"
-             f" ({r.get('steps')} steps)", "", f"`{r['command']}`", "",
-             "| task | n | majority | " + ("zero-shot | " if "base" in r else "") + "adapter | adapter − majority |",
-             "|---|---|---|" + ("---|" if "base" in r else "") + "---|---|"]
+    lines = [
+        f"#### `{r['label']}`: {r['seconds_total']:.0f} s in all, {r['seconds_train']:.0f} s training"
+        f" ({r.get('steps')} steps)",
+        "",
+        f"`{r['command']}`",
+        "",
+        "| task | n | majority | "
+        + ("zero-shot | " if "base" in r else "")
+        + "adapter | adapter − majority |",
+        "|---|---|---|" + ("---|" if "base" in r else "") + "---|---|",
+    ]
     for t in r["adapter"]:
         base = f"{100 * r['base'][t]:.1f} | " if "base" in r else ""
-        lines.append(f"| {t} | {r['n'][t]} | {100 * r['majority'][t]:.1f} | {base}{100 * r['adapter'][t]:.1f} | "
-                     f"{100 * (r['adapter'][t] - r['majority'][t]):+.1f} |")
+        lines.append(
+            f"| {t} | {r['n'][t]} | {100 * r['majority'][t]:.1f} | {base}{100 * r['adapter'][t]:.1f} | "
+            f"{100 * (r['adapter'][t] - r['majority'][t]):+.1f} |"
+        )
     avg = lambda d: 100 * sum(d.values()) / len(d)  # noqa: E731
     base = f"{avg(r['base']):.1f} | " if "base" in r else ""
-    lines.append(f"| **average** | | {avg(r['majority']):.1f} | {base}{avg(r['adapter']):.1f} | "
-                 f"{avg(r['adapter']) - avg(r['majority']):+.1f} |")
+    lines.append(
+        f"| **average** | | {avg(r['majority']):.1f} | {base}{avg(r['adapter']):.1f} | "
+        f"{avg(r['adapter']) - avg(r['majority']):+.1f} |"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -135,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        argv, extra = argv[:i], argv[i + 1 :]
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--sdist", type=Path, required=True)

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Sets up (idempotent) and runs the whole test suite, as CI does.
+# Sets up (idempotent), checks formatting and lint, and runs the whole test suite, as CI does.
+# Arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+LINTED="src tests scripts examples benchmarks"
+.venv/bin/ruff format --check $LINTED
+.venv/bin/ruff check $LINTED
 exec .venv/bin/python -m pytest "$@"

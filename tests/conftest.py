@@ -1,17 +1,11 @@
-"""Shared fixtures: deterministic seeds, and the tests folder on sys.path for ``tiny_models``."""
+"""Shared fixtures: deterministic seeds, one torch thread on request, a tiny model directory."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-if TESTS_DIR not in sys.path:
-    sys.path.insert(0, TESTS_DIR)
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +27,7 @@ def single_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama saved with SmolLM2's tokenizer, loadable by path (`--model DIR`) like any HF model."""
-    from tiny_models import save_tiny_llama_with_real_tokenizer
+    from tests.tiny_models import save_tiny_llama_with_real_tokenizer
 
     directory = tmp_path_factory.mktemp("tiny-llama")
     save_tiny_llama_with_real_tokenizer(directory)

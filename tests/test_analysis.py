@@ -8,31 +8,33 @@ import json
 import math
 import re
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
-from tiny_models import batch, build, save_tiny_llama_with_real_tokenizer
+from sklearn.metrics import mutual_info_score
 
 from comoe import RoutingRecorder, get_comoe_model
-from comoe.analysis import (
-    NotAnalysable,
-    add_analyze_arguments,
+from comoe.analysis import NotAnalysable
+from comoe.analysis.metrics import (
+    entropy,
     infonce_bound,
     linear_cka,
     mean_pairwise_cka,
     mean_pairwise_cosine,
     module_metrics,
+    mutual_information,
     normalized_mutual_information,
-    projection_data,
-    run_analyze,
 )
+from comoe.analysis.routing import projection_data
+from comoe.cli.analyze import add_analyze_arguments, run_analyze
 from comoe.config import CoMoEConfig
-from comoe.job import run_job
-from comoe.runconfig import RunConfig
+from comoe.training.job import run_job
+from comoe.training.run_config import RunConfig
+from tests.tiny_models import batch, build, save_tiny_llama_with_real_tokenizer
 
 NAME = "model.layers.3.self_attn.q_proj"
 
@@ -123,10 +125,15 @@ def test_identical_experts_in_a_real_layer_give_redundancy_one():
     with torch.no_grad():
         layer.comoe_A.copy_(layer.comoe_A[:4].repeat(4, 1))
         layer.comoe_B.copy_(torch.randn(layer.out_features, 4).repeat(1, 4))
-    with torch.no_grad(), model.recording(RoutingRecorder(sample_outputs=10, sample_modules={layer.module_name})) as rec:
+    with (
+        torch.no_grad(),
+        model.recording(RoutingRecorder(sample_outputs=10, sample_modules={layer.module_name})) as rec,
+    ):
         model(**batch("llama"))
     outputs = rec.records[layer.module_name].outputs()[0]
-    metrics = module_metrics(layer.module_name, rec.summary()[layer.module_name], outputs, positives=1, negatives=2)
+    metrics = module_metrics(
+        layer.module_name, rec.summary()[layer.module_name], outputs, positives=1, negatives=2
+    )
     assert metrics["cosine"] == pytest.approx(1.0) and metrics["cka"] == pytest.approx(1.0)
     assert metrics["sampled_tokens"] == 10
 
@@ -156,8 +163,18 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("analyze")
     model_dir = root / "tiny-llama"
     save_tiny_llama_with_real_tokenizer(model_dir)
-    run = RunConfig(model=str(model_dir), tasks=["strategyqa", "social_iqa"], train_per_task=8, test_per_task=4,
-                    batch_size=4, r=4, learning_rate=5e-2, max_steps=3, eval_base=False, contrastive_weight=0.1)
+    run = RunConfig(
+        model=str(model_dir),
+        tasks=["strategyqa", "social_iqa"],
+        train_per_task=8,
+        test_per_task=4,
+        batch_size=4,
+        r=4,
+        learning_rate=5e-2,
+        max_steps=3,
+        eval_base=False,
+        contrastive_weight=0.1,
+    )
     run_job(run, root / "run")  # what `comoe train` runs, in-process: no interpreter start-up
     return root / "run"
 
@@ -168,24 +185,43 @@ def analyze_cli(*argv: str) -> int:
     return run_analyze(parser.parse_args(list(argv)))
 
 
+@pytest.mark.slow
 def test_analyze_end_to_end_compares_runs_and_skips_lora(tiny_run, tmp_path):
     lora = tmp_path / "lora"
     lora.mkdir()
-    (lora / "run_config.yaml").write_text((tiny_run / "run_config.yaml").read_text().replace("method: comoe",
-                                                                                            "method: lora"))
+    (lora / "run_config.yaml").write_text(
+        (tiny_run / "run_config.yaml").read_text().replace("method: comoe", "method: lora")
+    )
     twin = tmp_path / "twin"
     shutil.copytree(tiny_run, twin)
     out = tmp_path / "out"
-    assert analyze_cli(str(tiny_run), str(twin), str(lora), "--out", str(out), "--test-per-task", "6",
-                       "--samples", "16", "--projection-samples", "24", "--no-progress") == 0
+    assert (
+        analyze_cli(
+            str(tiny_run),
+            str(twin),
+            str(lora),
+            "--out",
+            str(out),
+            "--test-per-task",
+            "6",
+            "--samples",
+            "16",
+            "--projection-samples",
+            "24",
+            "--no-progress",
+        )
+        == 0
+    )
     payload = json.loads((out / "metrics.json").read_text())
     assert [s["run_dir"] for s in payload["skipped"]] == [str(lora)]
     assert "nothing to analyse" in payload["skipped"][0]["reason"]
     runs = payload["runs"]
     assert len(runs) == 2 and runs[0]["label"] != runs[1]["label"]  # equal labels get the directory name
     run = runs[0]
-    assert run["tasks"] == ["strategyqa", "social_iqa"] and run["examples_per_task"] == {"strategyqa": 6,
-                                                                                         "social_iqa": 6}
+    assert run["tasks"] == ["strategyqa", "social_iqa"] and run["examples_per_task"] == {
+        "strategyqa": 6,
+        "social_iqa": 6,
+    }
     assert [row["layer"] for row in run["layers"]] == [0, 1]
     assert len(run["modules"]) == 8
     for row in run["layers"]:
@@ -202,6 +238,7 @@ def test_analyze_end_to_end_compares_runs_and_skips_lora(tiny_run, tmp_path):
     assert str(lora) in report and "| run | accuracy | NMI" in report
 
 
+@pytest.mark.slow
 def test_analyze_refuses_runs_without_routers_and_bad_modules(tiny_run, tmp_path):
     lora = tmp_path / "lora"
     lora.mkdir()
@@ -209,24 +246,38 @@ def test_analyze_refuses_runs_without_routers_and_bad_modules(tiny_run, tmp_path
     with pytest.raises(NotAnalysable, match="nothing to analyse"):
         analyze_cli(str(lora), "--out", str(tmp_path / "out"))
     with pytest.raises(ValueError, match="adapted layers: \\[0, 1\\]"):
-        analyze_cli(str(tiny_run), "--out", str(tmp_path / "out2"), "--layer", "7", "--test-per-task", "2",
-                    "--no-progress")
+        analyze_cli(
+            str(tiny_run),
+            "--out",
+            str(tmp_path / "out2"),
+            "--layer",
+            "7",
+            "--test-per-task",
+            "2",
+            "--no-progress",
+        )
 
 
-def test_projection_uses_tsne_when_scikit_learn_is_there(monkeypatch):
-    class FakeTSNE:  # stands in for sklearn.manifold.TSNE, which is optional
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-        def fit_transform(self, x):
-            return x[:, :2]
-
-    manifold = SimpleNamespace(TSNE=FakeTSNE)
-    monkeypatch.setitem(sys.modules, "sklearn", SimpleNamespace(manifold=manifold))
-    monkeypatch.setitem(sys.modules, "sklearn.manifold", manifold)
-    outputs = torch.randn(10, 4, 6)
-    data = projection_data(outputs, torch.tensor([[0, 1]] * 10), use_tsne=True, seed=0)
-    assert data["pca"].shape == (40, 2) and data["tsne"].shape == (40, 2)
+def test_projection_runs_scikit_learns_tsne():
+    outputs = torch.randn(10, 4, 6, generator=torch.Generator().manual_seed(0))
+    chosen = torch.tensor([[0, 1]] * 10)
+    data = projection_data(outputs, chosen, use_tsne=True, seed=0)
+    assert data["pca"].shape == (40, 2) and data["tsne"].shape == (40, 2) and np.isfinite(data["tsne"]).all()
+    np.testing.assert_array_equal(
+        projection_data(outputs, chosen, use_tsne=True, seed=0)["tsne"], data["tsne"]
+    )
     assert data["active"].reshape(10, 4)[:, :2].all() and not data["active"].reshape(10, 4)[:, 2:].any()
     assert sum(data["explained_variance"]) <= 1.0
-    assert projection_data(outputs, torch.tensor([[0, 1]] * 10), use_tsne=False, seed=0)["tsne"] is None
+    assert projection_data(outputs, chosen, use_tsne=False, seed=0)["tsne"] is None
+
+
+def test_entropy_and_mutual_information_match_scipy_and_scikit_learn():
+    """Our plug-in estimates are the textbook ones: cross-checked on random task × expert count tables."""
+    rng = np.random.default_rng(0)
+    for shape in [(6, 4), (2, 8), (3, 3)]:
+        joint = rng.integers(0, 60, shape)
+        assert entropy(joint.sum(1)) == pytest.approx(scipy.stats.entropy(joint.sum(1)), abs=1e-12)
+        assert entropy(joint.sum(0)) == pytest.approx(scipy.stats.entropy(joint.sum(0)), abs=1e-12)
+        assert mutual_information(joint) == pytest.approx(
+            mutual_info_score(None, None, contingency=joint), abs=1e-12
+        )

@@ -7,7 +7,7 @@ file under the case's temporary directory, the finished run of the fixture byte-
 weights untouched. Command-line cases run in-process (``comoe.cli.main``); a handful run as real
 subprocesses too, to prove that no traceback reaches the terminal.
 
-Guards patched into ``comoe.job`` turn "training started" and "evaluation started" into test failures,
+Guards patched into ``comoe.training.job`` turn "training started" and "evaluation started" into test failures,
 and for the cases marked ``model=False`` also "the model was loaded": bad input must fail before any of
 these wherever it can.
 """
@@ -28,17 +28,18 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_models import build, tiny_comoe_config
 
-import comoe.job as job
+import comoe.training.job as job
 from comoe import CoMoEConfig, CoMoEModel, get_comoe_model
-from comoe.adapters import load_adapted_model
-from comoe.cli import _requested_fields, build_parser, main
+from comoe.cli.app import build_parser, main
+from comoe.cli.train import requested_fields, run_config_from_args
 from comoe.data.jsonl import DataError
 from comoe.data.registry import load_task
 from comoe.layer import CoMoELayer
 from comoe.model import AdapterLoadError
-from comoe.runconfig import RunConfig, run_config_from_args
+from comoe.training.adapters import load_adapted_model
+from comoe.training.run_config import RunConfig
+from tests.tiny_models import build, tiny_comoe_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -53,9 +54,28 @@ def _one_thread():
 
 
 def _finished(model_dir: Path, run_dir: Path, *extra: str) -> Path:
-    rc = main(["train", "--model", str(model_dir), "--tasks", "strategyqa", "--train-per-task", "8",
-               "--test-per-task", "4", "--batch-size", "4", "--max-steps", "2", "--eval-base", "false",
-               "--output-dir", str(run_dir), *extra])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--tasks",
+            "strategyqa",
+            "--train-per-task",
+            "8",
+            "--test-per-task",
+            "4",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--eval-base",
+            "false",
+            "--output-dir",
+            str(run_dir),
+            *extra,
+        ]
+    )
     assert rc == 0 and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     return run_dir
 
@@ -76,8 +96,10 @@ def finished_lora_run(tiny_model_dir, tmp_path_factory) -> Path:
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file and folder under ``root``, with a hash of each file's bytes."""
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @dataclass
@@ -91,7 +113,11 @@ class Ctx:
     lora: Path | None = None  # a finished plain-LoRA run, for the cases marked lora=True
 
     def sub(self, text: str) -> str:
-        return text.replace("{tmp}", str(self.tmp)).replace("{model}", str(self.model)).replace("{run}", str(self.run))
+        return (
+            text.replace("{tmp}", str(self.tmp))
+            .replace("{model}", str(self.model))
+            .replace("{run}", str(self.run))
+        )
 
     def write(self, rel: str, content: str | bytes) -> Path:
         path = self.tmp / rel
@@ -131,16 +157,20 @@ def copied_run(rel: str, then: Callable[[Path], object] | None = None, *, lora: 
         shutil.copytree(c.lora if lora else c.run, c.tmp / rel)
         if then is not None:
             then(c.tmp / rel)
+
     return setup
 
 
 def saved_lora_adapter(rel: str, then: Callable[[Path], object] | None = None) -> Setup:
     """A PEFT LoRA adapter saved from a fresh tiny Llama."""
+
     def setup(c: Ctx) -> None:
-        get_peft_model(build("llama", seed=1), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(
-            c.tmp / rel)
+        get_peft_model(
+            build("llama", seed=1), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        ).save_pretrained(c.tmp / rel)
         if then is not None:
             then(c.tmp / rel)
+
     return setup
 
 
@@ -150,19 +180,41 @@ def _reshaped_tensors(directory: Path) -> None:
     save_file({name: torch.zeros(3, 3) for name in load_file(path)}, path)
 
 
-def saved_adapter(rel: str, hidden: int = 32, then: Callable[[Path], object] | None = None, **config) -> Setup:
+def saved_adapter(
+    rel: str, hidden: int = 32, then: Callable[[Path], object] | None = None, **config
+) -> Setup:
     """An adapter saved from a fresh tiny Llama of width ``hidden``."""
+
     def setup(c: Ctx) -> None:
-        get_comoe_model(build("llama", seed=1, hidden=hidden), tiny_comoe_config("llama", **config)).save_pretrained(
-            c.tmp / rel)
+        get_comoe_model(
+            build("llama", seed=1, hidden=hidden), tiny_comoe_config("llama", **config)
+        ).save_pretrained(c.tmp / rel)
         if then is not None:
             then(c.tmp / rel)
+
     return setup
 
 
 # --- the command line: in-process cases --------------------------------------------------------------
-TRAIN = ["train", "--model", "{model}", "--tasks", "strategyqa", "--train-per-task", "8", "--test-per-task", "4",
-         "--batch-size", "4", "--max-steps", "1", "--eval-base", "false", "--output-dir", "{tmp}/out"]
+TRAIN = [
+    "train",
+    "--model",
+    "{model}",
+    "--tasks",
+    "strategyqa",
+    "--train-per-task",
+    "8",
+    "--test-per-task",
+    "4",
+    "--batch-size",
+    "4",
+    "--max-steps",
+    "1",
+    "--eval-base",
+    "false",
+    "--output-dir",
+    "{tmp}/out",
+]
 YAML = ["train", "--config", "{tmp}/c.yaml", "--output-dir", "{tmp}/out"]  # no flag hides a YAML value
 JSONL = [*TRAIN, "--tasks", "jsonl:{tmp}/d.jsonl"]
 
@@ -176,8 +228,16 @@ class CliCase:
     lora: bool = False  # does the setup need the finished LoRA run?
 
 
-def cli(id: str, argv: list[str], fragments: list[str], setup: Setup | None = None, *, model: bool = False,
-        lora: bool = False, marks=()) -> pytest.param:
+def cli(
+    id: str,
+    argv: list[str],
+    fragments: list[str],
+    setup: Setup | None = None,
+    *,
+    model: bool = False,
+    lora: bool = False,
+    marks=(),
+) -> pytest.param:
     return pytest.param(CliCase(argv, fragments, setup, model, lora), id=id, marks=marks)
 
 
@@ -187,60 +247,182 @@ def train(*extra: str) -> list[str]:
 
 CLI_CASES = [
     # --- YAML configuration files -----------------------------------------------------------------
-    cli("yaml-learning-rate-word", YAML, ["learning_rate must be a number", "'fast'"], yaml_file("learning_rate: fast\n")),
-    cli("yaml-batch-size-quoted", YAML, ["{tmp}/c.yaml: batch_size must be an integer", "the string '8'",
-                                         "write 8 without quotes"], yaml_file('batch_size: "8"\n')),
-    cli("yaml-learning-rate-inf", YAML, ["{tmp}/c.yaml: learning_rate must be a finite number, got inf"],
-        yaml_file("learning_rate: .inf\n")),
-    cli("yaml-epochs-nan", YAML, ["{tmp}/c.yaml: epochs must be a finite number, got nan"],
-        yaml_file("epochs: .nan\nmax_steps: null\n")),
-    cli("yaml-batch-size-float", YAML, ["batch_size must be an integer", "8.0", "(write 8)"], yaml_file("batch_size: 8.0\n")),
-    cli("yaml-eval-base-word", YAML, ["eval_base must be true or false", "'no'"], yaml_file('eval_base: "no"\n')),
-    cli("yaml-tasks-numbers", YAML, ["tasks must be a list of strings", "item 0 is the integer 1"], yaml_file("tasks: [1, 2]\n")),
-    cli("yaml-unknown-field", YAML, ["{tmp}/c.yaml", "unknown fields ['learning_rat']", "did you mean 'learning_rate'"],
-        yaml_file("learning_rat: 0.1\n")),
-    cli("yaml-invalid-syntax", YAML, ["{tmp}/c.yaml is not valid YAML at line 3", "fix the file there"],
-        yaml_file("r: 4\nlearning_rate: [1, 2\nseed: 3\n")),
-    cli("yaml-list-not-mapping", YAML, ["{tmp}/c.yaml", "expected a mapping of RunConfig fields, got list"],
-        yaml_file("- r\n- 4\n")),
-    cli("yaml-scalar-not-mapping", YAML, ["{tmp}/c.yaml", "expected a mapping of RunConfig fields, got str"],
-        yaml_file("just some words\n")),
-    cli("yaml-missing-file", [*YAML[:2], "{tmp}/nope.yaml", *YAML[3:]], ["no such config file", "{tmp}/nope.yaml"]),
-    cli("yaml-output-dir-is-file", YAML[:3], ["output directory {tmp}/afile is an existing file", "give a directory path"],
-        files({"c.yaml": "output_dir: {tmp}/afile\n", "afile": "x"})),
+    cli(
+        "yaml-learning-rate-word",
+        YAML,
+        ["learning_rate must be a number", "'fast'"],
+        yaml_file("learning_rate: fast\n"),
+    ),
+    cli(
+        "yaml-batch-size-quoted",
+        YAML,
+        ["{tmp}/c.yaml: batch_size must be an integer", "the string '8'", "write 8 without quotes"],
+        yaml_file('batch_size: "8"\n'),
+    ),
+    cli(
+        "yaml-learning-rate-inf",
+        YAML,
+        ["{tmp}/c.yaml: learning_rate must be a finite number, got inf"],
+        yaml_file("learning_rate: .inf\n"),
+    ),
+    cli(
+        "yaml-epochs-nan",
+        YAML,
+        ["{tmp}/c.yaml: epochs must be a finite number, got nan"],
+        yaml_file("epochs: .nan\nmax_steps: null\n"),
+    ),
+    cli(
+        "yaml-batch-size-float",
+        YAML,
+        ["batch_size must be an integer", "8.0", "(write 8)"],
+        yaml_file("batch_size: 8.0\n"),
+    ),
+    cli(
+        "yaml-eval-base-word",
+        YAML,
+        ["eval_base must be true or false", "'no'"],
+        yaml_file('eval_base: "no"\n'),
+    ),
+    cli(
+        "yaml-tasks-numbers",
+        YAML,
+        ["tasks must be a list of strings", "item 0 is the integer 1"],
+        yaml_file("tasks: [1, 2]\n"),
+    ),
+    cli(
+        "yaml-unknown-field",
+        YAML,
+        ["{tmp}/c.yaml", "unknown fields ['learning_rat']", "did you mean 'learning_rate'"],
+        yaml_file("learning_rat: 0.1\n"),
+    ),
+    cli(
+        "yaml-invalid-syntax",
+        YAML,
+        ["{tmp}/c.yaml is not valid YAML at line 3", "fix the file there"],
+        yaml_file("r: 4\nlearning_rate: [1, 2\nseed: 3\n"),
+    ),
+    cli(
+        "yaml-list-not-mapping",
+        YAML,
+        ["{tmp}/c.yaml", "expected a mapping of RunConfig fields, got list"],
+        yaml_file("- r\n- 4\n"),
+    ),
+    cli(
+        "yaml-scalar-not-mapping",
+        YAML,
+        ["{tmp}/c.yaml", "expected a mapping of RunConfig fields, got str"],
+        yaml_file("just some words\n"),
+    ),
+    cli(
+        "yaml-missing-file",
+        [*YAML[:2], "{tmp}/nope.yaml", *YAML[3:]],
+        ["no such config file", "{tmp}/nope.yaml"],
+    ),
+    cli(
+        "yaml-output-dir-is-file",
+        YAML[:3],
+        ["output directory {tmp}/afile is an existing file", "give a directory path"],
+        files({"c.yaml": "output_dir: {tmp}/afile\n", "afile": "x"}),
+    ),
     # --- flags ---------------------------------------------------------------------------------------
     cli("max-steps-0", train("--max-steps", "0"), ["max_steps must be >= 1", "or none", "got 0"]),
     cli("max-steps-negative", train("--max-steps", "-1"), ["max_steps must be >= 1", "got -1"]),
     cli("max-length-1", train("--max-length", "1"), ["max_length", "--max-length 3"], model=True),
-    cli("max-length-2", train("--max-length", "2"), ["max_length=2 is too short", "task 'strategyqa'",
-                                                     "give --max-length 3 or more"], model=True),
-    cli("tasks-twice", train("--tasks", "winowhy,winowhy"), ["task 'winowhy' is named twice", "name each task once"]),
-    cli("tasks-twice-other-case", train("--tasks", "strategyqa,StrategyQA"), ["named twice", "are the same task"]),
-    cli("tasks-suite-and-its-task", train("--tasks", "suite:hard,StrategyQA"),
-        ["task 'StrategyQA' is named twice", "'suite:hard' and 'StrategyQA' both name it", "name each task once"]),
+    cli(
+        "max-length-2",
+        train("--max-length", "2"),
+        ["max_length=2 is too short", "task 'strategyqa'", "give --max-length 3 or more"],
+        model=True,
+    ),
+    cli(
+        "tasks-twice",
+        train("--tasks", "winowhy,winowhy"),
+        ["task 'winowhy' is named twice", "name each task once"],
+    ),
+    cli(
+        "tasks-twice-other-case",
+        train("--tasks", "strategyqa,StrategyQA"),
+        ["named twice", "are the same task"],
+    ),
+    cli(
+        "tasks-suite-and-its-task",
+        train("--tasks", "suite:hard,StrategyQA"),
+        [
+            "task 'StrategyQA' is named twice",
+            "'suite:hard' and 'StrategyQA' both name it",
+            "name each task once",
+        ],
+    ),
     cli("tasks-empty-list", train("--tasks", ","), ["tasks is empty", "comoe tasks"]),
     cli("jsonl-empty-path", train("--tasks", "jsonl:"), ["task 'jsonl:' names no file", "write jsonl:PATH"]),
-    cli("jsonl-directory", train("--tasks", "jsonl:{tmp}/data"), ["{tmp}/data is a directory", "name a JSONL file in it"],
-        files({"data/readme.txt": "x"})),
-    cli("jsonl-missing-file", train("--tasks", "jsonl:{tmp}/missing.jsonl"),
-        ["no such JSONL file: {tmp}/missing.jsonl", "relative paths start at {tmp}"]),
-    cli("jsonl-missing-file-no-prefix", train("--tasks", "mine.jsonl"), ["no such JSONL file: mine.jsonl",
-                                                                          "relative paths start at {tmp}"]),
-    cli("unknown-task", train("--tasks", "nosuchtask"), ["unknown task 'nosuchtask'", "built-in suite",
-                                                         "(offline)", "strategyqa", "jsonl:PATH"]),
-    cli("hub-task-offline", train("--tasks", "arc_e"), ["paper benchmark 'arc_e'", "HF_HUB_OFFLINE=1",
-                                                        "Offline alternatives", "built-in suite",
-                                                        "jsonl:PATH"]),
-    cli("method-unknown", train("--method", "foo"), ["method must be one of comoe, moe-lora, soft-moe, lora", "'foo'"]),
+    cli(
+        "jsonl-directory",
+        train("--tasks", "jsonl:{tmp}/data"),
+        ["{tmp}/data is a directory", "name a JSONL file in it"],
+        files({"data/readme.txt": "x"}),
+    ),
+    cli(
+        "jsonl-missing-file",
+        train("--tasks", "jsonl:{tmp}/missing.jsonl"),
+        ["no such JSONL file: {tmp}/missing.jsonl", "relative paths start at {tmp}"],
+    ),
+    cli(
+        "jsonl-missing-file-no-prefix",
+        train("--tasks", "mine.jsonl"),
+        ["no such JSONL file: mine.jsonl", "relative paths start at {tmp}"],
+    ),
+    cli(
+        "unknown-task",
+        train("--tasks", "nosuchtask"),
+        ["unknown task 'nosuchtask'", "built-in suite", "(offline)", "strategyqa", "jsonl:PATH"],
+    ),
+    cli(
+        "hub-task-offline",
+        train("--tasks", "arc_e"),
+        [
+            "paper benchmark 'arc_e'",
+            "HF_HUB_OFFLINE=1",
+            "Offline alternatives",
+            "built-in suite",
+            "jsonl:PATH",
+        ],
+    ),
+    cli(
+        "method-unknown",
+        train("--method", "foo"),
+        ["method must be one of comoe, moe-lora, soft-moe, lora", "'foo'"],
+    ),
     cli("setting-unknown", train("--setting", "both"), ["setting must be one of multi, single", "'both'"]),
     cli("protocol-unknown", train("--protocol", "exact"), ["protocol must be one of label, loglik"]),
-    cli("scheduler-unknown", train("--scheduler", "foo"), ["scheduler must be one of linear, cosine", "'foo'"]),
-    cli("expert-path-unknown", train("--expert-path", "fast"), ["expert_path must be one of", "'dense'", "'fast'"]),
+    cli(
+        "scheduler-unknown", train("--scheduler", "foo"), ["scheduler must be one of linear, cosine", "'foo'"]
+    ),
+    cli(
+        "expert-path-unknown",
+        train("--expert-path", "fast"),
+        ["expert_path must be one of", "'dense'", "'fast'"],
+    ),
     cli("anchor-unknown", train("--anchor", "first"), ["anchor must be one of", "'random'", "'first'"]),
-    cli("top-k-above-experts", train("--top-k", "9"), ["top_k must be an integer in 1..num_experts=4", "got 9"]),
-    cli("num-experts-below-top-k", train("--num-experts", "1"), ["top_k must be an integer in 1..num_experts=1"]),
-    cli("num-negatives-too-many", train("--num-negatives", "5"), ["num_negatives", "1..2 (num_experts - top_k)", "got 5"]),
-    cli("learning-rate-word", train("--learning-rate", "abc"), ["argument --learning-rate", "cannot read 'abc' as a number"]),
+    cli(
+        "top-k-above-experts",
+        train("--top-k", "9"),
+        ["top_k must be an integer in 1..num_experts=4", "got 9"],
+    ),
+    cli(
+        "num-experts-below-top-k",
+        train("--num-experts", "1"),
+        ["top_k must be an integer in 1..num_experts=1"],
+    ),
+    cli(
+        "num-negatives-too-many",
+        train("--num-negatives", "5"),
+        ["num_negatives", "1..2 (num_experts - top_k)", "got 5"],
+    ),
+    cli(
+        "learning-rate-word",
+        train("--learning-rate", "abc"),
+        ["argument --learning-rate", "cannot read 'abc' as a number"],
+    ),
     cli("learning-rate-zero", train("--learning-rate", "0"), ["learning_rate must be > 0", "got 0.0"]),
     cli("seed-float", train("--seed", "1.5"), ["argument --seed", "cannot read '1.5' as an integer"]),
     cli("bf16-word", train("--bf16", "maybe"), ["argument --bf16", "cannot read 'maybe' as true or false"]),
@@ -249,146 +431,408 @@ CLI_CASES = [
     cli("eval-batch-size-0", train("--eval-batch-size", "0"), ["eval_batch_size must be >= 1", "got 0"]),
     cli("train-per-task-0", train("--train-per-task", "0"), ["train_per_task must be >= 1 or none", "got 0"]),
     cli("epochs-0", train("--epochs", "0", "--max-steps", "none"), ["epochs must be > 0", "got 0.0"]),
-    cli("epochs-inf", train("--epochs", "inf", "--max-steps", "none"), ["epochs must be a finite number, got inf"]),
-    cli("learning-rate-nan", train("--learning-rate", "nan"), ["learning_rate must be a finite number, got nan"]),
-    cli("tasks-twice-by-alias", train("--tasks", "arc_easy,arc_e"), ["task 'arc_e' is named twice",
-                                                                     "'arc_easy' and 'arc_e' are the same task"]),
+    cli(
+        "epochs-inf",
+        train("--epochs", "inf", "--max-steps", "none"),
+        ["epochs must be a finite number, got inf"],
+    ),
+    cli(
+        "learning-rate-nan",
+        train("--learning-rate", "nan"),
+        ["learning_rate must be a finite number, got nan"],
+    ),
+    cli(
+        "tasks-twice-by-alias",
+        train("--tasks", "arc_easy,arc_e"),
+        ["task 'arc_e' is named twice", "'arc_easy' and 'arc_e' are the same task"],
+    ),
     cli("warmup-ratio-2", train("--warmup-ratio", "2"), ["warmup_ratio must be in [0, 1]", "got 2.0"]),
     cli("r-0", train("--r", "0"), ["r must be a positive integer", "got 0"]),
     cli("lora-dropout-1.5", train("--lora-dropout", "1.5"), ["lora_dropout must be in [0, 1)", "got 1.5"]),
-    cli("contrastive-weight-negative", train("--contrastive-weight", "-1"), ["contrastive_weight must be >= 0"]),
+    cli(
+        "contrastive-weight-negative",
+        train("--contrastive-weight", "-1"),
+        ["contrastive_weight must be >= 0"],
+    ),
     cli("temperature-0", train("--temperature", "0"), ["temperature must be > 0"]),
-    cli("layers-unknown-group", train("--layers", "middle+low"), ["layers must be a list of indices or one of",
-                                                                  "'low+high'", "'middle+low'"]),
-    cli("target-modules-no-match", train("--target-modules", "nosuch"),
-        ["target_modules=['nosuch'] matched no", "q_proj", "down_proj"], model=True),
-    cli("target-modules-no-match-lora", train("--method", "lora", "--target-modules", "nosuch"),
-        ["target_modules=['nosuch'] matched no", "v_proj"], model=True),
-    cli("layers-beyond-model", train("--layers", "7"), ["layers [7] do not exist", "2 layers (0..1)"], model=True),
-    cli("model-missing-dir", train("--model", "/no/such/dir"), ["no such model directory: /no/such/dir", "smollm2-135m"],
-        model=True),  # checked by load_base_model, before it loads anything
-    cli("model-dir-without-config", train("--model", "{tmp}/empty"), ["model directory {tmp}/empty has no config.json",
-                                                                      "save_pretrained"], files({"empty/notes.txt": "x"}),
-        model=True),
-    cli("model-is-file", train("--model", "{tmp}/weights.bin"), ["'{tmp}/weights.bin' is a file",
-                                                                 "give a model directory (with config.json)"],
-        files({"weights.bin": "x"}), model=True),
-    cli("output-dir-is-file", train("--output-dir", "{tmp}/afile"), ["output directory {tmp}/afile is an existing file",
-                                                                     "give a directory path"], files({"afile": "x"})),
-    cli("output-dir-under-file", train("--output-dir", "{tmp}/afile/sub"), ["{tmp}/afile is a file, not a directory",
-                                                                           "give another path"], files({"afile": "x"})),
-    cli("output-dir-holds-a-run", train("--output-dir", "{run}"), ["{run} already holds a run",
-                                                                  "comoe train --resume {run}", "another --output-dir"]),
+    cli(
+        "layers-unknown-group",
+        train("--layers", "middle+low"),
+        ["layers must be a list of indices or one of", "'low+high'", "'middle+low'"],
+    ),
+    cli(
+        "target-modules-no-match",
+        train("--target-modules", "nosuch"),
+        ["target_modules=['nosuch'] matched no", "q_proj", "down_proj"],
+        model=True,
+    ),
+    cli(
+        "target-modules-no-match-lora",
+        train("--method", "lora", "--target-modules", "nosuch"),
+        ["target_modules=['nosuch'] matched no", "v_proj"],
+        model=True,
+    ),
+    cli(
+        "layers-beyond-model",
+        train("--layers", "7"),
+        ["layers [7] do not exist", "2 layers (0..1)"],
+        model=True,
+    ),
+    cli(
+        "model-missing-dir",
+        train("--model", "/no/such/dir"),
+        ["no such model directory: /no/such/dir", "smollm2-135m"],
+        model=True,
+    ),  # checked by load_base_model, before it loads anything
+    cli(
+        "model-dir-without-config",
+        train("--model", "{tmp}/empty"),
+        ["model directory {tmp}/empty has no config.json", "save_pretrained"],
+        files({"empty/notes.txt": "x"}),
+        model=True,
+    ),
+    cli(
+        "model-is-file",
+        train("--model", "{tmp}/weights.bin"),
+        ["'{tmp}/weights.bin' is a file", "give a model directory (with config.json)"],
+        files({"weights.bin": "x"}),
+        model=True,
+    ),
+    cli(
+        "output-dir-is-file",
+        train("--output-dir", "{tmp}/afile"),
+        ["output directory {tmp}/afile is an existing file", "give a directory path"],
+        files({"afile": "x"}),
+    ),
+    cli(
+        "output-dir-under-file",
+        train("--output-dir", "{tmp}/afile/sub"),
+        ["{tmp}/afile is a file, not a directory", "give another path"],
+        files({"afile": "x"}),
+    ),
+    cli(
+        "output-dir-holds-a-run",
+        train("--output-dir", "{run}"),
+        ["{run} already holds a run", "comoe train --resume {run}", "another --output-dir"],
+    ),
     # --- JSONL content ---------------------------------------------------------------------------
-    cli("jsonl-malformed-line", JSONL, ["{tmp}/d.jsonl:2: invalid JSON", "one complete JSON object"],
-        jsonl_file(mc(1), '{"question": "q", "choices": ["a", "b"], "answer": 0', mc(3))),
-    cli("jsonl-not-an-object", JSONL, ["{tmp}/d.jsonl:2: expected a JSON object, got array"], jsonl_file(mc(1), "[1, 2]")),
-    cli("jsonl-missing-answer", JSONL, ["{tmp}/d.jsonl:2: missing field 'answer'", "0-based index"],
-        jsonl_file(mc(1), {"question": "q", "choices": ["a", "b"]})),
-    cli("jsonl-missing-everything", JSONL, ["{tmp}/d.jsonl:1: missing fields", "'question', 'choices', 'answer'",
-                                            "'prompt', 'target'"], jsonl_file({"text": "hello"})),
-    cli("jsonl-answer-index-out-of-range", JSONL, ["{tmp}/d.jsonl:2: answer index 2 out of range for 2 choices (0..1)"],
-        jsonl_file(mc(1), {"question": "q", "choices": ["a", "b"], "answer": 2})),
-    cli("jsonl-answer-letter-out-of-range", JSONL, ["{tmp}/d.jsonl:1: answer letter 'C'", "(A..B)"],
-        jsonl_file({"question": "q", "choices": ["a", "b"], "answer": "C"})),
-    cli("jsonl-answer-not-a-choice", JSONL, ["{tmp}/d.jsonl:1: answer 'maybe' is not one of the choices", "A..B"],
-        jsonl_file({"question": "q", "choices": ["yes", "no"], "answer": "maybe"})),
-    cli("jsonl-answer-float", JSONL, ["{tmp}/d.jsonl:1: 'answer' must be an integer index, an option's text or a letter"],
-        jsonl_file({"question": "q", "choices": ["yes", "no"], "answer": 1.0})),
-    cli("jsonl-duplicate-choice", JSONL, ["{tmp}/d.jsonl:1: choice 'a' appears twice", "must be distinct"],
-        jsonl_file({"question": "q", "choices": ["a", "a"], "answer": 0})),
-    cli("jsonl-one-choice", JSONL, ["{tmp}/d.jsonl:1: 'choices' needs at least 2 options, got 1"],
-        jsonl_file({"question": "q", "choices": ["a"], "answer": 0})),
-    cli("jsonl-choices-string", JSONL, ["{tmp}/d.jsonl:1: 'choices' must be a list of strings, got string"],
-        jsonl_file({"question": "q", "choices": "a,b", "answer": 0})),
-    cli("jsonl-question-wrong-type", JSONL, ["{tmp}/d.jsonl:1: 'question' must be a string, got integer"],
-        jsonl_file({"question": 3, "choices": ["a", "b"], "answer": 0})),
-    cli("jsonl-choices-and-target", JSONL, ["{tmp}/d.jsonl:1:", "'choices' + 'answer' (multiple choice) or 'target'"],
-        jsonl_file({"question": "q", "choices": ["a", "b"], "answer": 0, "target": "a"})),
-    cli("jsonl-empty-file", JSONL, ["{tmp}/d.jsonl:1: empty file", "one JSON object per line"], files({"d.jsonl": ""})),
-    cli("jsonl-blank-lines-only", JSONL, ["{tmp}/d.jsonl:1: empty file", "one JSON object per line"],
-        files({"d.jsonl": "\n   \n\n"})),
-    cli("jsonl-invalid-utf8", JSONL, ["{tmp}/d.jsonl:2: not valid UTF-8"],
-        files({"d.jsonl": rows(mc(1)).encode() + b'{"question": "caf\xe9", "choices": ["a", "b"], "answer": 0}\n'})),
-    cli("jsonl-mixed-kinds", JSONL, ["{tmp}/d.jsonl:3: task 'd' mixes multiple choice (line 1) and generation",
-                                     "its own file"],
-        jsonl_file(mc(1), mc(2), {"prompt": "Say hi", "target": "hi"}, {"prompt": "Say yo", "target": "yo"})),
-    cli("jsonl-same-stem-two-dirs", train("--tasks", "jsonl:{tmp}/x/same.jsonl,jsonl:{tmp}/y/same.jsonl"),
-        ["'jsonl:{tmp}/x/same.jsonl' and 'jsonl:{tmp}/y/same.jsonl' both hold a task named 'same'",
-         "rename a file or set \"task\""],
-        files({"x/same.jsonl": rows(*(mc(i) for i in range(6))), "y/same.jsonl": rows(*(mc(i + 10) for i in range(6)))})),
-    cli("jsonl-named-like-builtin", train("--tasks", "strategyqa,jsonl:{tmp}/strategyqa.jsonl"),
-        ["both hold a task named 'strategyqa'", "rename a file"], files({"strategyqa.jsonl": rows(*(mc(i) for i in range(6)))})),
-    cli("jsonl-same-file-twice", train("--tasks", "jsonl:{tmp}/d.jsonl,{tmp}/d.jsonl"),
-        ["is named twice", "are the same file", "name each task once"], jsonl_file(*(mc(i) for i in range(6)))),
-    cli("jsonl-partial-splits", JSONL, ['{tmp}/d.jsonl:2: this line has no "split" but line 1 has one',
-                                        'give every line a "split" or none', "{tmp}/d.jsonl:4: this line"],
-        jsonl_file(mc(1, split="train"), mc(2), mc(3, split="test"), mc(4))),
-    cli("jsonl-task-path-like", JSONL, ["{tmp}/d.jsonl:2: 'task' '../escape' is not a plain name",
-                                        "letters, digits, '_', '.' and '-'", "without '..'"],
-        jsonl_file(mc(1, task="a"), mc(2, task="../escape"), mc(3, task="a"))),
-    cli("jsonl-task-absolute-path", JSONL, ["{tmp}/d.jsonl:1: 'task' '/tmp/x' is not a plain name"],
-        jsonl_file(mc(1, task="/tmp/x"))),
-    cli("jsonl-task-one-input-without-splits", JSONL, ["{tmp}/d.jsonl: task 'b' has 1 distinct input",
-                                                       "at least 2 distinct inputs per task", "add lines to that task"],
-        jsonl_file(*(mc(i, task="a") for i in range(6)), mc(1, task="b"))),
-    cli("jsonl-all-lines-train", JSONL, ["{tmp}/d.jsonl: no lines with split 'test'", "the file has train",
-                                         '"split": "test"'], jsonl_file(*(mc(i, split="train") for i in range(6)))),
-    cli("jsonl-one-task-without-test", JSONL, ["task 'b' of 'jsonl:{tmp}/d.jsonl' has train examples but no test",
-                                               '"split": "test"'],
-        jsonl_file(mc(1, task="a", split="train"), mc(2, task="a", split="test"), mc(3, task="b", split="train"))),
+    cli(
+        "jsonl-malformed-line",
+        JSONL,
+        ["{tmp}/d.jsonl:2: invalid JSON", "one complete JSON object"],
+        jsonl_file(mc(1), '{"question": "q", "choices": ["a", "b"], "answer": 0', mc(3)),
+    ),
+    cli(
+        "jsonl-not-an-object",
+        JSONL,
+        ["{tmp}/d.jsonl:2: expected a JSON object, got array"],
+        jsonl_file(mc(1), "[1, 2]"),
+    ),
+    cli(
+        "jsonl-missing-answer",
+        JSONL,
+        ["{tmp}/d.jsonl:2: missing field 'answer'", "0-based index"],
+        jsonl_file(mc(1), {"question": "q", "choices": ["a", "b"]}),
+    ),
+    cli(
+        "jsonl-missing-everything",
+        JSONL,
+        ["{tmp}/d.jsonl:1: missing fields", "'question', 'choices', 'answer'", "'prompt', 'target'"],
+        jsonl_file({"text": "hello"}),
+    ),
+    cli(
+        "jsonl-answer-index-out-of-range",
+        JSONL,
+        ["{tmp}/d.jsonl:2: answer index 2 out of range for 2 choices (0..1)"],
+        jsonl_file(mc(1), {"question": "q", "choices": ["a", "b"], "answer": 2}),
+    ),
+    cli(
+        "jsonl-answer-letter-out-of-range",
+        JSONL,
+        ["{tmp}/d.jsonl:1: answer letter 'C'", "(A..B)"],
+        jsonl_file({"question": "q", "choices": ["a", "b"], "answer": "C"}),
+    ),
+    cli(
+        "jsonl-answer-not-a-choice",
+        JSONL,
+        ["{tmp}/d.jsonl:1: answer 'maybe' is not one of the choices", "A..B"],
+        jsonl_file({"question": "q", "choices": ["yes", "no"], "answer": "maybe"}),
+    ),
+    cli(
+        "jsonl-answer-float",
+        JSONL,
+        ["{tmp}/d.jsonl:1: 'answer' must be an integer index, an option's text or a letter"],
+        jsonl_file({"question": "q", "choices": ["yes", "no"], "answer": 1.0}),
+    ),
+    cli(
+        "jsonl-duplicate-choice",
+        JSONL,
+        ["{tmp}/d.jsonl:1: choice 'a' appears twice", "must be distinct"],
+        jsonl_file({"question": "q", "choices": ["a", "a"], "answer": 0}),
+    ),
+    cli(
+        "jsonl-one-choice",
+        JSONL,
+        ["{tmp}/d.jsonl:1: 'choices' needs at least 2 options, got 1"],
+        jsonl_file({"question": "q", "choices": ["a"], "answer": 0}),
+    ),
+    cli(
+        "jsonl-choices-string",
+        JSONL,
+        ["{tmp}/d.jsonl:1: 'choices' must be a list of strings, got string"],
+        jsonl_file({"question": "q", "choices": "a,b", "answer": 0}),
+    ),
+    cli(
+        "jsonl-question-wrong-type",
+        JSONL,
+        ["{tmp}/d.jsonl:1: 'question' must be a string, got integer"],
+        jsonl_file({"question": 3, "choices": ["a", "b"], "answer": 0}),
+    ),
+    cli(
+        "jsonl-choices-and-target",
+        JSONL,
+        ["{tmp}/d.jsonl:1:", "'choices' + 'answer' (multiple choice) or 'target'"],
+        jsonl_file({"question": "q", "choices": ["a", "b"], "answer": 0, "target": "a"}),
+    ),
+    cli(
+        "jsonl-empty-file",
+        JSONL,
+        ["{tmp}/d.jsonl:1: empty file", "one JSON object per line"],
+        files({"d.jsonl": ""}),
+    ),
+    cli(
+        "jsonl-blank-lines-only",
+        JSONL,
+        ["{tmp}/d.jsonl:1: empty file", "one JSON object per line"],
+        files({"d.jsonl": "\n   \n\n"}),
+    ),
+    cli(
+        "jsonl-invalid-utf8",
+        JSONL,
+        ["{tmp}/d.jsonl:2: not valid UTF-8"],
+        files(
+            {
+                "d.jsonl": rows(mc(1)).encode()
+                + b'{"question": "caf\xe9", "choices": ["a", "b"], "answer": 0}\n'
+            }
+        ),
+    ),
+    cli(
+        "jsonl-mixed-kinds",
+        JSONL,
+        ["{tmp}/d.jsonl:3: task 'd' mixes multiple choice (line 1) and generation", "its own file"],
+        jsonl_file(mc(1), mc(2), {"prompt": "Say hi", "target": "hi"}, {"prompt": "Say yo", "target": "yo"}),
+    ),
+    cli(
+        "jsonl-same-stem-two-dirs",
+        train("--tasks", "jsonl:{tmp}/x/same.jsonl,jsonl:{tmp}/y/same.jsonl"),
+        [
+            "'jsonl:{tmp}/x/same.jsonl' and 'jsonl:{tmp}/y/same.jsonl' both hold a task named 'same'",
+            'rename a file or set "task"',
+        ],
+        files(
+            {
+                "x/same.jsonl": rows(*(mc(i) for i in range(6))),
+                "y/same.jsonl": rows(*(mc(i + 10) for i in range(6))),
+            }
+        ),
+    ),
+    cli(
+        "jsonl-named-like-builtin",
+        train("--tasks", "strategyqa,jsonl:{tmp}/strategyqa.jsonl"),
+        ["both hold a task named 'strategyqa'", "rename a file"],
+        files({"strategyqa.jsonl": rows(*(mc(i) for i in range(6)))}),
+    ),
+    cli(
+        "jsonl-same-file-twice",
+        train("--tasks", "jsonl:{tmp}/d.jsonl,{tmp}/d.jsonl"),
+        ["is named twice", "are the same file", "name each task once"],
+        jsonl_file(*(mc(i) for i in range(6))),
+    ),
+    cli(
+        "jsonl-partial-splits",
+        JSONL,
+        [
+            '{tmp}/d.jsonl:2: this line has no "split" but line 1 has one',
+            'give every line a "split" or none',
+            "{tmp}/d.jsonl:4: this line",
+        ],
+        jsonl_file(mc(1, split="train"), mc(2), mc(3, split="test"), mc(4)),
+    ),
+    cli(
+        "jsonl-task-path-like",
+        JSONL,
+        [
+            "{tmp}/d.jsonl:2: 'task' '../escape' is not a plain name",
+            "letters, digits, '_', '.' and '-'",
+            "without '..'",
+        ],
+        jsonl_file(mc(1, task="a"), mc(2, task="../escape"), mc(3, task="a")),
+    ),
+    cli(
+        "jsonl-task-absolute-path",
+        JSONL,
+        ["{tmp}/d.jsonl:1: 'task' '/tmp/x' is not a plain name"],
+        jsonl_file(mc(1, task="/tmp/x")),
+    ),
+    cli(
+        "jsonl-task-one-input-without-splits",
+        JSONL,
+        [
+            "{tmp}/d.jsonl: task 'b' has 1 distinct input",
+            "at least 2 distinct inputs per task",
+            "add lines to that task",
+        ],
+        jsonl_file(*(mc(i, task="a") for i in range(6)), mc(1, task="b")),
+    ),
+    cli(
+        "jsonl-all-lines-train",
+        JSONL,
+        ["{tmp}/d.jsonl: no lines with split 'test'", "the file has train", '"split": "test"'],
+        jsonl_file(*(mc(i, split="train") for i in range(6))),
+    ),
+    cli(
+        "jsonl-one-task-without-test",
+        JSONL,
+        ["task 'b' of 'jsonl:{tmp}/d.jsonl' has train examples but no test", '"split": "test"'],
+        jsonl_file(
+            mc(1, task="a", split="train"), mc(2, task="a", split="test"), mc(3, task="b", split="train")
+        ),
+    ),
     # --- --resume ----------------------------------------------------------------------------------
-    cli("resume-not-a-run", ["train", "--resume", "{tmp}/notrun"], ["--resume {tmp}/notrun", "no run_config.yaml",
-                                                                   "written by `comoe train`"], files({"notrun/x": "x"})),
-    cli("resume-missing-dir", ["train", "--resume", "{tmp}/nowhere"], ["--resume {tmp}/nowhere", "no run_config.yaml"]),
-    cli("resume-learning-rate-changed", ["train", "--resume", "{run}", "--learning-rate", "0.5"],
-        ["--resume {run}", "learning_rate: 0.001 -> 0.5", "drop those flags", "eval_batch_size"]),
-    cli("resume-tasks-changed", ["train", "--resume", "{run}", "--tasks", "winowhy"],
-        ["tasks: ['strategyqa'] -> ['winowhy']", "start a new run without --resume"]),
-    cli("resume-output-dir-elsewhere", ["train", "--resume", "{run}", "--output-dir", "{tmp}/elsewhere"],
-        ["--resume {run} continues the run in its own directory", "drop --output-dir {tmp}/elsewhere"]),
-    cli("resume-max-steps-none", ["train", "--resume", "{run}", "--max-steps", "none"],
-        ["--resume {run}", "max_steps: 2 -> None", "drop those flags"]),  # `none` is a value given, not ignored
-    cli("resume-bad-value", ["train", "--resume", "{run}", "--eval-batch-size", "0"],
-        ["eval_batch_size must be >= 1", "got 0"]),
-    cli("resume-config-unknown-field", ["train", "--resume", "{run}", "--config", "{tmp}/c.yaml"],
+    cli(
+        "resume-not-a-run",
+        ["train", "--resume", "{tmp}/notrun"],
+        ["--resume {tmp}/notrun", "no run_config.yaml", "written by `comoe train`"],
+        files({"notrun/x": "x"}),
+    ),
+    cli(
+        "resume-missing-dir",
+        ["train", "--resume", "{tmp}/nowhere"],
+        ["--resume {tmp}/nowhere", "no run_config.yaml"],
+    ),
+    cli(
+        "resume-learning-rate-changed",
+        ["train", "--resume", "{run}", "--learning-rate", "0.5"],
+        ["--resume {run}", "learning_rate: 0.001 -> 0.5", "drop those flags", "eval_batch_size"],
+    ),
+    cli(
+        "resume-tasks-changed",
+        ["train", "--resume", "{run}", "--tasks", "winowhy"],
+        ["tasks: ['strategyqa'] -> ['winowhy']", "start a new run without --resume"],
+    ),
+    cli(
+        "resume-output-dir-elsewhere",
+        ["train", "--resume", "{run}", "--output-dir", "{tmp}/elsewhere"],
+        ["--resume {run} continues the run in its own directory", "drop --output-dir {tmp}/elsewhere"],
+    ),
+    cli(
+        "resume-max-steps-none",
+        ["train", "--resume", "{run}", "--max-steps", "none"],
+        ["--resume {run}", "max_steps: 2 -> None", "drop those flags"],
+    ),  # `none` is a value given, not ignored
+    cli(
+        "resume-bad-value",
+        ["train", "--resume", "{run}", "--eval-batch-size", "0"],
+        ["eval_batch_size must be >= 1", "got 0"],
+    ),
+    cli(
+        "resume-config-unknown-field",
+        ["train", "--resume", "{run}", "--config", "{tmp}/c.yaml"],
         ["{tmp}/c.yaml: unknown fields ['eval_bach_size']", "did you mean 'eval_batch_size'"],
-        yaml_file("eval_bach_size: 4\n")),
+        yaml_file("eval_bach_size: 4\n"),
+    ),
     # --- comoe eval --------------------------------------------------------------------------------
-    cli("eval-not-a-run", ["eval", "{tmp}/notrun"], ["{tmp}/notrun is not a comoe run directory",
-                                                     "written by `comoe train`", "--base-only"], files({"notrun/x": "x"})),
+    cli(
+        "eval-not-a-run",
+        ["eval", "{tmp}/notrun"],
+        ["{tmp}/notrun is not a comoe run directory", "written by `comoe train`", "--base-only"],
+        files({"notrun/x": "x"}),
+    ),
     cli("eval-no-run-dir", ["eval"], ["give a RUN_DIR", "--base-only"]),
-    cli("eval-adapter-missing", ["eval", "{tmp}/r"], ["{tmp}/r has no trained adapter at {tmp}/r/adapter",
-                                                      "comoe train --resume {tmp}/r"],
-        copied_run("r", lambda r: shutil.rmtree(r / "adapter"))),
-    cli("eval-adapter-config-corrupted", ["eval", "{tmp}/r"], ["{tmp}/r/adapter/adapter_config.json is not valid JSON",
-                                                               "re-save the adapter or restore the file"],
-        copied_run("r", lambda r: (r / "adapter" / "adapter_config.json").write_text('{"r": 4,')), model=True),
-    cli("eval-adapter-weights-corrupted", ["eval", "{tmp}/r"], ["{tmp}/r/adapter/adapter_model.safetensors",
-                                                                "not a readable safetensors file", "nothing was loaded"],
-        copied_run("r", lambda r: (r / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")), model=True),
-    cli("eval-lora-weights-garbage", ["eval", "{tmp}/r"], ["{tmp}/r/adapter/adapter_model.safetensors",
-                                                           "not a readable safetensors file", "nothing was loaded"],
-        copied_run("r", lambda r: (r / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage"), lora=True),
-        model=True, lora=True),
-    cli("eval-lora-config-array", ["eval", "{tmp}/r"], ["{tmp}/r/adapter/adapter_config.json holds a JSON array",
-                                                        "re-save the adapter or restore the file"],
+    cli(
+        "eval-adapter-missing",
+        ["eval", "{tmp}/r"],
+        ["{tmp}/r has no trained adapter at {tmp}/r/adapter", "comoe train --resume {tmp}/r"],
+        copied_run("r", lambda r: shutil.rmtree(r / "adapter")),
+    ),
+    cli(
+        "eval-adapter-config-corrupted",
+        ["eval", "{tmp}/r"],
+        ["{tmp}/r/adapter/adapter_config.json is not valid JSON", "re-save the adapter or restore the file"],
+        copied_run("r", lambda r: (r / "adapter" / "adapter_config.json").write_text('{"r": 4,')),
+        model=True,
+    ),
+    cli(
+        "eval-adapter-weights-corrupted",
+        ["eval", "{tmp}/r"],
+        [
+            "{tmp}/r/adapter/adapter_model.safetensors",
+            "not a readable safetensors file",
+            "nothing was loaded",
+        ],
+        copied_run("r", lambda r: (r / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")),
+        model=True,
+    ),
+    cli(
+        "eval-lora-weights-garbage",
+        ["eval", "{tmp}/r"],
+        [
+            "{tmp}/r/adapter/adapter_model.safetensors",
+            "not a readable safetensors file",
+            "nothing was loaded",
+        ],
+        copied_run(
+            "r", lambda r: (r / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage"), lora=True
+        ),
+        model=True,
+        lora=True,
+    ),
+    cli(
+        "eval-lora-config-array",
+        ["eval", "{tmp}/r"],
+        ["{tmp}/r/adapter/adapter_config.json holds a JSON array", "re-save the adapter or restore the file"],
         copied_run("r", lambda r: (r / "adapter" / "adapter_config.json").write_text("[1, 2]"), lora=True),
-        model=True, lora=True),
-    cli("eval-lora-config-no-peft-type", ["eval", "{tmp}/r"], ['{tmp}/r/adapter/adapter_config.json has no "peft_type"',
-                                                               "re-save the adapter"],
+        model=True,
+        lora=True,
+    ),
+    cli(
+        "eval-lora-config-no-peft-type",
+        ["eval", "{tmp}/r"],
+        ['{tmp}/r/adapter/adapter_config.json has no "peft_type"', "re-save the adapter"],
         copied_run("r", lambda r: (r / "adapter" / "adapter_config.json").write_text('{"r": 4}'), lora=True),
-        model=True, lora=True),
-    cli("eval-lora-weights-wrong-shapes", ["eval", "{tmp}/r"], ["{tmp}/r/adapter: PEFT could not load this LORA adapter",
-                                                                "size mismatch", "re-save the adapter"],
-        copied_run("r", lambda r: _reshaped_tensors(r / "adapter"), lora=True), model=True, lora=True),
-    cli("eval-run-config-corrupted", ["eval", "{tmp}/r"], ["{tmp}/r/run_config.yaml is not valid YAML at line 3",
-                                                           "fix the file there"],
-        copied_run("r", lambda r: (r / "run_config.yaml").write_text("r: 4\ntasks: [strategyqa\n"))),
-    cli("eval-unknown-task", ["eval", "{run}", "--tasks", "nosuch"], ["unknown task 'nosuch'", "built-in suite"]),
-    cli("eval-protocol-unknown", ["eval", "{run}", "--protocol", "exact"], ["argument --protocol",
-                                                                          "invalid choice: 'exact'", "'loglik'"]),
-    cli("eval-with-eval-batch-size-0", ["eval", "{run}", "--eval-batch-size", "0"], ["eval_batch_size must be >= 1"]),
+        model=True,
+        lora=True,
+    ),
+    cli(
+        "eval-lora-weights-wrong-shapes",
+        ["eval", "{tmp}/r"],
+        ["{tmp}/r/adapter: PEFT could not load this LORA adapter", "size mismatch", "re-save the adapter"],
+        copied_run("r", lambda r: _reshaped_tensors(r / "adapter"), lora=True),
+        model=True,
+        lora=True,
+    ),
+    cli(
+        "eval-run-config-corrupted",
+        ["eval", "{tmp}/r"],
+        ["{tmp}/r/run_config.yaml is not valid YAML at line 3", "fix the file there"],
+        copied_run("r", lambda r: (r / "run_config.yaml").write_text("r: 4\ntasks: [strategyqa\n")),
+    ),
+    cli(
+        "eval-unknown-task",
+        ["eval", "{run}", "--tasks", "nosuch"],
+        ["unknown task 'nosuch'", "built-in suite"],
+    ),
+    cli(
+        "eval-protocol-unknown",
+        ["eval", "{run}", "--protocol", "exact"],
+        ["argument --protocol", "invalid choice: 'exact'", "'loglik'"],
+    ),
+    cli(
+        "eval-with-eval-batch-size-0",
+        ["eval", "{run}", "--eval-batch-size", "0"],
+        ["eval_batch_size must be >= 1"],
+    ),
 ]
 
 
@@ -403,6 +847,7 @@ def guarded(monkeypatch, tmp_path):
     def fail(what):
         def guard(*args, **kwargs):
             raise AssertionError(f"{what} started: the bad input was not refused before it")
+
         return guard
 
     monkeypatch.setattr(job, "train_adapter", fail("training"))
@@ -418,14 +863,17 @@ def run_cli(argv: list[str]) -> int:
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
-def test_cli_refuses_bad_input(case: CliCase, tiny_model_dir, finished_run, finished_lora_run, tmp_path, guarded,
-                               capsys):
+def test_cli_refuses_bad_input(
+    case: CliCase, tiny_model_dir, finished_run, finished_lora_run, tmp_path, guarded, capsys
+):
     lora = finished_lora_run if case.lora else None  # module-scoped: made before `guarded` stops training
     ctx = Ctx(tmp_path, tiny_model_dir, finished_run, lora=lora)
     if case.setup is not None:
         case.setup(ctx)
     if not case.model:
-        guarded.setattr(job, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+        guarded.setattr(
+            job, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded before the refusal")
+        )
     before_tmp, before_run = snapshot(tmp_path), snapshot(finished_run)
     before_lora = snapshot(lora) if lora else None
     capsys.readouterr()
@@ -448,9 +896,14 @@ def test_cli_refuses_an_unwritable_output_directory(tiny_model_dir, tmp_path, gu
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    guarded.setattr(job.os, "access", lambda path, mode, *a, **k: False if Path(path) == locked
-                    else real_access(path, mode, *a, **k))
-    guarded.setattr(job, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+    guarded.setattr(
+        job.os,
+        "access",
+        lambda path, mode, *a, **k: False if Path(path) == locked else real_access(path, mode, *a, **k),
+    )
+    guarded.setattr(
+        job, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded before the refusal")
+    )
     ctx = Ctx(tmp_path, tiny_model_dir, Path("/nonexistent-run"))
     before = snapshot(tmp_path)
     capsys.readouterr()
@@ -460,7 +913,12 @@ def test_cli_refuses_an_unwritable_output_directory(tiny_model_dir, tmp_path, gu
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "Traceback" not in err
-    assert ctx.sub("output directory {tmp}/locked/out: {tmp}/locked is not writable; give a path you can write to") in err
+    assert (
+        ctx.sub(
+            "output directory {tmp}/locked/out: {tmp}/locked is not writable; give a path you can write to"
+        )
+        in err
+    )
     assert snapshot(tmp_path) == before and not any(locked.iterdir()), "files were written"
 
 
@@ -478,9 +936,9 @@ def test_max_steps_none_on_the_command_line_overrides_the_yaml(tmp_path):
     config.write_text("max_steps: 100\nepochs: 2\n")
     args = build_parser().parse_args(["train", "--config", str(config), "--max-steps", "none"])
     assert run_config_from_args(args).max_steps is None  # trains `epochs` epochs, as asked
-    assert _requested_fields(args)["max_steps"] is None  # what a --resume compares with the run
+    assert requested_fields(args)["max_steps"] is None  # what a --resume compares with the run
     args = build_parser().parse_args(["train", "--config", str(config)])
-    assert run_config_from_args(args).max_steps == 100 and _requested_fields(args)["max_steps"] == 100
+    assert run_config_from_args(args).max_steps == 100 and requested_fields(args)["max_steps"] == 100
 
 
 def test_resume_may_change_the_eval_batch_size(finished_run, capsys):
@@ -494,22 +952,39 @@ def test_resume_may_change_the_eval_batch_size(finished_run, capsys):
 
 # --- the command line in real subprocesses: no traceback reaches the terminal ---------------------------
 SUBPROCESS_CASES = {
-    "yaml-invalid-syntax": (yaml_file("r: 4\nlearning_rate: [1, 2\nseed: 3\n"), YAML,
-                            ["{tmp}/c.yaml is not valid YAML at line 3"]),
-    "jsonl-mixed-kinds": (jsonl_file(mc(1), {"prompt": "Say hi", "target": "hi"}), JSONL,
-                          ["{tmp}/d.jsonl:2: task 'd' mixes multiple choice (line 1) and generation"]),
-    "hub-model-offline": (None, train("--model", "no-such-org/no-such-model"),
-                          ["model 'no-such-org/no-such-model' could not be loaded", "Give a local model directory"]),
-    "eval-adapter-config-corrupted": (copied_run("r", lambda r: (r / "adapter" / "adapter_config.json").write_text("{")),
-                                      ["eval", "{tmp}/r"], ["{tmp}/r/adapter/adapter_config.json is not valid JSON"]),
+    "yaml-invalid-syntax": (
+        yaml_file("r: 4\nlearning_rate: [1, 2\nseed: 3\n"),
+        YAML,
+        ["{tmp}/c.yaml is not valid YAML at line 3"],
+    ),
+    "jsonl-mixed-kinds": (
+        jsonl_file(mc(1), {"prompt": "Say hi", "target": "hi"}),
+        JSONL,
+        ["{tmp}/d.jsonl:2: task 'd' mixes multiple choice (line 1) and generation"],
+    ),
+    "hub-model-offline": (
+        None,
+        train("--model", "no-such-org/no-such-model"),
+        ["model 'no-such-org/no-such-model' could not be loaded", "Give a local model directory"],
+    ),
+    "eval-adapter-config-corrupted": (
+        copied_run("r", lambda r: (r / "adapter" / "adapter_config.json").write_text("{")),
+        ["eval", "{tmp}/r"],
+        ["{tmp}/r/adapter/adapter_config.json is not valid JSON"],
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def subprocess_results(tiny_model_dir, finished_run, tmp_path_factory) -> dict:
     """All subprocess cases at once (imports dominate their time), each in its own directory."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     env.pop("COMOE_DEBUG", None)
     started = {}
     before_run = snapshot(finished_run)
@@ -517,8 +992,14 @@ def subprocess_results(tiny_model_dir, finished_run, tmp_path_factory) -> dict:
         ctx = Ctx(tmp_path_factory.mktemp(name), tiny_model_dir, finished_run)
         if setup is not None:
             setup(ctx)
-        proc = subprocess.Popen([sys.executable, "-m", "comoe.cli", *map(ctx.sub, argv)], cwd=ctx.tmp, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "comoe", *map(ctx.sub, argv)],
+            cwd=ctx.tmp,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         started[name] = (ctx, snapshot(ctx.tmp), proc)
     results = {}
     for name, (ctx, before, proc) in started.items():
@@ -527,6 +1008,7 @@ def subprocess_results(tiny_model_dir, finished_run, tmp_path_factory) -> dict:
     return {"cases": results, "run_changed": snapshot(finished_run) != before_run}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SUBPROCESS_CASES))
 def test_cli_subprocess_prints_one_message_not_a_traceback(name, subprocess_results):
     ctx, before, rc, err = subprocess_results["cases"][name]
@@ -540,8 +1022,14 @@ def test_cli_subprocess_prints_one_message_not_a_traceback(name, subprocess_resu
 
 
 # --- the Python API ------------------------------------------------------------------------------------
-def api(id: str, call: Callable[[Ctx], object], exc: type[BaseException], fragments: list[str],
-        setup: Setup | None = None, marks=()) -> pytest.param:
+def api(
+    id: str,
+    call: Callable[[Ctx], object],
+    exc: type[BaseException],
+    fragments: list[str],
+    setup: Setup | None = None,
+    marks=(),
+) -> pytest.param:
     return pytest.param(call, exc, fragments, setup, id=id, marks=marks)
 
 
@@ -549,6 +1037,7 @@ def _corrupt(relpath: str, content: str | bytes) -> Callable[[Path], object]:
     def corrupt(directory: Path) -> None:
         path = directory / relpath
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+
     return corrupt
 
 
@@ -558,93 +1047,250 @@ def _unset_layers(directory: Path) -> None:
 
 
 API_CASES = [
-    api("config-weight-quoted", lambda c: CoMoEConfig(contrastive_weight="0.1"), ValueError,
-        ["contrastive_weight must be a number", "write 0.1 without quotes"]),
-    api("config-target-regex-invalid", lambda c: CoMoEConfig(target_modules="q_proj["), ValueError,
-        ["target_modules 'q_proj['", "not a valid regular expression", "give a list of module names or a valid regex"]),
-    api("config-top-k-above-experts", lambda c: CoMoEConfig(top_k=5), ValueError,
-        ["top_k must be an integer in 1..num_experts=4", "got 5"]),
+    api(
+        "config-weight-quoted",
+        lambda c: CoMoEConfig(contrastive_weight="0.1"),
+        ValueError,
+        ["contrastive_weight must be a number", "write 0.1 without quotes"],
+    ),
+    api(
+        "config-target-regex-invalid",
+        lambda c: CoMoEConfig(target_modules="q_proj["),
+        ValueError,
+        [
+            "target_modules 'q_proj['",
+            "not a valid regular expression",
+            "give a list of module names or a valid regex",
+        ],
+    ),
+    api(
+        "config-top-k-above-experts",
+        lambda c: CoMoEConfig(top_k=5),
+        ValueError,
+        ["top_k must be an integer in 1..num_experts=4", "got 5"],
+    ),
     api("config-rank-float", lambda c: CoMoEConfig(r=4.0), ValueError, ["r must be an integer", "(write 4)"]),
-    api("config-top-k-1-contrastive", lambda c: CoMoEConfig(top_k=1), ValueError,
-        ["top_k must be >= 2", "set contrastive_weight=0"]),
-    api("config-soft-routing-contrastive", lambda c: CoMoEConfig(routing="soft"), ValueError,
-        ["routing='soft'", "set contrastive_weight=0"]),
-    api("config-layers-negative", lambda c: CoMoEConfig(layers=[-1]), ValueError,
-        ["layers must be a non-empty list of non-negative indices", "[-1]"]),
-    api("config-targets-empty", lambda c: CoMoEConfig(target_modules=[]), ValueError,
-        ["target_modules must be a non-empty list of names or a regex string"]),
-    api("config-from-dict-unknown", lambda c: CoMoEConfig.from_dict({"rr": 4}), ValueError,
-        ["unknown CoMoEConfig fields ['rr']", "did you mean 'r'"]),
-    api("config-json-corrupted", lambda c: CoMoEConfig.from_pretrained(c.tmp / "a"), ValueError,
+    api(
+        "config-top-k-1-contrastive",
+        lambda c: CoMoEConfig(top_k=1),
+        ValueError,
+        ["top_k must be >= 2", "set contrastive_weight=0"],
+    ),
+    api(
+        "config-soft-routing-contrastive",
+        lambda c: CoMoEConfig(routing="soft"),
+        ValueError,
+        ["routing='soft'", "set contrastive_weight=0"],
+    ),
+    api(
+        "config-layers-negative",
+        lambda c: CoMoEConfig(layers=[-1]),
+        ValueError,
+        ["layers must be a non-empty list of non-negative indices", "[-1]"],
+    ),
+    api(
+        "config-targets-empty",
+        lambda c: CoMoEConfig(target_modules=[]),
+        ValueError,
+        ["target_modules must be a non-empty list of names or a regex string"],
+    ),
+    api(
+        "config-from-dict-unknown",
+        lambda c: CoMoEConfig.from_dict({"rr": 4}),
+        ValueError,
+        ["unknown CoMoEConfig fields ['rr']", "did you mean 'r'"],
+    ),
+    api(
+        "config-json-corrupted",
+        lambda c: CoMoEConfig.from_pretrained(c.tmp / "a"),
+        ValueError,
         ["{tmp}/a/adapter_config.json is not valid JSON", "re-save the adapter or restore the file"],
-        files({"a/adapter_config.json": "{not json"})),
-    api("config-json-array", lambda c: CoMoEConfig.from_pretrained(c.tmp / "a"), ValueError,
-        ["{tmp}/a/adapter_config.json holds a JSON array", "re-save the adapter"], files({"a/adapter_config.json": "[1]"})),
-    api("config-json-unknown-field", lambda c: CoMoEConfig.from_pretrained(c.tmp / "a"), ValueError,
+        files({"a/adapter_config.json": "{not json"}),
+    ),
+    api(
+        "config-json-array",
+        lambda c: CoMoEConfig.from_pretrained(c.tmp / "a"),
+        ValueError,
+        ["{tmp}/a/adapter_config.json holds a JSON array", "re-save the adapter"],
+        files({"a/adapter_config.json": "[1]"}),
+    ),
+    api(
+        "config-json-unknown-field",
+        lambda c: CoMoEConfig.from_pretrained(c.tmp / "a"),
+        ValueError,
         ["{tmp}/a/adapter_config.json", "unknown CoMoEConfig fields ['rr']", "did you mean 'r'"],
-        files({"a/adapter_config.json": '{"peft_type": "COMOE", "rr": 4}'})),
-    api("config-dir-missing", lambda c: CoMoEConfig.from_pretrained(c.tmp / "nowhere"), FileNotFoundError,
-        ["no adapter_config.json in {tmp}/nowhere", "not a comoe adapter directory"]),
-    api("wrap-targets-match-nothing", lambda c: get_comoe_model(c.base, tiny_comoe_config("llama", target_modules=["nosuch"])),
-        ValueError, ["target_modules=['nosuch'] matched no", "LlamaForCausalLM", "q_proj", "down_proj", "lm_head"]),
-    api("wrap-regex-matches-nothing",
-        lambda c: get_comoe_model(c.base, tiny_comoe_config("llama", target_modules=r".*\.nosuch")), ValueError,
-        ["matched no nn.Linear/Conv1D module", "q_proj"]),
-    api("wrap-layers-beyond-model", lambda c: get_comoe_model(c.base, tiny_comoe_config("llama", layers=[5])),
-        ValueError, ["layers [5] do not exist", "2 layers (0..1)"]),
-    api("load-adapter-shape-mismatch", lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"), AdapterLoadError,
-        ["{tmp}/adapter/adapter_model.safetensors", "has shape (16, 64) but this model expects (16, 32)",
-         "nothing was loaded"], saved_adapter("adapter", hidden=64)),
-    api("load-adapter-tensors-missing", lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
-        AdapterLoadError, ["does not fit this model", "missing tensors ['model.layers.1.", "nothing was loaded"],
-        saved_adapter("adapter", layers=[0], then=_unset_layers)),
-    api("load-adapter-weights-garbage", lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
-        AdapterLoadError, ["{tmp}/adapter/adapter_model.safetensors: not a readable safetensors file"],
-        saved_adapter("adapter", then=_corrupt("adapter_model.safetensors", b"garbage"))),
-    api("load-adapter-weights-missing", lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
-        FileNotFoundError, ["no adapter_model.safetensors in {tmp}/adapter"],
-        saved_adapter("adapter", then=lambda d: (d / "adapter_model.safetensors").unlink())),
-    api("load-adapted-model-corrupted", lambda c: load_adapted_model(c.base, c.tmp / "adapter"), ValueError,
+        files({"a/adapter_config.json": '{"peft_type": "COMOE", "rr": 4}'}),
+    ),
+    api(
+        "config-dir-missing",
+        lambda c: CoMoEConfig.from_pretrained(c.tmp / "nowhere"),
+        FileNotFoundError,
+        ["no adapter_config.json in {tmp}/nowhere", "not a comoe adapter directory"],
+    ),
+    api(
+        "wrap-targets-match-nothing",
+        lambda c: get_comoe_model(c.base, tiny_comoe_config("llama", target_modules=["nosuch"])),
+        ValueError,
+        ["target_modules=['nosuch'] matched no", "LlamaForCausalLM", "q_proj", "down_proj", "lm_head"],
+    ),
+    api(
+        "wrap-regex-matches-nothing",
+        lambda c: get_comoe_model(c.base, tiny_comoe_config("llama", target_modules=r".*\.nosuch")),
+        ValueError,
+        ["matched no nn.Linear/Conv1D module", "q_proj"],
+    ),
+    api(
+        "wrap-layers-beyond-model",
+        lambda c: get_comoe_model(c.base, tiny_comoe_config("llama", layers=[5])),
+        ValueError,
+        ["layers [5] do not exist", "2 layers (0..1)"],
+    ),
+    api(
+        "load-adapter-shape-mismatch",
+        lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
+        AdapterLoadError,
+        [
+            "{tmp}/adapter/adapter_model.safetensors",
+            "has shape (16, 64) but this model expects (16, 32)",
+            "nothing was loaded",
+        ],
+        saved_adapter("adapter", hidden=64),
+    ),
+    api(
+        "load-adapter-tensors-missing",
+        lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
+        AdapterLoadError,
+        ["does not fit this model", "missing tensors ['model.layers.1.", "nothing was loaded"],
+        saved_adapter("adapter", layers=[0], then=_unset_layers),
+    ),
+    api(
+        "load-adapter-weights-garbage",
+        lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
+        AdapterLoadError,
+        ["{tmp}/adapter/adapter_model.safetensors: not a readable safetensors file"],
+        saved_adapter("adapter", then=_corrupt("adapter_model.safetensors", b"garbage")),
+    ),
+    api(
+        "load-adapter-weights-missing",
+        lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
+        FileNotFoundError,
+        ["no adapter_model.safetensors in {tmp}/adapter"],
+        saved_adapter("adapter", then=lambda d: (d / "adapter_model.safetensors").unlink()),
+    ),
+    api(
+        "load-adapted-model-corrupted",
+        lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        ValueError,
         ["{tmp}/adapter/adapter_config.json is not valid JSON", "re-save the adapter"],
-        saved_adapter("adapter", then=_corrupt("adapter_config.json", "{"))),
-    api("load-adapted-model-lora-weights-garbage", lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
-        AdapterLoadError, ["{tmp}/adapter/adapter_model.safetensors: not a readable safetensors file",
-                           "nothing was loaded"],
-        saved_lora_adapter("adapter", then=_corrupt("adapter_model.safetensors", b"garbage"))),
-    api("load-adapted-model-lora-config-array", lambda c: load_adapted_model(c.base, c.tmp / "adapter"), ValueError,
+        saved_adapter("adapter", then=_corrupt("adapter_config.json", "{")),
+    ),
+    api(
+        "load-adapted-model-lora-weights-garbage",
+        lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        AdapterLoadError,
+        ["{tmp}/adapter/adapter_model.safetensors: not a readable safetensors file", "nothing was loaded"],
+        saved_lora_adapter("adapter", then=_corrupt("adapter_model.safetensors", b"garbage")),
+    ),
+    api(
+        "load-adapted-model-lora-config-array",
+        lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        ValueError,
         ["{tmp}/adapter/adapter_config.json holds a JSON array", "re-save the adapter"],
-        saved_lora_adapter("adapter", then=_corrupt("adapter_config.json", "[1]"))),
-    api("load-adapted-model-lora-no-peft-type", lambda c: load_adapted_model(c.base, c.tmp / "adapter"), ValueError,
+        saved_lora_adapter("adapter", then=_corrupt("adapter_config.json", "[1]")),
+    ),
+    api(
+        "load-adapted-model-lora-no-peft-type",
+        lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        ValueError,
         ['{tmp}/adapter/adapter_config.json has no "peft_type"'],
-        saved_lora_adapter("adapter", then=_corrupt("adapter_config.json", '{"r": 2}'))),
-    api("load-adapted-model-lora-wrong-shapes", lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
-        AdapterLoadError, ["{tmp}/adapter: PEFT could not load this LORA adapter", "size mismatch"],
-        saved_lora_adapter("adapter", then=_reshaped_tensors)),  # the base is put back as it was
-    api("load-adapted-model-lora-weights-missing", lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
-        FileNotFoundError, ["no adapter_model.safetensors in {tmp}/adapter"],
-        saved_lora_adapter("adapter", then=lambda d: (d / "adapter_model.safetensors").unlink())),
-    api("load-task-jsonl-partial-splits", lambda c: load_task(f"jsonl:{c.tmp / 'd.jsonl'}"), DataError,
-        ['{tmp}/d.jsonl:1: this line has no "split" but line 2 has one'], jsonl_file(mc(1), mc(2, split="test"))),
-    api("load-task-jsonl-task-path-like", lambda c: load_task(f"jsonl:{c.tmp / 'd.jsonl'}"), DataError,
-        ["{tmp}/d.jsonl:1: 'task' 'a/../../b' is not a plain name"], jsonl_file(mc(1, task="a/../../b"))),
-    api("load-task-jsonl-empty", lambda c: load_task("jsonl:"), ValueError,
-        ["task 'jsonl:' names no file", "write jsonl:PATH"]),
-    api("load-task-unknown", lambda c: load_task("nosuch"), ValueError,
-        ["unknown task 'nosuch'", "built-in suite", "jsonl:PATH"]),
-    api("load-task-bad-split", lambda c: load_task("strategyqa", "validation"), ValueError,
-        ["built-in task 'strategyqa' has splits train, test", "'validation'"]),
-    api("load-task-hub-offline", lambda c: load_task("arc_e", "test"), ConnectionError,
-        ["paper benchmark 'arc_e'", "HF_HUB_OFFLINE=1", "Offline alternatives", "data_files="]),
-    api("load-task-bad-line", lambda c: load_task(f"jsonl:{c.tmp / 'd.jsonl'}"), DataError,
-        ["{tmp}/d.jsonl:2: missing field 'answer'"], jsonl_file(mc(1), {"question": "q", "choices": ["a", "b"]})),
-    api("runconfig-max-steps-0", lambda c: RunConfig(max_steps=0), ValueError, ["max_steps must be >= 1", "or none"]),
-    api("runconfig-tasks-twice", lambda c: RunConfig(tasks=["a", "a"]), ValueError,
-        ["task 'a' is named twice", "name each task once"]),
-    api("runconfig-tasks-empty", lambda c: RunConfig(tasks=[]), ValueError, ["tasks is empty", "comoe tasks"]),
-    api("runconfig-learning-rate-quoted", lambda c: RunConfig(learning_rate="1e-3"), ValueError,
-        ["learning_rate must be a number", "write 1e-3 without quotes"]),
-    api("runconfig-unknown-field", lambda c: RunConfig.from_dict({"learning_rat": 1}), ValueError,
-        ["unknown fields ['learning_rat']", "did you mean 'learning_rate'"]),
+        saved_lora_adapter("adapter", then=_corrupt("adapter_config.json", '{"r": 2}')),
+    ),
+    api(
+        "load-adapted-model-lora-wrong-shapes",
+        lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        AdapterLoadError,
+        ["{tmp}/adapter: PEFT could not load this LORA adapter", "size mismatch"],
+        saved_lora_adapter("adapter", then=_reshaped_tensors),
+    ),  # the base is put back as it was
+    api(
+        "load-adapted-model-lora-weights-missing",
+        lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        FileNotFoundError,
+        ["no adapter_model.safetensors in {tmp}/adapter"],
+        saved_lora_adapter("adapter", then=lambda d: (d / "adapter_model.safetensors").unlink()),
+    ),
+    api(
+        "load-task-jsonl-partial-splits",
+        lambda c: load_task(f"jsonl:{c.tmp / 'd.jsonl'}"),
+        DataError,
+        ['{tmp}/d.jsonl:1: this line has no "split" but line 2 has one'],
+        jsonl_file(mc(1), mc(2, split="test")),
+    ),
+    api(
+        "load-task-jsonl-task-path-like",
+        lambda c: load_task(f"jsonl:{c.tmp / 'd.jsonl'}"),
+        DataError,
+        ["{tmp}/d.jsonl:1: 'task' 'a/../../b' is not a plain name"],
+        jsonl_file(mc(1, task="a/../../b")),
+    ),
+    api(
+        "load-task-jsonl-empty",
+        lambda c: load_task("jsonl:"),
+        ValueError,
+        ["task 'jsonl:' names no file", "write jsonl:PATH"],
+    ),
+    api(
+        "load-task-unknown",
+        lambda c: load_task("nosuch"),
+        ValueError,
+        ["unknown task 'nosuch'", "built-in suite", "jsonl:PATH"],
+    ),
+    api(
+        "load-task-bad-split",
+        lambda c: load_task("strategyqa", "validation"),
+        ValueError,
+        ["built-in task 'strategyqa' has splits train, test", "'validation'"],
+    ),
+    api(
+        "load-task-hub-offline",
+        lambda c: load_task("arc_e", "test"),
+        ConnectionError,
+        ["paper benchmark 'arc_e'", "HF_HUB_OFFLINE=1", "Offline alternatives", "data_files="],
+    ),
+    api(
+        "load-task-bad-line",
+        lambda c: load_task(f"jsonl:{c.tmp / 'd.jsonl'}"),
+        DataError,
+        ["{tmp}/d.jsonl:2: missing field 'answer'"],
+        jsonl_file(mc(1), {"question": "q", "choices": ["a", "b"]}),
+    ),
+    api(
+        "runconfig-max-steps-0",
+        lambda c: RunConfig(max_steps=0),
+        ValueError,
+        ["max_steps must be >= 1", "or none"],
+    ),
+    api(
+        "runconfig-tasks-twice",
+        lambda c: RunConfig(tasks=["a", "a"]),
+        ValueError,
+        ["task 'a' is named twice", "name each task once"],
+    ),
+    api(
+        "runconfig-tasks-empty", lambda c: RunConfig(tasks=[]), ValueError, ["tasks is empty", "comoe tasks"]
+    ),
+    api(
+        "runconfig-learning-rate-quoted",
+        lambda c: RunConfig(learning_rate="1e-3"),
+        ValueError,
+        ["learning_rate must be a number", "write 1e-3 without quotes"],
+    ),
+    api(
+        "runconfig-unknown-field",
+        lambda c: RunConfig.from_dict({"learning_rat": 1}),
+        ValueError,
+        ["unknown fields ['learning_rat']", "did you mean 'learning_rate'"],
+    ),
 ]
 
 
@@ -666,19 +1312,46 @@ def test_api_refuses_bad_input(call, exc, fragments, setup, tmp_path, monkeypatc
     assert snapshot(tmp_path) == before, "files were written or changed"
     after = ctx.base.state_dict()
     assert after.keys() == weights.keys()
-    assert all(torch.equal(after[name], weights[name]) for name in weights), "the base model's weights changed"
+    assert all(torch.equal(after[name], weights[name]) for name in weights), (
+        "the base model's weights changed"
+    )
     assert [type(m) for m in ctx.base.modules()] == kinds
     assert not any(isinstance(m, CoMoELayer) for m in ctx.base.modules())
 
 
-@pytest.mark.parametrize("wrap", [
-    pytest.param(lambda base, tmp: CoMoEModel.from_pretrained(base, tmp / "adapter"), id="from-pretrained-shape-mismatch"),
-    pytest.param(lambda base, tmp: get_comoe_model(base, tiny_comoe_config("llama", target_modules=["nosuch"])),
-                 id="get-comoe-model-no-match"),
-])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(
+            lambda base, tmp: CoMoEModel.from_pretrained(base, tmp / "adapter"),
+            id="from-pretrained-shape-mismatch",
+        ),
+        pytest.param(
+            lambda base, tmp: get_comoe_model(base, tiny_comoe_config("llama", target_modules=["nosuch"])),
+            id="get-comoe-model-no-match",
+        ),
+    ],
+)
 def test_refused_wrap_leaves_the_base_trainable(wrap, tmp_path):
     saved_adapter("adapter", hidden=64)(Ctx(tmp_path, Path(), Path()))
     base = build("llama")
     with pytest.raises(ValueError):
         wrap(base, tmp_path)
     assert all(p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_launches_are_refused_before_any_work(kind, tmp_path, monkeypatch, capsys):
+    """FSDP and DeepSpeed cannot be launched on this CPU (accelerate falls back to DDP), so the launch is
+    simulated by the accelerator's reported type: `comoe train` must stop at once, writing nothing."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(
+        Accelerator, "distributed_type", property(lambda self: getattr(DistributedType, kind))
+    )
+    run_dir = tmp_path / "run"
+    assert main(["train", "--tasks", "winowhy", "--output-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "one process or with DDP" in err and "torchrun" in err
+    assert not run_dir.exists()

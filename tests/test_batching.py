@@ -6,11 +6,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from comoe import CoMoEConfig, get_comoe_model
-from comoe.batching import IGNORE_INDEX, collate, encode_example
+from comoe.data.batching import IGNORE_INDEX, collate, encode_example
 from comoe.data.prompts import format_prompt
 from comoe.data.schema import Example
-from comoe.models import load_tokenizer
-from comoe.train import causal_lm_loss, epoch_batches
+from comoe.training.base_models import load_tokenizer
+from comoe.training.loop import causal_lm_loss, epoch_batches
 
 
 def test_answer_tokens_are_the_only_labels_and_long_prompts_lose_their_start():
@@ -19,23 +19,34 @@ def test_answer_tokens_are_the_only_labels_and_long_prompts_lose_their_start():
     encoded = encode_example(example, tokenizer, task_id=3, max_length=64)
     assert len(encoded.input_ids) == 64 and encoded.task_id == 3
     answer = tokenizer(" B", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert encoded.input_ids[-len(answer):] == answer
+    assert encoded.input_ids[-len(answer) :] == answer
     assert encoded.labels == [IGNORE_INDEX] * (64 - len(answer)) + answer
     prompt_end = tokenizer(format_prompt(example))["input_ids"][-5:]
-    assert encoded.input_ids[-len(answer) - 5:-len(answer)] == prompt_end  # the end of the prompt survives
+    assert encoded.input_ids[-len(answer) - 5 : -len(answer)] == prompt_end  # the end of the prompt survives
 
 
 def test_trimmed_head_loss_equals_the_full_loss_and_transformers_loss():
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     model = get_comoe_model(base, CoMoEConfig(r=4, lora_dropout=0.0, contrastive_weight=0.0))
     with torch.no_grad():
         for layer in model.adapted_modules.values():
             layer.comoe_B.normal_()
-    from comoe.batching import EncodedExample
+    from comoe.data.batching import EncodedExample
 
-    items = [EncodedExample(list(range(5, 5 + n)), [IGNORE_INDEX] * (n - 2) + [7, 8], t) for t, n in enumerate((9, 4, 6))]
+    items = [
+        EncodedExample(list(range(5, 5 + n)), [IGNORE_INDEX] * (n - 2) + [7, 8], t)
+        for t, n in enumerate((9, 4, 6))
+    ]
     batch = collate(items, pad_token_id=0)
     full, _ = causal_lm_loss(model, dict(batch), trim=False)
     trimmed, _ = causal_lm_loss(model, dict(batch), trim=True)

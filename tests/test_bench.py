@@ -7,8 +7,20 @@ import json
 import pytest
 import torch
 
-from comoe import bench
+from comoe.cli import main
 from comoe.model import get_comoe_model
+from comoe.tools.bench.measure import SavedTensorMeter
+from comoe.tools.bench.naive import copy_comoe_to_naive, inject_naive
+from comoe.tools.bench.run import SCHEMA_VERSION
+from comoe.tools.bench.sizes import SIZES, build_random_llama
+from comoe.tools.bench.variants import (
+    GENERATE_VARIANTS,
+    VARIANTS,
+    auto_path,
+    comoe_config,
+    expert_paths,
+    shared_copy,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -20,33 +32,47 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _args(tmp_path, *extra: str):
-    parser = bench.add_bench_arguments(__import__("argparse").ArgumentParser())
-    argv = ["--size", "tiny", "--steps", "2", "--warmup", "1", "--gen-rounds", "1", "--gen-tokens", "2",
-            "--batch", "2", "--seq", "16", "--out", str(tmp_path / "results"), *extra]
-    args = parser.parse_args(argv)
-    args._argv = argv
-    return args
+def _argv(tmp_path, *extra: str) -> list[str]:
+    return [
+        "bench",
+        "--size",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--gen-rounds",
+        "1",
+        "--gen-tokens",
+        "2",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--out",
+        str(tmp_path / "results"),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bench")
-    args = _args(tmp_path, "--markdown", str(tmp_path / "BENCH.md"))
-    assert bench.run_bench(args) == 0
+    assert main(_argv(tmp_path, "--markdown", str(tmp_path / "BENCH.md"))) == 0
     return tmp_path
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_json_and_markdown(tiny_result):
     data = json.loads((tiny_result / "results" / "tiny.json").read_text())
-    assert data["schema"] == bench.SCHEMA_VERSION and data["size"] == "tiny"
+    assert data["schema"] == SCHEMA_VERSION and data["size"] == "tiny"
     assert data["command"].startswith("comoe bench --size tiny")
     assert data["settings"]["steps"] == 2 and data["settings"]["tokens_per_step"] == 32
     (case,) = data["cases"]
     assert (case["experts"], case["rank"], case["top_k"]) == (4, 16, 2)
     assert case["auto_path"] in ("dense", "grouped")
     rows = case["variants"]
-    assert list(rows) == list(bench.VARIANTS)
+    assert list(rows) == list(VARIANTS)
     for name, row in rows.items():
         assert len(row["times_ms"]) == 2 and row["median_ms"] > 0 and row["tokens_per_s"] > 0
         assert row["x_base"] > 0 and row["x_lora"] > 0 and row["x_naive"] > 0
@@ -59,7 +85,7 @@ def test_tiny_run_writes_json_and_markdown(tiny_result):
     # the materialised contrastive loss keeps the N x E x D expert outputs for backward: more memory
     assert rows["ours-con-mat"]["saved_bytes"] > rows["ours-con-gram"]["saved_bytes"]
     gen = case["generate"]["variants"]
-    assert set(gen) == set(bench.GENERATE_VARIANTS) and all(g["tokens_per_s"] > 0 for g in gen.values())
+    assert set(gen) == set(GENERATE_VARIANTS) and all(g["tokens_per_s"] > 0 for g in gen.values())
     assert case["parity"]["ok"], case["parity"]
     names = {t["target"] for t in data["targets"]}
     assert any("naive" in n for n in names) and any("memory" in n for n in names)
@@ -69,35 +95,34 @@ def test_tiny_run_writes_json_and_markdown(tiny_result):
     assert full.startswith("# Benchmarks") and "## Targets" in full and "shared and noisy" in full
 
 
+@pytest.mark.slow
 def test_render_only(tiny_result, tmp_path):
-    parser = bench.add_bench_arguments(__import__("argparse").ArgumentParser())
     out = tmp_path / "B.md"
-    args = parser.parse_args(["--render", "--out", str(tiny_result / "results"), "--markdown", str(out)])
-    assert bench.run_bench(args) == 0
+    assert main(["bench", "--render", "--out", str(tiny_result / "results"), "--markdown", str(out)]) == 0
     assert "### `tiny`" in out.read_text()
 
 
 def test_main_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--variants", "nope"])
-    assert bench.main(["--render"]) == 2  # needs --out and --markdown
+        main(["bench", "--variants", "nope"])
+    assert main(["bench", "--render"]) == 2  # needs --out and --markdown
     assert "needs --out" in capsys.readouterr().err
 
 
 def test_naive_layer_computes_the_same_function():
     """The naive per-expert loop is a faithful baseline: same outputs and gradients as CoMoELayer."""
-    spec = bench.SIZES["tiny"]
-    base = bench.build_random_llama(spec, torch.device("cpu"), torch.float32, seed=0)
+    spec = SIZES["tiny"]
+    base = build_random_llama(spec, torch.device("cpu"), torch.float32, seed=0)
     targets = ["q_proj", "v_proj"]
-    cfg = bench.comoe_config(4, 8, 2, targets, path="dense", dropout=0.0)
-    ours = get_comoe_model(bench.shared_copy(base), cfg)
+    cfg = comoe_config(4, 8, 2, targets, path="dense", dropout=0.0)
+    ours = get_comoe_model(shared_copy(base), cfg)
     with torch.no_grad():
         for name, p in ours.adapter_state_dict().items():
             if name.endswith(("comoe_B", "comoe_router")):
                 p.normal_()
-    naive_model = bench.shared_copy(base)
-    layers = bench.inject_naive(naive_model, cfg)
-    bench.copy_comoe_to_naive(ours, layers)
+    naive_model = shared_copy(base)
+    layers = inject_naive(naive_model, cfg)
+    copy_comoe_to_naive(ours, layers)
     ids = torch.randint(3, spec.vocab, (2, 9))
     out_ours = ours(input_ids=ids, labels=ids)
     out_naive = naive_model(input_ids=ids, labels=ids)
@@ -107,15 +132,21 @@ def test_naive_layer_computes_the_same_function():
     for name, layer in ours.adapted_modules.items():
         r = layer.r
         for i, expert in enumerate(layers[name].experts):
-            torch.testing.assert_close(expert.lora_A.weight.grad, layer.comoe_A.grad[i * r:(i + 1) * r], rtol=1e-4, atol=1e-6)
-            torch.testing.assert_close(expert.lora_B.weight.grad, layer.comoe_B.grad[:, i * r:(i + 1) * r], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(layers[name].router.weight.grad, layer.comoe_router.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(
+                expert.lora_A.weight.grad, layer.comoe_A.grad[i * r : (i + 1) * r], rtol=1e-4, atol=1e-6
+            )
+            torch.testing.assert_close(
+                expert.lora_B.weight.grad, layer.comoe_B.grad[:, i * r : (i + 1) * r], rtol=1e-4, atol=1e-6
+            )
+        torch.testing.assert_close(
+            layers[name].router.weight.grad, layer.comoe_router.grad, rtol=1e-4, atol=1e-6
+        )
 
 
 def test_saved_tensor_meter_counts_unique_storages_once():
     w = torch.randn(8, 8, requires_grad=True)
     x = torch.randn(4, 8)
-    meter = bench.SavedTensorMeter(exclude={w.untyped_storage().data_ptr()})
+    meter = SavedTensorMeter(exclude={w.untyped_storage().data_ptr()})
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         h = x @ w  # saves x (w is excluded)
         y = (h * h).sum()  # saves h (twice, one storage)
@@ -125,8 +156,8 @@ def test_saved_tensor_meter_counts_unique_storages_once():
 
 @pytest.mark.parametrize(("experts", "rank"), [(4, 16), (4, 2), (8, 4)])
 def test_auto_path_is_what_the_layers_pick(experts, rank):
-    spec = bench.SIZES["tiny"]
-    base = bench.build_random_llama(spec, torch.device("cpu"), torch.float32, seed=0)
-    expected = bench.auto_path(base, experts, rank, 2, ["q_proj", "o_proj"])
-    model = get_comoe_model(bench.shared_copy(base), bench.comoe_config(experts, rank, 2, ["q_proj", "o_proj"]))
-    assert bench.expert_paths(model) == expected
+    spec = SIZES["tiny"]
+    base = build_random_llama(spec, torch.device("cpu"), torch.float32, seed=0)
+    expected = auto_path(base, experts, rank, 2, ["q_proj", "o_proj"])
+    model = get_comoe_model(shared_copy(base), comoe_config(experts, rank, 2, ["q_proj", "o_proj"]))
+    assert expert_paths(model) == expected

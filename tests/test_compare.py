@@ -6,19 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from test_train import TASKS, comoe_cli
 
-from comoe.compare import (
-    MAJORITY,
-    PRESETS,
-    REFERENCE,
-    SPECIALISATION,
-    Grid,
-    modal_share,
-    paired_bootstrap,
-    references,
-    summarise,
-)
+from comoe.experiments.grid import PRESETS, REFERENCE, Grid
+from comoe.experiments.stats import paired_bootstrap
+from comoe.experiments.summary import MAJORITY, SPECIALISATION, modal_share, references, summarise
+from tests.cli_runs import TASKS, comoe_cli
 
 
 def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
@@ -36,6 +28,27 @@ def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
     assert low < point < high and low < 0.0 < high
 
 
+def test_paired_bootstrap_matches_a_plain_resampling_loop():
+    """The vectorised bootstrap draws the same distribution as resampling seeds and examples one by one."""
+    rng = np.random.default_rng(1)
+    a = [{"t": rng.random(200) < p, "u": rng.random(80) < p + 0.1} for p in (0.5, 0.6, 0.7, 0.55)]
+    b = [{"t": rng.random(200) < 0.5, "u": rng.random(80) < 0.5} for _ in range(4)]
+    loop_rng = np.random.default_rng(0)
+    diff = [
+        np.stack([x[t].astype(float) - y[t].astype(float) for x, y in zip(a, b, strict=True)])
+        for t in ("t", "u")
+    ]
+    stats = []
+    for _ in range(4000):
+        seeds = loop_rng.integers(0, 4, 4)
+        stats.append(
+            np.mean([d[seeds][:, loop_rng.integers(0, d.shape[1], d.shape[1])].mean() for d in diff])
+        )
+    point, low, high = paired_bootstrap(a, b, samples=4000)
+    assert point == pytest.approx(np.mean([d.mean() for d in diff]))
+    assert (low, high) == pytest.approx(tuple(np.percentile(stats, [2.5, 97.5])), abs=0.01)
+
+
 def test_presets_build_valid_run_configs():
     for name, variants in PRESETS.items():
         cells = Grid(variants=variants, seeds=[0], base={"train_per_task": 4}).runs()
@@ -45,29 +58,56 @@ def test_presets_build_valid_run_configs():
 
 def fake_run(variant: str, seed: int, correct: dict[str, list[bool]]) -> dict:
     """The parts of a finished run's metrics that `summarise` reads."""
-    tasks = {t: {"accuracy": float(np.mean(c)), "predictions": [0 if ok else 2 for ok in c], "answers": [0] * len(c)}
-             for t, c in correct.items()}
+    tasks = {
+        t: {
+            "accuracy": float(np.mean(c)),
+            "predictions": [0 if ok else 2 for ok in c],
+            "answers": [0] * len(c),
+        }
+        for t, c in correct.items()
+    }
     macro = float(np.mean([v["accuracy"] for v in tasks.values()]))
-    return {"variant": variant, "setting": "multi", "seed": seed, "trainable": 10, "total_params": 100,
-            "train_seconds": 60.0, "train": {"seconds": 30.0},
-            "majority": {"tasks": {t: {"majority": 1} for t in correct}, "macro": {"accuracy": 0.0}},
-            "adapter": {"tasks": tasks, "macro": {"accuracy": macro}}, "specialisation": None}
+    return {
+        "variant": variant,
+        "setting": "multi",
+        "seed": seed,
+        "trainable": 10,
+        "total_params": 100,
+        "train_seconds": 60.0,
+        "train": {"seconds": 30.0},
+        "majority": {"tasks": {t: {"majority": 1} for t in correct}, "macro": {"accuracy": 0.0}},
+        "adapter": {"tasks": tasks, "macro": {"accuracy": macro}},
+        "specialisation": None,
+    }
 
 
 def test_summarise_takes_each_pair_once_against_every_reference():
     rng = np.random.default_rng(1)
-    finished = [fake_run(v, s, {"a": list(rng.random(50) < p), "b": list(rng.random(50) < p)})
-                for v, p in (("lora", 0.4), ("moe-lora", 0.5), ("comoe", 0.9)) for s in (0, 1, 2)]
+    finished = [
+        fake_run(v, s, {"a": list(rng.random(50) < p), "b": list(rng.random(50) < p)})
+        for v, p in (("lora", 0.4), ("moe-lora", 0.5), ("comoe", 0.9))
+        for s in (0, 1, 2)
+    ]
     summary = summarise(finished, ["moe-lora", "lora"])
     pairs = [(d["variant"], d["reference"]) for d in summary["differences"]]
-    assert pairs == [("lora", "moe-lora"), ("comoe", "moe-lora"), ("comoe", "lora"),
-                     ("lora", MAJORITY), ("moe-lora", MAJORITY), ("comoe", MAJORITY)]
+    assert pairs == [
+        ("lora", "moe-lora"),
+        ("comoe", "moe-lora"),
+        ("comoe", "lora"),
+        ("lora", MAJORITY),
+        ("moe-lora", MAJORITY),
+        ("comoe", MAJORITY),
+    ]
     # the majority class (answer 1) is never right here, so each variant beats it by its own accuracy
     for d in summary["differences"][3:]:
         (row,) = [r for r in summary["rows"] if r["variant"] == d["variant"]]
         assert d["mean"] == pytest.approx(row["average"][0]) and d["significant"]
     comoe_vs_lora = summary["differences"][2]
-    assert comoe_vs_lora["significant"] and comoe_vs_lora["ci95"][0] > 0.3 and len(comoe_vs_lora["per_seed"]) == 3
+    assert (
+        comoe_vs_lora["significant"]
+        and comoe_vs_lora["ci95"][0] > 0.3
+        and len(comoe_vs_lora["per_seed"]) == 3
+    )
     (comoe_row,) = [r for r in summary["rows"] if r["variant"] == "comoe"]
     assert comoe_row["train_minutes"] == (0.5, 0.0) and comoe_row["run_minutes"] == (1.0, 0.0)
     assert comoe_row["majority_average"] == (0.0, 0.0) and comoe_row["specialisation"] == {}
@@ -87,7 +127,11 @@ def test_summarise_pairs_each_variants_single_task_setting_with_its_multi_task_o
     pairs = [(d["variant"], d["reference"], d["setting"]) for d in summarise(finished, None)["differences"]]
     assert pairs[0] == ("comoe", "comoe (multi)", "single") and [p[1] for p in pairs[1:]] == [MAJORITY] * 3
     single_vs_multi = summarise(finished, None)["differences"][0]
-    assert single_vs_multi["significant"] and single_vs_multi["ci95"][0] > 0.2 and single_vs_multi["seeds"] == [0, 1]
+    assert (
+        single_vs_multi["significant"]
+        and single_vs_multi["ci95"][0] > 0.2
+        and single_vs_multi["seeds"] == [0, 1]
+    )
 
 
 def test_modal_share_is_one_for_a_constant_answer_and_falls_with_spread():
@@ -95,13 +139,15 @@ def test_modal_share_is_one_for_a_constant_answer_and_falls_with_spread():
     assert modal_share(fake_run("x", 0, {"a": [True, False] * 4})) == 0.5
 
 
+@pytest.mark.slow
 def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):  # noqa: F811
     grid = tmp_path / "grid.yaml"
     grid.write_text(
         "variants:\n  moe-lora: {method: moe-lora}\n  comoe: {method: comoe, contrastive_weight: 0.1}\n"
         "seeds: [0, 1]\nreference: moe-lora\n"
         f"base: {{model: '{tiny_model_dir}', tasks: [{TASKS}], train_per_task: 16, test_per_task: 8, "
-        "batch_size: 4, r: 4, max_steps: 2, eval_base: false}\n")
+        "batch_size: 4, r: 4, max_steps: 2, eval_base: false}\n"
+    )
     out = tmp_path / "grid"
     first = comoe_cli("compare", "--grid", str(grid), "--out", str(out))
     assert first.stdout.count("running in") == 4
@@ -131,26 +177,60 @@ def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):
     assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
 
 
+@pytest.mark.slow
 def test_single_task_setting_trains_one_adapter_per_task_and_skips_analysis(tiny_model_dir, tmp_path):  # noqa: F811
     out = tmp_path / "grid"
-    comoe_cli("compare", "--preset", "negatives", "--seeds", "0", "--settings", "multi,single", "--out", str(out),
-              "--set", f"model={tiny_model_dir}", "--set", f"tasks={TASKS}", "--set", "train_per_task=8",
-              "--set", "test_per_task=4", "--set", "batch_size=4", "--set", "r=4", "--set", "max_steps=1",
-              "--set", "eval_base=false")
+    comoe_cli(
+        "compare",
+        "--preset",
+        "negatives",
+        "--seeds",
+        "0",
+        "--settings",
+        "multi,single",
+        "--out",
+        str(out),
+        "--set",
+        f"model={tiny_model_dir}",
+        "--set",
+        f"tasks={TASKS}",
+        "--set",
+        "train_per_task=8",
+        "--set",
+        "test_per_task=4",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "r=4",
+        "--set",
+        "max_steps=1",
+        "--set",
+        "eval_base=false",
+    )
     summary = json.loads((out / "summary.json").read_text())
     rows = [(r["variant"], r["setting"]) for r in summary["rows"]]
-    assert sorted(rows) == sorted((v, s) for v in ("negatives=all", "negatives=1") for s in ("multi", "single"))
+    assert sorted(rows) == sorted(
+        (v, s) for v in ("negatives=all", "negatives=1") for s in ("multi", "single")
+    )
     for row in summary["rows"]:
         assert set(row["tasks"]) == set(TASKS.split(","))
         assert (row["specialisation"] == {}) == (row["setting"] == "single")
         assert 0 < row["train_minutes"][0] <= row["run_minutes"][0]
     pairs = {(d["variant"], d["reference"], d["setting"]) for d in summary["differences"]}
-    assert {("negatives=1", "negatives=all", "single"), ("negatives=1", "negatives=all", "multi"),
-            ("negatives=all", "negatives=all (multi)", "single"), ("negatives=1", "negatives=1 (multi)", "single")} <= pairs
+    assert {
+        ("negatives=1", "negatives=all", "single"),
+        ("negatives=1", "negatives=all", "multi"),
+        ("negatives=all", "negatives=all (multi)", "single"),
+        ("negatives=1", "negatives=1 (multi)", "single"),
+    } <= pairs
     # single-task runs have no task-expert relation to analyse
-    assert {p.parent.name for p in out.glob("runs/*/analysis.json")} == {"negatives=all-multi-seed0", "negatives=1-multi-seed0"}
+    assert {p.parent.name for p in out.glob("runs/*/analysis.json")} == {
+        "negatives=all-multi-seed0",
+        "negatives=1-multi-seed0",
+    }
 
 
+@pytest.mark.slow
 def test_jobs_trains_cells_side_by_side_and_names_a_failed_cell(tiny_model_dir, tmp_path):  # noqa: F811
     """`--jobs 2`: two cells at once, each with its output in its own train.log; a cell that fails is named,
     the other finishes, and rerunning resumes only what is missing."""
@@ -159,11 +239,23 @@ def test_jobs_trains_cells_side_by_side_and_names_a_failed_cell(tiny_model_dir, 
         "variants:\n  lora: {method: lora}\n  broken: {method: lora, model: 'no-such-model-dir'}\n"
         "seeds: [0]\n"
         f"base: {{model: '{tiny_model_dir}', tasks: [{TASKS}], train_per_task: 8, test_per_task: 4, "
-        "batch_size: 4, r: 4, max_steps: 1, eval_base: false}\n")
+        "batch_size: 4, r: 4, max_steps: 1, eval_base: false}\n"
+    )
     out = tmp_path / "grid"
     # as the README has it: `comoe compare --jobs 2 --set test_per_task=none` (every test example)
-    failed = comoe_cli("compare", "--grid", str(grid), "--out", str(out), "--jobs", "2", "--set", "test_per_task=none",
-                       "--no-analysis", check=False)
+    failed = comoe_cli(
+        "compare",
+        "--grid",
+        str(grid),
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+        "--set",
+        "test_per_task=none",
+        "--no-analysis",
+        check=False,
+    )
     assert failed.returncode == 2 and "1 run(s) failed: [2/2] broken multi seed 0" in failed.stderr
     assert "Traceback" not in failed.stderr
     assert (out / "runs/lora-multi-seed0/metrics.json").is_file()
@@ -172,13 +264,29 @@ def test_jobs_trains_cells_side_by_side_and_names_a_failed_cell(tiny_model_dir, 
     scores = json.loads((out / "runs/lora-multi-seed0/metrics.json").read_text())["adapter"]["tasks"]
     assert {task: s["n"] for task, s in scores.items()} == {"strategyqa": 300, "social_iqa": 300}
     grid.write_text(grid.read_text().replace("no-such-model-dir", str(tiny_model_dir)))
-    again = comoe_cli("compare", "--grid", str(grid), "--out", str(out), "--jobs", "2", "--set", "test_per_task=none",
-                      "--no-analysis")
+    again = comoe_cli(
+        "compare",
+        "--grid",
+        str(grid),
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+        "--set",
+        "test_per_task=none",
+        "--no-analysis",
+    )
     assert again.stdout.count("done, skipped") == 1 and again.stdout.count("running in") == 1
-    assert {r["variant"] for r in json.loads((out / "summary.json").read_text())["rows"]} == {"lora", "broken"}
+    assert {r["variant"] for r in json.loads((out / "summary.json").read_text())["rows"]} == {
+        "lora",
+        "broken",
+    }
 
 
+@pytest.mark.slow
 def test_jobs_must_be_positive(tmp_path):
-    result = comoe_cli("compare", "--preset", "default", "--out", str(tmp_path / "g"), "--jobs", "0", check=False)
+    result = comoe_cli(
+        "compare", "--preset", "default", "--out", str(tmp_path / "g"), "--jobs", "0", check=False
+    )
     assert result.returncode == 2 and "--jobs must be >= 1" in result.stderr
     assert not (tmp_path / "g").exists()  # refused before anything was written

@@ -133,7 +133,10 @@ def test_loading_bad_config_files(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "fragments"),
     [
-        ({"contrastive_weight": "0.1"}, ["contrastive_weight must be a number", "the string '0.1'", "without quotes"]),
+        (
+            {"contrastive_weight": "0.1"},
+            ["contrastive_weight must be a number", "the string '0.1'", "without quotes"],
+        ),
         ({"temperature": "cold"}, ["temperature must be a number", "the string 'cold'"]),
         ({"temperature": float("inf")}, ["temperature must be a finite number, got inf"]),
         ({"contrastive_weight": float("nan")}, ["contrastive_weight must be a finite number, got nan"]),
@@ -146,15 +149,27 @@ def test_loading_bad_config_files(tmp_path):
         ({"num_negatives": "2"}, ["num_negatives must be an integer or none", "the string '2'"]),
         ({"num_negatives": False}, ["num_negatives must be an integer or none", "the boolean False"]),
         ({"routing": 1}, ["routing must be a string", "the integer 1"]),
-        ({"base_model_name_or_path": 3}, ["base_model_name_or_path must be a string or none", "the integer 3"]),
+        (
+            {"base_model_name_or_path": 3},
+            ["base_model_name_or_path must be a string or none", "the integer 3"],
+        ),
         ({"target_modules": 5}, ["target_modules must be a list of strings or a string", "the integer 5"]),
-        ({"target_modules": ["q_proj", 1]}, ["target_modules must be a list of strings", "item 1 is the integer 1"]),
-        ({"layers": [0, "1"]}, ["layers must be a list of integers, a string or none", "item 1 is the string '1'"]),
+        (
+            {"target_modules": ["q_proj", 1]},
+            ["target_modules must be a list of strings", "item 1 is the integer 1"],
+        ),
+        (
+            {"layers": [0, "1"]},
+            ["layers must be a list of integers, a string or none", "item 1 is the string '1'"],
+        ),
         ({"layers": [True]}, ["layers must be", "item 0 is the boolean True"]),
         ({"layers": 2.5}, ["layers must be a list of integers, a string or none", "the float 2.5"]),
         (
             {"target_modules": "q_proj["},
-            ["target_modules 'q_proj[' is not a valid regular expression", "give a list of module names or a valid regex"],
+            [
+                "target_modules 'q_proj[' is not a valid regular expression",
+                "give a list of module names or a valid regex",
+            ],
         ),
         ({"target_modules": "(a|b"}, ["target_modules '(a|b' is not a valid regular expression"]),
     ],
@@ -182,22 +197,46 @@ def test_values_of_the_right_type_are_accepted_and_normalised(kwargs, field, exp
 @pytest.mark.parametrize(
     ("content", "fragments"),
     [
-        ("{not json", ["adapter_config.json is not valid JSON", "the adapter directory is damaged", "re-save the adapter"]),
+        (
+            "{not json",
+            [
+                "adapter_config.json is not valid JSON",
+                "the adapter directory is damaged",
+                "re-save the adapter",
+            ],
+        ),
         ("", ["adapter_config.json is not valid JSON", "restore the file"]),
         (b"\xff\xfe\x00garbage", ["adapter_config.json is not valid JSON", "damaged"]),
-        ("[1, 2]", ["adapter_config.json holds a JSON array, not an object", "re-save the adapter or restore the file"]),
+        (
+            "[1, 2]",
+            [
+                "adapter_config.json holds a JSON array, not an object",
+                "re-save the adapter or restore the file",
+            ],
+        ),
         ('"r"', ["holds a JSON string", "damaged"]),
         ("null", ["holds a JSON null", "damaged"]),
         (
             json.dumps({"peft_type": "COMOE", "r": 4, "num_expertz": 3}),
             ["adapter_config.json: unknown CoMoEConfig fields ['num_expertz']", "did you mean 'num_experts'"],
         ),
-        (json.dumps({"peft_type": "COMOE", "r": "4"}), ["adapter_config.json: r must be an integer", "the string '4'"]),
-        (json.dumps({"peft_type": "COMOE", "top_k": 9}), ["adapter_config.json: top_k must be an integer in 1..num_experts"]),
-        (json.dumps({"r": 4}), ['adapter_config.json has no "peft_type"', "not an adapter configuration", "damaged"]),
+        (
+            json.dumps({"peft_type": "COMOE", "r": "4"}),
+            ["adapter_config.json: r must be an integer", "the string '4'"],
+        ),
+        (
+            json.dumps({"peft_type": "COMOE", "top_k": 9}),
+            ["adapter_config.json: top_k must be an integer in 1..num_experts"],
+        ),
+        (
+            json.dumps({"r": 4}),
+            ['adapter_config.json has no "peft_type"', "not an adapter configuration", "damaged"],
+        ),
         (json.dumps({"peft_type": 3, "r": 4}), ['has no "peft_type"']),
-        (json.dumps({"peft_type": "LORA", "r": 4}), ["describes a PEFT LORA adapter, not a CoMoE one",
-                                                     "load_adapted_model"]),
+        (
+            json.dumps({"peft_type": "LORA", "r": 4}),
+            ["describes a PEFT LORA adapter, not a CoMoE one", "load_adapted_model"],
+        ),
     ],
 )
 def test_damaged_adapter_config_files_are_named_in_the_error(tmp_path, content, fragments):

@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from comoe.data.prompts import LETTERS, format_prompt
 from comoe.data.schema import Example
-from comoe.evaluate import (
+from comoe.evaluation.scoring import (
     evaluate_tasks,
     label_token_ids,
     loglik_context,
@@ -21,7 +21,7 @@ from comoe.evaluate import (
     score_loglik,
     special_prefix,
 )
-from comoe.models import load_tokenizer, prepare_tokenizer
+from comoe.training.base_models import load_tokenizer, prepare_tokenizer
 
 ATOL = 1e-5
 
@@ -404,11 +404,15 @@ def test_majority_baseline_hand_case():
 
 
 def test_generation_batched_equals_greedy_decoding_one_by_one(smol_tokenizer):
-    from comoe.evaluate import generate_answers, normalise_answer
+    from comoe.evaluation.scoring import generate_answers, normalise_answer
 
     model = tiny_llama(len(smol_tokenizer))
-    examples = [Example(task="g", question=q, target="x") for q in ("Name a colour.", "Two plus two is", "Hi")]
-    batched = generate_answers(model, smol_tokenizer, examples, batch_size=3, max_new_tokens=6, progress=False)
+    examples = [
+        Example(task="g", question=q, target="x") for q in ("Name a colour.", "Two plus two is", "Hi")
+    ]
+    batched = generate_answers(
+        model, smol_tokenizer, examples, batch_size=3, max_new_tokens=6, progress=False
+    )
     for ex, answer in zip(examples, batched, strict=True):
         ids = smol_tokenizer(format_prompt(ex), return_tensors="pt")["input_ids"]
         with torch.no_grad():

@@ -13,16 +13,35 @@ from safetensors.torch import load_file
 
 from comoe.config import CONFIG_NAME, WEIGHTS_NAME
 
+pytestmark = pytest.mark.slow  # every test here runs the examples end to end
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def run_example(name: str, model_dir: Path, out: Path) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(EXAMPLES / name), "--model", str(model_dir), "--max-steps", "3",
-                             "--output-dir", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / name),
+            "--model",
+            str(model_dir),
+            "--max-steps",
+            "3",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / CONFIG_NAME).is_file() and (out / WEIGHTS_NAME).is_file()
-    assert all(key.rsplit(".", 1)[-1] in {"comoe_A", "comoe_B", "comoe_router"} for key in load_file(out / WEIGHTS_NAME))
+    assert all(
+        key.rsplit(".", 1)[-1] in {"comoe_A", "comoe_B", "comoe_router"}
+        for key in load_file(out / WEIGHTS_NAME)
+    )
     return result.stdout
 
 

@@ -9,13 +9,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from test_losses import reference_contrastive
-from tiny_models import CAUSAL, batch, build, randomize_adapters, tiny_comoe_config
 from transformers.pytorch_utils import Conv1D
 
 from comoe import CoMoEConfig, CoMoELayer, RoutingRecorder, get_comoe_model
 from comoe.layer import ForwardContext
 from comoe.losses import active_mask
+from tests.references import reference_contrastive
+from tests.tiny_models import CAUSAL, batch, build, randomize_adapters, tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -188,9 +188,7 @@ def test_contrastive_is_the_mean_over_modules_of_algorithm_1_on_real_tokens():
                     token_mask=mask,
                 )
             )
-    torch.testing.assert_close(
-        out.contrastive_loss, torch.stack(per_module).mean(), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(out.contrastive_loss, torch.stack(per_module).mean(), rtol=1e-5, atol=1e-5)
 
 
 def test_zero_weight_is_exactly_plain_moe_lora():

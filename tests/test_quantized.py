@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-from test_train import comoe_cli, read_log
 
 from comoe import CoMoEModel, get_comoe_model
-from comoe.models import load_base_model
-from comoe.runconfig import RunConfig
+from comoe.training.base_models import load_base_model
+from comoe.training.run_config import RunConfig
+from tests.cli_runs import comoe_cli, read_log
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,7 +24,7 @@ QUANTISED = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
 def model_dir(tmp_path_factory):
     """The tiny Llama at hidden 64: bitsandbytes' CPU nf4 inference path needs in_features >= its block
     size (64); every real model has that."""
-    from tiny_models import save_tiny_llama_with_real_tokenizer
+    from tests.tiny_models import save_tiny_llama_with_real_tokenizer
 
     directory = tmp_path_factory.mktemp("tiny-llama-64")
     save_tiny_llama_with_real_tokenizer(directory, hidden=64)
@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory):
 
 
 def tiny_config():
-    from tiny_models import tiny_comoe_config
+    from tests.tiny_models import tiny_comoe_config
 
     return tiny_comoe_config("llama", contrastive_weight=0.5)
 
@@ -66,11 +66,34 @@ def test_training_on_a_quantised_base_lowers_the_loss_and_reloads_exactly(model_
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_cli_quantize_trains_and_evaluates_on_the_quantised_base(model_dir, tmp_path):
     run_dir = tmp_path / "nf4"
-    comoe_cli("train", "--model", str(model_dir), "--tasks", "strategyqa", "--train-per-task", "16",
-              "--test-per-task", "6", "--batch-size", "4", "--r", "4", "--max-steps", "3", "--eval-base", "false",
-              "--contrastive-weight", "0.5", "--quantize", "nf4", "--output-dir", str(run_dir))
+    comoe_cli(
+        "train",
+        "--model",
+        str(model_dir),
+        "--tasks",
+        "strategyqa",
+        "--train-per-task",
+        "16",
+        "--test-per-task",
+        "6",
+        "--batch-size",
+        "4",
+        "--r",
+        "4",
+        "--max-steps",
+        "3",
+        "--eval-base",
+        "false",
+        "--contrastive-weight",
+        "0.5",
+        "--quantize",
+        "nf4",
+        "--output-dir",
+        str(run_dir),
+    )
     assert RunConfig.from_yaml(run_dir / "run_config.yaml").quantize == "nf4"
     assert all(row["con"] > 0 for row in read_log(run_dir))
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -80,15 +103,26 @@ def test_cli_quantize_trains_and_evaluates_on_the_quantised_base(model_dir, tmp_
         assert again["adapter"]["tasks"][task]["accuracy"] == scores["accuracy"]
 
 
+@pytest.mark.slow
 def test_bad_quantize_values_and_a_missing_bitsandbytes_are_clear_errors(model_dir, tmp_path, monkeypatch):
-    result = comoe_cli("train", "--model", str(model_dir), "--quantize", "nf8", "--output-dir",
-                       str(tmp_path / "x"), check=False)
+    result = comoe_cli(
+        "train",
+        "--model",
+        str(model_dir),
+        "--quantize",
+        "nf8",
+        "--output-dir",
+        str(tmp_path / "x"),
+        check=False,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "quantize must be one of nf4, int8, got 'nf8'" in result.stderr + result.stdout
     assert not (tmp_path / "x").exists()
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     with pytest.raises(ValueError, match=r"needs bitsandbytes.*pip install 'comoe\[quant\]'"):
         RunConfig(quantize="int8")

@@ -6,8 +6,9 @@ import argparse
 
 import pytest
 
+from comoe.cli.train import add_run_config_flags, run_config_from_args
 from comoe.config import CoMoEConfig
-from comoe.runconfig import RunConfig, add_run_config_flags, parse_field_value, run_config_from_args
+from comoe.training.run_config import RunConfig, parse_field_value
 
 
 def _message(error: type[Exception], make) -> str:
@@ -37,11 +38,17 @@ def _assert_fragments(message: str, fragments: list[str]) -> None:
         ({"model": 3}, ["model must be a string, got the integer 3"]),
         ({"output_dir": 5}, ["output_dir must be a string or none, got the integer 5"]),
         ({"max_steps": "10"}, ["max_steps must be an integer or none", "(write 10 without quotes)"]),
-        ({"train_per_task": 4.0}, ["train_per_task must be an integer or none", "the float 4.0", "(write 4)"]),
+        (
+            {"train_per_task": 4.0},
+            ["train_per_task must be an integer or none", "the float 4.0", "(write 4)"],
+        ),
         ({"tasks": None}, ["tasks must be a list of strings, got none"]),
         ({"tasks": ["winowhy", 3]}, ["tasks must be a list of strings", "item 1 is the integer 3"]),
         ({"target_modules": 7}, ["target_modules must be a list of strings or a string, got the integer 7"]),
-        ({"layers": [0, "1"]}, ["layers must be a list of integers, a string or none", "item 1 is the string '1'"]),
+        (
+            {"layers": [0, "1"]},
+            ["layers must be a list of integers, a string or none", "item 1 is the string '1'"],
+        ),
         ({"contrastive_weight": "0.1"}, ["contrastive_weight must be a number", "the string '0.1'"]),
         # ranges
         ({"max_steps": 0}, ["max_steps must be >= 1, or none to train for `epochs` epochs, got 0"]),
@@ -64,7 +71,10 @@ def _assert_fragments(message: str, fragments: list[str]) -> None:
         ({"lora_r": 0, "method": "lora"}, ["lora_r must be >= 1 or none, got 0"]),
         ({"batch_size": 0}, ["batch_size must be >= 1, got 0"]),
         ({"grad_accum": 0}, ["grad_accum must be >= 1"]),
-        ({"scheduler": "cosin"}, ["scheduler must be one of", "linear", "cosine", "constant_with_warmup", "'cosin'"]),
+        (
+            {"scheduler": "cosin"},
+            ["scheduler must be one of", "linear", "cosine", "constant_with_warmup", "'cosin'"],
+        ),
         ({"method": "adam"}, ["method must be one of comoe, moe-lora, soft-moe, lora, got 'adam'"]),
         # tasks
         ({"tasks": []}, ["tasks is empty"]),
@@ -76,11 +86,19 @@ def _assert_fragments(message: str, fragments: list[str]) -> None:
         ),
         ({"tasks": "winowhy, strategyqa, winowhy"}, ["task 'winowhy' is named twice in tasks"]),
         ({"tasks": ["social_iqa", "Social-IQA"]}, ["task 'Social-IQA' is named twice", "are the same task"]),
-        ({"tasks": ["arc_easy", "arc_e"]}, ["task 'arc_e' is named twice", "'arc_easy' and 'arc_e' are the same task"]),
+        (
+            {"tasks": ["arc_easy", "arc_e"]},
+            ["task 'arc_e' is named twice", "'arc_easy' and 'arc_e' are the same task"],
+        ),
         ({"tasks": "ARC-Challenge,arc_c"}, ["task 'arc_c' is named twice", "are the same task"]),
-        ({"tasks": "suite:hard,strategyqa"}, ["task 'strategyqa' is named twice",
-                                              "'suite:hard' and 'strategyqa' both name it"]),
-        ({"tasks": "winowhy,suite:hard"}, ["task 'winowhy' is named twice", "'winowhy' and 'suite:hard' both name it"]),
+        (
+            {"tasks": "suite:hard,strategyqa"},
+            ["task 'strategyqa' is named twice", "'suite:hard' and 'strategyqa' both name it"],
+        ),
+        (
+            {"tasks": "winowhy,suite:hard"},
+            ["task 'winowhy' is named twice", "'winowhy' and 'suite:hard' both name it"],
+        ),
         ({"tasks": "suite:learnable,suite:learnable"}, ["task 'intent_recognition' is named twice"]),
         ({"tasks": ["winowhy", "jsonl:"]}, ["task 'jsonl:' names no file", "write jsonl:PATH"]),
         # the adapter config is checked too
@@ -108,7 +126,9 @@ def test_a_jsonl_file_named_twice_is_an_error_however_it_is_spelled(tmp_path, sp
 def test_a_relative_jsonl_path_and_its_prefixed_form_are_the_same_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     message = _message(ValueError, lambda: RunConfig(tasks=["jsonl:a.jsonl", "a.jsonl"]))
-    _assert_fragments(message, ["task 'a.jsonl' is named twice", "'jsonl:a.jsonl' and 'a.jsonl' are the same file"])
+    _assert_fragments(
+        message, ["task 'a.jsonl' is named twice", "'jsonl:a.jsonl' and 'a.jsonl' are the same file"]
+    )
     assert RunConfig(tasks=["jsonl:a.jsonl", "b.jsonl"]).tasks == ["jsonl:a.jsonl", "b.jsonl"]
 
 
@@ -176,11 +196,17 @@ def test_from_yaml_reads_values(tmp_path, yaml_text, field, expected):
         ("learning_rate: '1e-3'\n", ["learning_rate must be a number", "(write 1e-3 without quotes)"]),
         ("max_steps: 0\n", ["max_steps must be >= 1, or none to train for `epochs` epochs"]),
         ("tasks: winowhy, winowhy\n", ["task 'winowhy' is named twice in tasks"]),
-        ("tasks: [winowhy\nbatch_size: 4\n", ["is not valid YAML at line 2, column", "flow sequence at line 1"]),
+        (
+            "tasks: [winowhy\nbatch_size: 4\n",
+            ["is not valid YAML at line 2, column", "flow sequence at line 1"],
+        ),
         ("a: b: c\n", ["is not valid YAML at line 1, column 5", "mapping values are not allowed here"]),
         ("- 1\n- 2\n", ["expected a mapping of RunConfig fields, got list"]),
         ("learning_rat: 0.1\n", ["unknown fields ['learning_rat']", "did you mean 'learning_rate'"]),
-        ("bach_size: 2\nzzz: 1\n", ["unknown fields ['bach_size', 'zzz']", "did you mean 'batch_size' for 'bach_size'?"]),
+        (
+            "bach_size: 2\nzzz: 1\n",
+            ["unknown fields ['bach_size', 'zzz']", "did you mean 'batch_size' for 'bach_size'?"],
+        ),
     ],
 )
 def test_from_yaml_errors_name_the_problem(tmp_path, yaml_text, fragments):
@@ -202,7 +228,11 @@ def test_task_names_are_stripped_once_and_aliases_agree_with_the_registry(tmp_pa
     assert RunConfig(tasks=[" winowhy ", "strategyqa"]).tasks == ["winowhy", "strategyqa"]
     assert canonical_task_key(" ARC-Easy ") == canonical_task_key("arc_e") == "arc_e"
     monkeypatch.chdir(tmp_path)
-    assert canonical_task_key(" jsonl:a.jsonl ") == canonical_task_key("a.jsonl") == f"jsonl:{tmp_path / 'a.jsonl'}"
+    assert (
+        canonical_task_key(" jsonl:a.jsonl ")
+        == canonical_task_key("a.jsonl")
+        == f"jsonl:{tmp_path / 'a.jsonl'}"
+    )
 
 
 def test_unknown_fields_name_the_file_and_give_no_suggestion_when_none_is_close(tmp_path):
@@ -225,7 +255,9 @@ def test_a_missing_config_file_is_a_file_not_found_error_naming_it(tmp_path):
 
 
 def test_to_yaml_round_trip_keeps_all_linear_small_floats_and_number_like_strings(tmp_path):
-    run = RunConfig(target_modules="all-linear", learning_rate=1e-5, tasks="winowhy,strategyqa", output_dir="1e5")
+    run = RunConfig(
+        target_modules="all-linear", learning_rate=1e-5, tasks="winowhy,strategyqa", output_dir="1e5"
+    )
     run.to_yaml(tmp_path / "run.yaml")
     assert "output_dir: '1e5'" in (tmp_path / "run.yaml").read_text()
     assert RunConfig.from_yaml(tmp_path / "run.yaml") == run
@@ -265,7 +297,7 @@ def test_parse_field_value(name, text, expected):
     ],
 )
 def test_parse_field_value_errors(name, text, fragments):
-    _assert_fragments(_message(argparse.ArgumentTypeError, lambda: parse_field_value(name, text)), fragments)
+    _assert_fragments(_message(ValueError, lambda: parse_field_value(name, text)), fragments)
 
 
 def flag_parser() -> argparse.ArgumentParser:
@@ -279,9 +311,16 @@ def flag_parser() -> argparse.ArgumentParser:
 def test_command_line_flags_become_a_run_config(tmp_path):
     parser = flag_parser()
     (tmp_path / "run.yaml").write_text("tasks: winowhy\nlearning_rate: 1e-3\n")
-    args = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--target-modules", "all-linear", "--max-steps", "3"])
+    args = parser.parse_args(
+        ["--config", str(tmp_path / "run.yaml"), "--target-modules", "all-linear", "--max-steps", "3"]
+    )
     run = run_config_from_args(args)
-    assert (run.tasks, run.target_modules, run.learning_rate, run.max_steps) == (["winowhy"], "all-linear", 1e-3, 3)
+    assert (run.tasks, run.target_modules, run.learning_rate, run.max_steps) == (
+        ["winowhy"],
+        "all-linear",
+        1e-3,
+        3,
+    )
     args = parser.parse_args(["--max-steps", "0"])
     _assert_fragments(_message(ValueError, lambda: run_config_from_args(args)), ["max_steps must be >= 1"])
 
@@ -289,7 +328,9 @@ def test_command_line_flags_become_a_run_config(tmp_path):
 def test_a_flag_given_as_none_overrides_the_yaml_file(tmp_path):
     parser = flag_parser()
     (tmp_path / "run.yaml").write_text("max_steps: 100\nlora_r: 8\nmethod: lora\n")
-    given = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--max-steps", "none", "--lora-r", "None"])
+    given = parser.parse_args(
+        ["--config", str(tmp_path / "run.yaml"), "--max-steps", "none", "--lora-r", "None"]
+    )
     run = run_config_from_args(given)
     assert (run.max_steps, run.lora_r, run.method) == (None, None, "lora")
     absent = parser.parse_args(["--config", str(tmp_path / "run.yaml")])

@@ -12,15 +12,16 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import TARGETS, batch, build, randomize_adapters, tiny_comoe_config
 
 from comoe import AdapterLoadError, CoMoEConfig, CoMoELayer, CoMoEModel, get_comoe_model
 from comoe.config import CONFIG_NAME, WEIGHTS_NAME
+from tests.tiny_models import TARGETS, batch, build, randomize_adapters, tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FAMILIES = ["llama", "qwen2", "gpt2", "bert"]
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)  # the child imports ``tests.tiny_models`` from here
 
 
 def make_config(family: str, **overrides) -> CoMoEConfig:
@@ -42,20 +43,19 @@ def logits_of(model, family: str) -> torch.Tensor:
 RELOAD_SCRIPT = textwrap.dedent(
     """
     import sys
-    sys.path.insert(0, sys.argv[1])
     import torch
     from safetensors.torch import save_file
-    from tiny_models import batch, build
+    from tests.tiny_models import batch, build
     from comoe import CoMoEModel
 
     torch.set_num_threads(1)
     out = {}
-    for family, directory in zip(sys.argv[3::2], sys.argv[4::2]):
+    for family, directory in zip(sys.argv[2::2], sys.argv[3::2]):
         model = CoMoEModel.from_pretrained(build(family, seed=0), directory)
         assert not model.training
         with torch.no_grad():
             out[family] = model(**batch(family)).logits.contiguous()
-    save_file(out, sys.argv[2])
+    save_file(out, sys.argv[1])
     """
 )
 
@@ -72,15 +72,16 @@ def reloaded(tmp_path_factory):
         dirs[family] = root / family
         model.save_pretrained(dirs[family])
     result = root / "reloaded_logits.safetensors"
-    args = [sys.executable, "-c", RELOAD_SCRIPT, TESTS_DIR, str(result)]
+    args = [sys.executable, "-c", RELOAD_SCRIPT, str(result)]
     for family in FAMILIES:
         args += [family, str(dirs[family])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return expected, base_logits, load_file(str(result)), dirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fresh_process_reload_gives_identical_logits(reloaded, family):
     expected, base_logits, got, _ = reloaded

@@ -8,32 +8,52 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from tiny_models import tiny_comoe_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from comoe import CoMoEModel
 from comoe.config import CONFIG_NAME, WEIGHTS_NAME
 from comoe.sft import CoMoESFTTrainer
+from tests.tiny_models import tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SENTENCES = ["the cat sat on the mat", "two plus two is four", "paris is the capital of france",
-             "water boils at one hundred degrees", "the sun rises in the east", "bees make honey"]
+SENTENCES = [
+    "the cat sat on the mat",
+    "two plus two is four",
+    "paris is the capital of france",
+    "water boils at one hundred degrees",
+    "the sun rises in the east",
+    "bees make honey",
+]
 
 
 def sft_trainer(model_dir, out_dir, cls=CoMoESFTTrainer, checkpointing=False, **config) -> SFTTrainer:
-    args = SFTConfig(output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=3, learning_rate=1e-2,
-                     max_length=32, gradient_checkpointing=checkpointing, report_to="none", save_strategy="no", bf16=False,
-                     **config)
-    return cls(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
-               processing_class=AutoTokenizer.from_pretrained(model_dir),
-               train_dataset=Dataset.from_dict({"text": SENTENCES * 2}),
-               peft_config=tiny_comoe_config("llama", contrastive_weight=0.5, lora_dropout=0.0))
+    args = SFTConfig(
+        output_dir=str(out_dir),
+        max_steps=4,
+        per_device_train_batch_size=3,
+        learning_rate=1e-2,
+        max_length=32,
+        gradient_checkpointing=checkpointing,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        **config,
+    )
+    return cls(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=args,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        train_dataset=Dataset.from_dict({"text": SENTENCES * 2}),
+        peft_config=tiny_comoe_config("llama", contrastive_weight=0.5, lora_dropout=0.0),
+    )
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
-def test_sft_trainer_optimises_the_contrastive_term_and_saves_a_comoe_adapter(tiny_model_dir, tmp_path, checkpointing):
+def test_sft_trainer_optimises_the_contrastive_term_and_saves_a_comoe_adapter(
+    tiny_model_dir, tmp_path, checkpointing
+):
     trainer = sft_trainer(tiny_model_dir, tmp_path / "out", checkpointing=checkpointing)
     model = trainer.model
     assert isinstance(model, PeftModel) and len(model.base_model.adapted_modules) == 8
@@ -52,19 +72,25 @@ def test_sft_trainer_optimises_the_contrastive_term_and_saves_a_comoe_adapter(ti
 
     trainer.save_model(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / CONFIG_NAME).is_file() and (tmp_path / "saved" / WEIGHTS_NAME).is_file()
-    reloaded = CoMoEModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "saved")
+    reloaded = CoMoEModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "saved"
+    )
     ids = inputs["input_ids"][:2]
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
+        )
 
 
 def test_sft_trainer_without_a_comoe_adapter_is_refused(tiny_model_dir, tmp_path):
     from peft import LoraConfig
 
     with pytest.raises(ValueError, match="CoMoESFTTrainer trains CoMoE adapters"):
-        CoMoESFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                        args=SFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False),
-                        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-                        train_dataset=Dataset.from_dict({"text": SENTENCES}),
-                        peft_config=LoraConfig(target_modules=["q_proj"]))
+        CoMoESFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            args=SFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False),
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+            train_dataset=Dataset.from_dict({"text": SENTENCES}),
+            peft_config=LoraConfig(target_modules=["q_proj"]),
+        )

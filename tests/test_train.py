@@ -19,33 +19,42 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comoe.runconfig import RunConfig
+from comoe.training.run_config import RunConfig
+from tests.cli_runs import TASKS, comoe_cli, read_log
 
-TASKS = "strategyqa,social_iqa"
-
-
-def comoe_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "comoe.cli", *args], capture_output=True, text=True, env=env,
-                            timeout=600, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"comoe {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+pytestmark = pytest.mark.slow  # every test here runs `comoe` end to end
 
 
 def tiny_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(model_dir), "--tasks", TASKS, "--train-per-task", "24", "--test-per-task", "8",
-            "--batch-size", "4", "--r", "4", "--learning-rate", "5e-3", "--output-dir", str(out), *extra]
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--tasks",
+        TASKS,
+        "--train-per-task",
+        "24",
+        "--test-per-task",
+        "8",
+        "--batch-size",
+        "4",
+        "--r",
+        "4",
+        "--learning-rate",
+        "5e-3",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_train_writes_a_complete_run_directory_and_eval_reproduces_it(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     comoe_cli(*tiny_args(tiny_model_dir, run_dir, "--max-steps", "6", "--contrastive-weight", "0.1"))
-    assert {p.name for p in (run_dir / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in (run_dir / "adapter").iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["adapter"]["tasks"]) == set(TASKS.split(","))
     assert {"majority", "base", "adapter", "trainable", "train"} <= set(metrics)
@@ -68,8 +77,12 @@ def test_resume_after_sigkill_gives_the_same_adapter(tiny_model_dir, tmp_path):
 
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "comoe.cli", *tiny_args(tiny_model_dir, killed, *common)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "comoe", *tiny_args(tiny_model_dir, killed, *common)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     deadline = time.time() + 300
     log = killed / "train_log.jsonl"
     # killed after step 7 or 8 is logged: the steps after the step-6 checkpoint must be redone, not repeated
@@ -100,7 +113,9 @@ def test_resume_after_sigkill_gives_the_same_adapter(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("method", ["lora", "soft-moe"])
 def test_baseline_methods_end_to_end(tiny_model_dir, tmp_path, method):
     run_dir = tmp_path / method
-    comoe_cli(*tiny_args(tiny_model_dir, run_dir, "--method", method, "--max-steps", "3", "--eval-base", "false"))
+    comoe_cli(
+        *tiny_args(tiny_model_dir, run_dir, "--method", method, "--max-steps", "3", "--eval-base", "false")
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["method"] == method and metrics["trainable"] > 0
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
@@ -110,7 +125,9 @@ def test_baseline_methods_end_to_end(tiny_model_dir, tmp_path, method):
 
 def test_single_task_setting_trains_one_adapter_per_task(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "single"
-    comoe_cli(*tiny_args(tiny_model_dir, run_dir, "--setting", "single", "--max-steps", "2", "--eval-base", "false"))
+    comoe_cli(
+        *tiny_args(tiny_model_dir, run_dir, "--setting", "single", "--max-steps", "2", "--eval-base", "false")
+    )
     for task in TASKS.split(","):
         assert (run_dir / "adapters" / task / "adapter" / "adapter_model.safetensors").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -119,9 +136,19 @@ def test_single_task_setting_trains_one_adapter_per_task(tiny_model_dir, tmp_pat
 
 def test_malformed_jsonl_fails_before_training_naming_file_and_line(tiny_model_dir, tmp_path):
     bad = tmp_path / "mine.jsonl"
-    bad.write_text('{"question": "q1", "choices": ["a", "b"], "answer": 0}\n{"question": "q2", "choices": ["a"]}\n')
-    result = comoe_cli("train", "--model", str(tiny_model_dir), "--tasks", f"jsonl:{bad}",
-                       "--output-dir", str(tmp_path / "run"), check=False)
+    bad.write_text(
+        '{"question": "q1", "choices": ["a", "b"], "answer": 0}\n{"question": "q2", "choices": ["a"]}\n'
+    )
+    result = comoe_cli(
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--tasks",
+        f"jsonl:{bad}",
+        "--output-dir",
+        str(tmp_path / "run"),
+        check=False,
+    )
     assert result.returncode != 0
     assert f"{bad}:2" in result.stderr
     assert not (tmp_path / "run" / "train_log.jsonl").exists()
@@ -132,10 +159,26 @@ def test_ddp_two_processes_on_cpu(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     config = tmp_path / "ddp.yaml"  # a YAML file: torchrun would take `--r` for one of its own flags
-    config.write_text(f"model: {tiny_model_dir}\ntasks: [{TASKS}]\ntrain_per_task: 48\ntest_per_task: 8\n"
-                      f"batch_size: 4\nr: 4\nlearning_rate: 5.0e-3\nmax_steps: 12\neval_base: false\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "comoe.cli", "train", "--config", str(config), "--output-dir", str(run_dir)]
+    config.write_text(
+        f"model: {tiny_model_dir}\ntasks: [{TASKS}]\ntrain_per_task: 48\ntest_per_task: 8\n"
+        f"batch_size: 4\nr: 4\nlearning_rate: 5.0e-3\nmax_steps: 12\neval_base: false\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "comoe",
+        "train",
+        "--config",
+        str(config),
+        "--output-dir",
+        str(run_dir),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "unused parameters" not in result.stderr.lower()

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from datasets import Dataset
 from peft import get_peft_model
 from safetensors.torch import load_file
-from tiny_models import VOCAB, build, tiny_comoe_config
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from comoe import CoMoEModel, get_comoe_model
 from comoe.config import CONFIG_NAME, WEIGHTS_NAME
+from tests.tiny_models import VOCAB, build, tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -26,12 +26,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def dataset(rows: int = 16, length: int = 12) -> Dataset:
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(3, VOCAB, (rows, length), generator=gen)
-    return Dataset.from_dict({
-        "input_ids": ids.tolist(),
-        "attention_mask": torch.ones_like(ids).tolist(),
-        "labels": ids.tolist(),
-        "text": [f"row {i}" for i in range(rows)],  # not a model input: Trainer drops it
-    })
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": torch.ones_like(ids).tolist(),
+            "labels": ids.tolist(),
+            "text": [f"row {i}" for i in range(rows)],  # not a model input: Trainer drops it
+        }
+    )
 
 
 def comoe_model(maker: str = "get_comoe_model"):
@@ -45,7 +47,9 @@ def comoe_model(maker: str = "get_comoe_model"):
 
 def trainer_for(model, out_dir, **overrides) -> Trainer:
     settings = {"per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2, **overrides}
-    return Trainer(model=model, args=TrainingArguments(output_dir=str(out_dir), **settings), train_dataset=dataset())
+    return Trainer(
+        model=model, args=TrainingArguments(output_dir=str(out_dir), **settings), train_dataset=dataset()
+    )
 
 
 class StopAt(TrainerCallback):
@@ -93,8 +97,12 @@ def test_trainer_defaults_train_with_the_contrastive_term_and_save_an_adapter(tm
     ids = dataset()["input_ids"][:2]
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=torch.tensor(ids)).logits,
-                                   model(input_ids=torch.tensor(ids)).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            reloaded(input_ids=torch.tensor(ids)).logits,
+            model(input_ids=torch.tensor(ids)).logits,
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_trainer_checkpoints_are_adapters_and_resume_to_the_same_weights(tmp_path):
@@ -126,6 +134,9 @@ def test_with_gradient_accumulation_the_aux_term_weighs_by_the_micro_batch_token
     total = 2 * predicted  # two micro-batches of the same size
     model.train()
     loss, out = trainer.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=total)
-    task_sum = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), inputs["labels"][:, 1:].reshape(-1),
-                               reduction="sum")
-    torch.testing.assert_close(loss, task_sum / total + out.aux_loss * predicted / total, rtol=1e-5, atol=1e-6)
+    task_sum = F.cross_entropy(
+        out.logits[:, :-1].reshape(-1, VOCAB), inputs["labels"][:, 1:].reshape(-1), reduction="sum"
+    )
+    torch.testing.assert_close(
+        loss, task_sum / total + out.aux_loss * predicted / total, rtol=1e-5, atol=1e-6
+    )

@@ -11,22 +11,38 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train import comoe_cli, read_log
 
-from comoe.job import load_splits
-from comoe.runconfig import RunConfig
+from comoe.data.registry import load_splits
+from comoe.training.run_config import RunConfig
+from tests.cli_runs import comoe_cli, read_log
+
+pytestmark = pytest.mark.slow  # every test here runs `comoe` end to end
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 USER_TASKS = f"jsonl:{EXAMPLES / 'sentiment.jsonl'},jsonl:{EXAMPLES / 'capitals.jsonl'}"
 
 
 def small(model_dir: Path, out: Path, tasks: str, *extra: str) -> list[str]:
-    return ["train", "--model", str(model_dir), "--tasks", tasks, "--batch-size", "4", "--r", "4",
-            "--learning-rate", "5e-3", "--output-dir", str(out), *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--tasks",
+        tasks,
+        "--batch-size",
+        "4",
+        "--r",
+        "4",
+        "--learning-rate",
+        "5e-3",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_readme_example_files_have_no_input_in_both_splits():
-    train, test = load_splits(RunConfig(tasks=USER_TASKS.split(","), train_per_task=None, test_per_task=None))
+    train, test = load_splits(USER_TASKS.split(","), train_per_task=None, test_per_task=None, seed=0)
     assert list(train) == list(test) == ["sentiment", "capitals"]
     assert (len(train["sentiment"]), len(test["sentiment"])) == (32, 8)  # no split field: a fifth held out
     assert (len(train["capitals"]), len(test["capitals"])) == (24, 6)  # the file's split fields
@@ -37,8 +53,10 @@ def test_readme_example_files_have_no_input_in_both_splits():
 def test_two_user_files_train_eval_analyze(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "mine"
     result = comoe_cli(*small(tiny_model_dir, run_dir, USER_TASKS, "--max-steps", "3"))
-    assert "sentiment (32 train / 8 test)" in result.stdout and "capitals (24 train / 6 test)" in result.stdout
-    table = result.stdout[result.stdout.index("majority class"):]
+    assert (
+        "sentiment (32 train / 8 test)" in result.stdout and "capitals (24 train / 6 test)" in result.stdout
+    )
+    table = result.stdout[result.stdout.index("majority class") :]
     assert "sentiment" in table and "capitals" in table  # each row names its task, not its path
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert list(metrics["adapter"]["tasks"]) == ["sentiment", "capitals"]
@@ -62,8 +80,24 @@ def test_two_user_files_train_eval_analyze(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("flag", ["--bf16 true", "--bf16 true --gradient-checkpointing true"])
 def test_bf16_keeps_the_contrastive_term_in_the_optimised_loss(tiny_model_dir, tmp_path, flag):
     run_dir = tmp_path / "bf16"
-    comoe_cli(*small(tiny_model_dir, run_dir, "strategyqa", "--train-per-task", "16", "--test-per-task", "4",
-                     "--max-steps", "3", "--eval-base", "false", "--contrastive-weight", "0.5", *flag.split()))
+    comoe_cli(
+        *small(
+            tiny_model_dir,
+            run_dir,
+            "strategyqa",
+            "--train-per-task",
+            "16",
+            "--test-per-task",
+            "4",
+            "--max-steps",
+            "3",
+            "--eval-base",
+            "false",
+            "--contrastive-weight",
+            "0.5",
+            *flag.split(),
+        )
+    )
     log = read_log(run_dir)
     assert len(log) == 3
     for row in log:
@@ -76,20 +110,43 @@ def test_readme_config_file_with_flags_and_the_moe_lora_ablation(tiny_model_dir,
     """`comoe train --config my.yaml --learning-rate 1e-3 --tasks intent_recognition,bbq_ambiguous`, as the README
     has it."""
     config = tmp_path / "my.yaml"
-    config.write_text(f"model: {tiny_model_dir}\nmethod: moe-lora\nlearning_rate: 5e-2\nr: 4\nbatch_size: 4\n"
-                      f"train_per_task: 8\ntest_per_task: 4\nmax_steps: 2\neval_base: false\n"
-                      f"output_dir: {tmp_path / 'run'}\n")
-    comoe_cli("train", "--config", str(config), "--learning-rate", "1e-3", "--tasks", "intent_recognition,bbq_ambiguous")
+    config.write_text(
+        f"model: {tiny_model_dir}\nmethod: moe-lora\nlearning_rate: 5e-2\nr: 4\nbatch_size: 4\n"
+        f"train_per_task: 8\ntest_per_task: 4\nmax_steps: 2\neval_base: false\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
+    comoe_cli(
+        "train",
+        "--config",
+        str(config),
+        "--learning-rate",
+        "1e-3",
+        "--tasks",
+        "intent_recognition,bbq_ambiguous",
+    )
     run = RunConfig.from_yaml(tmp_path / "run" / "run_config.yaml")
-    assert (run.learning_rate, run.tasks, run.method, run.r) == (1e-3, ["intent_recognition", "bbq_ambiguous"], "moe-lora", 4)
+    assert (run.learning_rate, run.tasks, run.method, run.r) == (
+        1e-3,
+        ["intent_recognition", "bbq_ambiguous"],
+        "moe-lora",
+        4,
+    )
     assert all("con" not in row for row in read_log(tmp_path / "run"))  # λ = 0: no contrastive term
 
 
 def test_readme_tasks_and_base_only_eval(tiny_model_dir):
     listed = comoe_cli("tasks").stdout.split()
     assert {"suite:learnable", "suite:hard", "unit_identification", "winowhy", "arc_e"} <= set(listed)
-    result = comoe_cli("eval", "--base-only", "--tasks", "unit_identification", "--model", str(tiny_model_dir),
-                       "--test-per-task", "4")
+    result = comoe_cli(
+        "eval",
+        "--base-only",
+        "--tasks",
+        "unit_identification",
+        "--model",
+        str(tiny_model_dir),
+        "--test-per-task",
+        "4",
+    )
     assert "unit_identification" in result.stdout
 
 
@@ -109,8 +166,21 @@ def test_a_loss_that_turns_nan_stops_the_run_without_saving_an_adapter(tiny_mode
     weights[name] = torch.full_like(weights[name], float("nan"))
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     run_dir = tmp_path / "run"
-    status = main(small(broken, run_dir, "strategyqa", "--train-per-task", "8", "--test-per-task", "4",
-                        "--max-steps", "3", "--eval-base", "false"))
+    status = main(
+        small(
+            broken,
+            run_dir,
+            "strategyqa",
+            "--train-per-task",
+            "8",
+            "--test-per-task",
+            "4",
+            "--max-steps",
+            "3",
+            "--eval-base",
+            "false",
+        )
+    )
     message = capsys.readouterr().err
     assert status == 2, message
     assert "the loss is nan at step 1" in message and "no adapter was saved" in message, message
@@ -119,8 +189,17 @@ def test_a_loss_that_turns_nan_stops_the_run_without_saving_an_adapter(tiny_mode
 
 def test_resume_with_another_protocol_and_test_size_rescores_the_base_model(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    args = small(tiny_model_dir, run_dir, "strategyqa", "--train-per-task", "8", "--test-per-task", "4",
-                 "--max-steps", "2")
+    args = small(
+        tiny_model_dir,
+        run_dir,
+        "strategyqa",
+        "--train-per-task",
+        "8",
+        "--test-per-task",
+        "4",
+        "--max-steps",
+        "2",
+    )
     comoe_cli(*args)
     comoe_cli("train", "--resume", str(run_dir), "--protocol", "loglik", "--test-per-task", "3")
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -143,9 +222,28 @@ def test_too_few_examples_for_one_step_fail_before_anything_is_written(tiny_mode
 def test_a_whole_suite_by_name(tiny_model_dir, tmp_path):
     """`comoe train --tasks suite:hard`, as the README has it."""
     run_dir = tmp_path / "suite"
-    comoe_cli(*small(tiny_model_dir, run_dir, "suite:hard", "--train-per-task", "4", "--test-per-task", "2",
-                     "--max-steps", "1", "--eval-base", "false"))
+    comoe_cli(
+        *small(
+            tiny_model_dir,
+            run_dir,
+            "suite:hard",
+            "--train-per-task",
+            "4",
+            "--test-per-task",
+            "2",
+            "--max-steps",
+            "1",
+            "--eval-base",
+            "false",
+        )
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert list(metrics["adapter"]["tasks"]) == [
-        "social_iqa", "strategyqa", "winowhy", "epistemic_reasoning", "logical_fallacy_detection", "elementary_math_qa"]
+        "social_iqa",
+        "strategyqa",
+        "winowhy",
+        "epistemic_reasoning",
+        "logical_fallacy_detection",
+        "elementary_math_qa",
+    ]
     assert all(scores["n"] == 2 for scores in metrics["adapter"]["tasks"].values())

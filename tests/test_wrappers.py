@@ -17,9 +17,9 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from peft import get_peft_model
-from tiny_models import batch, build, randomize_adapters, tiny_comoe_config
 
 from comoe import get_comoe_model
+from tests.tiny_models import batch, build, randomize_adapters, tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -52,7 +52,9 @@ def expert_grads(loss: torch.Tensor, model) -> list[torch.Tensor]:
 
 
 def assert_contrastive_in_gradient(out, core) -> None:
-    assert "aux_loss" in out and "contrastive_loss" in out, f"the output lost its aux fields: {list(out.keys())}"
+    assert "aux_loss" in out and "contrastive_loss" in out, (
+        f"the output lost its aux fields: {list(out.keys())}"
+    )
     assert torch.isfinite(out.contrastive_loss) and out.contrastive_loss > 0
     with_aux = expert_grads(out.loss, core)
     task_only = expert_grads(out.loss - out.aux_loss, core)
@@ -109,6 +111,7 @@ def test_distributed_data_parallel(maker):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_torch_compile(maker):
     try:  # a torch build without a working compiler skips; a failure of the CoMoE model below does not
         torch.compile(torch.nn.Linear(2, 2), backend="aot_eager")(torch.ones(1, 2))

@@ -133,12 +133,20 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 123, std: float = 0.1
 def save_tiny_llama_with_real_tokenizer(directory, hidden: int = 32) -> None:
     """A 2-layer random Llama saved with SmolLM2's tokenizer: loadable by path like any HF model, so the
     command line (`--model DIR`) runs end to end on it in seconds."""
-    from comoe.models import load_tokenizer
+    from comoe.training.base_models import load_tokenizer
 
     tokenizer = load_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -148,6 +156,13 @@ def tiny_comoe_config(family: str, **overrides):
     """A small CoMoE config for ``family``'s target modules; ``overrides`` replace any field."""
     from comoe import CoMoEConfig
 
-    kwargs = dict(r=4, lora_alpha=8, num_experts=4, top_k=2, target_modules=TARGETS[family], lora_dropout=0.0,
-                  contrastive_weight=0.1)
+    kwargs = dict(
+        r=4,
+        lora_alpha=8,
+        num_experts=4,
+        top_k=2,
+        target_modules=TARGETS[family],
+        lora_dropout=0.0,
+        contrastive_weight=0.1,
+    )
     return CoMoEConfig(**{**kwargs, **overrides})

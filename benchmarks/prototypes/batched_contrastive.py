@@ -9,6 +9,7 @@ With anchor='all' and num_negatives=None it reproduces the per-module loss, its 
 adapter gradient (``measure.py --check``); with random anchors or sampled negatives the draws consume the
 RNG in another order, so the values agree in distribution, not bit for bit.
 """
+
 import math
 from collections import defaultdict
 
@@ -61,9 +62,11 @@ def batched_info_nce(cos, anchors, active, negatives, temperature, epsilon, toke
     loss = per_token @ w  # (M,)
     with torch.no_grad():
         c = cos.detach()
+
         def mean_where(where):
             wf = where.to(c.dtype)
             return ((c * wf).sum((2, 3)) / wf.sum((2, 3)).clamp_min(1.0)) @ w
+
         pos_cos, neg_cos = mean_where(positive), mean_where(negative)
     return loss, pos_cos, neg_cos
 
@@ -75,11 +78,27 @@ def batched_collect(self):
     for item in pending:
         layer, codes, probs, top_idx = item
         cfg = layer.config
-        ok = (self.compute_contrastive and not self.compute_balance and self.recorder is None and codes is not None
-              and top_idx is not None and layer._has_contrastive() and cfg.contrastive_form == "gram")
+        ok = (
+            self.compute_contrastive
+            and not self.compute_balance
+            and self.recorder is None
+            and codes is not None
+            and top_idx is not None
+            and layer._has_contrastive()
+            and cfg.contrastive_form == "gram"
+        )
         if ok:
-            key = (tuple(codes.shape), tuple(layer.comoe_B.shape), cfg.temperature, cfg.epsilon, cfg.anchor,
-                   cfg.num_negatives, cfg.norm_eps, layer.num_experts, layer.r)
+            key = (
+                tuple(codes.shape),
+                tuple(layer.comoe_B.shape),
+                cfg.temperature,
+                cfg.epsilon,
+                cfg.anchor,
+                cfg.num_negatives,
+                cfg.norm_eps,
+                layer.num_experts,
+                layer.r,
+            )
             groups[key].append(item)
         else:
             rest.append(item)
@@ -101,11 +120,17 @@ def batched_collect(self):
             anchors = top_idx.gather(2, pos)
         flat = top_idx.view(m * n, k)
         negatives = draw_negatives(flat, e, cfg.num_negatives).view(m, n, e)
-        active = torch.zeros(m * n, e, dtype=torch.bool, device=flat.device).scatter_(1, flat, True).view(m, n, e)
+        active = (
+            torch.zeros(m * n, e, dtype=torch.bool, device=flat.device).scatter_(1, flat, True).view(m, n, e)
+        )
         cos = batched_gram_cosines(codes, lora_B, anchors, cfg.norm_eps)
-        loss, pos_cos, neg_cos = batched_info_nce(cos, anchors, active, negatives, cfg.temperature, cfg.epsilon, token_mask)
+        loss, pos_cos, neg_cos = batched_info_nce(
+            cos, anchors, active, negatives, cfg.temperature, cfg.epsilon, token_mask
+        )
         for i, (layer, _, _, _) in enumerate(items):
-            self.aux.append(L.ModuleAux(layer.module_name, ContrastiveOutput(loss[i], pos_cos[i], neg_cos[i]), None))
+            self.aux.append(
+                L.ModuleAux(layer.module_name, ContrastiveOutput(loss[i], pos_cos[i], neg_cos[i]), None)
+            )
     return self.aux
 
 

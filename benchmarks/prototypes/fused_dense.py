@@ -5,6 +5,7 @@ version whose forward leaves (layer, codes, probs, top_idx) in ``context.pending
 gradients as the layer; saves x_drop, codes and gates for backward instead of also the gated codes.
 Measured by ``measure.py``: less activation memory where E*r is comparable to the hidden size, no speed gain.
 """
+
 import torch
 from torch import Tensor
 
@@ -18,7 +19,7 @@ class DenseExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, gates, rank: int, scaling: float):
-        codes = x @ A.t()                                   # (N, E*r)
+        codes = x @ A.t()  # (N, E*r)
         n, er = codes.shape
         gated = (codes.view(n, -1, rank) * gates.unsqueeze(-1)).view(n, er)
         delta = torch.mm(gated, B.t())
@@ -34,7 +35,7 @@ class DenseExperts(torch.autograd.Function):
         rank, scaling = ctx.rank, ctx.scaling
         n, er = codes.shape
         g_delta = grad_delta * scaling if scaling != 1.0 else grad_delta
-        grad_gated = torch.mm(g_delta, B)                       # (N, E*r)
+        grad_gated = torch.mm(g_delta, B)  # (N, E*r)
         codes3 = codes.view(n, -1, rank)
         grad_gates = grad_b = grad_a = grad_x = None
         if ctx.needs_input_grad[3]:
@@ -65,7 +66,9 @@ def fast_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     codes_with_grad = self._has_contrastive() and self.training and self.config.contrastive_weight > 0
     codes = None
     if self.expert_path == "dense":
-        delta, codes = DenseExperts.apply(x_drop, self.comoe_A, self.comoe_B, gates.to(x_drop.dtype), self.r, self.scaling)
+        delta, codes = DenseExperts.apply(
+            x_drop, self.comoe_A, self.comoe_B, gates.to(x_drop.dtype), self.r, self.scaling
+        )
     else:
         if codes_with_grad:
             codes = x_drop @ self.comoe_A.t()

@@ -1,10 +1,11 @@
 """`CoMoEConfig`: every choice of the method in one validated, JSON-serialisable dataclass.
 
-Defaults follow the paper where it is specific and DESIGN.md where it is not (see the help text of each
-field). The config round-trips through ``adapter_config.json`` beside the adapter weights. It is a
-``peft.PeftConfig`` (``peft_type`` "COMOE"), so ``peft.get_peft_model`` and ``PeftModel.from_pretrained``
-accept it once ``comoe`` is imported; the fields PEFT adds (``task_type``, ``inference_mode``,
-``revision``, ``peft_version``, ``auto_mapping``, ``base_model_name_or_path``) are its bookkeeping.
+Defaults follow the paper where it is specific and our own choices where it is not (the README's
+"Decisions on what the paper leaves open", and the comment on each field). The config round-trips
+through ``adapter_config.json`` beside the adapter weights. It is a ``peft.PeftConfig`` (``peft_type``
+"COMOE"), so ``peft.get_peft_model`` and ``PeftModel.from_pretrained`` accept it once ``comoe`` is
+imported; the fields PEFT adds (``task_type``, ``inference_mode``, ``revision``, ``peft_version``,
+``auto_mapping``, ``base_model_name_or_path``) are its bookkeeping.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any
 
 from peft import PeftConfig
 
-from comoe.files import write_json_atomic
 from comoe.peft_type import COMOE
-from comoe.validation import check_field_types, did_you_mean
+from comoe.utils.files import write_json_atomic
+from comoe.utils.validation import check_field_types, did_you_mean
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,7 +39,9 @@ ALL_PROJECTIONS = ATTENTION_MODULES + ["gate_proj", "up_proj", "down_proj"]
 @dataclass
 class CoMoEConfig(PeftConfig):
     r: int = field(default=16, metadata={"help": "LoRA rank of each expert."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator: outputs scale by alpha / r."})
+    lora_alpha: float = field(
+        default=32.0, metadata={"help": "LoRA scaling numerator: outputs scale by alpha / r."}
+    )
     lora_dropout: float = field(
         default=0.05,
         metadata={"help": "Dropout on the adapter input; one mask is shared by all experts of a module."},
@@ -55,15 +58,25 @@ class CoMoEConfig(PeftConfig):
     )
     layers: list[int] | str | None = field(
         default=None,
-        metadata={"help": "Layer indices to adapt, or a group: low / middle / high thirds, low+high. None = all."},
+        metadata={
+            "help": "Layer indices to adapt, or a group: low / middle / high thirds, low+high. None = all."
+        },
     )
     routing: str = field(
         default="topk",
-        metadata={"help": "'topk': softmax, keep top-k, renormalise (paper). 'soft': all experts, LoRAMoE-style."},
+        metadata={
+            "help": "'topk': softmax, keep top-k, renormalise (paper). 'soft': all experts, LoRAMoE-style."
+        },
     )
-    contrastive_weight: float = field(default=0.01, metadata={"help": "lambda: weight of the contrastive loss."})
-    temperature: float = field(default=0.1, metadata={"help": "tau of the InfoNCE loss (not given by the paper)."})
-    epsilon: float = field(default=1e-3, metadata={"help": "epsilon in the InfoNCE denominator (paper: 1e-3)."})
+    contrastive_weight: float = field(
+        default=0.01, metadata={"help": "lambda: weight of the contrastive loss."}
+    )
+    temperature: float = field(
+        default=0.1, metadata={"help": "tau of the InfoNCE loss (not given by the paper)."}
+    )
+    epsilon: float = field(
+        default=1e-3, metadata={"help": "epsilon in the InfoNCE denominator (paper: 1e-3)."}
+    )
     anchor: str = field(
         default="random",
         metadata={"help": "'random': one random activated expert per token (Algorithm 1); 'all': Eq. 12."},
@@ -74,7 +87,9 @@ class CoMoEConfig(PeftConfig):
     )
     contrastive_form: str = field(
         default="gram",
-        metadata={"help": "'gram': exact loss from the rank-r codes; 'materialized': the paper's way (reference)."},
+        metadata={
+            "help": "'gram': exact loss from the rank-r codes; 'materialized': the paper's way (reference)."
+        },
     )
     balance_weight: float = field(
         default=0.0,
@@ -84,10 +99,14 @@ class CoMoEConfig(PeftConfig):
         default="auto",
         metadata={"help": "'dense' codes, 'grouped' sorted tokens, or 'auto' (grouped when E*r > d_in/4)."},
     )
-    router_init_std: float = field(default=0.02, metadata={"help": "Std of the router's normal initialisation."})
+    router_init_std: float = field(
+        default=0.02, metadata={"help": "Std of the router's normal initialisation."}
+    )
     norm_eps: float = field(
         default=1e-6,
-        metadata={"help": "Floor on expert-output norms in the cosine; keeps the first steps from B=0 finite."},
+        metadata={
+            "help": "Floor on expert-output norms in the cosine; keeps the first steps from B=0 finite."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -108,12 +127,17 @@ class CoMoEConfig(PeftConfig):
         )
         _check(self.routing in ROUTINGS, f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         _check(self.anchor in ANCHORS, f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
-        _check(self.expert_path in EXPERT_PATHS, f"expert_path must be one of {EXPERT_PATHS}, got {self.expert_path!r}")
+        _check(
+            self.expert_path in EXPERT_PATHS,
+            f"expert_path must be one of {EXPERT_PATHS}, got {self.expert_path!r}",
+        )
         _check(
             self.contrastive_form in CONTRASTIVE_FORMS,
             f"contrastive_form must be one of {CONTRASTIVE_FORMS}, got {self.contrastive_form!r}",
         )
-        _check(self.contrastive_weight >= 0, f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
+        _check(
+            self.contrastive_weight >= 0, f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}"
+        )
         _check(self.balance_weight >= 0, f"balance_weight must be >= 0, got {self.balance_weight!r}")
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature!r}")
         _check(self.epsilon >= 0, f"epsilon must be >= 0 (0 drops it), got {self.epsilon!r}")
@@ -143,7 +167,10 @@ class CoMoEConfig(PeftConfig):
         if self.layers is None:
             return
         if isinstance(self.layers, str):
-            _check(self.layers in LAYER_GROUPS, f"layers must be a list of indices or one of {LAYER_GROUPS}, got {self.layers!r}")
+            _check(
+                self.layers in LAYER_GROUPS,
+                f"layers must be a list of indices or one of {LAYER_GROUPS}, got {self.layers!r}",
+            )
             return
         _check(
             bool(self.layers) and all(i >= 0 for i in self.layers),
@@ -207,7 +234,9 @@ class CoMoEConfig(PeftConfig):
         write_json_atomic(os.path.join(directory, CONFIG_NAME), self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None, **_: object) -> CoMoEConfig:
+    def from_pretrained(
+        cls, directory: str | os.PathLike, subfolder: str | None = None, **_: object
+    ) -> CoMoEConfig:
         """Read ``adapter_config.json`` from a local adapter directory; every error names the file.
 
         PEFT's hub keyword arguments are accepted and ignored: comoe reads local directories only."""
@@ -216,8 +245,10 @@ class CoMoEConfig(PeftConfig):
         data = read_adapter_config(directory)
         path = os.path.join(directory, CONFIG_NAME)
         if data["peft_type"] != "COMOE":
-            raise ValueError(f"{path} describes a PEFT {data['peft_type']} adapter, not a CoMoE one; load it with "
-                             "comoe.adapters.load_adapted_model or peft.PeftModel.from_pretrained")
+            raise ValueError(
+                f"{path} describes a PEFT {data['peft_type']} adapter, not a CoMoE one; load it with "
+                "comoe.training.adapters.load_adapted_model or peft.PeftModel.from_pretrained"
+            )
         try:
             return cls.from_dict(data)
         except ValueError as err:
@@ -239,11 +270,15 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); {DAMAGED}") from err
     if not isinstance(data, dict):
-        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(data), "null")
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+            type(data), "null"
+        )
         raise ValueError(f"{path} holds a JSON {kind}, not an object of adapter settings; {DAMAGED}")
     if not isinstance(data.get("peft_type"), str):
-        raise ValueError(f"{path} has no \"peft_type\" (\"COMOE\" or a PEFT type such as \"LORA\"), so it is not an "
-                         f"adapter configuration; {DAMAGED}")
+        raise ValueError(
+            f'{path} has no "peft_type" ("COMOE" or a PEFT type such as "LORA"), so it is not an '
+            f"adapter configuration; {DAMAGED}"
+        )
     return data
 
 

@@ -81,7 +81,9 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
     if Conv1D != () and isinstance(layer, Conv1D):
         d_in, d_out = layer.weight.shape
         return d_in, d_out
-    raise TypeError(f"cannot adapt {type(layer).__name__}: only nn.Linear and transformers Conv1D are supported")
+    raise TypeError(
+        f"cannot adapt {type(layer).__name__}: only nn.Linear and transformers Conv1D are supported"
+    )
 
 
 MERGE_REFUSED = (
@@ -99,8 +101,14 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
     tensor names are the same as before comoe was a PEFT method); ``set_adapter`` accepts that one name.
     """
 
-    def __init__(self, base_layer: nn.Module, config: CoMoEConfig, context: ForwardContext, name: str = "",
-                 adapter_name: str = "default"):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        config: CoMoEConfig,
+        context: ForwardContext,
+        name: str = "",
+        adapter_name: str = "default",
+    ):
         super().__init__()
         self.base_layer = base_layer
         self._active_adapter = adapter_name
@@ -115,8 +123,12 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         device = base_layer.weight.device
         n_codes = self.num_experts * self.r
         # Adapter weights are kept in fp32 whatever the base dtype (as PEFT does), the router always.
-        self.comoe_A = nn.Parameter(torch.empty(n_codes, self.in_features, device=device, dtype=torch.float32))
-        self.comoe_B = nn.Parameter(torch.zeros(self.out_features, n_codes, device=device, dtype=torch.float32))
+        self.comoe_A = nn.Parameter(
+            torch.empty(n_codes, self.in_features, device=device, dtype=torch.float32)
+        )
+        self.comoe_B = nn.Parameter(
+            torch.zeros(self.out_features, n_codes, device=device, dtype=torch.float32)
+        )
         self.comoe_router = nn.Parameter(
             torch.empty(self.num_experts, self.in_features, device=device, dtype=torch.float32)
         )
@@ -163,7 +175,11 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         if self._path != "auto":
             return self._path
         big = self.num_experts * self.r > self.in_features / 4
-        fits = self.comoe_A.is_cuda and self.comoe_A.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+        fits = (
+            self.comoe_A.is_cuda
+            and self.comoe_A.dtype == torch.bfloat16
+            and not torch.compiler.is_compiling()
+        )
         return "grouped" if big and fits else "dense"
 
     @torch.no_grad()
@@ -206,7 +222,7 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         if path == "dense" or codes_with_grad:
             codes = x_drop @ self.comoe_A.t()  # (N, E*r): every expert's code in one matmul
         if path == "dense":
-            gated = (codes.view(n_tokens, self.num_experts, self.r) * gates[..., None].to(codes.dtype))
+            gated = codes.view(n_tokens, self.num_experts, self.r) * gates[..., None].to(codes.dtype)
             delta = gated.view(n_tokens, -1) @ self.comoe_B.t()
         else:
             delta = self._grouped_delta(x_drop, top_idx, gates, codes)
@@ -255,7 +271,9 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         """This layer's auxiliary losses and records for one call, from what its forward left pending."""
         ctx = self.context
         n_tokens = probs.shape[0]
-        token_mask = ctx.token_mask if ctx.token_mask is not None and ctx.token_mask.numel() == n_tokens else None
+        token_mask = (
+            ctx.token_mask if ctx.token_mask is not None and ctx.token_mask.numel() == n_tokens else None
+        )
         con = bal = None
         if ctx.compute_contrastive and codes is not None and top_idx is not None and self._has_contrastive():
             con = self.contrastive(codes.view(-1, self.num_experts, self.r), top_idx, token_mask)
@@ -273,10 +291,16 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         to the gradient: that is what reentrant activation checkpointing does (its forward runs under
         no_grad). Refuse it loudly."""
         lost = (
-            con is not None and self.config.contrastive_weight > 0 and self.comoe_A.requires_grad
+            con is not None
+            and self.config.contrastive_weight > 0
+            and self.comoe_A.requires_grad
             and not codes.requires_grad
-        ) or (bal is not None and self.config.balance_weight > 0 and self.comoe_router.requires_grad
-              and not probs.requires_grad)
+        ) or (
+            bal is not None
+            and self.config.balance_weight > 0
+            and self.comoe_router.requires_grad
+            and not probs.requires_grad
+        )
         if lost:
             raise RuntimeError(
                 f"{self.module_name}: the auxiliary losses were computed without autograd history, so they "
@@ -290,8 +314,12 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         anchors = draw_anchors(top_idx, cfg.anchor)
         negatives = draw_negatives(top_idx, self.num_experts, cfg.num_negatives)
         kwargs = dict(
-            temperature=cfg.temperature, epsilon=cfg.epsilon, anchors=anchors, negatives=negatives,
-            token_mask=token_mask, norm_eps=cfg.norm_eps,
+            temperature=cfg.temperature,
+            epsilon=cfg.epsilon,
+            anchors=anchors,
+            negatives=negatives,
+            token_mask=token_mask,
+            norm_eps=cfg.norm_eps,
         )
         if cfg.contrastive_form == "gram":
             return contrastive_loss(codes, self.comoe_B, top_idx, **kwargs)

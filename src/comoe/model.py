@@ -36,10 +36,20 @@ from comoe.tuner import (
     CoMoETuner,
     check_adapter_tensors,
 )
+from comoe.utils.files import atomic_path
 
 __all__ = [
-    "ADAPTER_PREFIX", "AdapterLoadError", "AuxLosses", "CoMoEModel", "adaptable_module_names", "find_targets",
-    "get_comoe_model", "is_adapter_dir", "layer_index", "num_hidden_layers", "resolve_layers",
+    "ADAPTER_PREFIX",
+    "AdapterLoadError",
+    "AuxLosses",
+    "CoMoEModel",
+    "adaptable_module_names",
+    "find_targets",
+    "get_comoe_model",
+    "is_adapter_dir",
+    "layer_index",
+    "num_hidden_layers",
+    "resolve_layers",
 ]
 
 
@@ -54,7 +64,9 @@ class CoMoEModel(PeftModel):
         if not isinstance(config, CoMoEConfig):
             raise TypeError(f"CoMoEModel needs a CoMoEConfig, got {type(config).__name__}")
         with warnings.catch_warnings():  # PEFT 0.21 reads an attribute that transformers 5 deprecates
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
             super().__init__(model, config, adapter_name, **kwargs)
 
     @property
@@ -110,8 +122,13 @@ class CoMoEModel(PeftModel):
         self.base_model.set_trainable(trainable)
 
     # --- save / load ---------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None,
-                        is_main_process: bool = True, **_: object) -> None:
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        state_dict: dict[str, Tensor] | None = None,
+        is_main_process: bool = True,
+        **_: object,
+    ) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's layout, each atomically.
 
         ``state_dict`` (the full state dict of this model, possibly under a DDP or compile prefix, as
@@ -126,10 +143,8 @@ class CoMoEModel(PeftModel):
         os.makedirs(directory, exist_ok=True)
         self.comoe_config.save_pretrained(directory)
         tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter.items()}
-        path = os.path.join(directory, WEIGHTS_NAME)
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata={"format": "pt", "adapter": "comoe"})
-        os.replace(tmp, path)
+        with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt", "adapter": "comoe"})
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
         """Load saved adapter tensors (PEFT's layout, or comoe 0.1's); every check runs before any copy."""
@@ -139,7 +154,9 @@ class CoMoEModel(PeftModel):
         try:
             loaded = load_file(path)
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise AdapterLoadError(f"{path}: not a readable safetensors file ({err}); nothing was loaded") from err
+            raise AdapterLoadError(
+                f"{path}: not a readable safetensors file ({err}); nothing was loaded"
+            ) from err
         loaded = {key.removeprefix(PEFT_PREFIX): value for key, value in loaded.items()}
         expected = self.adapter_state_dict()
         check_adapter_tensors(loaded, {name: p.shape for name, p in expected.items()}, path)
@@ -147,14 +164,21 @@ class CoMoEModel(PeftModel):
             for name, param in expected.items():
                 param.copy_(loaded[name])
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str | None = None, is_trainable: bool = False,
-                     **_: object) -> None:
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str | None = None,
+        is_trainable: bool = False,
+        **_: object,
+    ) -> None:
         """Load the weights of a saved adapter of the same configuration into this model (Trainer's resume
         path). A second adapter is refused: comoe holds one per model."""
         mine = self.active_adapters[0]
         if adapter_name not in (None, mine):
-            raise ValueError(f"{ONE_ADAPTER}, named {mine!r}; got adapter_name={adapter_name!r}. Load another "
-                             "adapter onto its own copy of the base model")
+            raise ValueError(
+                f"{ONE_ADAPTER}, named {mine!r}; got adapter_name={adapter_name!r}. Load another "
+                "adapter onto its own copy of the base model"
+            )
         saved = CoMoEConfig.from_pretrained(model_id)
         mine_cfg, theirs = self.comoe_config.method_dict(), saved.method_dict()
         differ = sorted(k for k in mine_cfg if mine_cfg[k] != theirs.get(k))
@@ -167,8 +191,15 @@ class CoMoEModel(PeftModel):
         self.set_trainable(is_trainable)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: CoMoEConfig | None = None, **_: object) -> CoMoEModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: CoMoEConfig | None = None,
+        **_: object,
+    ) -> CoMoEModel:
         """Wrap ``model`` with the adapter saved in ``model_id`` (a local directory): eval mode, frozen unless
         ``is_trainable``. On any error the caller's ``model`` is left as it was given."""
         config = config or CoMoEConfig.from_pretrained(model_id)
@@ -197,8 +228,10 @@ def _adapter_tensors_from(state_dict: dict[str, Tensor], names: list[str]) -> di
         by_name[key] = value
     missing = [name for name in names if name not in by_name]
     if missing:
-        raise AdapterLoadError(f"the state_dict given to save_pretrained lacks {len(missing)} adapter tensors "
-                               f"(e.g. {missing[0]}); nothing was written")
+        raise AdapterLoadError(
+            f"the state_dict given to save_pretrained lacks {len(missing)} adapter tensors "
+            f"(e.g. {missing[0]}); nothing was written"
+        )
     return {name: by_name[name] for name in names}
 
 
@@ -208,4 +241,6 @@ def get_comoe_model(model: nn.Module, config: CoMoEConfig) -> CoMoEModel:
 
 
 def is_adapter_dir(directory: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isfile(os.path.join(directory, WEIGHTS_NAME))
+    return os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isfile(
+        os.path.join(directory, WEIGHTS_NAME)
+    )

@@ -3,7 +3,7 @@
 Counts stay on the device as tensors (no host sync per forward); ``summary()`` moves them to Python.
 Besides the per-task expert counts a record keeps per-task counts of the chosen expert *set* (the top-k
 combination), because with k > 1 a task can own a combination of experts without owning any single
-expert; :mod:`comoe.analysis` computes its mutual-information numbers from both.
+expert; :mod:`comoe.analysis.metrics` computes its mutual-information numbers from both.
 """
 
 from __future__ import annotations
@@ -78,9 +78,16 @@ class RoutingRecorder:
     ``contrastive``: also compute the contrastive loss in evaluation mode.
     """
 
-    def __init__(self, num_tasks: int = 1, sample_outputs: int = 0, contrastive: bool = True,
-                 sample_modules: set[str] | None = None, sample_limits: dict[str, int] | None = None,
-                 spread_over: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        num_tasks: int = 1,
+        sample_outputs: int = 0,
+        contrastive: bool = True,
+        sample_modules: set[str] | None = None,
+        sample_limits: dict[str, int] | None = None,
+        spread_over: int | None = None,
+        seed: int = 0,
+    ):
         self.num_tasks = num_tasks
         self.sample_outputs = sample_outputs
         self.sample_modules = sample_modules
@@ -94,9 +101,18 @@ class RoutingRecorder:
         rec = self.records.get(name)
         if rec is None:
             zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float64)  # noqa: E731
-            rec = ModuleRecord(num_experts, self.num_tasks, zeros(self.num_tasks, num_experts),
-                               zeros(self.num_tasks), zeros(()), zeros(()), zeros(()), zeros(()),
-                               contrastive_tokens=zeros(()), top_k=top_k)
+            rec = ModuleRecord(
+                num_experts,
+                self.num_tasks,
+                zeros(self.num_tasks, num_experts),
+                zeros(self.num_tasks),
+                zeros(()),
+                zeros(()),
+                zeros(()),
+                zeros(()),
+                contrastive_tokens=zeros(()),
+                top_k=top_k,
+            )
             table = _combination_table(num_experts, top_k, device) if top_k else None
             if table is not None:
                 rec.combinations, rec.combination_lookup = table
@@ -105,13 +121,29 @@ class RoutingRecorder:
         return rec
 
     @torch.no_grad()
-    def observe(self, layer, probs: Tensor, top_idx: Tensor | None, token_mask: Tensor | None,
-                task_ids: Tensor | None, contrastive: ContrastiveOutput | None, codes: Tensor | None) -> None:
+    def observe(
+        self,
+        layer,
+        probs: Tensor,
+        top_idx: Tensor | None,
+        token_mask: Tensor | None,
+        task_ids: Tensor | None,
+        contrastive: ContrastiveOutput | None,
+        codes: Tensor | None,
+    ) -> None:
         n_tokens, n_exp = probs.shape
         top_k = 0 if top_idx is None else top_idx.shape[1]
         rec = self._record_for(layer.module_name, n_exp, top_k, probs.device)
-        keep = token_mask if token_mask is not None else torch.ones(n_tokens, dtype=torch.bool, device=probs.device)
-        tasks = task_ids if task_ids is not None and task_ids.numel() == n_tokens else torch.zeros_like(keep, dtype=torch.long)
+        keep = (
+            token_mask
+            if token_mask is not None
+            else torch.ones(n_tokens, dtype=torch.bool, device=probs.device)
+        )
+        tasks = (
+            task_ids
+            if task_ids is not None and task_ids.numel() == n_tokens
+            else torch.zeros_like(keep, dtype=torch.long)
+        )
         tasks = tasks.clamp(0, self.num_tasks - 1)
         weight = keep.to(torch.float64)
         if top_idx is None:
@@ -141,8 +173,16 @@ class RoutingRecorder:
         n_combos = rec.combination_counts.shape[1]
         rec.combination_counts.view(-1).index_add_(0, tasks * n_combos + combo, weight)
 
-    def _sample(self, rec: ModuleRecord, layer, codes: Tensor, keep: Tensor, tasks: Tensor, probs: Tensor,
-                top_idx: Tensor | None) -> None:
+    def _sample(
+        self,
+        rec: ModuleRecord,
+        layer,
+        codes: Tensor,
+        keep: Tensor,
+        tasks: Tensor,
+        probs: Tensor,
+        top_idx: Tensor | None,
+    ) -> None:
         limit = self.sample_limit(layer.module_name)
         room = limit - rec.sampled
         real = keep.nonzero().squeeze(1)
@@ -193,7 +233,9 @@ class RoutingRecorder:
                 "neg_cos": _ratio(rec.neg_cos_sum, con_tokens),
                 "top_k": rec.top_k,
                 "combinations": [list(c) for c in rec.combinations] if rec.combinations is not None else None,
-                "combination_counts": rec.combination_counts.tolist() if rec.combination_counts is not None else None,
+                "combination_counts": rec.combination_counts.tolist()
+                if rec.combination_counts is not None
+                else None,
             }
         return out
 

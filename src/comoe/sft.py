@@ -37,16 +37,19 @@ class CoMoESFTTrainer(SFTTrainer):
             )
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         if parallelism is not None and getattr(parallelism, "sp_enabled", False):
-            raise ValueError("CoMoESFTTrainer does not support sequence parallelism (the auxiliary loss would be "
-                             "counted twice); train without it")
+            raise ValueError(
+                "CoMoESFTTrainer does not support sequence parallelism (the auxiliary loss would be "
+                "counted twice); train without it"
+            )
         self._comoe_tuner = tuner
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         tuner = self._comoe_tuner
         tuner.training_aux = None
         labels = inputs.get("labels")  # read before SFTTrainer's forward, which may pop it
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         aux = tuner.training_aux
         if aux is None:  # evaluation, or λ = 0 and no balance term
             return result

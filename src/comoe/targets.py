@@ -34,7 +34,9 @@ def resolve_layers(spec: list[int] | str | None, n_layers: int) -> set[int] | No
         return None
     if isinstance(spec, str):
         bounds = [round(n_layers * i / 3) for i in range(4)]
-        thirds = {name: set(range(bounds[i], bounds[i + 1])) for i, name in enumerate(("low", "middle", "high"))}
+        thirds = {
+            name: set(range(bounds[i], bounds[i + 1])) for i, name in enumerate(("low", "middle", "high"))
+        }
         return set().union(*(thirds[part] for part in spec.split("+")))
     bad = [i for i in spec if i >= n_layers]
     if bad:
@@ -52,7 +54,9 @@ def _matches(name: str, target: list[str] | str) -> bool:
 
 def adaptable_module_names(model: nn.Module) -> list[str]:
     """The distinct last components of every Linear/Conv1D in the model (what target_modules can name)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, ADAPTABLE_TYPES)})
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, ADAPTABLE_TYPES)}
+    )
 
 
 def find_targets(model: nn.Module, config: CoMoEConfig) -> list[str]:
@@ -69,5 +73,7 @@ def find_targets(model: nn.Module, config: CoMoEConfig) -> list[str]:
         return matched
     selected = [name for name in matched if layer_index(name) in allowed]
     if not selected:
-        raise ValueError(f"layers={config.layers!r} selected none of the matched modules ({len(matched)} matched)")
+        raise ValueError(
+            f"layers={config.layers!r} selected none of the matched modules ({len(matched)} matched)"
+        )
     return selected

@@ -65,15 +65,6 @@ class AuxLosses:
             fields["balance_loss"] = self.balance
         return fields
 
-    def as_floats(self) -> dict[str, float]:
-        """Detached values for logging (this syncs with the device)."""
-        out = {"aux_total": self.total.item()}
-        for key in ("contrastive", "balance", "pos_cos", "neg_cos"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = value.item()
-        return out
-
 
 def refuse_stacking(model: nn.Module) -> None:
     """A clear error for a model that already carries adapters (comoe's or another PEFT method's)."""
@@ -125,8 +116,16 @@ class CoMoETuner(BaseTuner):
     def _check_target_module_exists(self, peft_config: CoMoEConfig, key: str) -> bool:
         return key in self._targets
 
-    def _create_and_replace(self, peft_config: CoMoEConfig, adapter_name: str, target: nn.Module,
-                            target_name: str, parent: nn.Module, current_key: str, **_: Any) -> None:
+    def _create_and_replace(
+        self,
+        peft_config: CoMoEConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **_: Any,
+    ) -> None:
         config = self.peft_config[adapter_name]  # the user's object, not PEFT's working copy
         layer = CoMoELayer(target, config, self.context, current_key, adapter_name)
         setattr(parent, target_name, layer)
@@ -178,7 +177,9 @@ class CoMoETuner(BaseTuner):
             ctx.collect()  # after the base forward: checkpointed layers never re-run the loss computation
             self.last_aux = self._collect_aux()
             if module.training and torch.is_grad_enabled():
-                self.training_aux = self.last_aux  # what a trainer that ignores outputs.loss must add (comoe.sft)
+                self.training_aux = (
+                    self.last_aux
+                )  # what a trainer that ignores outputs.loss must add (comoe.sft)
             # Only a training loss carries the aux terms: recording in eval mode must not change out.loss.
             if module.training and self.last_aux is not None and getattr(outputs, "loss", None) is not None:
                 share = token_share(kwargs.get("labels"), kwargs.get("num_items_in_batch"))
@@ -208,7 +209,9 @@ class CoMoETuner(BaseTuner):
             total = total + cfg.contrastive_weight * contrastive
         if balance is not None:
             total = total + cfg.balance_weight * balance
-        return AuxLosses(contrastive, balance, mean([c.pos_cos for c in cons]), mean([c.neg_cos for c in cons]), total)
+        return AuxLosses(
+            contrastive, balance, mean([c.pos_cos for c in cons]), mean([c.neg_cos for c in cons]), total
+        )
 
     def get_aux_loss(self) -> Tensor:
         """Weighted auxiliary loss of the last forward, for custom training loops (add it to your loss)."""
@@ -257,11 +260,14 @@ class CoMoETuner(BaseTuner):
         return key  # the parameters carry no adapter name
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: CoMoEConfig, adapter_name: str,
-                                           state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: CoMoEConfig, adapter_name: str, state_dict: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
         """Checkpoint keys → model keys, after checking that the checkpoint fits exactly (every tensor
         present, nothing extra, same shapes); adapters saved by comoe 0.1 (keys without PEFT's prefix) load."""
-        expected = {k: v.shape for k, v in model.state_dict().items() if ADAPTER_PREFIX in k.rsplit(".", 1)[-1]}
+        expected = {
+            k: v.shape for k, v in model.state_dict().items() if ADAPTER_PREFIX in k.rsplit(".", 1)[-1]
+        }
         model_prefix = PEFT_PREFIX if any(k.startswith(PEFT_PREFIX) for k in expected) else ""
         remapped = {model_prefix + key.removeprefix(PEFT_PREFIX): value for key, value in state_dict.items()}
         check_adapter_tensors(remapped, expected, "the adapter checkpoint")
@@ -320,7 +326,9 @@ def register() -> None:
     from comoe.peft_type import COMOE
 
     if PEFT_TYPE_TO_TUNER_MAPPING.get(COMOE) is None:
-        register_peft_method(name="comoe", config_cls=CoMoEConfig, model_cls=CoMoETuner, prefix=ADAPTER_PREFIX)
+        register_peft_method(
+            name="comoe", config_cls=CoMoEConfig, model_cls=CoMoETuner, prefix=ADAPTER_PREFIX
+        )
 
 
 register()

@@ -11,18 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from comoe.data.bigbench import (
+from comoe.data.jsonl import parse_jsonl
+from comoe.data.suites import (
     BUILTIN_TASKS,
     SUITE_NAMES,
     SUITE_TASKS,
     SuiteTask,
+)
+from comoe.tools.suite_builder import (
     assign_splits,
     clean_choice,
     clean_text,
     convert_examples,
     read_task_files,
 )
-from comoe.data.jsonl import parse_jsonl
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build_suite.py"
 PLAIN = SuiteTask(name="toy", path="toy", what="", source="", license="")
@@ -84,13 +86,17 @@ def test_labels_keep_only_examples_answered_by_them_and_offer_only_them():
     task = SuiteTask(name="p", path="p", what="", source="", license="", labels=("positive", "negative"))
     examples = [
         _mc("great", ["neutral", "positive", "negative", "ambivalent"], 1),
-        _mc("meh", ["neutral", "positive", "negative", "ambivalent"], 0),  # answer outside the labels: dropped
+        _mc(
+            "meh", ["neutral", "positive", "negative", "ambivalent"], 0
+        ),  # answer outside the labels: dropped
         _mc("awful", ["neutral", "positive", "negative", "ambivalent"], 2),
         _mc("no such label", ["yes", "no"], 0),  # options lack the labels: dropped
     ]
     records, stats = convert_examples(task, examples)
     assert [(r["question"], r["choices"], r["answer"]) for r in records] == [
-        ("great", ["positive", "negative"], 0), ("awful", ["positive", "negative"], 1)]
+        ("great", ["positive", "negative"], 0),
+        ("awful", ["positive", "negative"], 1),
+    ]
     assert stats.filtered == 2 and not stats.shuffled
 
 
@@ -123,7 +129,9 @@ def _fake_sdist(path: Path, n: int = 60) -> Path:
                 _mc(f"{task.name} question {i}?", [f"opt{i}", f"alt{i}", "third"], i % 3) for i in range(n)
             ]
             if task.labels:  # every third example is answered by a label outside the task's: filtered out
-                examples = [_mc(f"{task.name} sentence {i}.", [*task.labels, "neutral"], i % 3) for i in range(n)]
+                examples = [
+                    _mc(f"{task.name} sentence {i}.", [*task.labels, "neutral"], i % 3) for i in range(n)
+                ]
             if task.name == "winowhy":
                 examples = [
                     _mc(f"S{i // 3}. The 'it' refers to x because r{i}.", ["correct", "incorrect"], i % 2)
@@ -190,25 +198,39 @@ def _tiny_sdist(path: Path) -> Path:
 def test_build_two_suites_from_a_tiny_fixture(tmp_path):
     module = _load_script()
     sdist = _tiny_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
-    mood = SuiteTask(name="mood", path="mood", what="w", source="s", license="CC-BY-4.0 (x)",
-                     instruction="How?", test_size=8, train_cap=20)
+    mood = SuiteTask(
+        name="mood",
+        path="mood",
+        what="w",
+        source="s",
+        license="CC-BY-4.0 (x)",
+        instruction="How?",
+        test_size=8,
+        train_cap=20,
+    )
     sums = SuiteTask(name="sums", path="sums/two", what="w", source="s", license="Apache-2.0 (BIG-bench)")
     suites = {"learnable": (mood,), "hard": (sums,)}
     files = module.build(sdist, suites)
     assert set(files) == {"mood.jsonl", "sums.jsonl", "SOURCES.md"}
     assert module.build(sdist, suites) == files  # byte-identical on a rebuild
-    rows = {name: [json.loads(line) for line in files[f"{name}.jsonl"].splitlines()] for name in ("mood", "sums")}
+    rows = {
+        name: [json.loads(line) for line in files[f"{name}.jsonl"].splitlines()] for name in ("mood", "sums")
+    }
     # mood: 40 examples, test capped at 8 (its own test_size), train capped at 20 (its own train_cap).
     assert Counter(r["split"] for r in rows["mood"]) == {"train": 20, "test": 8}
     # sums: 50 examples, the default test size is capped at a quarter of a small task.
     assert Counter(r["split"] for r in rows["sums"]) == {"train": 38, "test": 12}
     for name, records in rows.items():
-        assert [r["split"] for r in records] == sorted((r["split"] for r in records), key=["train", "test"].index)
+        assert [r["split"] for r in records] == sorted(
+            (r["split"] for r in records), key=["train", "test"].index
+        )
         train = {r["question"] for r in records if r["split"] == "train"}
         assert not train & {r["question"] for r in records if r["split"] == "test"}
         examples = parse_jsonl(files[f"{name}.jsonl"].encode(), name, name)
         assert all(0 <= e.answer < len(e.choices) for e in examples)
-    assert all(r["question"].startswith("How?\nI feel") and r["choices"] == ["happy", "sad"] for r in rows["mood"])
+    assert all(
+        r["question"].startswith("How?\nI feel") and r["choices"] == ["happy", "sad"] for r in rows["mood"]
+    )
     assert all(r["choices"][r["answer"]] == str(r["id"] + 1) for r in rows["sums"])
     assert len({r["answer"] for r in rows["sums"]}) > 1  # per-example options are shuffled
     sources = files["SOURCES.md"]

@@ -156,14 +156,19 @@ def _mc(task: str, i: int) -> dict:
 
 
 def test_a_multi_task_file_without_splits_holds_out_inputs_of_every_task(tmp_path):
-    path = _write(tmp_path, [_mc("a", i) for i in range(20)] + [_mc("b", i) for i in range(3)], name="two.jsonl")
+    path = _write(
+        tmp_path, [_mc("a", i) for i in range(20)] + [_mc("b", i) for i in range(3)], name="two.jsonl"
+    )
     train, test = load_task(str(path), "train"), load_task(str(path), "test")
     count = lambda examples, task: sum(e.task == task for e in examples)  # noqa: E731
     assert (count(test, "a"), count(test, "b")) == (4, 1)  # a fifth of each task, at least one
     assert (count(train, "a"), count(train, "b")) == (16, 2)
     assert not {e.question for e in train} & {e.question for e in test}
-    reordered = _write(tmp_path, list(reversed([_mc("a", i) for i in range(20)] + [_mc("b", i) for i in range(3)])),
-                       name="other.jsonl")
+    reordered = _write(
+        tmp_path,
+        list(reversed([_mc("a", i) for i in range(20)] + [_mc("b", i) for i in range(3)])),
+        name="other.jsonl",
+    )
     assert {e.question for e in load_task(str(reordered), "test")} == {e.question for e in test}
 
 
@@ -172,6 +177,10 @@ def test_a_task_with_one_input_in_a_file_without_splits_is_refused(tmp_path):
     with pytest.raises(ValueError) as info:
         load_task(str(path), "test")
     message = str(info.value)
-    for fragment in (f"{path}: task 'b' has 1 distinct input", "at least 2 distinct inputs per task",
-                     "add lines to that task", '"split": "train" or "test"'):
+    for fragment in (
+        f"{path}: task 'b' has 1 distinct input",
+        "at least 2 distinct inputs per task",
+        "add lines to that task",
+        '"split": "train" or "test"',
+    ):
         assert fragment in message, message

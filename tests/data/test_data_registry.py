@@ -7,9 +7,9 @@ import json
 import pytest
 
 from comoe.data import PAPER_BENCHMARKS, list_tasks, load_task
-from comoe.data.bigbench import BUILTIN_TASKS
 from comoe.data.hub import HubUnavailableError
 from comoe.data.registry import subset
+from comoe.data.suites import BUILTIN_TASKS
 
 
 def test_list_tasks():
@@ -69,7 +69,9 @@ def test_user_jsonl_with_and_without_splits(tmp_path):
 
 
 def test_a_file_without_splits_holds_out_a_fifth_of_its_inputs_whatever_the_line_order(tmp_path):
-    rows = [{"question": f"q{i % 40}", "choices": ["a", "b"], "answer": i % 2} for i in range(50)]  # 10 repeats
+    rows = [
+        {"question": f"q{i % 40}", "choices": ["a", "b"], "answer": i % 2} for i in range(50)
+    ]  # 10 repeats
     (tmp_path / "f").mkdir(), (tmp_path / "b").mkdir()
     forward, backward = tmp_path / "f" / "t.jsonl", tmp_path / "b" / "t.jsonl"
     forward.write_text("\n".join(json.dumps(r) for r in rows))

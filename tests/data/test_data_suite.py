@@ -9,7 +9,8 @@ from importlib.resources import files
 import pytest
 
 from comoe.data import BUILTIN_SUITE, load_task
-from comoe.data.bigbench import (
+from comoe.data.prompts import format_prompt
+from comoe.data.suites import (
     BUILTIN_TASKS,
     DEFAULT_SUITE,
     HARD_TASKS,
@@ -19,11 +20,17 @@ from comoe.data.bigbench import (
     SUITES,
     normalize_space,
 )
-from comoe.data.prompts import format_prompt
 
 SUITE_DIR = files("comoe.data").joinpath("suite")
 TASK = {task.name: task for task in SUITE_TASKS}
-HARD = ("social_iqa", "strategyqa", "winowhy", "epistemic_reasoning", "logical_fallacy_detection", "elementary_math_qa")
+HARD = (
+    "social_iqa",
+    "strategyqa",
+    "winowhy",
+    "epistemic_reasoning",
+    "logical_fallacy_detection",
+    "elementary_math_qa",
+)
 
 
 def _rows(name: str) -> list[dict]:

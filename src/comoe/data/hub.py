@@ -10,9 +10,10 @@ the hub's automatic Parquet conversion (``revision="refs/convert/parquet"``), SI
 mirror (``lighteval/siqa``, same rows) as a fallback.
 
 ``data_files=`` reads local files in the same schema instead of the hub (JSON Lines, JSON, Parquet or
-CSV, through ``datasets.load_dataset``); that is how the tests run without network. Without it, loading
-fails at once, naming the offline alternatives, when ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set
-or the hub does not answer a TCP connection within ``CONNECT_TIMEOUT_S`` seconds.
+CSV, through ``datasets.load_dataset``); that is how the tests run without network. Without it, with
+``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, ``datasets`` reads its own cache (a benchmark loaded once
+online loads offline); with no cached copy, or when the hub does not answer a TCP connection within
+``CONNECT_TIMEOUT_S`` seconds and no flag is set, loading fails at once, naming the offline alternatives.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from comoe.data.bigbench import BUILTIN_SUITE
 from comoe.data.jsonl import DataError
 from comoe.data.schema import Example
+from comoe.data.suites import BUILTIN_SUITE
 
 CONNECT_TIMEOUT_S = 3.0
 _NEGATIVE_CACHE_S = 60.0
@@ -209,10 +210,20 @@ def load_benchmark(
     hub_split = bench.splits[split]
     if data_files is not None:
         rows, source = _load_local(data_files, hub_split, cache_dir), _describe(data_files)
+    elif offline_flag():  # datasets honours the flag itself: it reads its cache, or fails without network
+        try:
+            rows, source = _load_hub(bench, hub_split, cache_dir)
+        except RuntimeError as err:
+            raise HubUnavailableError(
+                offline_message(name, f"{offline_flag()} is set and the datasets cache holds no copy ({err})")
+            ) from None
     else:
         reason = hub_unavailable_reason()
         if reason:
-            raise HubUnavailableError(offline_message(name, reason))
+            raise HubUnavailableError(
+                offline_message(name, reason) + " With a warm datasets cache, set "
+                "HF_DATASETS_OFFLINE=1 to read it."
+            )
         rows, source = _load_hub(bench, hub_split, cache_dir)
 
     examples, errors = [], []
@@ -293,11 +304,19 @@ def _load_hub(bench: Benchmark, hub_split: str, cache_dir) -> tuple[Iterable[Row
 _probe_cache: dict[tuple[str, int], tuple[float, bool]] = {}
 
 
-def hub_unavailable_reason(timeout: float = CONNECT_TIMEOUT_S) -> str | None:
-    """Why the hub cannot be used right now, or None when it answers."""
+def offline_flag() -> str | None:
+    """``VAR=value`` of the first offline flag set (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``), or None."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in _TRUTHY:
-            return f"{var}={os.environ[var]} is set"
+            return f"{var}={os.environ[var]}"
+    return None
+
+
+def hub_unavailable_reason(timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why the hub cannot be used right now, or None when it answers."""
+    flag = offline_flag()
+    if flag:
+        return f"{flag} is set"
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     proxy = next(
         (

@@ -94,15 +94,17 @@ def parse_jsonl(data: bytes | str, source: str, default_task: str) -> list[Examp
             errors.append(
                 f"{source}:{lineno}: task {example.task!r} mixes {kinds[first_mc]} (line {first_line}) and "
                 f"{kinds[example.is_multiple_choice]} lines; a task holds one kind: put each kind in its own "
-                f"file, or give these lines another \"task\""
+                f'file, or give these lines another "task"'
             )
             continue
         has_split.append((lineno, "split" in example.meta))
         examples.append(example)
     errors += _partial_splits(has_split, source)
     if not errors and not examples:
-        errors.append(f"{source}:1: empty file: no JSON records; write one JSON object per line "
-                      "(see comoe.data.jsonl for the schema)")
+        errors.append(
+            f"{source}:1: empty file: no JSON records; write one JSON object per line "
+            "(see comoe.data.jsonl for the schema)"
+        )
     if errors:
         raise DataError(errors)
     return examples
@@ -113,8 +115,11 @@ def _partial_splits(has_split: list[tuple[int, bool]], source: str) -> list[str]
     first = next((lineno for lineno, labelled in has_split if labelled), None)
     if first is None:
         return []
-    return [f'{source}:{lineno}: this line has no "split" but line {first} has one; give every line a "split" or none'
-            for lineno, labelled in has_split if not labelled]
+    return [
+        f'{source}:{lineno}: this line has no "split" but line {first} has one; give every line a "split" or none'
+        for lineno, labelled in has_split
+        if not labelled
+    ]
 
 
 def _load_line(line: str) -> dict:
@@ -125,7 +130,9 @@ def _load_line(line: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise _RowError(f"invalid JSON: {exc.msg} (column {exc.colno}); each line must be one complete JSON object") from None
+        raise _RowError(
+            f"invalid JSON: {exc.msg} (column {exc.colno}); each line must be one complete JSON object"
+        ) from None
     if not isinstance(obj, dict):
         raise _RowError(f"expected a JSON object, got {_kind(obj)}")
     return obj
@@ -148,7 +155,9 @@ def parse_record(obj: dict, default_task: str) -> Example:
         question = _text(obj, "question")
         choices = _choices(obj["choices"])
         if "answer" not in obj:
-            raise _RowError("missing field 'answer': give the correct option as a 0-based index, its text or a letter")
+            raise _RowError(
+                "missing field 'answer': give the correct option as a 0-based index, its text or a letter"
+            )
         return Example(task, question, choices, _answer(obj["answer"], choices), meta=meta)
     if "target" in obj:
         if "prompt" in obj and "question" in obj:
@@ -180,8 +189,10 @@ def _optional_text(obj: dict, key: str) -> str | None:
 def _task_name(obj: dict) -> str | None:
     task = _optional_text(obj, "task")
     if task is not None and (not TASK_NAME.fullmatch(task) or ".." in task):
-        raise _RowError(f"'task' {task!r} is not a plain name: use letters, digits, '_', '.' and '-', starting "
-                        "with a letter or digit and without '..' (it becomes a directory name in a run)")
+        raise _RowError(
+            f"'task' {task!r} is not a plain name: use letters, digits, '_', '.' and '-', starting "
+            "with a letter or digit and without '..' (it becomes a directory name in a run)"
+        )
     return task
 
 

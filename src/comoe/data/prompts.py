@@ -16,7 +16,9 @@ def format_prompt(example: Example) -> str:
     if not example.is_multiple_choice:
         return example.question.rstrip() + "\n"
     if len(example.choices) > len(LETTERS):
-        raise ValueError(f"{example.task}: {len(example.choices)} options; at most {len(LETTERS)} are supported")
+        raise ValueError(
+            f"{example.task}: {len(example.choices)} options; at most {len(LETTERS)} are supported"
+        )
     options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(example.choices))
     return f"{example.question.rstrip()}\n{options}\nAnswer:"
 

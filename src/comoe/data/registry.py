@@ -14,10 +14,10 @@ import random
 from importlib.resources import files
 from pathlib import Path
 
-from comoe.data.bigbench import BUILTIN_SUITE, BUILTIN_TASKS, DEFAULT_SUITE, SUITE_NAMES
 from comoe.data.hub import BENCHMARKS, PAPER_BENCHMARKS, load_benchmark
 from comoe.data.jsonl import parse_jsonl, read_jsonl
 from comoe.data.schema import Example
+from comoe.data.suites import BUILTIN_SUITE, BUILTIN_TASKS, DEFAULT_SUITE, SUITE_NAMES
 
 __all__ = [
     "BUILTIN_SUITE",
@@ -93,6 +93,46 @@ def load_task(
     return subset(examples, limit, seed)
 
 
+def load_splits(
+    specs: list[str], train_per_task: int | None, test_per_task: int | None, seed: int
+) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
+    """Train and test examples per task name: a seeded subset of train, the first test examples by a fixed
+    seed; every file is validated before any model is loaded.
+
+    A task's name is its built-in name, or for a JSONL file the ``task`` field of its lines or else the
+    file name without ``.jsonl``; one file may hold several tasks, and two specs may not share a name.
+    """
+    train: dict[str, list[Example]] = {}
+    test: dict[str, list[Example]] = {}
+    origin: dict[str, str] = {}
+    for spec in specs:
+        for split, into, limit, subset_seed in (
+            ("train", train, train_per_task, seed),
+            ("test", test, test_per_task, 0),
+        ):
+            for name, examples in _by_task(load_task(spec, split)).items():
+                if origin.setdefault(name, spec) != spec:
+                    raise ValueError(
+                        f"tasks {origin[name]!r} and {spec!r} both hold a task named {name!r} (a JSONL task is named "
+                        'by its lines\' "task" field, else by its file name): rename a file or set "task"'
+                    )
+                into[name] = subset(examples, limit, subset_seed)
+    for name in set(train) ^ set(test):
+        has, lacks = ("train", "test") if name in train else ("test", "train")
+        raise ValueError(
+            f"task {name!r} of {origin[name]!r} has {has} examples but no {lacks} examples; "
+            f'give some of its lines "split": "{lacks}"'
+        )
+    return train, test
+
+
+def _by_task(examples: list[Example]) -> dict[str, list[Example]]:
+    grouped: dict[str, list[Example]] = {}
+    for example in examples:
+        grouped.setdefault(example.task, []).append(example)
+    return grouped
+
+
 def subset(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:
     """A seeded random subset of ``limit`` examples, kept in their original order."""
     if limit is None or limit >= len(examples):
@@ -116,10 +156,12 @@ def suite_name(name: str) -> str | None:
     text = name.strip().lower()
     if not text.startswith(SUITE_PREFIX):
         return None
-    suite = text[len(SUITE_PREFIX):].strip().replace("-", "_")
+    suite = text[len(SUITE_PREFIX) :].strip().replace("-", "_")
     if suite not in SUITE_NAMES:
-        raise ValueError(f"unknown suite {name.strip()!r}: the built-in suites are {', '.join(suite_specs())} "
-                         f"({DEFAULT_SUITE!r} holds the default tasks)")
+        raise ValueError(
+            f"unknown suite {name.strip()!r}: the built-in suites are {', '.join(suite_specs())} "
+            f"({DEFAULT_SUITE!r} holds the default tasks)"
+        )
     return suite
 
 
@@ -132,7 +174,7 @@ def is_jsonl_spec(name: str) -> bool:
 def jsonl_path(name: str) -> Path:
     """The file a JSONL task spec names; a clear error for an empty spec."""
     text = name.strip()
-    text = text[len(JSONL_PREFIX):] if text.startswith(JSONL_PREFIX) else text
+    text = text[len(JSONL_PREFIX) :] if text.startswith(JSONL_PREFIX) else text
     if not text.strip():
         raise ValueError(f"task {name!r} names no file: write jsonl:PATH, e.g. jsonl:data/my_task.jsonl")
     return Path(text.strip()).expanduser()
@@ -156,8 +198,10 @@ def held_out_split(examples: list[Example], split: str, source: str) -> list[Exa
     its adapter on examples it trained on. A task with fewer than 2 distinct inputs is refused.
     """
     if split not in SUITE_SPLITS:
-        raise ValueError(f"{source} has no 'split' fields, so it has only the splits {SUITE_SPLITS} "
-                         f"(test = {HELD_OUT_SHARE:.0%} of each task's inputs); not {split!r}")
+        raise ValueError(
+            f"{source} has no 'split' fields, so it has only the splits {SUITE_SPLITS} "
+            f"(test = {HELD_OUT_SHARE:.0%} of each task's inputs); not {split!r}"
+        )
     by_task: dict[str, set[str]] = {}
     for example in examples:
         by_task.setdefault(example.task, set()).add(_input_key(example))
@@ -167,10 +211,10 @@ def held_out_split(examples: list[Example], split: str, source: str) -> list[Exa
             raise ValueError(
                 f"{source}: task {task!r} has {len(task_keys)} distinct input; a file without 'split' fields needs "
                 "at least 2 distinct inputs per task to hold one out for testing; add lines to that task, or give "
-                "every line of the file a \"split\": \"train\" or \"test\""
+                'every line of the file a "split": "train" or "test"'
             )
         ordered = sorted(task_keys, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
-        test_keys.update(ordered[:max(1, math.floor(HELD_OUT_SHARE * len(ordered)))])
+        test_keys.update(ordered[: max(1, math.floor(HELD_OUT_SHARE * len(ordered)))])
     return [e for e in examples if (_input_key(e) in test_keys) == (split == "test")]
 
 
@@ -180,7 +224,9 @@ def _input_key(example: Example) -> str:
 
 def _load_user_file(path: Path, split: str) -> list[Example]:
     if path.is_dir():
-        raise ValueError(f"{path} is a directory; name a JSONL file in it, e.g. jsonl:{path / 'my_task.jsonl'}")
+        raise ValueError(
+            f"{path} is a directory; name a JSONL file in it, e.g. jsonl:{path / 'my_task.jsonl'}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"no such JSONL file: {path} (relative paths start at {Path.cwd()})")
     examples = read_jsonl(path)  # refuses a file where only some lines have a "split"
@@ -188,13 +234,17 @@ def _load_user_file(path: Path, split: str) -> list[Example]:
     if not splits:
         return held_out_split(examples, split, str(path))
     if split not in splits:
-        raise ValueError(f"{path}: no lines with split {split!r}; the file has {', '.join(sorted(splits))}: give some "
-                         f"lines \"split\": \"{split}\", or drop every \"split\" to hold out part of the file for test")
+        raise ValueError(
+            f"{path}: no lines with split {split!r}; the file has {', '.join(sorted(splits))}: give some "
+            f'lines "split": "{split}", or drop every "split" to hold out part of the file for test'
+        )
     return [e for e in examples if e.meta.get("split") == split]
 
 
 def _unknown(name: str) -> str:
-    suites = "".join(f"  built-in suite {suite!r} (offline): {', '.join(tasks)}\n" for suite, tasks in SUITE_NAMES.items())
+    suites = "".join(
+        f"  built-in suite {suite!r} (offline): {', '.join(tasks)}\n" for suite, tasks in SUITE_NAMES.items()
+    )
     return (
         f"unknown task {name!r}.\n"
         f"  a whole built-in suite: {', '.join(suite_specs())}\n"

@@ -1,0 +1,96 @@
+"""`comoe` command line: train, eval, tasks (analyze, bench and compare build on these)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from comoe.cli.train import add_run_config_flags, run_eval, run_train
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from comoe.data.registry import list_tasks
+
+    for line in list_tasks():
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comoe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="fine-tune with CoMoE (or a baseline) and evaluate per task",
+        description="Every flag overrides the YAML file of --config, which overrides the defaults.",
+    )
+    train.add_argument("--config", help="YAML file of RunConfig fields")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint"
+    )
+    add_run_config_flags(train)
+    train.set_defaults(func=run_train)
+
+    ev = sub.add_parser("eval", help="score a run's adapter, or the base model, on the test sets")
+    ev.add_argument("run_dir", nargs="?", help="a directory written by `comoe train`")
+    ev.add_argument("--base-only", action="store_true", help="score the zero-shot base model")
+    ev.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t])
+    ev.add_argument("--test-per-task", type=int)
+    ev.add_argument("--protocol", choices=("label", "loglik"))
+    ev.add_argument("--model")
+    ev.add_argument("--eval-batch-size", type=int)
+    ev.set_defaults(func=run_eval)
+
+    analyze = sub.add_parser("analyze", help="expert specialisation report for one or more run directories")
+    from comoe.cli.analyze import add_analyze_arguments, run_analyze
+
+    add_analyze_arguments(analyze)
+    analyze.set_defaults(func=run_analyze)
+
+    bench = sub.add_parser(
+        "bench", help="speed and memory vs PEFT LoRA and a naive MoE-LoRA loop (ratios in one process)"
+    )
+    from comoe.cli.bench import add_bench_arguments, run_bench
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench)
+
+    compare = sub.add_parser(
+        "compare", help="a resumable grid of methods × seeds × settings, with statistics"
+    )
+    from comoe.cli.compare import add_compare_arguments, run_compare
+
+    add_compare_arguments(compare)
+    compare.set_defaults(func=run_compare)
+
+    tasks = sub.add_parser("tasks", help="list the built-in and supported tasks")
+    tasks.set_defaults(func=_tasks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input (a ValueError, a file or network OSError, a missing package, a diverged
+    run) is reported as one message and exit status 2, without a traceback (``COMOE_DEBUG=1`` shows it)."""
+    from comoe.training.loop import TrainingDiverged
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = "comoe " + shlex.join(argv)  # recorded by bench and compare
+    try:
+        return args.func(args)
+    except (ValueError, OSError, ImportError, TrainingDiverged) as err:
+        if os.environ.get("COMOE_DEBUG"):
+            raise
+        print(f"comoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = (
+            " (`comoe train --resume RUN_DIR` continues from the last checkpoint)"
+            if args.command == "train"
+            else ""
+        )
+        print(f"comoe {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130

@@ -1,0 +1,199 @@
+"""`comoe compare`: a resumable grid of runs (variants × seeds × settings) and its statistics.
+
+Each run is an ordinary `comoe train` run directory under ``OUT/runs/`` and is executed in its own
+process, so a killed grid resumes where it stopped: finished runs (with ``metrics.json``) are skipped,
+started ones continue from their last checkpoint. The summary gives per-task accuracy as mean ± std
+over seeds and the paired difference of each variant against a reference variant, with a bootstrap
+confidence interval over test examples and seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from comoe.training.run_config import RunConfig, load_yaml
+from comoe.utils.files import write_json_atomic, write_text_atomic
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {"lora": {"method": "lora"}, "moe-lora": {"method": "moe-lora"}, "comoe": {"method": "comoe"}},
+    "lambda": {
+        f"lambda={w:g}": {"method": "comoe", "contrastive_weight": w} for w in (0.0, 0.001, 0.01, 0.1, 1.0)
+    },
+    "tau": {f"tau={t:g}": {"method": "comoe", "temperature": t} for t in (0.05, 0.1, 0.2, 0.5, 1.0)},
+    "experts": {f"experts={n}": {"method": "comoe", "num_experts": n} for n in (4, 5, 6, 7, 8)},
+    "layers": {
+        f"layers={g}": {"method": "comoe", "layers": g} for g in ("low", "middle", "high", "low+high")
+    },
+    "anchor": {f"anchor={a}": {"method": "comoe", "anchor": a} for a in ("random", "all")},
+    "negatives": {
+        "negatives=all": {"method": "comoe"},
+        "negatives=1": {"method": "comoe", "num_negatives": 1},
+    },
+}
+# the variant each preset's paired differences are taken against: λ = 0, or the current default
+REFERENCE: dict[str, str | list[str]] = {
+    "default": ["moe-lora", "lora"],
+    "lambda": "lambda=0",
+    "tau": "tau=0.1",
+    "experts": "experts=4",
+    "anchor": "anchor=random",
+    "negatives": "negatives=all",
+}
+# `comoe analyze` summary numbers (means over adapted modules) reported per variant
+
+ANALYSIS_NAME = "analysis.json"
+
+
+@dataclass
+class Grid:
+    variants: dict[str, dict[str, Any]]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    settings: list[str] = field(default_factory=lambda: ["multi"])
+    base: dict[str, Any] = field(default_factory=dict)  # RunConfig fields shared by every run
+    reference: str | list[str] | None = None  # the variant(s) paired differences are taken against
+
+    def runs(self) -> list[tuple[str, str, int, RunConfig]]:
+        """(variant, setting, seed, config) for every cell; configs are validated here, before any run.
+
+        Seed-major order: a grid stopped part-way has every variant for its first seeds, so its paired
+        differences can already be read.
+        """
+        cells = []
+        for seed in self.seeds:
+            for name, overrides in self.variants.items():
+                for setting in self.settings:
+                    config = RunConfig.from_dict(
+                        {**self.base, **overrides, "setting": setting, "seed": seed}, source=f"variant {name}"
+                    )
+                    cells.append((name, setting, seed, config))
+        return cells
+
+
+def load_grid(path: str | Path) -> Grid:
+    data = load_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping (variants, seeds, settings, base, reference)")
+    if "preset" in data:
+        preset = data.pop("preset")
+        data.setdefault("variants", PRESETS[preset])
+        data.setdefault("reference", REFERENCE.get(preset))
+    unknown = sorted(set(data) - {"variants", "seeds", "settings", "base", "reference"})
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown keys {unknown}; expected variants, seeds, settings, base, reference, preset"
+        )
+    return Grid(**data)
+
+
+def run_grid(
+    grid: Grid, out: Path, dry_run: bool = False, analyse: bool = True, jobs: int = 1
+) -> list[dict[str, Any]]:
+    """Run every missing cell (each in a subprocess) and return the finished runs' metrics.
+
+    With ``jobs`` > 1, that many cells train at once, each with ``cpu_count // jobs`` torch threads and its
+    output in ``RUN_DIR/train.log`` (threads that outnumber the free cores spin and slow every run down).
+    With ``analyse``, each finished run with routers also gets its specialisation numbers (see
+    ``specialisation``) under the key ``"specialisation"``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "grid.yaml", yaml.safe_dump(asdict(grid), sort_keys=False))
+    cells = grid.runs()
+    todo = []
+    for i, (name, setting, seed, config) in enumerate(cells, 1):
+        run_dir = cell_dir(out, name, setting, seed)
+        label = f"[{i}/{len(cells)}] {name} {setting} seed {seed}"
+        if (run_dir / "metrics.json").is_file():
+            print(f"{label}: done, skipped", flush=True)
+        elif not dry_run:
+            todo.append((label, config, run_dir))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {
+            pool.submit(_start_cell, label, config, run_dir, threads): label
+            for label, config, run_dir in todo
+        }
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except subprocess.CalledProcessError as err:
+                failed.append(f"{futures[future]} (exit status {err.returncode})")
+    if failed:
+        raise ValueError(
+            f"{len(failed)} run(s) failed: {'; '.join(sorted(failed))}; the finished runs are kept, and "
+            "running the same command again resumes the others"
+        )
+    finished = []
+    for name, setting, seed, _ in cells:
+        run_dir = cell_dir(out, name, setting, seed)
+        if (run_dir / "metrics.json").is_file():
+            finished.append(
+                {
+                    "variant": name,
+                    "setting": setting,
+                    "seed": seed,
+                    "run_dir": str(run_dir),
+                    **json.loads((run_dir / "metrics.json").read_text()),
+                    "specialisation": specialisation(run_dir) if analyse else None,
+                }
+            )
+    return finished
+
+
+def cell_dir(out: Path, variant: str, setting: str, seed: int) -> Path:
+    return out / "runs" / f"{variant}-{setting}-seed{seed}"
+
+
+def _start_cell(label: str, config: RunConfig, run_dir: Path, threads: int | None) -> None:
+    started = (run_dir / "run_config.yaml").is_file()
+    where = f" (output in {run_dir / 'train.log'})" if threads else ""
+    print(f"{label}: {'resuming' if started else 'running'} in {run_dir}{where}", flush=True)
+    _train_in_subprocess(config, run_dir, resume=started, threads=threads)
+    if threads:
+        print(f"{label}: finished", flush=True)
+
+
+def specialisation(run_dir: Path) -> dict[str, float | None] | None:
+    """The run's `comoe analyze` summary (means over its adapted modules), or None for runs without routers.
+
+    Computed once (routing recorded over the run's test sets) and kept in ``RUN_DIR/analysis.json``.
+    """
+    from comoe.analysis.routing import AnalyzeOptions, analyse_run, analysis_threads, skip_reason
+
+    path = run_dir / ANALYSIS_NAME
+    if path.is_file():
+        return json.loads(path.read_text())["summary"]
+    if skip_reason(run_dir) is not None:
+        return None
+    options = AnalyzeOptions(progress=False, tsne=False)
+    with analysis_threads(options.threads):
+        metrics, _ = analyse_run(run_dir, options)
+    kept = {key: metrics[key] for key in ("label", "summary", "layers", "seconds")}
+    write_json_atomic(path, {**kept, "options": asdict(options)})
+    return metrics["summary"]
+
+
+def _train_in_subprocess(config: RunConfig, run_dir: Path, resume: bool, threads: int | None = None) -> None:
+    """`comoe train` for one cell; with ``threads``, that many torch threads and the output in train.log."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        cmd = [sys.executable, "-m", "comoe", "train", "--resume", str(run_dir)]
+    else:
+        config.output_dir = str(run_dir)
+        config.to_yaml(run_dir / "grid_cell.yaml")
+        cmd = [sys.executable, "-m", "comoe", "train", "--config", str(run_dir / "grid_cell.yaml")]
+    if threads is None:
+        subprocess.run(cmd, check=True)
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,0 +1,299 @@
+"""Markdown of `comoe bench` results, and reading/writing their JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+from comoe.tools.bench.run import SCHEMA_VERSION, evaluate_targets
+from comoe.tools.bench.sizes import SIZES
+from comoe.tools.bench.variants import VARIANT_HELP
+from comoe.utils.files import write_json_atomic
+
+
+# --- markdown ---------------------------------------------------------------------------------------------
+def _fmt(x, digits: int = 2, suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "–"
+    return f"{x:.{digits}f}{suffix}"
+
+
+def _met(met: bool | None) -> str:
+    return "–" if met is None else ("**met**" if met else "**MISSED**")
+
+
+def render_result(result: dict) -> str:
+    """One run as markdown: command, settings, the timing/memory table, generation, checks, targets."""
+    s, spec, m = result["settings"], result["spec"], result["machine"]
+    lines = [f"### `{result['name']}`: {spec['description'] or result['size']}", ""]
+    lines += ["```", result["command"], "```", ""]
+    lines.append(
+        f"Model: hidden {spec['hidden']}, intermediate {spec['intermediate']}, {spec['layers']} layers, "
+        f"{spec['heads']}/{spec['kv_heads']} heads, vocab {spec['vocab']} ({result['weights']}). "
+        f"Batch {s['batch']}×{s['seq']} = {s['tokens_per_step']} tokens/step, {s['dtype']} on {s['device']}, "
+        f"adapters on {', '.join(s['target_modules'])}, top-{s['top_k']}, dropout {s['lora_dropout']}, "
+        f"α = 2r, AdamW step included. {s['warmup']} warm-up + {s['steps']} timed rounds, variants alternated "
+        f"round-robin, {s.get('threads', '?')} torch thread(s). Ratios are medians of the per-round ratios, in "
+        f"brackets their quartiles. Run took {result.get('elapsed_s', '?')} s wall, "
+        f"{result.get('cpu_s', '?')} s CPU; load average at start {m.get('load_avg_start', '?')}."
+    )
+    lines.append("")
+    for case in result["cases"]:
+        lines += _render_case(case, s["device"])
+    check = result.get("checks", {}).get("compile")
+    if check:
+        lines += [
+            "",
+            f"**torch.compile check** ({check['config']}; backend `{check['backend']}`; loss and every "
+            f"adapter gradient vs eager; then {check['warmup']} warm-up + {check['steps']} alternated rounds "
+            "of compiled, the same model eager, and the naive loop with λ = 0 and dropout 0):",
+            "",
+            "| path | compiles and runs | matches eager | loss abs. diff | max grad abs. diff (grad scale) "
+            "| first call s |",
+            "|---|---|---|---|---|---|",
+        ]
+        timed = {}
+        for path, e in check["paths"].items():
+            if e.get("works"):
+                lines.append(
+                    f"| {path} | yes | {'yes' if e['matched'] else 'NO'} | {e['loss_abs_diff']:.1e} | "
+                    f"{e['grad_max_abs_diff']:.1e} ({e['grad_scale']:.1e}) | {e['compile_s']} |"
+                )
+                if e.get("timing"):
+                    timed[path] = e
+            else:
+                lines.append(
+                    f"| {path} | **NO**: {e.get('error', '')[:200].rstrip(chr(39) + ')')} | – | – | – | – |"
+                )
+        for path, e in timed.items():
+            t = e["timing"]
+            lines += [
+                "",
+                f"Training step on the {path} path, compiled vs eager vs the naive loop (λ = 0):",
+                "",
+                "| | naive | ours eager | ours compiled | ours + Gram loss eager | ours + Gram loss compiled |",
+                "|---|---|---|---|---|---|",
+                "| step ms (median) | "
+                + " | ".join(
+                    _fmt(t[n]["median_ms"], 1)
+                    for n in ("naive", "eager", "compiled", "eager+con", "compiled+con")
+                )
+                + " |",
+                f"| × naive | 1.00× | {_fmt(e['eager_x_naive'], 2, '×')} | {_fmt(e['compiled_x_naive'], 2, '×')} | – "
+                f"| {_fmt(e['compiled_con_x_naive'], 2, '×')} |",
+                f"| compiled × eager | | | {_fmt(e['compiled_x_eager'], 2, '×')} | | "
+                f"{_fmt(e['compiled_con_x_eager_con'], 2, '×')} |",
+            ]
+    result["targets"] = evaluate_targets(result)  # re-judged at render time, so old results follow the rules
+    if result["targets"]:
+        lines += [
+            "",
+            "Targets judged by this run:",
+            "",
+            "| target | where | measured | threshold | result |",
+            "|---|---|---|---|---|",
+        ]
+        for t in result["targets"]:
+            lines.append(
+                f"| {t['target']} | {t['where']} | {_target_value(t)} | {_target_threshold(t)} | {_met(t['met'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _target_value(t: dict) -> str:
+    v = t["value"]
+    if v is None:
+        note = t.get("note") or ""
+        return ("fails: " + note[:110] + ("…" if len(note) > 110 else "")) if note else "–"
+    text = f"{100 * v:+.1f} %" if "10 %" in t["target"] else f"{v:.2f}×"
+    return text + (f" ({t['note']})" if t.get("note") else "")
+
+
+def _target_threshold(t: dict) -> str:
+    if not t["threshold"]:
+        return "works, matches"
+    return f"≤ {100 * t['threshold']:.0f} %" if "10 %" in t["target"] else f"≤ {t['threshold']}×"
+
+
+def _band(rows: dict, name: str, ref: str | None) -> tuple[float, float] | None:
+    """Quartiles of the per-round time ratios name/ref (the rounds are paired by position)."""
+    if ref not in rows or name == ref:
+        return None
+    ratios = [a / b for a, b in zip(rows[name]["times_ms"], rows[ref]["times_ms"], strict=True)]
+    if len(ratios) < 4:
+        return None
+    q = statistics.quantiles(ratios, n=4)
+    return q[0], q[2]
+
+
+def _ratio_cell(value: float | None, band: tuple[float, float] | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}× ({band[0]:.2f}–{band[1]:.2f})" if band else f"{value:.2f}×"
+
+
+def _render_case(case: dict, device: str) -> list[str]:
+    lines = [
+        f"**E = {case['experts']} experts, r = {case['rank']}, top-{case['top_k']}** "
+        f"(`expert_path='auto'` picks {case['auto_path']} here)",
+        "",
+    ]
+    if case.get("error"):
+        return lines + [f"Failed: {case['error']}", ""]
+    rows = case["variants"]
+    refs = [r for r in ("base", "lora", "naive") if r in rows]
+    mem = any("saved_bytes" in r for r in rows.values())
+    peak = any(r.get("peak_bytes") is not None for r in rows.values())
+    syncs = any(r.get("host_syncs") is not None for r in rows.values())
+    con = any("x_ours_same_path" in r for r in rows.values())
+    head = ["variant", "path", "step ms (median)", "IQR ms", "tokens/s"]
+    head += [f"time × {r}" for r in refs] + [f"tokens/s ÷ {r}" for r in refs if r != "naive"]
+    head += ["con. overhead"] if con else []
+    head += ["drift"]
+    head += ["saved activations MiB", "× LoRA"] if mem else []
+    head += ["peak MiB", "peak × LoRA"] if peak else []
+    head += ["host syncs/step"] if syncs else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        cells = [
+            f"{name}",
+            r["path"] or "–",
+            _fmt(r["median_ms"], 1),
+            _fmt(r["iqr_ms"], 1),
+            _fmt(r["tokens_per_s"], 0),
+        ]
+        cells += [_ratio_cell(r.get(f"x_{ref}"), _band(rows, name, ref)) for ref in refs]
+        cells += [
+            _fmt(1 / r[f"x_{ref}"] if r.get(f"x_{ref}") else None, 2, "×") for ref in refs if ref != "naive"
+        ]
+        if con:
+            o = r.get("x_ours_same_path")
+            same = {"dense": "ours-dense", "grouped": "ours-grouped"}.get(r["path"])
+            band = _band(rows, name, same) if o else None
+            cells.append(
+                f"{100 * (o - 1):+.1f} % ({100 * (band[0] - 1):+.0f}…{100 * (band[1] - 1):+.0f})"
+                if o and band
+                else (f"{100 * (o - 1):+.1f} %" if o else "–")
+            )
+        cells.append(_fmt(r["drift"], 2))
+        if mem:
+            cells += [_fmt(r["saved_bytes"] / 2**20, 1), _fmt(r.get("mem_x_lora"), 2, "×")]
+        if peak:
+            cells += [
+                _fmt(r["peak_bytes"] / 2**20 if r.get("peak_bytes") is not None else None, 1),
+                _fmt(r.get("peak_x_lora"), 2, "×"),
+            ]
+        if syncs:
+            cells.append(str(r.get("host_syncs", "–")))
+        lines.append("| " + " | ".join(cells) + " |")
+    if case.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in case["skipped"].items())]
+    gen = case.get("generate")
+    if gen:
+        lines += [
+            "",
+            f"`generate` (greedy, batch {gen['batch']}, prompt {gen['prompt_len']}, "
+            f"{gen['new_tokens']} new tokens, KV cache, median of {gen['rounds']} alternated rounds):",
+            "",
+            "| variant | ms | new tokens/s | ÷ base | ÷ LoRA |",
+            "|---|---|---|---|---|",
+        ]
+        for name, g in gen["variants"].items():
+            lines.append(
+                f"| {name} | {_fmt(g['median_ms'], 1)} | {_fmt(g['tokens_per_s'], 1)} | "
+                f"{_fmt(g.get('tps_x_base'), 2, '×')} | {_fmt(g.get('tps_x_lora'), 2, '×')} |"
+            )
+    par = case.get("parity")
+    if par:
+        diffs = ", ".join(
+            f"{k.replace('_max_abs_diff', '')} {v:.1e}" for k, v in par.items() if k.endswith("diff")
+        )
+        lines += [
+            "",
+            f"Same function check (eval mode, experts randomised and copied from ours-dense): max |Δ logits| "
+            f"{diffs} (logit scale {par['logit_scale']:.1f}): {'ok' if par['ok'] else 'MISMATCH'}.",
+        ]
+    lines.append("")
+    return lines
+
+
+def render_all(results: list[dict], notes: str | None = None) -> str:
+    """BENCHMARKS.md: machine, noise warning, target summary, then every run."""
+    results = sorted(
+        results, key=lambda r: (list(SIZES).index(r["size"]), r["name"] != r["size"], r.get("date", ""))
+    )
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `comoe bench --render` from the JSON results in `benchmarks/results/` "
+        "(`benchmarks/run_all.sh` reruns everything). Every figure is a ratio between variants measured in "
+        "ONE process, on the same inputs and seed, with the variants alternated round-robin (one step of each "
+        "per round, order rotated each round); times are medians over the timed rounds after warm-up and "
+        "ratios are medians of the per-round ratios. `drift` = median of the second half of the rounds over "
+        "the first half (1.00 = stable).",
+        "",
+    ]
+    machines = {
+        json.dumps({k: v for k, v in r["machine"].items() if k not in ("load_avg_start",)}, sort_keys=True)
+        for r in results
+    }
+    for mtext in sorted(machines):
+        mach = json.loads(mtext)
+        lines.append(
+            f"**Machine:** {mach.get('cpu_model')}, {mach.get('logical_cpus')} logical CPUs, "
+            f"torch threads {mach.get('torch_threads')}, {mach.get('memory_gib')} GiB RAM"
+            f"{', GPU ' + mach['gpu'] if mach.get('gpu') else ''}; {mach.get('platform')}; "
+            f"Python {mach.get('python')}, torch {mach.get('torch')}, transformers {mach.get('transformers')}, "
+            f"peft {mach.get('peft')}."
+        )
+    wall = sum(r.get("elapsed_s") or 0 for r in results)
+    cpu = sum(r.get("cpu_s") or 0 for r in results)
+    lines += [
+        "",
+        f"All {len(results)} runs together took {wall / 60:.1f} min wall clock and {cpu / 60:.1f} min of CPU time "
+        "(one thread: roughly what an idle machine needs).",
+    ]
+    if any(r["settings"]["device"] == "cpu" for r in results):
+        lines += [
+            "",
+            "> The CPU machine is **shared and noisy**: 2 cores, other processes running at the same time. "
+            "Absolute times (ms, tokens/s) move from run to run; the ratios, measured round-robin inside one "
+            "process, are the numbers to read, and even they carry a few per cent of noise.",
+        ]
+    all_targets = [(r, t) for r in results for t in evaluate_targets(r)]
+    if all_targets:
+        lines += [
+            "",
+            "## Targets",
+            "",
+            "| target | where | measured | threshold | result |",
+            "|---|---|---|---|---|",
+        ]
+        for _, t in all_targets:
+            lines.append(
+                f"| {t['target']} | {t['where']} | {_target_value(t)} | {_target_threshold(t)} | {_met(t['met'])} |"
+            )
+    if notes:
+        lines += ["", notes.strip()]
+    lines += ["", "## Runs", ""]
+    for r in results:
+        lines.append(render_result(r))
+    lines += ["## Variants", "", "| variant | what |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in VARIANT_HELP.items()]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def load_results(directory: str | os.PathLike) -> list[dict]:
+    out = []
+    for path in sorted(Path(directory).glob("*.json")):
+        with open(path) as fh:
+            data = json.load(fh)
+        if isinstance(data, dict) and data.get("schema") == SCHEMA_VERSION and "cases" in data:
+            out.append(data)
+    return out
+
+
+def write_json(result: dict, directory: str | os.PathLike) -> Path:
+    return write_json_atomic(Path(directory) / f"{result['name']}.json", result, indent=1)

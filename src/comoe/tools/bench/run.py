@@ -1,0 +1,467 @@
+"""One case (an (E, r) point, every variant round-robin), the targets, and the whole run."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from comoe.tools.bench.compile_check import _first_line, compile_check
+from comoe.tools.bench.measure import (
+    MIN_STEPS,
+    Batch,
+    generate_fn,
+    host_syncs_per_step,
+    make_batch,
+    median,
+    paired_ratio,
+    parity_check,
+    peak_step_bytes,
+    saved_activation_bytes,
+    time_round_robin,
+    train_step,
+)
+from comoe.tools.bench.sizes import SIZES, SizeSpec, build_base
+from comoe.tools.bench.variants import GENERATE_VARIANTS, Variant, auto_path, build_variant
+from comoe.utils.machine import machine_info
+
+SCHEMA_VERSION = 1
+
+
+# Targets (the issue's): thresholds and where each is judged.
+TARGET_NAIVE = 0.5  # ours / naive step time, tiny model, CPU
+TARGET_CON = 0.10  # extra step time of the Gram contrastive loss, hidden >= 1024
+TARGET_LORA = 1.3  # ours / LoRA step time, CPU, hidden >= 1024
+TARGET_MEM = 1.3  # ours / LoRA activation memory
+WIDE_HIDDEN = 1024
+
+
+# --- one case: one (E, r) point, all variants round-robin ---------------------------------------------
+def run_case(
+    base: nn.Module,
+    spec: SizeSpec,
+    *,
+    variants: list[str],
+    experts: int,
+    rank: int,
+    top_k: int,
+    targets: list[str],
+    con_path: str,
+    batch: Batch,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    seed: int,
+    memory: bool,
+    generate: bool,
+    gen_tokens: int,
+    gen_batch: int,
+    gen_rounds: int,
+    parity: bool,
+    log: Callable[[str], None],
+) -> dict:
+    """Build every variant for one (E, r), time them round-robin, then measure memory and generation."""
+    built: dict[str, Variant] = {}
+    case: dict = {
+        "experts": experts,
+        "rank": rank,
+        "top_k": top_k,
+        "auto_path": auto_path(base, experts, rank, top_k, targets),
+    }
+    for name in variants:
+        try:
+            built[name] = build_variant(
+                name,
+                base,
+                experts=experts,
+                rank=rank,
+                top_k=top_k,
+                targets=targets,
+                con_path=con_path,
+                seed=seed,
+            )
+        except (ValueError, torch.OutOfMemoryError) as err:
+            case.setdefault("skipped", {})[name] = f"{type(err).__name__}: {err}"[:300]
+    for name in list(
+        built
+    ):  # one step each first: a variant that fails (memory, kernel) is dropped, not the case
+        try:
+            torch.manual_seed(seed)
+            train_step(built[name], batch)
+        except (
+            torch.OutOfMemoryError,
+            RuntimeError,
+        ) as err:  # e.g. a kernel without this dtype on this device
+            case.setdefault("skipped", {})[name] = f"{type(err).__name__}: {_first_line(err)[:200]}"
+            del built[name]
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    log(f"  E={experts} r={rank}: timing {', '.join(built)} ({warmup} warm-up + {steps} rounds)")
+    fns = {n: (lambda v=v: train_step(v, batch)) for n, v in built.items()}
+    try:
+        times = time_round_robin(fns, steps, warmup, device, seed)
+    except torch.OutOfMemoryError as err:  # GPU sweeps: report instead of dying
+        case["error"] = f"OutOfMemoryError: {str(err)[:200]}"
+        return case
+    rows: dict[str, dict] = {}
+    for name, ts in times.items():
+        v = built[name]
+        half = len(ts) // 2
+        rows[name] = {
+            "path": v.paths,
+            "trainable_params": v.trainable,
+            "median_ms": 1e3 * median(ts),
+            "iqr_ms": 1e3 * (statistics.quantiles(ts, n=4)[2] - statistics.quantiles(ts, n=4)[0])
+            if len(ts) >= 4
+            else None,
+            "tokens_per_s": batch.tokens / median(ts),
+            "drift": median(ts[half:]) / median(ts[:half]) if half else None,
+            "times_ms": [round(1e3 * t, 3) for t in ts],
+        }
+    for ref in ("base", "lora", "naive"):
+        if ref in times:
+            for name in times:
+                rows[name][f"x_{ref}"] = paired_ratio(times[name], times[ref])
+    for name in times:  # contrastive overhead against our variant on the same path
+        if name.startswith("ours-con"):
+            same = {"dense": "ours-dense", "grouped": "ours-grouped"}.get(built[name].paths)
+            if same in times:
+                rows[name]["x_ours_same_path"] = paired_ratio(times[name], times[same])
+    if memory:
+        log("  memory")
+        for name, v in built.items():
+            torch.manual_seed(seed)
+            saved, count = saved_activation_bytes(v, batch)
+            rows[name].update(
+                saved_bytes=saved,
+                saved_tensors=count,
+                peak_bytes=peak_step_bytes(v, batch, device),
+                host_syncs=host_syncs_per_step(v, batch, device),
+            )
+        if "lora" in rows:
+            for name in rows:
+                rows[name]["mem_x_lora"] = rows[name]["saved_bytes"] / max(1, rows["lora"]["saved_bytes"])
+                if rows[name].get("peak_bytes") is not None:
+                    rows[name]["peak_x_lora"] = rows[name]["peak_bytes"] / max(1, rows["lora"]["peak_bytes"])
+    case["variants"] = rows
+    if generate:
+        gen_variants = [n for n in GENERATE_VARIANTS if n in built]
+        if gen_variants:
+            log(f"  generate: {', '.join(gen_variants)}")
+            for n in gen_variants:
+                built[n].model.eval()
+            gen = torch.Generator().manual_seed(seed + 7)
+            vocab = base.get_input_embeddings().weight.shape[0]
+            prompt = torch.randint(3, vocab, (gen_batch, 16), generator=gen).to(device)
+            gtimes = time_round_robin(
+                {n: generate_fn(built[n], prompt, gen_tokens) for n in gen_variants},
+                gen_rounds,
+                1,
+                device,
+                seed,
+            )
+            for n in gen_variants:
+                built[n].model.train()
+            grow = {
+                n: {"median_ms": 1e3 * median(t), "tokens_per_s": gen_batch * gen_tokens / median(t)}
+                for n, t in gtimes.items()
+            }
+            for ref in ("base", "lora"):
+                if ref in gtimes:
+                    for n in grow:  # tokens/s ratio = inverse time ratio
+                        grow[n][f"tps_x_{ref}"] = paired_ratio(gtimes[ref], gtimes[n])
+            case["generate"] = {
+                "new_tokens": gen_tokens,
+                "batch": gen_batch,
+                "prompt_len": 16,
+                "rounds": gen_rounds,
+                "variants": grow,
+            }
+    if parity:
+        case["parity"] = parity_check(built, batch, seed)
+    del built, fns
+    gc.collect()
+    return case
+
+
+# --- targets ---------------------------------------------------------------------------------------------
+def _target(
+    name: str, where: str, value: float | None, threshold: float, met: bool | None, note: str = ""
+) -> dict:
+    return {"target": name, "where": where, "value": value, "threshold": threshold, "met": met, "note": note}
+
+
+def evaluate_targets(result: dict) -> list[dict]:
+    """The issue's targets that this run can judge."""
+    spec, device = result["spec"], result["settings"]["device"]
+    wide = spec["hidden"] >= WIDE_HIDDEN
+    out = []
+    for case in result["cases"]:
+        rows = case.get("variants", {})
+        where = f"{result['name']}, E={case['experts']}, r={case['rank']}"
+        ours = {"dense": "ours-dense", "grouped": "ours-grouped"}.get(case["auto_path"])
+        if "naive" in rows and result["size"] == "tiny" and device == "cpu":
+            for name in ("ours-dense", "ours-grouped"):
+                if name in rows:
+                    v = rows[name]["x_naive"]
+                    label = f"{where} ({name}{', the auto path' if name == ours else ''})"
+                    out.append(
+                        _target(
+                            "ours ≤ 0.5× naive loop, step time (tiny, CPU)",
+                            label,
+                            v,
+                            TARGET_NAIVE,
+                            v <= TARGET_NAIVE,
+                        )
+                    )
+        if ours in rows and "lora" in rows and wide and device == "cpu":
+            v = rows[ours]["x_lora"]
+            out.append(
+                _target(
+                    "ours ≤ 1.3× PEFT LoRA, step time (CPU, hidden ≥ 1024)",
+                    f"{where} ({ours})",
+                    v,
+                    TARGET_LORA,
+                    v <= TARGET_LORA,
+                )
+            )
+        if "ours-con-gram" in rows and wide and rows["ours-con-gram"].get("x_ours_same_path") is not None:
+            v = rows["ours-con-gram"]["x_ours_same_path"] - 1.0
+            out.append(
+                _target(
+                    "contrastive (Gram) adds ≤ 10 % to our step (hidden ≥ 1024)",
+                    where,
+                    v,
+                    TARGET_CON,
+                    v <= TARGET_CON,
+                )
+            )
+        if ours in rows and "lora" in rows and "mem_x_lora" in rows[ours]:
+            for name in (ours, "ours-con-gram"):
+                if name in rows:
+                    v = rows[name]["mem_x_lora"]
+                    out.append(
+                        _target(
+                            "activation memory ≤ 1.3× PEFT LoRA (saved tensors)",
+                            f"{where} ({name})",
+                            v,
+                            TARGET_MEM,
+                            v <= TARGET_MEM,
+                        )
+                    )
+                    if rows[name].get("peak_x_lora") is not None:
+                        v = rows[name]["peak_x_lora"]
+                        out.append(
+                            _target(
+                                "activation memory ≤ 1.3× PEFT LoRA (peak allocated)",
+                                f"{where} ({name})",
+                                v,
+                                TARGET_MEM,
+                                v <= TARGET_MEM,
+                            )
+                        )
+    con = [
+        (c["experts"], c["variants"]["ours-con-gram"].get("x_ours_same_path"))
+        for c in result["cases"]
+        if "ours-con-gram" in c.get("variants", {}) and c["variants"]["ours-con-gram"].get("x_ours_same_path")
+    ]
+    if wide and len(con) >= 2:
+        overheads = [o - 1.0 for _, o in con]
+        spread = max(overheads) - min(overheads)
+        es = ", ".join(f"E={e}: {100 * (o - 1):+.1f} %" for e, o in con)
+        out.append(
+            _target(
+                "contrastive (Gram) overhead flat as E grows (≤ 10 % at every E)",
+                f"{result['name']} ({es})",
+                max(overheads),
+                TARGET_CON,
+                max(overheads) <= TARGET_CON,
+                f"spread {100 * spread:.1f} points",
+            )
+        )
+    check = result.get("checks", {}).get("compile")
+    if check:
+        for path, e in check["paths"].items():
+            note = "" if e.get("works") else e.get("error", "")[:160].rstrip("')\"")
+            out.append(
+                _target(
+                    "torch.compile works on the adapted model and matches eager",
+                    f"{result['name']}, {path} path, backend {check['backend']}",
+                    None,
+                    0,
+                    bool(e.get("works") and e.get("matched")),
+                    note,
+                )
+            )
+            if e.get("compiled_x_naive") is not None and device == "cpu":
+                v = e["compiled_x_naive"]
+                out.append(
+                    _target(
+                        "ours ≤ 0.5× naive loop, step time (tiny, CPU), ours compiled",
+                        f"{result['name']}, {path} path, torch.compile vs the naive loop in eager, dropout 0",
+                        v,
+                        TARGET_NAIVE,
+                        v <= TARGET_NAIVE,
+                    )
+                )
+    return out
+
+
+# --- the whole run -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchOptions:
+    """What one `comoe bench` run measures; each field is the flag of the same name (``comoe.cli.bench``).
+
+    ``None`` takes the size preset's value.
+    """
+
+    size: str = "tiny"
+    experts: list[int] | None = None  # experts per module; several sweep
+    rank: list[int] | None = None  # LoRA rank of each expert and of the LoRA baseline; several sweep
+    top_k: int = 2
+    steps: int = MIN_STEPS  # timed rounds
+    warmup: int = 2  # untimed rounds first
+    batch: int | None = None
+    seq: int | None = None
+    layers: int | None = None
+    variants: list[str] | None = None
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj"
+    con_path: str = "auto"  # expert path of the contrastive variants: auto, dense or grouped
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None
+    seed: int = 0
+    random_init: bool = False  # smollm2: random weights instead of the real model
+    no_memory: bool = False
+    no_generate: bool = False
+    no_parity: bool = False
+    gen_tokens: int = 16
+    gen_batch: int = 4
+    gen_rounds: int = 5
+    compile_check: bool = False
+    compile_backend: str = "inductor"
+    compile_paths: str = "dense,grouped"
+    name: str | None = None  # results file stem; default: the size
+    command: str = "comoe bench"  # the command line, recorded in the result
+
+
+def run_benchmark(args: BenchOptions, log: Callable[[str], None] = print) -> dict:
+    """Run the benchmark ``args`` describes; returns the result dict (also what is written as JSON)."""
+    threads_before = torch.get_num_threads()
+    try:
+        return _run_benchmark(args, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_benchmark(args: BenchOptions, log: Callable[[str], None]) -> dict:
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    spec = SIZES[args.size]
+    for field_name in ("layers", "batch", "seq"):
+        if getattr(args, field_name, None):
+            spec = replace(spec, **{field_name: getattr(args, field_name)})
+    if spec.device == "cuda" and not args.device and not torch.cuda.is_available():
+        raise ValueError(
+            f"--size {args.size} is a CUDA preset and no GPU is visible; pass --device cpu to force it"
+        )
+    device = torch.device(args.device or spec.device)
+    dtype = getattr(torch, args.dtype or (spec.dtype if device.type == "cuda" else "float32"))
+    threads = args.threads or (spec.threads if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    experts = args.experts or list(spec.experts)
+    ranks = args.rank or list(spec.ranks)
+    variants = args.variants or list(spec.variants)
+    targets = [t for t in args.target_modules.split(",") if t]
+    if args.steps < MIN_STEPS:
+        log(f"note: --steps {args.steps} < {MIN_STEPS}: fine for a smoke test, too few for committed numbers")
+    log(f"comoe bench: size={args.size} device={device} dtype={dtype} batch={spec.batch}x{spec.seq}")
+    base, weights = build_base(spec, device, dtype, args.seed, args.random_init)
+    base.train()
+    batch = make_batch(base, spec, spec.batch, spec.seq, device, args.seed)
+    result: dict = {
+        "schema": SCHEMA_VERSION,
+        "name": args.name or args.size,
+        "size": args.size,
+        "command": args.command,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "spec": asdict(spec),
+        "weights": weights,
+        "settings": {
+            "device": device.type,
+            "dtype": str(dtype).replace("torch.", ""),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "batch": spec.batch,
+            "seq": spec.seq,
+            "tokens_per_step": batch.tokens,
+            "threads": torch.get_num_threads(),
+            "top_k": args.top_k,
+            "target_modules": targets,
+            "con_path": args.con_path,
+            "seed": args.seed,
+            "variants": variants,
+            "lora_dropout": 0.05,
+            "lora_alpha": "2r",
+            "optimizer": "AdamW (adapters)",
+        },
+        "cases": [],
+        "checks": {},
+    }
+    first = True
+    for rank in ranks:
+        for n_exp in experts:
+            if args.top_k >= n_exp:
+                log(f"  skip E={n_exp}: top_k={args.top_k} needs E > k")
+                continue
+            result["cases"].append(
+                run_case(
+                    base,
+                    spec,
+                    variants=variants,
+                    experts=n_exp,
+                    rank=rank,
+                    top_k=args.top_k,
+                    targets=targets,
+                    con_path=args.con_path,
+                    batch=batch,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    device=device,
+                    seed=args.seed,
+                    memory=not args.no_memory,
+                    generate=(not args.no_generate) and first,
+                    gen_tokens=args.gen_tokens,
+                    gen_batch=args.gen_batch,
+                    gen_rounds=args.gen_rounds,
+                    parity=first and not args.no_parity,
+                    log=log,
+                )
+            )
+            first = False
+    if args.compile_check:
+        log(f"  torch.compile check (backend {args.compile_backend})")
+        result["checks"]["compile"] = compile_check(
+            args.compile_backend,
+            paths=tuple(args.compile_paths.split(",")),
+            seed=args.seed,
+            steps=args.steps,
+            warmup=args.warmup,
+            log=log,
+        )
+    result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    result["cpu_s"] = round(
+        time.process_time() - cpu_start, 1
+    )  # this process's CPU time: what an idle machine needs
+    result["targets"] = evaluate_targets(result)
+    return result

@@ -1,0 +1,129 @@
+"""One interface over the adapters a run can train: CoMoE variants (ours) and plain LoRA (through PEFT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from comoe.config import DAMAGED, WEIGHTS_NAME, CoMoEConfig, read_adapter_config
+from comoe.layer import layer_features
+from comoe.model import AdapterLoadError, CoMoEModel, find_targets, get_comoe_model
+from comoe.training.run_config import RunConfig
+from comoe.utils.files import atomic_dir
+
+
+def comoe_parameter_count(base: nn.Module, config: CoMoEConfig) -> int:
+    """Trainable parameters CoMoE would add: per module E·r·(d_in + d_out) experts + E·d_in router."""
+    total = 0
+    for name in find_targets(base, config):
+        d_in, d_out = layer_features(base.get_submodule(name))
+        total += config.num_experts * config.r * (d_in + d_out) + config.num_experts * d_in
+    return total
+
+
+def matched_lora_rank(base: nn.Module, config: CoMoEConfig) -> int:
+    """The LoRA rank whose parameter count is closest to the CoMoE adapter's (the paper's r = 80 idea)."""
+    per_rank = sum(sum(layer_features(base.get_submodule(n))) for n in find_targets(base, config))
+    return max(1, round(comoe_parameter_count(base, config) / per_rank))
+
+
+def build_adapted_model(base: nn.Module, run: RunConfig) -> nn.Module:
+    """Wrap ``base`` with the adapter of ``run.method``; the base is frozen."""
+    comoe_config = run.comoe_config()
+    if run.method != "lora":
+        return get_comoe_model(base, comoe_config)
+    rank = run.lora_r or matched_lora_rank(base, comoe_config)
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=run.lora_alpha * rank / run.r,
+        lora_dropout=run.lora_dropout,
+        target_modules=find_targets(base, comoe_config),  # the modules CoMoE would adapt, layers applied
+    )
+    return get_peft_model(base, lora)
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> None:
+    """Save the adapter atomically: a temp directory renamed into place."""
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp)
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
+    """Load saved adapter tensors into an already-wrapped model of the same kind."""
+    if isinstance(model, CoMoEModel):
+        model.load_adapter_weights(directory)
+        return
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise AdapterLoadError(
+            f"{path}: not a readable safetensors file ({err}); nothing was loaded"
+        ) from err
+    result = set_peft_model_state_dict(model, weights)
+    if result.unexpected_keys:
+        raise ValueError(f"{directory}: unexpected LoRA tensors {result.unexpected_keys[:5]}")
+
+
+def load_adapted_model(base: nn.Module, directory: str | Path) -> nn.Module:
+    """Wrap ``base`` with whichever adapter (CoMoE or PEFT LoRA) ``directory`` holds, for evaluation.
+
+    A damaged directory is a FileNotFoundError (no config or weights) or a ValueError naming the file
+    (:class:`~comoe.model.AdapterLoadError` when the weights cannot be loaded).
+    """
+    directory = Path(directory)
+    peft_type = read_adapter_config(directory)["peft_type"]
+    if peft_type == "COMOE":
+        return CoMoEModel.from_pretrained(base, directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file() and not (directory / "adapter_model.bin").is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}: {DAMAGED}")
+    if weights.is_file():  # its header, before PEFT changes the base model
+        try:
+            with safe_open(weights, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise AdapterLoadError(
+                f"{weights}: not a readable safetensors file ({err}); nothing was loaded"
+            ) from err
+    attributes, requires_grad = (
+        set(vars(base)),
+        {name: p.requires_grad for name, p in base.named_parameters()},
+    )
+    try:
+        model = PeftModel.from_pretrained(base, str(directory))
+    except (
+        Exception
+    ) as err:  # PEFT raises many kinds (KeyError, TypeError, RuntimeError, SafetensorError, ...)
+        _undo_peft_wrap(base, attributes, requires_grad)
+        raise AdapterLoadError(
+            f"{directory}: PEFT could not load this {peft_type} adapter "
+            f"({type(err).__name__}: {err}); {DAMAGED}, or load it onto the base model "
+            "it was trained on"
+        ) from err
+    model.eval()
+    return model
+
+
+def _undo_peft_wrap(base: nn.Module, attributes: set[str], requires_grad: dict[str, bool]) -> None:
+    """Undo what a failed ``PeftModel.from_pretrained`` did to ``base``: wrapped modules, new attributes
+    (``peft_config``), trainable flags."""
+    for name in set(vars(base)) - attributes:
+        delattr(base, name)
+    for name, module in list(base.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, module.get_base_layer())
+    for name, param in base.named_parameters():
+        param.requires_grad_(requires_grad.get(name, param.requires_grad))
+
+
+def trainable_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,116 @@
+"""Atomic training checkpoints: adapter, optimizer, scheduler, RNG and position, with no pickles.
+
+A checkpoint is a directory ``checkpoints/step-000050`` written first as ``step-000050.tmp`` and renamed
+when complete, so a run killed at any moment leaves either the previous checkpoint or the new one, never
+a half-written one. Tensors go to safetensors files, everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from comoe.training.adapters import load_adapter_weights
+from comoe.utils.files import atomic_dir
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors (for safetensors) and the rest (for JSON)."""
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    np_state = np.random.get_state()
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    python_state = random.getstate()
+    meta = {
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(
+    root: str | Path, step: int, model, optimizer, scheduler, progress: dict[str, Any], keep: int = 1
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; keep only the newest ``keep``."""
+    root = Path(root)
+    final = root / f"step-{step:06d}"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp / "adapter")
+        opt_tensors, opt_meta = optimizer_to_files(optimizer.state_dict())
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        state = {
+            "step": step,
+            "progress": progress,
+            "optimizer": opt_meta,
+            "rng": rng_meta,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (half-written ``.tmp`` leftovers are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore adapter, optimizer, scheduler and RNG from ``path``; returns the saved progress."""
+    path = Path(path)
+    state = json.loads((path / "trainer_state.json").read_text())
+    load_adapter_weights(model, path / "adapter")
+    optimizer.load_state_dict(
+        optimizer_from_files(load_file(path / "optimizer.safetensors"), state["optimizer"])
+    )
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(load_file(path / "rng.safetensors"), state["rng"])
+    return {"step": state["step"], **state["progress"]}

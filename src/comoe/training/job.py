@@ -1,0 +1,340 @@
+"""The main job: load data and model, score the baselines, train (multi- or single-task), evaluate, and
+write a run directory:
+
+    RUN_DIR/run_config.yaml     the resolved RunConfig
+    RUN_DIR/adapter/            adapter_config.json + adapter_model.safetensors (multi-task)
+    RUN_DIR/adapters/TASK/      one adapter per task (single-task setting)
+    RUN_DIR/train_log.jsonl     one line per optimiser step: loss, task, con, bal, lr (per task dir if single)
+    RUN_DIR/metrics.json        per-task accuracy of the adapter, the zero-shot base and the majority class
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from comoe.data.batching import check_lengths
+from comoe.data.registry import load_splits
+from comoe.data.schema import Example
+from comoe.evaluation.report import print_accuracy_table
+from comoe.evaluation.scoring import evaluate_tasks, majority_baseline, summarise
+from comoe.model import find_targets
+from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
+from comoe.training.base_models import load_base_model
+from comoe.training.loop import make_accelerator, plan_steps, train_adapter
+from comoe.training.run_config import RUN_CONFIG_NAME, RunConfig
+from comoe.utils.files import write_json_atomic
+
+METRICS_NAME = "metrics.json"
+# Fields that only change what happens after training (evaluation, checkpoint cadence): a resumed run may
+# change them. Every other field shapes the adapter being trained, and a resumed run keeps it.
+RESUMABLE_FIELDS = (
+    "save_steps",
+    "protocol",
+    "test_per_task",
+    "eval_batch_size",
+    "eval_base",
+    "gradient_checkpointing",
+)  # the last one changes memory, not the maths
+
+
+def check_output_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse, before anything is loaded or written, a run directory that cannot be (or must not be) used."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(
+            f"output directory {run_dir} is an existing file; give a directory path (--output-dir)"
+        )
+    if not resume and (run_dir / RUN_CONFIG_NAME).is_file():
+        raise ValueError(
+            f"{run_dir} already holds a run; continue it with `comoe train --resume {run_dir}` "
+            "or choose another --output-dir"
+        )
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"output directory {run_dir}: {existing} is a file, not a directory; give another path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"output directory {run_dir}: {existing} is not writable; give a path you can write to"
+        )
+
+
+def resumed_run(run_dir: Path, requested: dict, report: bool = True) -> RunConfig:
+    """The configuration of the run in ``run_dir``, with the ``requested`` values that a resume may change.
+
+    A requested value of any other field that differs from the run's is refused, naming each field: the
+    run's adapter was partly trained with the old value, so silently keeping or applying it would both be
+    wrong. Nothing is written here.
+    """
+    config_path = run_dir / RUN_CONFIG_NAME
+    if not config_path.is_file():
+        raise ValueError(
+            f"--resume {run_dir}: no {RUN_CONFIG_NAME} there; give a directory written by `comoe train`"
+        )
+    saved = RunConfig.from_yaml(config_path)
+    elsewhere = requested.get("output_dir")
+    if elsewhere is not None and Path(elsewhere).resolve() != run_dir.resolve():
+        raise ValueError(
+            f"--resume {run_dir} continues the run in its own directory; drop --output-dir {elsewhere}"
+        )
+    wanted = RunConfig.from_dict({**asdict(saved), **requested}, source="the resume flags")
+    changed = [
+        f.name
+        for f in fields(RunConfig)
+        if f.name in requested
+        and f.name != "output_dir"
+        and getattr(wanted, f.name) != getattr(saved, f.name)
+    ]
+    refused = [name for name in changed if name not in RESUMABLE_FIELDS]
+    if refused:
+        listing = "; ".join(
+            f"{name}: {getattr(saved, name)!r} -> {getattr(wanted, name)!r}" for name in refused
+        )
+        raise ValueError(
+            f"--resume {run_dir}: the run was started with other settings ({listing}). A resumed run keeps the "
+            f"settings its adapter was trained with; drop those flags, or start a new run without --resume. "
+            f"On resume only {', '.join(RESUMABLE_FIELDS)} may change."
+        )
+    for name in changed if report else []:
+        print(f"resume: {name} = {getattr(wanted, name)!r} (was {getattr(saved, name)!r})")
+    wanted.output_dir = str(run_dir)
+    return wanted
+
+
+def check_adapter_fits(base: torch.nn.Module, run: RunConfig) -> None:
+    """Target modules and layers that do not exist in the base model fail here, before any evaluation."""
+    find_targets(base, run.comoe_config())
+
+
+def base_dtype(run: RunConfig) -> torch.dtype:
+    """bf16 runs keep the frozen base in bf16 (adapters and routers stay fp32)."""
+    return torch.bfloat16 if run.bf16 else torch.float32
+
+
+def default_run_dir(run: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{run.method}-{run.setting}-seed{run.seed}"
+
+
+def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -> dict:
+    """Train and evaluate as ``run`` says; returns (and writes) the metrics.
+
+    Everything that can be checked (output directory, data, model, target modules, lengths) is checked
+    before the run directory is created, so bad input leaves nothing behind.
+    """
+    run_dir = Path(run_dir or run.output_dir or default_run_dir(run))
+    if resume:  # the API path too: a resumed run keeps its training settings (see resumed_run)
+        run = resumed_run(run_dir, {k: v for k, v in asdict(run).items() if k != "output_dir"}, report=False)
+    accelerator = make_accelerator(run)
+    check_output_dir(run_dir, resume)
+    train, test = load_splits(run.tasks, run.train_per_task, run.test_per_task, run.seed)
+    for examples in ([ex for t in train for ex in train[t]],) if run.setting == "multi" else train.values():
+        plan_steps(len(examples), run, accelerator.num_processes)
+    base, tokenizer = load_base_model(run.model, dtype=base_dtype(run), quantize=run.quantize)
+    check_adapter_fits(base, run)
+    check_lengths(
+        [ex for examples in train.values() for ex in examples],
+        tokenizer,
+        run.max_length,
+        report=accelerator.is_main_process,
+    )
+    accelerator.wait_for_everyone()  # every process has passed every check before anything is written
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"cannot create output directory {run_dir}: {err.strerror}; give another path"
+        ) from None
+    run.output_dir = str(run_dir)
+    if accelerator.is_main_process:
+        run.to_yaml(run_dir / RUN_CONFIG_NAME)
+    accelerator.print(f"run directory: {run_dir}")
+    accelerator.print(
+        "tasks: " + ", ".join(f"{t} ({len(train[t])} train / {len(test[t])} test)" for t in train)
+    )
+    if run.gradient_checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    base.to(accelerator.device)
+    results: dict = {"majority": majority_baseline(train, test)}
+    if run.eval_base and accelerator.is_main_process:
+        results["base"] = _cached_base_eval(run, run_dir, base, tokenizer, test)
+
+    started = time.time()
+    if run.setting == "multi":
+        set_seed(run.seed)  # the adapter's initialisation depends only on the seed
+        model = build_adapted_model(base, run)
+        results["trainable"], results["total_params"] = trainable_counts(model)
+        examples = [ex for t in train for ex in train[t]]
+        trained = train_adapter(
+            model, tokenizer, examples, list(train), run, run_dir, accelerator, resume, desc="train"
+        )
+        results["train"] = asdict(trained)
+        core = accelerator.unwrap_model(model)
+        if accelerator.is_main_process:
+            save_adapter(core, run_dir / "adapter")
+            results["adapter"] = evaluate_tasks(
+                core,
+                tokenizer,
+                test,
+                protocol=run.protocol,
+                return_predictions=True,
+                batch_size=run.eval_batch_size,
+                max_length=run.max_length,
+            )
+    else:
+        results["adapter"], results["train"] = _single_task(
+            run, run_dir, train, test, accelerator, resume, base, tokenizer
+        )
+        results["trainable"], results["total_params"] = results["train"].pop("params")
+    results["train_seconds"] = time.time() - started + _seconds_before_resume(results["train"])
+
+    if accelerator.is_main_process:
+        metrics = {
+            "run": run.output_dir,
+            "method": run.method,
+            "setting": run.setting,
+            "seed": run.seed,
+            "protocol": run.protocol,
+            **results,
+        }
+        write_json_atomic(run_dir / METRICS_NAME, metrics)
+        print_accuracy_table(metrics, title=f"{run.method} ({run.setting}-task) — {run_dir}")
+        return metrics
+    return {}
+
+
+def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer):
+    """One adapter per task, each on a fresh copy of the base, evaluated on its own task."""
+    scores, logs, params = {}, {}, (0, 0)
+    for i, task in enumerate(train):
+        if i > 0:
+            base, tokenizer = load_base_model(run.model, dtype=base_dtype(run), quantize=run.quantize)
+            base.to(accelerator.device)
+        set_seed(run.seed)
+        model = build_adapted_model(base, run)
+        params = trainable_counts(model)
+        task_dir = run_dir / "adapters" / task
+        task_dir.mkdir(parents=True, exist_ok=True)
+        trained = train_adapter(
+            model, tokenizer, train[task], [task], run, task_dir, accelerator, resume, desc=task
+        )
+        logs[task] = asdict(trained)
+        core = accelerator.unwrap_model(model)
+        if accelerator.is_main_process:
+            save_adapter(core, task_dir / "adapter")
+            scores.update(
+                evaluate_tasks(
+                    core,
+                    tokenizer,
+                    {task: test[task]},
+                    protocol=run.protocol,
+                    return_predictions=True,
+                    batch_size=run.eval_batch_size,
+                    max_length=run.max_length,
+                )["tasks"]
+            )
+    return summarise(run.protocol, scores), {"per_task": logs, "params": params}
+
+
+def _seconds_before_resume(train: dict) -> float:
+    """Training seconds spent before this process resumed the run (0 for a run that was not resumed)."""
+    logs = train.get("per_task", {"all": train}).values()
+    return sum(log.get("seconds_before_resume", 0.0) for log in logs)
+
+
+def _cached_base_eval(run, run_dir, base, tokenizer, test) -> dict:
+    """Zero-shot base scores, kept in the run directory so a resumed run does not recompute them.
+
+    The cache is used only for the same model, protocol, length limit and test examples (a resume may
+    change the protocol and the test size).
+    """
+    path = run_dir / "base_metrics.json"
+    key = _base_eval_key(run, test)
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["scores"]
+    scores = evaluate_tasks(
+        base,
+        tokenizer,
+        test,
+        protocol=run.protocol,
+        return_predictions=True,
+        batch_size=run.eval_batch_size,
+        max_length=run.max_length,
+    )
+    write_json_atomic(path, {"key": key, "scores": scores})
+    return scores
+
+
+def _base_eval_key(run: RunConfig, test: dict[str, list[Example]]) -> dict:
+    digest = hashlib.sha256()
+    for task, examples in test.items():
+        for ex in examples:
+            digest.update(json.dumps([task, ex.question, ex.choices, ex.answer, ex.target]).encode())
+    return {
+        "model": run.model,
+        "protocol": run.protocol,
+        "max_length": run.max_length,
+        "test_examples": digest.hexdigest(),
+    }
+
+
+def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict | None = None) -> dict:
+    """Evaluate a finished run's adapter(s) (or, with ``base_only``, the base model) on its test sets.
+
+    ``overrides`` may change the tasks, test size, protocol or model (for ``--base-only``).
+    """
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if not (run_dir / RUN_CONFIG_NAME).is_file():
+            raise ValueError(
+                f"{run_dir} is not a comoe run directory (no {RUN_CONFIG_NAME}); give a directory "
+                "written by `comoe train`, or --base-only to score the base model"
+            )
+        run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME, **(overrides or {}))
+    else:
+        run = RunConfig.from_dict(overrides or {}, source="command line")
+    test = load_splits(run.tasks, run.train_per_task, run.test_per_task, run.seed)[1]
+    if run_dir is not None and not base_only:
+        adapters = (
+            [run_dir / "adapter"]
+            if run.setting == "multi"
+            else [run_dir / "adapters" / t / "adapter" for t in test]
+        )
+        missing = [a for a in adapters if not a.is_dir()]
+        if missing:
+            raise ValueError(
+                f"{run_dir} has no trained adapter at {missing[0]}: the run did not finish (continue it "
+                f"with `comoe train --resume {run_dir}`), or that task was not trained in this run"
+            )
+    base, tokenizer = load_base_model(run.model, quantize=run.quantize)
+    kwargs = dict(protocol=run.protocol, batch_size=run.eval_batch_size, max_length=run.max_length)
+    if base_only:
+        metrics = {"base": evaluate_tasks(base, tokenizer, test, **kwargs), "protocol": run.protocol}
+    elif run.setting == "multi":
+        model = load_adapted_model(base, Path(run_dir) / "adapter")
+        metrics = {"adapter": evaluate_tasks(model, tokenizer, test, **kwargs), "protocol": run.protocol}
+    else:
+        scores = {}
+        for i, task in enumerate(test):
+            if i > 0:
+                base, tokenizer = load_base_model(run.model, quantize=run.quantize)
+            model = load_adapted_model(base, Path(run_dir) / "adapters" / task / "adapter")
+            scores.update(evaluate_tasks(model, tokenizer, {task: test[task]}, **kwargs)["tasks"])
+        metrics = {"adapter": summarise(run.protocol, scores), "protocol": run.protocol}
+    if run_dir is not None:
+        write_json_atomic(Path(run_dir) / f"eval_{run.protocol}.json", metrics)
+    print_accuracy_table(metrics, title=f"{'base model' if base_only else run_dir} — {run.protocol} protocol")
+    return metrics

@@ -1,0 +1,36 @@
+"""Small facts about a (possibly wrapped) transformers model and its tokenizer, used by training,
+evaluation and analysis alike."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the underlying transformers model can compute logits at chosen positions only."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return True
+    # a wrapper: PEFT's get_base_model(), or CoMoEModel's registered ``base_model`` submodule
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model._modules.get("base_model")
+    return inner is not None and accepts_logits_to_keep(inner)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS, else 0.
+
+    Its value never matters to the results: padding is on the right and masked.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,25 @@
+"""Running the real `comoe` command line from tests, and reading what a run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TASKS = "strategyqa,social_iqa"
+
+
+def comoe_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "comoe", *args], capture_output=True, text=True, env=env, timeout=600, **kwargs
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"comoe {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]

@@ -1,0 +1,32 @@
+"""Slow, obviously-correct references the fast implementations are tested against."""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_contrastive(outputs, topk_idx, anchors, negatives, *, temperature, epsilon, token_mask=None):
+    """outputs (N, E, D) expert outputs; anchors (N, A) expert ids; negatives (N, E) bool.
+
+    Per token and anchor a: q = normalize(E_a), P = the other activated experts, N = the negatives,
+    L = −log(Σ exp(s_pos) / (Σ exp([s_pos, s_neg]) + ε)). Eq. 12: mean over the anchors. Then the mean over
+    the unmasked tokens.
+    """
+    per_token = []
+    for n in range(outputs.shape[0]):
+        if token_mask is not None and not bool(token_mask[n]):
+            continue
+        losses = []
+        for a in anchors[n].tolist():
+            q = outputs[n, a] / outputs[n, a].norm()
+            pos = [j for j in topk_idx[n].tolist() if j != a]
+            neg = [j for j in range(outputs.shape[1]) if bool(negatives[n, j])]
+            P = torch.stack([outputs[n, j] / outputs[n, j].norm() for j in pos])
+            s_pos = P @ q / temperature
+            s_all = s_pos
+            if neg:
+                Nn = torch.stack([outputs[n, j] / outputs[n, j].norm() for j in neg])
+                s_all = torch.cat([s_pos, Nn @ q / temperature])
+            losses.append(-torch.log(torch.exp(s_pos).sum() / (torch.exp(s_all).sum() + epsilon)))
+        per_token.append(torch.stack(losses).mean())
+    return torch.stack(per_token).mean()
