@@ -1,9 +1,17 @@
-"""The training loop, on Hugging Face accelerate: the same code runs on one CPU, under torchrun (DDP) or
-``accelerate launch`` with an FSDP/DeepSpeed config.
+"""The training loop as a recipe object on Hugging Face accelerate: one CPU, or DDP under torchrun.
+
+:class:`TrainingRecipe` holds the state of a run (model, optimiser, schedule, accelerator, checkpoints);
+``train_adapter`` builds one and runs it.
 
 Determinism is by construction so that a killed run resumes to the same adapter: the data order of each
 epoch is a permutation seeded by (seed, epoch), and every checkpoint stores the RNG states that dropout
 and the random contrastive anchors draw from.
+
+Loss normalisation: an optimiser step is one batch split into ``grad_accum`` micro-batches (and over
+DDP processes), and its gradient is that of the whole batch: the task loss is the sum of cross-entropy
+over the step's label tokens divided by their count, and each auxiliary loss (a mean over the real
+tokens of its forward) is weighted by its micro-batch's share of the step's real tokens. Short answers
+therefore weigh what their tokens weigh, whichever micro-batch they land in.
 """
 
 from __future__ import annotations
@@ -70,6 +78,194 @@ def epoch_batches(
     return batches[rank::world][:per_rank]
 
 
+class TrainingRecipe:
+    """One adapter's training: the optimiser, schedule and checkpoints of ``model`` on ``examples``.
+
+    Build it, then :meth:`run`; :meth:`step` is one optimiser step over a list of micro-batches.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        examples: list[Example],
+        task_names: list[str],
+        run: RunConfig,
+        work_dir: Path,
+        accelerator: Accelerator,
+        desc: str = "train",
+    ) -> None:
+        self.run_config, self.accelerator, self.desc = run, accelerator, desc
+        task_index = {name: i for i, name in enumerate(task_names)}
+        self.encoded = [
+            encode_example(ex, tokenizer, task_index[ex.task], run.max_length, run.train_on_prompt)
+            for ex in examples
+        ]
+        self.lengths = [len(item.input_ids) for item in self.encoded]
+        self.steps_per_epoch, self.total_steps = plan_steps(len(self.encoded), run, accelerator.num_processes)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=run.learning_rate, weight_decay=run.weight_decay)
+        self.scheduler = get_scheduler(
+            run.scheduler,
+            optimizer,
+            num_warmup_steps=math.ceil(run.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.core = accelerator.unwrap_model(self.model)
+        self.pad_id = pad_token_id(tokenizer)
+        self.trim = accepts_logits_to_keep(self.core)  # run the output head only where labels are predicted
+        self.checkpoint_dir = work_dir / "checkpoints"
+        self.log_path = work_dir / "train_log.jsonl"
+        self.start_step, self.earlier_seconds = 0, 0.0
+
+    def resume(self) -> None:
+        """Continue from the newest checkpoint, if there is one; the log loses the steps after it."""
+        found = list_checkpoints(self.checkpoint_dir)
+        if found:
+            progress = load_checkpoint(found[-1], self.core, self.optimizer, self.scheduler)
+            self.start_step, self.earlier_seconds = progress["step"], progress.get("elapsed_s", 0.0)
+            self.accelerator.print(f"resumed from {found[-1]} at step {self.start_step}/{self.total_steps}")
+
+    def run(self) -> TrainResult:
+        """Train from ``start_step`` to the end; logs every step, checkpoints every ``save_steps``."""
+        run, accelerator = self.run_config, self.accelerator
+        if (
+            accelerator.is_main_process
+        ):  # the steps a killed process logged after its last checkpoint are redone
+            truncate_log(self.log_path, self.start_step)
+        self.model.train()
+        recent: list[dict[str, float]] = []
+        began = time.time() - self.earlier_seconds
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.start_step,
+            desc=self.desc,
+            disable=not accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
+        cached_epoch, batches = -1, []
+        for step in range(self.start_step, self.total_steps):
+            epoch, slot = divmod(step, self.steps_per_epoch)
+            if epoch != cached_epoch:
+                batches = epoch_batches(
+                    self.lengths,
+                    run.batch_size,
+                    run.seed,
+                    epoch,
+                    accelerator.process_index,
+                    accelerator.num_processes,
+                )
+                cached_epoch = epoch
+            micro_batches = batches[slot * run.grad_accum : (slot + 1) * run.grad_accum]
+            parts = self.step([[self.encoded[i] for i in b] for b in micro_batches])
+            parts.update(
+                step=step + 1,
+                epoch=epoch,
+                lr=self.scheduler.get_last_lr()[0],
+                elapsed_s=round(time.time() - began, 2),
+            )
+            self._check_finite(parts, step)
+            recent = (recent + [parts])[-10:]
+            bar.update(1)
+            bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "task", "con", "bal") if k in parts})
+            if accelerator.is_main_process:
+                with open(self.log_path, "a") as fh:
+                    fh.write(json.dumps(parts) + "\n")
+            if (step + 1) % run.save_steps == 0 and step + 1 < self.total_steps:
+                self.checkpoint(step + 1, epoch, parts["elapsed_s"])
+        bar.close()
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and self.log_path.is_file():
+            recent = read_log(self.log_path)[-10:]  # across a resume, not only the steps of this process
+        final = {
+            k: sum(p[k] for p in recent) / len(recent)
+            for k in ("loss", "task", "con", "bal")
+            if recent and k in recent[0]
+        }
+        return TrainResult(
+            self.total_steps,
+            time.time() - began,
+            final,
+            accelerator.num_processes,
+            replicas_identical(self.params, accelerator),
+            resumed_at_step=self.start_step,
+            seconds_before_resume=self.earlier_seconds,
+        )
+
+    def step(self, micro_batches: list[list[EncodedExample]]) -> dict[str, float]:
+        """One optimiser step over ``micro_batches``; returns this process's token-weighted loss parts."""
+        parts = self.accumulate(micro_batches)
+        self.accelerator.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return parts
+
+    def accumulate(self, micro_batches: list[list[EncodedExample]]) -> dict[str, float]:
+        """Forward and backward over ``micro_batches``, leaving the step's gradient in ``.grad``: that of
+        one batch holding them all (see the module docstring)."""
+        accelerator = self.accelerator
+        batches = [
+            {k: v.to(accelerator.device) for k, v in collate(micro, self.pad_id).items()}
+            for micro in micro_batches
+        ]
+        local = torch.tensor(
+            [[_label_tokens(b["labels"]), b["attention_mask"].sum().item()] for b in batches],
+            dtype=torch.float64,
+        )
+        step_tokens = local.sum(0)
+        if accelerator.num_processes > 1:  # DDP averages gradients: normalise by the tokens of all processes
+            step_tokens = (
+                accelerator.reduce(step_tokens.to(accelerator.device), "sum").cpu()
+                / accelerator.num_processes
+            )
+        label_total, real_total = (max(float(x), 1.0) for x in step_tokens)
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            if not isinstance(self.core, CoMoEModel):
+                batch.pop("task_ids")  # PEFT/plain models do not take it
+            context = accelerator.no_sync(self.model) if i < len(batches) - 1 else nullcontext()
+            with context, accelerator.autocast():
+                task_sum, out = causal_lm_loss(self.model, batch, self.trim, reduction="sum")
+                aux = self._aux_loss(out)
+                real_share = local[i, 1].item() / real_total
+                loss = task_sum / label_total + (aux * real_share if aux is not None else 0.0)
+                accelerator.backward(loss)
+            _add_parts(sums, task_sum, out, local[i, 1].item())
+        return _mean_parts(sums, local.sum(0))
+
+    def checkpoint(self, step: int, epoch: int, elapsed_s: float) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(
+                self.checkpoint_dir,
+                step,
+                self.core,
+                self.optimizer,
+                self.scheduler,
+                {"epoch": epoch, "elapsed_s": elapsed_s},
+            )
+
+    def _aux_loss(self, out) -> torch.Tensor | None:
+        aux = out.get("aux_loss")  # an output field: it survives mixed precision, DDP and compile
+        cfg = self.core.comoe_config if isinstance(self.core, CoMoEModel) else None
+        if aux is None and cfg is not None and (cfg.contrastive_weight > 0 or cfg.balance_weight > 0):
+            raise TrainingDiverged(
+                "the model output lost its aux_loss field (a wrapper rebuilt it without its "
+                "mapping fields): the auxiliary losses would be dropped, so training stops"
+            )
+        return aux
+
+    def _check_finite(self, parts: dict[str, float], step: int) -> None:
+        if not math.isfinite(parts["loss"]):
+            shown = ", ".join(f"{k} {parts[k]:.4g}" for k in ("task", "con", "bal") if k in parts)
+            raise TrainingDiverged(
+                f"{self.desc}: the loss is {parts['loss']} at step {step + 1} ({shown}); no adapter was saved. "
+                f"Check the model and the data, or start a new run (another --output-dir) with a lower --learning-rate"
+            )
+
+
 def train_adapter(
     model,
     tokenizer,
@@ -82,114 +278,32 @@ def train_adapter(
     desc: str = "train",
 ) -> TrainResult:
     """Train the adapter of ``model`` (already wrapped) on ``examples``; checkpoints under ``work_dir``."""
-    task_index = {name: i for i, name in enumerate(task_names)}
-    encoded = [
-        encode_example(ex, tokenizer, task_index[ex.task], run.max_length, run.train_on_prompt)
-        for ex in examples
-    ]
-    rank, world = accelerator.process_index, accelerator.num_processes
-    lengths = [len(item.input_ids) for item in encoded]
-    steps_per_epoch, total_steps = plan_steps(len(encoded), run, world)
+    recipe = TrainingRecipe(model, tokenizer, examples, task_names, run, work_dir, accelerator, desc)
+    if resume:
+        recipe.resume()
+    return recipe.run()
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay)
-    scheduler = get_scheduler(
-        run.scheduler,
-        optimizer,
-        num_warmup_steps=math.ceil(run.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
 
-    checkpoint_dir = work_dir / "checkpoints"
-    start, earlier_seconds = 0, 0.0
-    found = list_checkpoints(checkpoint_dir) if resume else []
-    if found:
-        progress = load_checkpoint(found[-1], core, optimizer, scheduler)
-        start, earlier_seconds = progress["step"], progress.get("elapsed_s", 0.0)
-        accelerator.print(f"resumed from {found[-1]} at step {start}/{total_steps}")
-    log_path = work_dir / "train_log.jsonl"
-    if accelerator.is_main_process:
-        truncate_log(
-            log_path, start
-        )  # the steps a killed process logged after its last checkpoint are redone
+def _label_tokens(labels: torch.Tensor) -> int:
+    """The tokens a causal LM predicts a label for (labels are shifted by one)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
-    pad_id = pad_token_id(tokenizer)
-    trim = accepts_logits_to_keep(core)  # run the output head only where labels are predicted
-    model.train()
-    recent: list[dict[str, float]] = []
-    began = time.time() - earlier_seconds
-    bar = tqdm(
-        total=total_steps,
-        initial=start,
-        desc=desc,
-        disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
-    cached_epoch, batches = -1, []
-    for step in range(start, total_steps):
-        epoch, slot = divmod(step, steps_per_epoch)
-        if epoch != cached_epoch:
-            batches, cached_epoch = (
-                epoch_batches(lengths, run.batch_size, run.seed, epoch, rank, world),
-                epoch,
-            )
-        parts = _accumulated_step(
-            model,
-            core,
-            accelerator,
-            optimizer,
-            scheduler,
-            params,
-            [[encoded[i] for i in b] for b in batches[slot * run.grad_accum : (slot + 1) * run.grad_accum]],
-            pad_id,
-            trim,
-        )
-        parts.update(
-            step=step + 1, epoch=epoch, lr=scheduler.get_last_lr()[0], elapsed_s=round(time.time() - began, 2)
-        )
-        if not math.isfinite(parts["loss"]):
-            shown = ", ".join(f"{k} {parts[k]:.4g}" for k in ("task", "con", "bal") if k in parts)
-            raise TrainingDiverged(
-                f"{desc}: the loss is {parts['loss']} at step {step + 1} ({shown}); no adapter was saved. "
-                f"Check the model and the data, or start a new run (another --output-dir) with a lower --learning-rate"
-            )
-        recent = (recent + [parts])[-10:]
-        bar.update(1)
-        bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "task", "con", "bal") if k in parts})
-        if accelerator.is_main_process:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(parts) + "\n")
-        if (step + 1) % run.save_steps == 0 and step + 1 < total_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    checkpoint_dir,
-                    step + 1,
-                    core,
-                    optimizer,
-                    scheduler,
-                    {"epoch": epoch, "elapsed_s": parts["elapsed_s"]},
-                )
-    bar.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and log_path.is_file():
-        recent = read_log(log_path)[-10:]  # across a resume, not only the steps of this process
-    final = {
-        k: sum(p[k] for p in recent) / len(recent)
-        for k in ("loss", "task", "con", "bal")
-        if recent and k in recent[0]
-    }
-    return TrainResult(
-        total_steps,
-        time.time() - began,
-        final,
-        world,
-        replicas_identical(params, accelerator),
-        resumed_at_step=start,
-        seconds_before_resume=earlier_seconds,
-    )
+
+def _add_parts(sums: dict[str, float], task_sum: torch.Tensor, out, real_tokens: float) -> None:
+    """Accumulate the step's loss parts: task as a sum over label tokens, aux parts weighted by real tokens."""
+    sums["task"] = sums.get("task", 0.0) + task_sum.item()
+    for field, key in (("aux_loss", "aux"), ("contrastive_loss", "con"), ("balance_loss", "bal")):
+        if out.get(field) is not None:
+            sums[key] = sums.get(key, 0.0) + out[field].item() * real_tokens
+
+
+def _mean_parts(sums: dict[str, float], tokens: torch.Tensor) -> dict[str, float]:
+    """Token-weighted means of the step's loss parts; ``loss`` is what the step optimised."""
+    labels, real = max(float(tokens[0]), 1.0), max(float(tokens[1]), 1.0)
+    parts = {"task": sums["task"] / labels}
+    parts.update({key: sums[key] / real for key in ("con", "bal") if key in sums})
+    parts["loss"] = parts["task"] + sums.get("aux", 0.0) / real
+    return {"loss": parts.pop("loss"), **parts}
 
 
 def read_log(path: Path) -> list[dict]:
@@ -239,50 +353,11 @@ def replicas_identical(params: list[torch.Tensor], accelerator: Accelerator) -> 
     return bool((gathered == gathered[0]).all())
 
 
-def _accumulated_step(
-    model,
-    core,
-    accelerator,
-    optimizer,
-    scheduler,
-    params,
-    micro_batches: list[list[EncodedExample]],
-    pad_id: int,
-    trim: bool,
-) -> dict[str, float]:
-    """One optimiser step over ``micro_batches``; returns the mean loss parts."""
-    totals: dict[str, float] = {}
-    for i, micro in enumerate(micro_batches):
-        batch = {k: v.to(accelerator.device) for k, v in collate(micro, pad_id).items()}
-        if not isinstance(core, CoMoEModel):
-            batch.pop("task_ids")  # PEFT/plain models do not take it
-        sync = i == len(micro_batches) - 1
-        context = accelerator.no_sync(model) if not sync else nullcontext()
-        with context, accelerator.autocast():
-            task_loss, out = causal_lm_loss(model, batch, trim)
-            aux = out.get("aux_loss")  # an output field: it survives mixed precision, DDP and compile
-            if (
-                aux is None
-                and isinstance(core, CoMoEModel)
-                and (core.comoe_config.contrastive_weight > 0 or core.comoe_config.balance_weight > 0)
-            ):
-                raise TrainingDiverged(
-                    "the model output lost its aux_loss field (a wrapper rebuilt it without its "
-                    "mapping fields): the auxiliary losses would be dropped, so training stops"
-                )
-            loss = task_loss + aux if aux is not None else task_loss
-            accelerator.backward(loss / len(micro_batches))
-        for key, value in _loss_parts(loss, task_loss, out).items():
-            totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
-    accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return totals
-
-
-def causal_lm_loss(model, batch: dict[str, torch.Tensor], trim: bool) -> tuple[torch.Tensor, object]:
-    """Mean next-token cross-entropy over labelled tokens (the task loss), and the model outputs.
+def causal_lm_loss(
+    model, batch: dict[str, torch.Tensor], trim: bool, reduction: str = "mean"
+) -> tuple[torch.Tensor, object]:
+    """Next-token cross-entropy over labelled tokens (the task loss; their mean, or with ``reduction="sum"``
+    their sum), and the model outputs.
 
     With ``trim`` the output head runs only at positions that predict a label: with the loss on answer
     tokens, a few positions per row instead of all of them (the head is ~20% of SmolLM2's compute).
@@ -297,17 +372,12 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], trim: bool) -> tuple[t
         out = model(**batch, logits_to_keep=positions)
         logits, targets = out.logits, targets[:, positions]
     task_loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
     return task_loss, out
-
-
-def _loss_parts(loss: torch.Tensor, task_loss: torch.Tensor, out) -> dict[str, float]:
-    parts = {"loss": loss.item(), "task": task_loss.item()}
-    for field, key in (("contrastive_loss", "con"), ("balance_loss", "bal")):
-        if out.get(field) is not None:
-            parts[key] = out[field].item()
-    return parts
 
 
 SUPPORTED_DISTRIBUTION = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
