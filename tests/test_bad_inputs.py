@@ -826,7 +826,7 @@ CLI_CASES = [
     cli(
         "eval-protocol-unknown",
         ["eval", "{run}", "--protocol", "exact"],
-        ["argument --protocol", "invalid choice: 'exact'", "'loglik'"],
+        ["command line: protocol must be one of label, loglik, got 'exact'"],
     ),
     cli(
         "eval-with-eval-batch-size-0",

@@ -106,7 +106,7 @@ def test_main_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--variants", "nope"])
     assert main(["bench", "--render"]) == 2  # needs --out and --markdown
-    assert "needs --out" in capsys.readouterr().err
+    assert "needs --output-dir" in capsys.readouterr().err
 
 
 def test_naive_layer_computes_the_same_function():

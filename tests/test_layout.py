@@ -116,3 +116,14 @@ def test_python_dash_m_comoe_is_the_cli():
         [sys.executable, "-m", "comoe", "train", "--help"], capture_output=True, text=True, check=True
     )
     assert "usage: comoe train" in out.stdout
+
+
+def test_every_command_that_writes_takes_output_dir():
+    from comoe.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--output-dir", "d"]).output_dir == "d"
+    assert parser.parse_args(["analyze", "r", "--output-dir", "d"]).out == "d"
+    assert parser.parse_args(["compare", "--output-dir", "d"]).out == "d"
+    assert parser.parse_args(["bench", "--output-dir", "d"]).out == "d"
+    assert parser.parse_args(["compare", "--out", "d"]).out == "d"  # the old spelling still works

@@ -54,7 +54,9 @@ def recipe_for(model_dir, tmp_path, **fields) -> TrainingRecipe:
         for name, p in model.named_parameters():
             if p.requires_grad and "router" not in name:
                 p.normal_(0.0, 0.05)
-    recipe = TrainingRecipe(model, tokenizer, EXAMPLES, ["short", "long"], run, tmp_path, Accelerator(cpu=True))
+    recipe = TrainingRecipe(
+        model, tokenizer, EXAMPLES, ["short", "long"], run, tmp_path, Accelerator(cpu=True)
+    )
     recipe.model.train()  # as `run` sets it: the auxiliary losses are computed in training forwards
     return recipe
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 
-from comoe.cli.train import add_run_config_flags, run_config_from_args
+from comoe.cli.train import run_config_flags, run_config_from_args
 from comoe.config import CoMoEConfig
 from comoe.training.run_config import RunConfig, parse_field_value
 
@@ -302,9 +303,8 @@ def test_parse_field_value_errors(name, text, fragments):
 
 def flag_parser() -> argparse.ArgumentParser:
     """`comoe train`'s --config and RunConfig flags."""
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(parents=[run_config_flags()])
     parser.add_argument("--config")
-    add_run_config_flags(parser)
     return parser
 
 
@@ -339,8 +339,31 @@ def test_a_flag_given_as_none_overrides_the_yaml_file(tmp_path):
 
 
 def test_epochs_inf_on_the_command_line_is_refused_before_training():
-    parser = argparse.ArgumentParser()
-    add_run_config_flags(parser)
-    args = parser.parse_args(["--epochs", "inf", "--max-steps", "none"])
+    args = flag_parser().parse_args(["--epochs", "inf", "--max-steps", "none"])
     message = _message(ValueError, lambda: run_config_from_args(args))
     assert message == "command line: epochs must be a finite number, got inf"
+
+
+def test_booleans_are_flags_and_both_spellings_work():
+    parser = flag_parser()
+    assert parser.parse_args(["--bf16"]).bf16 is True
+    assert parser.parse_args(["--bf16", "false"]).bf16 is False
+    assert parser.parse_args(["--no-eval-base"]).eval_base is False
+    assert parser.parse_args(["--gradient_checkpointing", "--max_steps", "7"]).max_steps == 7
+
+
+def test_train_help_documents_every_flag_with_its_choices_and_default(capsys):
+    from comoe.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name
+        assert flag in text, flag
+        help_text = " ".join(f.metadata["help"].split())
+        assert help_text[:40] in text, (flag, help_text)
+        for choice in f.metadata.get("choices", ()):
+            assert choice in text.split(flag, 1)[1], (flag, choice)
+    assert "{comoe,moe-lora,soft-moe,lora}" in text and "Default: 0.01." in text
+    assert "The flag alone means true." in text and "--no-eval-base" in text

@@ -17,7 +17,9 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
         help="directories written by `comoe train` (e.g. CoMoE and the same run with λ = 0)",
     )
     parser.add_argument(
+        "--output-dir",
         "--out",
+        dest="out",
         help="output directory (default: RUN_DIR/analysis for one run, analysis-compare-<time> for several)",
     )
     parser.add_argument(

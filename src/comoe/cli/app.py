@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 
-from comoe.cli.train import add_run_config_flags, run_eval, run_train
+from comoe.cli.train import EVAL_FIELDS, run_config_flags, run_eval, run_train
 
 
 def _tasks(args: argparse.Namespace) -> int:
@@ -25,23 +25,25 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="fine-tune with CoMoE (or a baseline) and evaluate per task",
-        description="Every flag overrides the YAML file of --config, which overrides the defaults.",
+        description="Fine-tune an adapter and evaluate it per task. Every flag overrides the YAML file of "
+        "--config, which overrides the defaults; a flag may be written --max-steps or --max_steps.",
+        parents=[run_config_flags()],
     )
     train.add_argument("--config", help="YAML file of RunConfig fields")
     train.add_argument(
         "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint"
     )
-    add_run_config_flags(train)
     train.set_defaults(func=run_train)
 
-    ev = sub.add_parser("eval", help="score a run's adapter, or the base model, on the test sets")
+    ev = sub.add_parser(
+        "eval",
+        help="score a run's adapter, or the base model, on the test sets",
+        description="Score a run's adapter (or, with --base-only, the zero-shot base model) on the test sets. "
+        "The flags change the run's own settings for this evaluation.",
+        parents=[run_config_flags(only=EVAL_FIELDS)],
+    )
     ev.add_argument("run_dir", nargs="?", help="a directory written by `comoe train`")
     ev.add_argument("--base-only", action="store_true", help="score the zero-shot base model")
-    ev.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t])
-    ev.add_argument("--test-per-task", type=int)
-    ev.add_argument("--protocol", choices=("label", "loglik"))
-    ev.add_argument("--model")
-    ev.add_argument("--eval-batch-size", type=int)
     ev.set_defaults(func=run_eval)
 
     analyze = sub.add_parser("analyze", help="expert specialisation report for one or more run directories")

@@ -86,11 +86,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for the check")
     p.add_argument("--compile-paths", default="dense,grouped", help="expert paths the compile check tries")
     p.add_argument("--name", help="name of this run (results file stem; default: the size)")
-    p.add_argument("--out", help="directory for <name>.json and <name>.md")
-    p.add_argument("--markdown", help="write markdown here: every result in --out when given, else this run")
+    p.add_argument("--output-dir", "--out", dest="out", help="directory for <name>.json and <name>.md")
+    p.add_argument(
+        "--markdown", help="write markdown here: every result in --output-dir when given, else this run"
+    )
     p.add_argument("--notes", help="markdown file appended after the target summary (with --markdown)")
     p.add_argument(
-        "--render", action="store_true", help="run nothing: render the results in --out to --markdown"
+        "--render", action="store_true", help="run nothing: render the results in --output-dir to --markdown"
     )
     return parser
 
@@ -100,7 +102,7 @@ def run_bench(args: argparse.Namespace) -> int:
     notes = Path(args.notes).read_text() if args.notes else None
     if args.render:
         if not args.out or not args.markdown:
-            raise ValueError("--render needs --out DIR (the results) and --markdown PATH")
+            raise ValueError("--render needs --output-dir DIR (the results) and --markdown PATH")
         results = load_results(args.out)
         if not results:
             raise FileNotFoundError(f"no benchmark results (*.json) in {args.out}")

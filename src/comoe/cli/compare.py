@@ -33,7 +33,11 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         help="a RunConfig field for every run (repeatable), e.g. --set train_per_task=64",
     )
     parser.add_argument(
-        "--out", default="results/compare", help="grid directory (runs/, summary.json, summary.md)"
+        "--output-dir",
+        "--out",
+        dest="out",
+        default="results/compare",
+        help="grid directory (runs/, summary.json, summary.md)",
     )
     parser.add_argument(
         "--jobs",

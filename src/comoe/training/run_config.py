@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from comoe.config import ALL_LINEAR, ATTENTION_MODULES, CoMoEConfig
+from comoe.config import ALL_LINEAR, ANCHORS, ATTENTION_MODULES, EXPERT_PATHS, CoMoEConfig
 from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
 from comoe.training.base_models import QUANTIZATIONS, check_quantization_available
 from comoe.utils.files import write_text_atomic
@@ -29,55 +29,136 @@ RUN_CONFIG_NAME = "run_config.yaml"
 NAME_LISTS = ("tasks", "target_modules")  # a string is read as comma-separated names
 
 
+def _doc(text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A field's documentation: its ``--help`` text (and allowed values), read by the CLI's parser."""
+    return {"help": text, **({"choices": choices} if choices else {})}
+
+
+def _adapter_doc(name: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The documentation of the CoMoEConfig field of the same name: written once, there."""
+    return _doc(next(f.metadata["help"] for f in fields(CoMoEConfig) if f.name == name), choices)
+
+
 @dataclass
 class RunConfig:
+    """One `comoe train` run: data, method, adapter, optimisation, evaluation. Every field is a flag."""
+
     # what to train
-    model: str = "smollm2-135m"
-    tasks: list[str] = field(default_factory=lambda: list(BUILTIN_SUITE))
-    train_per_task: int | None = 280
-    test_per_task: int | None = 100
-    method: str = "comoe"
-    setting: str = "multi"
-    # the adapter (CoMoE fields; `lora_r` is the plain-LoRA rank, None = parameter-matched to CoMoE)
-    r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    num_experts: int = 4
-    top_k: int = 2
+    model: str = field(
+        default="smollm2-135m",
+        metadata=_doc(
+            "Base model: an alias (smollm2-135m, offline), a local directory, or a hub id (needs network)."
+        ),
+    )
+    tasks: list[str] = field(
+        default_factory=lambda: list(BUILTIN_SUITE),
+        metadata=_doc(
+            "Comma-separated task names, suite:NAME for a whole built-in suite, or jsonl:PATH for your own file "
+            "(see `comoe tasks`)."
+        ),
+    )
+    train_per_task: int | None = field(
+        default=280, metadata=_doc("Training examples per task (a seeded sample); none = all.")
+    )
+    test_per_task: int | None = field(
+        default=100, metadata=_doc("Test examples per task (the first ones); none = all.")
+    )
+    method: str = field(
+        default="comoe",
+        metadata=_doc(
+            "comoe (experts + contrastive loss), moe-lora (the same experts, λ = 0), soft-moe (every expert, "
+            "soft gates), lora (plain PEFT LoRA, parameter-matched unless --lora-r).",
+            METHODS,
+        ),
+    )
+    setting: str = field(
+        default="multi",
+        metadata=_doc("multi: one adapter for all tasks; single: one adapter per task.", SETTINGS),
+    )
+    # the adapter (documented once, in CoMoEConfig)
+    r: int = field(default=16, metadata=_adapter_doc("r"))
+    lora_alpha: float = field(default=32.0, metadata=_adapter_doc("lora_alpha"))
+    lora_dropout: float = field(default=0.05, metadata=_adapter_doc("lora_dropout"))
+    num_experts: int = field(default=4, metadata=_adapter_doc("num_experts"))
+    top_k: int = field(default=2, metadata=_adapter_doc("top_k"))
     target_modules: list[str] | str = field(
-        default_factory=lambda: list(ATTENTION_MODULES)
-    )  # or 'all-linear'
-    layers: list[int] | str | None = None
-    contrastive_weight: float = 0.01
-    temperature: float = 0.1
-    epsilon: float = 1e-3
-    anchor: str = "random"
-    num_negatives: int | None = None
-    balance_weight: float = 0.0
-    expert_path: str = "auto"
-    lora_r: int | None = None
+        default_factory=lambda: list(ATTENTION_MODULES), metadata=_adapter_doc("target_modules")
+    )
+    layers: list[int] | str | None = field(default=None, metadata=_adapter_doc("layers"))
+    contrastive_weight: float = field(default=0.01, metadata=_adapter_doc("contrastive_weight"))
+    temperature: float = field(default=0.1, metadata=_adapter_doc("temperature"))
+    epsilon: float = field(default=1e-3, metadata=_adapter_doc("epsilon"))
+    anchor: str = field(default="random", metadata=_adapter_doc("anchor", ANCHORS))
+    num_negatives: int | None = field(default=None, metadata=_adapter_doc("num_negatives"))
+    balance_weight: float = field(default=0.0, metadata=_adapter_doc("balance_weight"))
+    expert_path: str = field(default="auto", metadata=_adapter_doc("expert_path", EXPERT_PATHS))
+    lora_r: int | None = field(
+        default=None,
+        metadata=_doc(
+            "Rank of the plain-LoRA baseline (--method lora); none = matched to CoMoE's trainable parameters."
+        ),
+    )
     # optimisation
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_ratio: float = 0.05
-    scheduler: str = "linear"
-    max_length: int = 256
-    train_on_prompt: bool = False
-    seed: int = 0
-    bf16: bool = False
-    quantize: str | None = None  # 'nf4' or 'int8': a bitsandbytes-quantised frozen base (adapters stay fp32)
-    gradient_checkpointing: bool = False
-    save_steps: int = 50
+    learning_rate: float = field(default=1e-3, metadata=_doc("AdamW learning rate (peak of the schedule)."))
+    weight_decay: float = field(default=0.0, metadata=_doc("AdamW weight decay."))
+    epochs: float = field(
+        default=1.0, metadata=_doc("Passes over the training examples (may be fractional).")
+    )
+    max_steps: int | None = field(
+        default=None, metadata=_doc("Optimiser steps; overrides --epochs. none = train for --epochs epochs.")
+    )
+    batch_size: int = field(default=8, metadata=_doc("Examples per micro-batch (per process)."))
+    grad_accum: int = field(
+        default=1,
+        metadata=_doc("Micro-batches per optimiser step; the step's loss is normalised by all its tokens."),
+    )
+    warmup_ratio: float = field(
+        default=0.05, metadata=_doc("Share of the steps spent warming the learning rate up.")
+    )
+    scheduler: str = field(
+        default="linear",
+        metadata=_doc("Learning-rate schedule (transformers' get_scheduler): linear, cosine, constant, ..."),
+    )
+    max_length: int = field(
+        default=256,
+        metadata=_doc("Token limit per example; longer prompts lose their start (the answer is kept)."),
+    )
+    train_on_prompt: bool = field(
+        default=False, metadata=_doc("Also train on the prompt tokens, not only on the answer.")
+    )
+    seed: int = field(default=0, metadata=_doc("Seeds the data sample, order, initialisation and dropout."))
+    bf16: bool = field(
+        default=False,
+        metadata=_doc("Frozen base in bfloat16 with bf16 autocast; adapters and routers stay fp32."),
+    )
+    quantize: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Load the frozen base quantised by bitsandbytes (adapters stay fp32); needs comoe[quant].",
+            QUANTIZATIONS,
+        ),
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_doc("Recompute activations in backward: less memory, more time.")
+    )
+    save_steps: int = field(
+        default=50, metadata=_doc("Checkpoint every this many steps (resume with --resume).")
+    )
     # evaluation
-    protocol: str = "label"
-    eval_batch_size: int = 16
-    eval_base: bool = True
+    protocol: str = field(
+        default="label",
+        metadata=_doc(
+            "label: score the answer letters; loglik: score each choice's text by log-likelihood.", PROTOCOLS
+        ),
+    )
+    eval_batch_size: int = field(default=16, metadata=_doc("Sequences per evaluation batch."))
+    eval_base: bool = field(
+        default=True, metadata=_doc("Also score the zero-shot base model (cached in the run directory).")
+    )
     # where
-    output_dir: str | None = None
+    output_dir: str | None = field(
+        default=None, metadata=_doc("Run directory; none = runs/<time>-<method>-<setting>-seed<seed>.")
+    )
 
     def __post_init__(self) -> None:
         for name in NAME_LISTS:
