@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"  # pytest, ruff and the optional extras
 LINTED="src tests scripts examples benchmarks"
 .venv/bin/ruff format --check $LINTED
 .venv/bin/ruff check $LINTED
