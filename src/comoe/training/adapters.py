@@ -15,6 +15,7 @@ from comoe.layer import layer_features
 from comoe.model import AdapterLoadError, CoMoEModel, find_targets, get_comoe_model
 from comoe.training.run_config import RunConfig
 from comoe.utils.files import atomic_dir
+from comoe.utils.modeling import replace_module
 
 
 def comoe_parameter_count(base: nn.Module, config: CoMoEConfig) -> int:
@@ -117,13 +118,15 @@ def _undo_peft_wrap(base: nn.Module, attributes: set[str], requires_grad: dict[s
         delattr(base, name)
     for name, module in list(base.named_modules()):
         if isinstance(module, BaseTunerLayer):
-            parent, _, child = name.rpartition(".")
-            setattr(base.get_submodule(parent), child, module.get_base_layer())
+            replace_module(base, name, module.get_base_layer())
     for name, param in base.named_parameters():
         param.requires_grad_(requires_grad.get(name, param.requires_grad))
 
 
 def trainable_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters."""
+    """(trainable, total) parameters: PEFT's count for a PEFT model (it counts quantised weights as the
+    parameters they stand for), else the tensors' sizes."""
+    if isinstance(model, PeftModel):
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())

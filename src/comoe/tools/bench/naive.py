@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from comoe.config import CoMoEConfig
 from comoe.layer import layer_features
 from comoe.model import CoMoEModel, find_targets
+from comoe.utils.modeling import replace_module
 
 
 # --- the naive baseline ---------------------------------------------------------------------------------
@@ -75,10 +76,8 @@ def inject_naive(model: nn.Module, config: CoMoEConfig) -> dict[str, NaiveMoELoR
         p.requires_grad_(False)
     layers = {}
     for name in find_targets(model, config):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = NaiveMoELoRALinear(getattr(parent, child), config)
-        setattr(parent, child, layer)
+        layer = NaiveMoELoRALinear(model.get_submodule(name), config)
+        replace_module(model, name, layer)
         layers[name] = layer
     return layers
 
