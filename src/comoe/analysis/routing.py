@@ -18,7 +18,7 @@ from comoe.analysis.metrics import SCALARS, _mean, layer_rows, load_tables, modu
 from comoe.data.registry import load_splits
 from comoe.model import layer_index
 from comoe.records import RoutingRecorder
-from comoe.training.run_config import RUN_CONFIG_NAME, RunConfig
+from comoe.training.run_config import ADAPTER_DIR, METRICS_NAME, RUN_CONFIG_NAME, RunConfig
 from comoe.utils.modeling import accepts_logits_to_keep, model_device, pad_token_id
 
 DEFAULT_TEST_PER_TASK = 32
@@ -84,7 +84,7 @@ def skip_reason(run_dir: Path) -> str | None:
             "single-task run: each adapter has its own experts and sees one task, so there is no "
             "task-expert relation to measure; analyse a multi-task run"
         )
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+    if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
         return "no adapter/ directory: the run has not finished"
     return None
 
@@ -193,7 +193,7 @@ def analyse_run(run_dir: Path, options: AnalyzeOptions) -> tuple[dict, dict | No
     base, tokenizer = load_base_model(run.model, quantize=run.quantize)
     if torch.cuda.is_available():
         base.to("cuda")
-    model = load_adapted_model(base, run_dir / "adapter")
+    model = load_adapted_model(base, run_dir / ADAPTER_DIR)
     names = list(getattr(model, "adapted_modules", {}))
     if not names:
         raise NotAnalysable(f"{run_dir}: the adapter has no routed experts")
@@ -268,7 +268,7 @@ def _evenly(rows: torch.Tensor, count: int) -> torch.Tensor:
 
 def _run_accuracy(run_dir: Path) -> float | None:
     """The run's own macro accuracy from its metrics.json, if there."""
-    path = run_dir / "metrics.json"
+    path = run_dir / METRICS_NAME
     try:
         return json.loads(path.read_text())["adapter"]["macro"]["accuracy"]
     except (OSError, ValueError, KeyError, TypeError):

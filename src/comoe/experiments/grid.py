@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from comoe.training.run_config import RunConfig, load_yaml
+from comoe.training.run_config import METRICS_NAME, RUN_CONFIG_NAME, RunConfig, load_yaml
 from comoe.utils.files import write_json_atomic, write_text_atomic
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -111,7 +111,7 @@ def run_grid(
     for i, (name, setting, seed, config) in enumerate(cells, 1):
         run_dir = cell_dir(out, name, setting, seed)
         label = f"[{i}/{len(cells)}] {name} {setting} seed {seed}"
-        if (run_dir / "metrics.json").is_file():
+        if (run_dir / METRICS_NAME).is_file():
             print(f"{label}: done, skipped", flush=True)
         elif not dry_run:
             todo.append((label, config, run_dir))
@@ -135,14 +135,14 @@ def run_grid(
     finished = []
     for name, setting, seed, _ in cells:
         run_dir = cell_dir(out, name, setting, seed)
-        if (run_dir / "metrics.json").is_file():
+        if (run_dir / METRICS_NAME).is_file():
             finished.append(
                 {
                     "variant": name,
                     "setting": setting,
                     "seed": seed,
                     "run_dir": str(run_dir),
-                    **json.loads((run_dir / "metrics.json").read_text()),
+                    **json.loads((run_dir / METRICS_NAME).read_text()),
                     "specialisation": specialisation(run_dir) if analyse else None,
                 }
             )
@@ -154,7 +154,7 @@ def cell_dir(out: Path, variant: str, setting: str, seed: int) -> Path:
 
 
 def _start_cell(label: str, config: RunConfig, run_dir: Path, threads: int | None) -> None:
-    started = (run_dir / "run_config.yaml").is_file()
+    started = (run_dir / RUN_CONFIG_NAME).is_file()
     where = f" (output in {run_dir / 'train.log'})" if threads else ""
     print(f"{label}: {'resuming' if started else 'running'} in {run_dir}{where}", flush=True)
     _train_in_subprocess(config, run_dir, resume=started, threads=threads)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comoe.training.adapters import load_adapter_weights
+from comoe.training.run_config import ADAPTER_DIR
 from comoe.utils.files import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -75,7 +76,7 @@ def save_checkpoint(
     root = Path(root)
     final = root / f"step-{step:06d}"
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp / "adapter")
+        model.save_pretrained(tmp / ADAPTER_DIR)
         opt_tensors, opt_meta = optimizer_to_files(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         rng_tensors, rng_meta = rng_state()
@@ -106,7 +107,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, 
     """Restore adapter, optimizer, scheduler and RNG from ``path``; returns the saved progress."""
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
-    load_adapter_weights(model, path / "adapter")
+    load_adapter_weights(model, path / ADAPTER_DIR)
     optimizer.load_state_dict(
         optimizer_from_files(load_file(path / "optimizer.safetensors"), state["optimizer"])
     )

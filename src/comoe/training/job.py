@@ -29,10 +29,9 @@ from comoe.model import find_targets
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
 from comoe.training.base_models import load_base_model
 from comoe.training.loop import make_accelerator, plan_steps, train_adapter
-from comoe.training.run_config import RUN_CONFIG_NAME, RunConfig
+from comoe.training.run_config import ADAPTER_DIR, ADAPTERS_DIR, METRICS_NAME, RUN_CONFIG_NAME, RunConfig
 from comoe.utils.files import write_json_atomic
 
-METRICS_NAME = "metrics.json"
 # Fields that only change what happens after training (evaluation, checkpoint cadence): a resumed run may
 # change them. Every other field shapes the adapter being trained, and a resumed run keeps it.
 RESUMABLE_FIELDS = (
@@ -182,7 +181,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         results["train"] = asdict(trained)
         core = accelerator.unwrap_model(model)
         if accelerator.is_main_process:
-            save_adapter(core, run_dir / "adapter")
+            save_adapter(core, run_dir / ADAPTER_DIR)
             results["adapter"] = evaluate_tasks(
                 core,
                 tokenizer,
@@ -224,7 +223,7 @@ def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer
         set_seed(run.seed)
         model = build_adapted_model(base, run)
         params = trainable_counts(model)
-        task_dir = run_dir / "adapters" / task
+        task_dir = run_dir / ADAPTERS_DIR / task
         task_dir.mkdir(parents=True, exist_ok=True)
         trained = train_adapter(
             model, tokenizer, train[task], [task], run, task_dir, accelerator, resume, desc=task
@@ -232,7 +231,7 @@ def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer
         logs[task] = asdict(trained)
         core = accelerator.unwrap_model(model)
         if accelerator.is_main_process:
-            save_adapter(core, task_dir / "adapter")
+            save_adapter(core, task_dir / ADAPTER_DIR)
             scores.update(
                 evaluate_tasks(
                     core,
@@ -309,9 +308,9 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
     test = load_splits(run.tasks, run.train_per_task, run.test_per_task, run.seed)[1]
     if run_dir is not None and not base_only:
         adapters = (
-            [run_dir / "adapter"]
+            [run_dir / ADAPTER_DIR]
             if run.setting == "multi"
-            else [run_dir / "adapters" / t / "adapter" for t in test]
+            else [run_dir / ADAPTERS_DIR / t / ADAPTER_DIR for t in test]
         )
         missing = [a for a in adapters if not a.is_dir()]
         if missing:
@@ -324,14 +323,14 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
     if base_only:
         metrics = {"base": evaluate_tasks(base, tokenizer, test, **kwargs), "protocol": run.protocol}
     elif run.setting == "multi":
-        model = load_adapted_model(base, Path(run_dir) / "adapter")
+        model = load_adapted_model(base, Path(run_dir) / ADAPTER_DIR)
         metrics = {"adapter": evaluate_tasks(model, tokenizer, test, **kwargs), "protocol": run.protocol}
     else:
         scores = {}
         for i, task in enumerate(test):
             if i > 0:
                 base, tokenizer = load_base_model(run.model, quantize=run.quantize)
-            model = load_adapted_model(base, Path(run_dir) / "adapters" / task / "adapter")
+            model = load_adapted_model(base, Path(run_dir) / ADAPTERS_DIR / task / ADAPTER_DIR)
             scores.update(evaluate_tasks(model, tokenizer, {task: test[task]}, **kwargs)["tasks"])
         metrics = {"adapter": summarise(run.protocol, scores), "protocol": run.protocol}
     if run_dir is not None:

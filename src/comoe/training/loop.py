@@ -34,7 +34,7 @@ from comoe.data.batching import IGNORE_INDEX, EncodedExample, collate, encode_ex
 from comoe.data.schema import Example
 from comoe.model import CoMoEModel
 from comoe.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from comoe.training.run_config import RunConfig
+from comoe.training.run_config import CHECKPOINTS_DIR, TRAIN_LOG_NAME, RunConfig
 from comoe.utils.files import write_text_atomic
 from comoe.utils.modeling import accepts_logits_to_keep, pad_token_id
 
@@ -115,8 +115,8 @@ class TrainingRecipe:
         self.core = accelerator.unwrap_model(self.model)
         self.pad_id = pad_token_id(tokenizer)
         self.trim = accepts_logits_to_keep(self.core)  # run the output head only where labels are predicted
-        self.checkpoint_dir = work_dir / "checkpoints"
-        self.log_path = work_dir / "train_log.jsonl"
+        self.checkpoint_dir = work_dir / CHECKPOINTS_DIR
+        self.log_path = work_dir / TRAIN_LOG_NAME
         self.start_step, self.earlier_seconds = 0, 0.0
 
     def resume(self) -> None:

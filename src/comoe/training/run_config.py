@@ -25,7 +25,13 @@ from comoe.utils.validation import check_field_types, describe_hint, did_you_mea
 METHODS = ("comoe", "moe-lora", "soft-moe", "lora")
 SETTINGS = ("multi", "single")
 PROTOCOLS = ("label", "loglik")
+# What a run directory holds (`comoe train` writes it; eval, analyze, compare and --resume read it).
 RUN_CONFIG_NAME = "run_config.yaml"
+METRICS_NAME = "metrics.json"  # written last: a run with it is finished
+ADAPTER_DIR = "adapter"  # multi-task; single-task runs have ADAPTERS_DIR/<task>/ADAPTER_DIR
+ADAPTERS_DIR = "adapters"
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_LOG_NAME = "train_log.jsonl"
 NAME_LISTS = ("tasks", "target_modules")  # a string is read as comma-separated names
 
 
