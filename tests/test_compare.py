@@ -149,7 +149,7 @@ def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):
         "batch_size: 4, r: 4, max_steps: 2, eval_base: false}\n"
     )
     out = tmp_path / "grid"
-    first = comoe_cli("compare", "--grid", str(grid), "--out", str(out))
+    first = comoe_cli("compare", "--grid", str(grid), "--out", str(out), "--jobs", "2")  # two cells at a time
     assert first.stdout.count("running in") == 4
     summary = json.loads((out / "summary.json").read_text())
     assert {r["variant"] for r in summary["rows"]} == {"moe-lora", "comoe"}
@@ -166,13 +166,14 @@ def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):
         assert set(row["specialisation"]) == set(SPECIALISATION)
     assert len(list(out.glob("runs/*/analysis.json"))) == 4
     assert "| variant | setting | NMI |" in markdown
-    assert f"Command: `comoe compare --grid {grid} --out {out}`" in markdown
+    assert f"Command: `comoe compare --grid {grid} --out {out} --jobs 2`" in markdown
     # a rerun skips finished runs and their analyses; --summary-only keeps the command that ran the grid
     analysis_times = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/analysis.json")}
     again = comoe_cli("compare", "--grid", str(grid), "--out", str(out))
     assert again.stdout.count("done, skipped") == 4 and "running in" not in again.stdout
     comoe_cli("compare", "--grid", str(grid), "--out", str(out), "--summary-only")
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/analysis.json")} == analysis_times
+    # the rerun (without --jobs) is the command that last ran the grid
     assert f"Command: `comoe compare --grid {grid} --out {out}`" in (out / "summary.md").read_text()
     assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
 
