@@ -30,7 +30,7 @@ from comoe.analysis.metrics import (
     normalized_mutual_information,
 )
 from comoe.analysis.routing import projection_data
-from comoe.cli.analyze import add_analyze_arguments, run_analyze
+from comoe.cli.analyze import add_analyze_arguments, analyze_flags, run_analyze
 from comoe.config import CoMoEConfig
 from comoe.training.job import run_job
 from comoe.training.run_config import RunConfig
@@ -169,18 +169,17 @@ def tiny_run(tmp_path_factory) -> Path:
         train_per_task=8,
         test_per_task=4,
         batch_size=4,
-        r=4,
+        adapter={"r": 4, "contrastive_weight": 0.1},
         learning_rate=5e-2,
         max_steps=3,
         eval_base=False,
-        contrastive_weight=0.1,
     )
     run_job(run, root / "run")  # what `comoe train` runs, in-process: no interpreter start-up
     return root / "run"
 
 
 def analyze_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(parents=analyze_flags())
     add_analyze_arguments(parser)
     return run_analyze(parser.parse_args(list(argv)))
 

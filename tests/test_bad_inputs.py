@@ -722,6 +722,17 @@ CLI_CASES = [
         ["tasks: ['strategyqa'] -> ['winowhy']", "start a new run without --resume"],
     ),
     cli(
+        "resume-adapter-field-changed",
+        ["train", "--resume", "{run}", "--num-experts", "6"],
+        ["--resume {run}", "adapter.num_experts: 4 -> 6", "drop those flags"],
+    ),
+    cli(
+        "resume-nested-adapter-field-changed",
+        ["train", "--resume", "{run}", "--config", "{tmp}/c.yaml"],
+        ["adapter.temperature: 0.1 -> 0.5", "drop those flags"],
+        yaml_file("adapter:\n  temperature: 0.5\n"),
+    ),
+    cli(
         "resume-output-dir-elsewhere",
         ["train", "--resume", "{run}", "--output-dir", "{tmp}/elsewhere"],
         ["--resume {run} continues the run in its own directory", "drop --output-dir {tmp}/elsewhere"],

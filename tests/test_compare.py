@@ -143,7 +143,7 @@ def test_modal_share_is_one_for_a_constant_answer_and_falls_with_spread():
 def test_grid_runs_summarises_and_skips_finished_runs(tiny_model_dir, tmp_path):  # noqa: F811
     grid = tmp_path / "grid.yaml"
     grid.write_text(
-        "variants:\n  moe-lora: {method: moe-lora}\n  comoe: {method: comoe, contrastive_weight: 0.1}\n"
+        "variants:\n  moe-lora: {method: moe-lora}\n  comoe: {method: comoe, adapter: {contrastive_weight: 0.1}}\n"
         "seeds: [0, 1]\nreference: moe-lora\n"
         f"base: {{model: '{tiny_model_dir}', tasks: [{TASKS}], train_per_task: 16, test_per_task: 8, "
         "batch_size: 4, r: 4, max_steps: 2, eval_base: false}\n"
@@ -191,22 +191,22 @@ def test_single_task_setting_trains_one_adapter_per_task_and_skips_analysis(tiny
         "multi,single",
         "--out",
         str(out),
-        "--set",
-        f"model={tiny_model_dir}",
-        "--set",
-        f"tasks={TASKS}",
-        "--set",
-        "train_per_task=8",
-        "--set",
-        "test_per_task=4",
-        "--set",
-        "batch_size=4",
-        "--set",
-        "r=4",
+        # every run's fields as `comoe train` takes them (the adapter's too), and `--set` as before
+        "--model",
+        str(tiny_model_dir),
+        "--tasks",
+        TASKS,
+        "--train-per-task",
+        "8",
+        "--test-per-task",
+        "4",
+        "--batch-size",
+        "4",
+        "--r",
+        "4",
         "--set",
         "max_steps=1",
-        "--set",
-        "eval_base=false",
+        "--no-eval-base",
     )
     summary = json.loads((out / "summary.json").read_text())
     rows = [(r["variant"], r["setting"]) for r in summary["rows"]]
@@ -289,5 +289,5 @@ def test_jobs_must_be_positive(tmp_path):
     result = comoe_cli(
         "compare", "--preset", "default", "--out", str(tmp_path / "g"), "--jobs", "0", check=False
     )
-    assert result.returncode == 2 and "--jobs must be >= 1" in result.stderr
+    assert result.returncode == 2 and "jobs must be >= 1, got 0" in result.stderr
     assert not (tmp_path / "g").exists()  # refused before anything was written

@@ -35,13 +35,12 @@ EXAMPLES = [
 ]
 
 
-def recipe_for(model_dir, tmp_path, **fields) -> TrainingRecipe:
+def recipe_for(model_dir, tmp_path, contrastive_weight=0.01, **fields) -> TrainingRecipe:
     run = RunConfig(
         model=str(model_dir),
         tasks=["short", "long"],
         train_on_prompt=True,
-        lora_dropout=0.0,
-        anchor="all",
+        adapter={"lora_dropout": 0.0, "anchor": "all", "contrastive_weight": contrastive_weight},
         batch_size=2,
         grad_accum=2,
         max_steps=1,

@@ -9,13 +9,18 @@ import pytest
 
 from comoe.cli.train import run_config_flags, run_config_from_args
 from comoe.config import CoMoEConfig
-from comoe.training.run_config import RunConfig, parse_field_value
+from comoe.training.run_config import ADAPTER_FIELDS, RunConfig, parse_field_value
 
 
 def _message(error: type[Exception], make) -> str:
     with pytest.raises(error) as info:
         make()
     return str(info.value)
+
+
+def _field(run: RunConfig, name: str):
+    """A RunConfig field, or the adapter field of that name."""
+    return getattr(run.adapter, name) if name in ADAPTER_FIELDS else getattr(run, name)
 
 
 def _assert_fragments(message: str, fragments: list[str]) -> None:
@@ -107,7 +112,7 @@ def _assert_fragments(message: str, fragments: list[str]) -> None:
     ],
 )
 def test_invalid_run_configs_say_what_would_work(kwargs, fragments):
-    _assert_fragments(_message(ValueError, lambda: RunConfig(**kwargs)), fragments)
+    _assert_fragments(_message(ValueError, lambda: RunConfig.from_dict(kwargs)), fragments)
 
 
 @pytest.mark.parametrize(
@@ -154,13 +159,13 @@ def test_a_relative_jsonl_path_and_its_prefixed_form_are_the_same_file(tmp_path,
     ],
 )
 def test_valid_values_are_normalised(kwargs, field, expected):
-    value = getattr(RunConfig(**kwargs), field)
+    value = _field(RunConfig.from_dict(kwargs), field)
     assert value == expected and type(value) is type(expected)
 
 
 def test_all_linear_reaches_the_adapter_config_as_a_string():
-    assert RunConfig(target_modules="all-linear").comoe_config().target_modules == "all-linear"
-    assert isinstance(RunConfig(target_modules="all-linear").comoe_config(), CoMoEConfig)
+    run = RunConfig.from_dict({"target_modules": "all-linear"})
+    assert run.adapter.target_modules == "all-linear" and isinstance(run.adapter, CoMoEConfig)
 
 
 @pytest.mark.parametrize(
@@ -183,7 +188,7 @@ def test_all_linear_reaches_the_adapter_config_as_a_string():
 def test_from_yaml_reads_values(tmp_path, yaml_text, field, expected):
     path = tmp_path / "run.yaml"
     path.write_text(yaml_text)
-    value = getattr(RunConfig.from_yaml(path), field)
+    value = _field(RunConfig.from_yaml(path), field)
     assert value == expected and type(value) is type(expected)
 
 
@@ -256,8 +261,13 @@ def test_a_missing_config_file_is_a_file_not_found_error_naming_it(tmp_path):
 
 
 def test_to_yaml_round_trip_keeps_all_linear_small_floats_and_number_like_strings(tmp_path):
-    run = RunConfig(
-        target_modules="all-linear", learning_rate=1e-5, tasks="winowhy,strategyqa", output_dir="1e5"
+    run = RunConfig.from_dict(
+        {
+            "target_modules": "all-linear",
+            "learning_rate": 1e-5,
+            "tasks": "winowhy,strategyqa",
+            "output_dir": "1e5",
+        }
     )
     run.to_yaml(tmp_path / "run.yaml")
     assert "output_dir: '1e5'" in (tmp_path / "run.yaml").read_text()
@@ -303,7 +313,7 @@ def test_parse_field_value_errors(name, text, fragments):
 
 def flag_parser() -> argparse.ArgumentParser:
     """`comoe train`'s --config and RunConfig flags."""
-    parser = argparse.ArgumentParser(parents=[run_config_flags()])
+    parser = argparse.ArgumentParser(parents=run_config_flags())
     parser.add_argument("--config")
     return parser
 
@@ -315,7 +325,7 @@ def test_command_line_flags_become_a_run_config(tmp_path):
         ["--config", str(tmp_path / "run.yaml"), "--target-modules", "all-linear", "--max-steps", "3"]
     )
     run = run_config_from_args(args)
-    assert (run.tasks, run.target_modules, run.learning_rate, run.max_steps) == (
+    assert (run.tasks, run.adapter.target_modules, run.learning_rate, run.max_steps) == (
         ["winowhy"],
         "all-linear",
         1e-3,
@@ -358,7 +368,10 @@ def test_train_help_documents_every_flag_with_its_choices_and_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for f in dataclasses.fields(RunConfig):
+    documented = [f for f in dataclasses.fields(RunConfig) if f.name != "adapter"]
+    documented += [f for f in dataclasses.fields(CoMoEConfig) if f.name in ADAPTER_FIELDS]
+    assert len(documented) == len(dataclasses.fields(RunConfig)) - 1 + 18
+    for f in documented:
         flag = "--" + f.name
         assert flag in text, flag
         help_text = " ".join(f.metadata["help"].split())
@@ -367,3 +380,77 @@ def test_train_help_documents_every_flag_with_its_choices_and_default(capsys):
             assert choice in text.split(flag, 1)[1], (flag, choice)
     assert "{comoe,moe-lora,soft-moe,lora}" in text and "Default: 0.01." in text
     assert "The flag alone means true." in text and "--no-eval-base" in text
+
+
+def test_every_adapter_field_is_settable_nested_in_yaml_and_as_a_flag(tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        "adapter:\n  num_experts: 8\n  contrastive_form: materialized\n  router_init_std: 0.05\n"
+    )
+    args = flag_parser().parse_args(
+        ["--config", str(tmp_path / "run.yaml"), "--top-k", "3", "--norm-eps", "1e-5", "--routing", "topk"]
+    )
+    adapter = run_config_from_args(args).adapter
+    assert (adapter.num_experts, adapter.top_k, adapter.contrastive_form) == (8, 3, "materialized")
+    assert (adapter.router_init_std, adapter.norm_eps, adapter.routing) == (0.05, 1e-5, "topk")
+    # every adapter field has its flag
+    assert all(
+        hasattr(flag_parser().parse_args([f"--{name}", "none"]), name) for name in ["num_negatives", "layers"]
+    )
+    spelled = [a.option_strings[0] for a in flag_parser()._actions]
+    assert all(f"--{name.replace('_', '-')}" in spelled for name in ADAPTER_FIELDS)
+
+
+def test_run_config_yaml_nests_the_adapter_and_flat_files_of_comoe_0_1_still_load(tmp_path):
+    flat = tmp_path / "old.yaml"  # how comoe 0.1 wrote run_config.yaml: adapter fields at the top level
+    flat.write_text("method: comoe\nr: 8\nnum_experts: 6\ntop_k: 3\ncontrastive_weight: 0.1\nseed: 4\n")
+    old = RunConfig.from_yaml(flat)
+    assert (old.adapter.r, old.adapter.num_experts, old.adapter.top_k, old.adapter.contrastive_weight) == (
+        8,
+        6,
+        3,
+        0.1,
+    )
+    old.to_yaml(tmp_path / "new.yaml")
+    import yaml
+
+    written = yaml.safe_load((tmp_path / "new.yaml").read_text())
+    assert written["adapter"]["num_experts"] == 6 and "num_experts" not in written
+    assert set(written["adapter"]) == set(ADAPTER_FIELDS)
+    assert RunConfig.from_yaml(tmp_path / "new.yaml") == old
+    dotted = RunConfig.from_dict(
+        {"adapter.r": 8, "num_experts": 6, "adapter": {"top_k": 3}, "seed": 4, "contrastive_weight": 0.1}
+    )
+    assert dotted == old
+
+
+@pytest.mark.parametrize(
+    ("data", "fragments"),
+    [
+        ({"r": 4, "adapter": {"r": 8}}, ["r is given twice, as adapter.r (8) and as r (4); keep one"]),
+        ({"adapter": {"num_expert": 8}}, ["unknown fields ['adapter.num_expert']", "'num_experts'"]),
+        ({"adapter": 8}, ["adapter must be a mapping of adapter fields", "got the integer 8"]),
+        ({"adapter": {"top_k": 9}}, ["adapter.top_k must be an integer in 1..num_experts=4, got 9"]),
+        ({"adapter": {"routing": "hard"}}, ["adapter.routing must be one of"]),
+        ({"routing": "soft"}, ["adapter: the contrastive loss needs inactive experts", "routing='soft'"]),
+    ],
+)
+def test_adapter_errors_name_the_adapter_field(data, fragments):
+    _assert_fragments(_message(ValueError, lambda: RunConfig.from_dict(data, source="run.yaml")), fragments)
+
+
+@pytest.mark.parametrize(
+    ("method", "given", "expected"),
+    [
+        ("comoe", {}, {"contrastive_weight": 0.01, "routing": "topk", "top_k": 2}),
+        (
+            "moe-lora",
+            {"top_k": 1, "num_negatives": 1},
+            {"contrastive_weight": 0.0, "num_negatives": None, "top_k": 1},
+        ),
+        ("soft-moe", {"num_experts": 6}, {"routing": "soft", "top_k": 6, "contrastive_weight": 0.0}),
+        ("lora", {}, {"contrastive_weight": 0.0}),
+    ],
+)
+def test_the_method_fixes_the_adapter_fields_it_implies(method, given, expected):
+    adapter = RunConfig.from_dict({"method": method, "adapter": given}).adapter
+    assert {name: getattr(adapter, name) for name in expected} == expected

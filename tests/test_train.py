@@ -61,7 +61,7 @@ def test_train_writes_a_complete_run_directory_and_eval_reproduces_it(tiny_model
     log = read_log(run_dir)
     assert [row["step"] for row in log] == list(range(1, 7))
     assert all({"loss", "task", "con"} <= set(row) for row in log)
-    assert RunConfig.from_yaml(run_dir / "run_config.yaml").contrastive_weight == 0.1
+    assert RunConfig.from_yaml(run_dir / "run_config.yaml").adapter.contrastive_weight == 0.1
 
     comoe_cli("eval", str(run_dir))
     again = json.loads((run_dir / "eval_label.json").read_text())

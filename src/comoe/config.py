@@ -65,7 +65,8 @@ class CoMoEConfig(PeftConfig):
     routing: str = field(
         default="topk",
         metadata={
-            "help": "'topk': softmax, keep top-k, renormalise (paper). 'soft': all experts, LoRAMoE-style."
+            "choices": ROUTINGS,
+            "help": "'topk': softmax, keep top-k, renormalise (paper). 'soft': all experts, LoRAMoE-style.",
         },
     )
     contrastive_weight: float = field(
@@ -79,7 +80,10 @@ class CoMoEConfig(PeftConfig):
     )
     anchor: str = field(
         default="random",
-        metadata={"help": "'random': one random activated expert per token (Algorithm 1); 'all': Eq. 12."},
+        metadata={
+            "choices": ANCHORS,
+            "help": "'random': one random activated expert per token (Algorithm 1); 'all': Eq. 12.",
+        },
     )
     num_negatives: int | None = field(
         default=None,
@@ -88,7 +92,8 @@ class CoMoEConfig(PeftConfig):
     contrastive_form: str = field(
         default="gram",
         metadata={
-            "help": "'gram': exact loss from the rank-r codes; 'materialized': the paper's way (reference)."
+            "choices": CONTRASTIVE_FORMS,
+            "help": "'gram': exact loss from the rank-r codes; 'materialized': the paper's way (reference).",
         },
     )
     balance_weight: float = field(
@@ -97,7 +102,10 @@ class CoMoEConfig(PeftConfig):
     )
     expert_path: str = field(
         default="auto",
-        metadata={"help": "'dense' codes, 'grouped' sorted tokens, or 'auto' (grouped when E*r > d_in/4)."},
+        metadata={
+            "choices": EXPERT_PATHS,
+            "help": "'dense' codes, 'grouped' sorted tokens, or 'auto' (grouped when E*r > d_in/4).",
+        },
     )
     router_init_std: float = field(
         default=0.02, metadata={"help": "Std of the router's normal initialisation."}

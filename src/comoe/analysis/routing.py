@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,25 +20,42 @@ from comoe.model import layer_index
 from comoe.records import RoutingRecorder
 from comoe.training.run_config import ADAPTER_DIR, METRICS_NAME, RUN_CONFIG_NAME, RunConfig
 from comoe.utils.modeling import accepts_logits_to_keep, model_device, pad_token_id
+from comoe.utils.validation import check_field_types, doc
 
 DEFAULT_TEST_PER_TASK = 32
 
 
 @dataclass
 class AnalyzeOptions:
-    """What `comoe analyze` does; every field is a command-line flag."""
+    """What `comoe analyze` does; every field is a command-line flag (and a key of its ``--config`` file)."""
 
-    test_per_task: int | None = DEFAULT_TEST_PER_TASK
-    batch_size: int = 16
-    max_length: int | None = None  # None: the run's
-    samples: int = 128  # tokens whose expert outputs are kept, per module (redundancy)
-    projection_samples: int = 400  # tokens kept for the 2-D projection's module
-    layer: int | None = None  # None: the middle adapted layer
-    module: str = "q_proj"
-    seed: int = 0
-    progress: bool = True
-    tsne: bool = True
-    threads: int | None = None  # torch CPU threads; None: see ``cpu_threads``
+    test_per_task: int | None = field(
+        default=DEFAULT_TEST_PER_TASK, metadata=doc("Test examples per task routed; none = all.")
+    )
+    batch_size: int = field(default=16, metadata=doc("Sequences per forward pass."))
+    max_length: int | None = field(default=None, metadata=doc("Token limit per example; none = the run's."))
+    samples: int = field(
+        default=128, metadata=doc("Tokens per module whose expert outputs are kept (redundancy metrics).")
+    )
+    projection_samples: int = field(default=400, metadata=doc("Tokens kept for the 2-D projection."))
+    layer: int | None = field(
+        default=None, metadata=doc("Layer of the 2-D projection; none = the middle adapted layer.")
+    )
+    module: str = field(default="q_proj", metadata=doc("Module of the 2-D projection."))
+    seed: int = field(default=0, metadata=doc("Seeds the token samples and t-SNE."))
+    progress: bool = field(default=True, metadata=doc("Progress bars."))
+    tsne: bool = field(default=True, metadata=doc("A t-SNE projection too, when scikit-learn is installed."))
+    threads: int | None = field(
+        default=None,
+        metadata=doc("CPU threads for torch; none = torch's, or 1 when the machine is already busy."),
+    )
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("test_per_task", "batch_size", "samples", "projection_samples", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def cpu_threads(requested: int | None) -> int:
@@ -91,7 +108,7 @@ def skip_reason(run_dir: Path) -> str | None:
 
 def run_label(run: RunConfig) -> str:
     """method, contrastive weight and seed, e.g. ``comoe λ=0.01 s0``."""
-    return f"{run.method} λ={run.comoe_config().contrastive_weight:g} s{run.seed}"
+    return f"{run.method} λ={run.adapter.contrastive_weight:g} s{run.seed}"
 
 
 def _encoded_batches(test: dict, tasks: list[str], tokenizer, max_length: int, batch_size: int) -> list[list]:

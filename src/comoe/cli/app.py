@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune with CoMoE (or a baseline) and evaluate per task",
         description="Fine-tune an adapter and evaluate it per task. Every flag overrides the YAML file of "
         "--config, which overrides the defaults; a flag may be written --max-steps or --max_steps.",
-        parents=[run_config_flags()],
+        parents=run_config_flags(),
     )
     train.add_argument("--config", help="YAML file of RunConfig fields")
     train.add_argument(
@@ -40,31 +40,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a run's adapter, or the base model, on the test sets",
         description="Score a run's adapter (or, with --base-only, the zero-shot base model) on the test sets. "
         "The flags change the run's own settings for this evaluation.",
-        parents=[run_config_flags(only=EVAL_FIELDS)],
+        parents=run_config_flags(only=EVAL_FIELDS),
     )
     ev.add_argument("run_dir", nargs="?", help="a directory written by `comoe train`")
     ev.add_argument("--base-only", action="store_true", help="score the zero-shot base model")
     ev.set_defaults(func=run_eval)
 
-    analyze = sub.add_parser("analyze", help="expert specialisation report for one or more run directories")
-    from comoe.cli.analyze import add_analyze_arguments, run_analyze
+    from comoe.cli.analyze import add_analyze_arguments, analyze_flags, run_analyze
 
+    analyze = sub.add_parser(
+        "analyze",
+        help="expert specialisation report for one or more run directories",
+        description="Route each run's test sets through its adapter and report whether the experts "
+        "specialise. Every flag overrides the YAML file of --config, which overrides the defaults.",
+        parents=analyze_flags(),
+    )
     add_analyze_arguments(analyze)
     analyze.set_defaults(func=run_analyze)
 
-    bench = sub.add_parser(
-        "bench", help="speed and memory vs PEFT LoRA and a naive MoE-LoRA loop (ratios in one process)"
-    )
-    from comoe.cli.bench import add_bench_arguments, run_bench
+    from comoe.cli.bench import add_bench_arguments, bench_flags, run_bench
 
+    bench = sub.add_parser(
+        "bench",
+        help="speed and memory vs PEFT LoRA and a naive MoE-LoRA loop (ratios in one process)",
+        description="Measure comoe's step time, memory and generation speed as ratios to PEFT LoRA and a "
+        "naive MoE-LoRA loop, alternating the variants in one process. Every flag overrides the YAML file "
+        "of --config, which overrides the defaults.",
+        parents=bench_flags(),
+    )
     add_bench_arguments(bench)
     bench.set_defaults(func=run_bench)
 
-    compare = sub.add_parser(
-        "compare", help="a resumable grid of methods × seeds × settings, with statistics"
-    )
-    from comoe.cli.compare import add_compare_arguments, run_compare
+    from comoe.cli.compare import add_compare_arguments, compare_flags, run_compare
 
+    compare = sub.add_parser(
+        "compare",
+        help="a resumable grid of methods × seeds × settings, with statistics",
+        description="Train every cell of a grid (variants × seeds × settings) as its own `comoe train` run, "
+        "resumably, and summarise it. The grid comes from --config (or --preset); the grid flags override "
+        "its seeds, settings and reference, and every run flag (e.g. --max-steps 10) its base.",
+        parents=compare_flags(),
+    )
     add_compare_arguments(compare)
     compare.set_defaults(func=run_compare)
 

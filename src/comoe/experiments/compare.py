@@ -3,15 +3,66 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from comoe.experiments.grid import Grid, run_grid
+from comoe.experiments.grid import PRESETS, REFERENCE, Grid, run_grid
 from comoe.experiments.summary import summarise, to_markdown
 from comoe.utils.files import write_json_atomic, write_text_atomic
 from comoe.utils.machine import machine_summary
+from comoe.utils.validation import check_field_types, doc
 
 COMMAND_NAME = "command.txt"
+
+
+@dataclass
+class CompareOptions:
+    """How `comoe compare` runs a grid; each field is a flag, and the grid-shaped ones override the grid file."""
+
+    preset: str | None = field(
+        default=None,
+        metadata=doc("A ready-made grid of variants (without --config); none = default.", sorted(PRESETS)),
+    )
+    seeds: list[int] | None = field(default=None, metadata=doc("Seeds, e.g. 0,1,2; none = the grid's."))
+    settings: list[str] | None = field(
+        default=None, metadata=doc("multi, single or multi,single; none = the grid's.")
+    )
+    reference: list[str] | None = field(
+        default=None,
+        metadata=doc(
+            "Variant(s) the paired differences are taken against, e.g. moe-lora,lora; none = the grid's."
+        ),
+    )
+    jobs: int = field(
+        default=1,
+        metadata=doc(
+            "Runs trained at once, each with cores/jobs torch threads and its output in RUN_DIR/train.log."
+        ),
+    )
+    summary_only: bool = field(default=False, metadata=doc("Summarise the finished runs; start none."))
+    analysis: bool = field(
+        default=True,
+        metadata=doc("Specialisation numbers per routed run (a `comoe analyze` pass, ~40 s each on CPU)."),
+    )
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(sorted(PRESETS))}, got {self.preset!r}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+
+    def apply(self, grid: Grid) -> Grid:
+        """``grid`` with the seeds, settings and reference these options give."""
+        for name in ("seeds", "settings", "reference"):
+            if getattr(self, name):
+                setattr(grid, name, getattr(self, name))
+        return grid
+
+    def preset_grid(self) -> Grid:
+        name = self.preset or "default"
+        return self.apply(Grid(variants=PRESETS[name], reference=REFERENCE.get(name)))
 
 
 def compare(

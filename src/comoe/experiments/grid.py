@@ -20,23 +20,34 @@ from typing import Any
 
 import yaml
 
-from comoe.training.run_config import METRICS_NAME, RUN_CONFIG_NAME, RunConfig, load_yaml
+from comoe.training.run_config import (
+    METRICS_NAME,
+    RUN_CONFIG_NAME,
+    RunConfig,
+    load_yaml,
+    merge_fields,
+    nest_fields,
+)
 from comoe.utils.files import write_json_atomic, write_text_atomic
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {"lora": {"method": "lora"}, "moe-lora": {"method": "moe-lora"}, "comoe": {"method": "comoe"}},
     "lambda": {
-        f"lambda={w:g}": {"method": "comoe", "contrastive_weight": w} for w in (0.0, 0.001, 0.01, 0.1, 1.0)
+        f"lambda={w:g}": {"method": "comoe", "adapter": {"contrastive_weight": w}}
+        for w in (0.0, 0.001, 0.01, 0.1, 1.0)
     },
-    "tau": {f"tau={t:g}": {"method": "comoe", "temperature": t} for t in (0.05, 0.1, 0.2, 0.5, 1.0)},
-    "experts": {f"experts={n}": {"method": "comoe", "num_experts": n} for n in (4, 5, 6, 7, 8)},
+    "tau": {
+        f"tau={t:g}": {"method": "comoe", "adapter": {"temperature": t}} for t in (0.05, 0.1, 0.2, 0.5, 1.0)
+    },
+    "experts": {f"experts={n}": {"method": "comoe", "adapter": {"num_experts": n}} for n in (4, 5, 6, 7, 8)},
     "layers": {
-        f"layers={g}": {"method": "comoe", "layers": g} for g in ("low", "middle", "high", "low+high")
+        f"layers={g}": {"method": "comoe", "adapter": {"layers": g}}
+        for g in ("low", "middle", "high", "low+high")
     },
-    "anchor": {f"anchor={a}": {"method": "comoe", "anchor": a} for a in ("random", "all")},
+    "anchor": {f"anchor={a}": {"method": "comoe", "adapter": {"anchor": a}} for a in ("random", "all")},
     "negatives": {
         "negatives=all": {"method": "comoe"},
-        "negatives=1": {"method": "comoe", "num_negatives": 1},
+        "negatives=1": {"method": "comoe", "adapter": {"num_negatives": 1}},
     },
 }
 # the variant each preset's paired differences are taken against: λ = 0, or the current default
@@ -58,7 +69,9 @@ class Grid:
     variants: dict[str, dict[str, Any]]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     settings: list[str] = field(default_factory=lambda: ["multi"])
-    base: dict[str, Any] = field(default_factory=dict)  # RunConfig fields shared by every run
+    base: dict[str, Any] = field(
+        default_factory=dict
+    )  # RunConfig fields shared by every run (adapter nested)
     reference: str | list[str] | None = None  # the variant(s) paired differences are taken against
 
     def runs(self) -> list[tuple[str, str, int, RunConfig]]:
@@ -71,9 +84,13 @@ class Grid:
         for seed in self.seeds:
             for name, overrides in self.variants.items():
                 for setting in self.settings:
-                    config = RunConfig.from_dict(
-                        {**self.base, **overrides, "setting": setting, "seed": seed}, source=f"variant {name}"
+                    source = f"variant {name}"
+                    fields_ = merge_fields(
+                        nest_fields(self.base, "base"),
+                        nest_fields(overrides, source),
+                        {"setting": setting, "seed": seed},
                     )
+                    config = RunConfig.from_dict(fields_, source=source)
                     cells.append((name, setting, seed, config))
         return cells
 

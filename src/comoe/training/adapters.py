@@ -35,15 +35,14 @@ def matched_lora_rank(base: nn.Module, config: CoMoEConfig) -> int:
 
 def build_adapted_model(base: nn.Module, run: RunConfig) -> nn.Module:
     """Wrap ``base`` with the adapter of ``run.method``; the base is frozen."""
-    comoe_config = run.comoe_config()
     if run.method != "lora":
-        return get_comoe_model(base, comoe_config)
-    rank = run.lora_r or matched_lora_rank(base, comoe_config)
+        return get_comoe_model(base, run.adapter)
+    rank = run.lora_r or matched_lora_rank(base, run.adapter)
     lora = LoraConfig(
         r=rank,
-        lora_alpha=run.lora_alpha * rank / run.r,
-        lora_dropout=run.lora_dropout,
-        target_modules=find_targets(base, comoe_config),  # the modules CoMoE would adapt, layers applied
+        lora_alpha=run.adapter.lora_alpha * rank / run.adapter.r,
+        lora_dropout=run.adapter.lora_dropout,
+        target_modules=find_targets(base, run.adapter),  # the modules CoMoE would adapt, layers applied
     )
     return get_peft_model(base, lora)
 

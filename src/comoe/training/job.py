@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,7 +29,16 @@ from comoe.model import find_targets
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
 from comoe.training.base_models import load_base_model
 from comoe.training.loop import make_accelerator, plan_steps, train_adapter
-from comoe.training.run_config import ADAPTER_DIR, ADAPTERS_DIR, METRICS_NAME, RUN_CONFIG_NAME, RunConfig
+from comoe.training.run_config import (
+    ADAPTER_DIR,
+    ADAPTERS_DIR,
+    METRICS_NAME,
+    RUN_CONFIG_NAME,
+    RunConfig,
+    flat_fields,
+    merge_fields,
+    nest_fields,
+)
 from comoe.utils.files import write_json_atomic
 
 # Fields that only change what happens after training (evaluation, checkpoint cadence): a resumed run may
@@ -86,33 +95,38 @@ def resumed_run(run_dir: Path, requested: dict, report: bool = True) -> RunConfi
         raise ValueError(
             f"--resume {run_dir} continues the run in its own directory; drop --output-dir {elsewhere}"
         )
-    wanted = RunConfig.from_dict({**asdict(saved), **requested}, source="the resume flags")
+    requested = nest_fields(requested, "the resume flags")
+    wanted = RunConfig.from_dict(merge_fields(saved.to_dict(), requested), source="the resume flags")
+    before, after = flat_fields(saved), flat_fields(wanted)
     changed = [
-        f.name
-        for f in fields(RunConfig)
-        if f.name in requested
-        and f.name != "output_dir"
-        and getattr(wanted, f.name) != getattr(saved, f.name)
+        name
+        for name in before
+        if _requested(name, requested) and name != "output_dir" and after[name] != before[name]
     ]
     refused = [name for name in changed if name not in RESUMABLE_FIELDS]
     if refused:
-        listing = "; ".join(
-            f"{name}: {getattr(saved, name)!r} -> {getattr(wanted, name)!r}" for name in refused
-        )
+        listing = "; ".join(f"{name}: {before[name]!r} -> {after[name]!r}" for name in refused)
         raise ValueError(
             f"--resume {run_dir}: the run was started with other settings ({listing}). A resumed run keeps the "
             f"settings its adapter was trained with; drop those flags, or start a new run without --resume. "
             f"On resume only {', '.join(RESUMABLE_FIELDS)} may change."
         )
     for name in changed if report else []:
-        print(f"resume: {name} = {getattr(wanted, name)!r} (was {getattr(saved, name)!r})")
+        print(f"resume: {name} = {after[name]!r} (was {before[name]!r})")
     wanted.output_dir = str(run_dir)
     return wanted
 
 
+def _requested(flat_name: str, requested: dict) -> bool:
+    """Whether a resume asked for field ``flat_name`` (``adapter.NAME`` for an adapter field)."""
+    if flat_name.startswith("adapter."):
+        return flat_name.removeprefix("adapter.") in requested.get("adapter", {})
+    return flat_name in requested
+
+
 def check_adapter_fits(base: torch.nn.Module, run: RunConfig) -> None:
     """Target modules and layers that do not exist in the base model fail here, before any evaluation."""
-    find_targets(base, run.comoe_config())
+    find_targets(base, run.adapter)
 
 
 def base_dtype(run: RunConfig) -> torch.dtype:
@@ -133,7 +147,9 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     """
     run_dir = Path(run_dir or run.output_dir or default_run_dir(run))
     if resume:  # the API path too: a resumed run keeps its training settings (see resumed_run)
-        run = resumed_run(run_dir, {k: v for k, v in asdict(run).items() if k != "output_dir"}, report=False)
+        run = resumed_run(
+            run_dir, {k: v for k, v in run.to_dict().items() if k != "output_dir"}, report=False
+        )
     accelerator = make_accelerator(run)
     check_output_dir(run_dir, resume)
     train, test = load_splits(run.tasks, run.train_per_task, run.test_per_task, run.seed)

@@ -8,19 +8,19 @@ written to the run directory as ``run_config.yaml`` and is enough to reproduce o
 from __future__ import annotations
 
 import re
-import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from comoe.config import ALL_LINEAR, ANCHORS, ATTENTION_MODULES, EXPERT_PATHS, CoMoEConfig
+from comoe.config import ALL_LINEAR, CoMoEConfig, own_fields
 from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
 from comoe.training.base_models import QUANTIZATIONS, check_quantization_available
 from comoe.utils.files import write_text_atomic
-from comoe.utils.validation import check_field_types, describe_hint, did_you_mean
+from comoe.utils.validation import check_field_types, describe_value, did_you_mean, doc, parse_text
 
 METHODS = ("comoe", "moe-lora", "soft-moe", "lora")
 SETTINGS = ("multi", "single")
@@ -35,16 +35,6 @@ TRAIN_LOG_NAME = "train_log.jsonl"
 NAME_LISTS = ("tasks", "target_modules")  # a string is read as comma-separated names
 
 
-def _doc(text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """A field's documentation: its ``--help`` text (and allowed values), read by the CLI's parser."""
-    return {"help": text, **({"choices": choices} if choices else {})}
-
-
-def _adapter_doc(name: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The documentation of the CoMoEConfig field of the same name: written once, there."""
-    return _doc(next(f.metadata["help"] for f in fields(CoMoEConfig) if f.name == name), choices)
-
-
 @dataclass
 class RunConfig:
     """One `comoe train` run: data, method, adapter, optimisation, evaluation. Every field is a flag."""
@@ -52,125 +42,115 @@ class RunConfig:
     # what to train
     model: str = field(
         default="smollm2-135m",
-        metadata=_doc(
+        metadata=doc(
             "Base model: an alias (smollm2-135m, offline), a local directory, or a hub id (needs network)."
         ),
     )
     tasks: list[str] = field(
         default_factory=lambda: list(BUILTIN_SUITE),
-        metadata=_doc(
+        metadata=doc(
             "Comma-separated task names, suite:NAME for a whole built-in suite, or jsonl:PATH for your own file "
             "(see `comoe tasks`)."
         ),
     )
     train_per_task: int | None = field(
-        default=280, metadata=_doc("Training examples per task (a seeded sample); none = all.")
+        default=280, metadata=doc("Training examples per task (a seeded sample); none = all.")
     )
     test_per_task: int | None = field(
-        default=100, metadata=_doc("Test examples per task (the first ones); none = all.")
+        default=100, metadata=doc("Test examples per task (the first ones); none = all.")
     )
     method: str = field(
         default="comoe",
-        metadata=_doc(
-            "comoe (experts + contrastive loss), moe-lora (the same experts, λ = 0), soft-moe (every expert, "
-            "soft gates), lora (plain PEFT LoRA, parameter-matched unless --lora-r).",
+        metadata=doc(
+            "comoe (experts + contrastive loss), moe-lora (the same experts, contrastive_weight = 0), soft-moe "
+            "(routing = soft: every expert, soft gates, top_k = num_experts, no contrastive loss), lora (plain "
+            "PEFT LoRA on the same modules, parameter-matched unless --lora-r).",
             METHODS,
         ),
     )
     setting: str = field(
         default="multi",
-        metadata=_doc("multi: one adapter for all tasks; single: one adapter per task.", SETTINGS),
+        metadata=doc("multi: one adapter for all tasks; single: one adapter per task.", SETTINGS),
     )
-    # the adapter (documented once, in CoMoEConfig)
-    r: int = field(default=16, metadata=_adapter_doc("r"))
-    lora_alpha: float = field(default=32.0, metadata=_adapter_doc("lora_alpha"))
-    lora_dropout: float = field(default=0.05, metadata=_adapter_doc("lora_dropout"))
-    num_experts: int = field(default=4, metadata=_adapter_doc("num_experts"))
-    top_k: int = field(default=2, metadata=_adapter_doc("top_k"))
-    target_modules: list[str] | str = field(
-        default_factory=lambda: list(ATTENTION_MODULES), metadata=_adapter_doc("target_modules")
+    adapter: CoMoEConfig = field(
+        default_factory=CoMoEConfig,
+        metadata=doc(
+            "The adapter's settings (CoMoEConfig's fields, documented there): a mapping under `adapter:` in "
+            "YAML, one flag per field on the command line. The method fixes some of them (see `method`)."
+        ),
     )
-    layers: list[int] | str | None = field(default=None, metadata=_adapter_doc("layers"))
-    contrastive_weight: float = field(default=0.01, metadata=_adapter_doc("contrastive_weight"))
-    temperature: float = field(default=0.1, metadata=_adapter_doc("temperature"))
-    epsilon: float = field(default=1e-3, metadata=_adapter_doc("epsilon"))
-    anchor: str = field(default="random", metadata=_adapter_doc("anchor", ANCHORS))
-    num_negatives: int | None = field(default=None, metadata=_adapter_doc("num_negatives"))
-    balance_weight: float = field(default=0.0, metadata=_adapter_doc("balance_weight"))
-    expert_path: str = field(default="auto", metadata=_adapter_doc("expert_path", EXPERT_PATHS))
     lora_r: int | None = field(
         default=None,
-        metadata=_doc(
+        metadata=doc(
             "Rank of the plain-LoRA baseline (--method lora); none = matched to CoMoE's trainable parameters."
         ),
     )
     # optimisation
-    learning_rate: float = field(default=1e-3, metadata=_doc("AdamW learning rate (peak of the schedule)."))
-    weight_decay: float = field(default=0.0, metadata=_doc("AdamW weight decay."))
-    epochs: float = field(
-        default=1.0, metadata=_doc("Passes over the training examples (may be fractional).")
-    )
+    learning_rate: float = field(default=1e-3, metadata=doc("AdamW learning rate (peak of the schedule)."))
+    weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay."))
+    epochs: float = field(default=1.0, metadata=doc("Passes over the training examples (may be fractional)."))
     max_steps: int | None = field(
-        default=None, metadata=_doc("Optimiser steps; overrides --epochs. none = train for --epochs epochs.")
+        default=None, metadata=doc("Optimiser steps; overrides --epochs. none = train for --epochs epochs.")
     )
-    batch_size: int = field(default=8, metadata=_doc("Examples per micro-batch (per process)."))
+    batch_size: int = field(default=8, metadata=doc("Examples per micro-batch (per process)."))
     grad_accum: int = field(
         default=1,
-        metadata=_doc("Micro-batches per optimiser step; the step's loss is normalised by all its tokens."),
+        metadata=doc("Micro-batches per optimiser step; the step's loss is normalised by all its tokens."),
     )
     warmup_ratio: float = field(
-        default=0.05, metadata=_doc("Share of the steps spent warming the learning rate up.")
+        default=0.05, metadata=doc("Share of the steps spent warming the learning rate up.")
     )
     scheduler: str = field(
         default="linear",
-        metadata=_doc("Learning-rate schedule (transformers' get_scheduler): linear, cosine, constant, ..."),
+        metadata=doc("Learning-rate schedule (transformers' get_scheduler): linear, cosine, constant, ..."),
     )
     max_length: int = field(
         default=256,
-        metadata=_doc("Token limit per example; longer prompts lose their start (the answer is kept)."),
+        metadata=doc("Token limit per example; longer prompts lose their start (the answer is kept)."),
     )
     train_on_prompt: bool = field(
-        default=False, metadata=_doc("Also train on the prompt tokens, not only on the answer.")
+        default=False, metadata=doc("Also train on the prompt tokens, not only on the answer.")
     )
-    seed: int = field(default=0, metadata=_doc("Seeds the data sample, order, initialisation and dropout."))
+    seed: int = field(default=0, metadata=doc("Seeds the data sample, order, initialisation and dropout."))
     bf16: bool = field(
         default=False,
-        metadata=_doc("Frozen base in bfloat16 with bf16 autocast; adapters and routers stay fp32."),
+        metadata=doc("Frozen base in bfloat16 with bf16 autocast; adapters and routers stay fp32."),
     )
     quantize: str | None = field(
         default=None,
-        metadata=_doc(
+        metadata=doc(
             "Load the frozen base quantised by bitsandbytes (adapters stay fp32); needs comoe[quant].",
             QUANTIZATIONS,
         ),
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata=_doc("Recompute activations in backward: less memory, more time.")
+        default=False, metadata=doc("Recompute activations in backward: less memory, more time.")
     )
     save_steps: int = field(
-        default=50, metadata=_doc("Checkpoint every this many steps (resume with --resume).")
+        default=50, metadata=doc("Checkpoint every this many steps (resume with --resume).")
     )
     # evaluation
     protocol: str = field(
         default="label",
-        metadata=_doc(
+        metadata=doc(
             "label: score the answer letters; loglik: score each choice's text by log-likelihood.", PROTOCOLS
         ),
     )
-    eval_batch_size: int = field(default=16, metadata=_doc("Sequences per evaluation batch."))
+    eval_batch_size: int = field(default=16, metadata=doc("Sequences per evaluation batch."))
     eval_base: bool = field(
-        default=True, metadata=_doc("Also score the zero-shot base model (cached in the run directory).")
+        default=True, metadata=doc("Also score the zero-shot base model (cached in the run directory).")
     )
     # where
     output_dir: str | None = field(
-        default=None, metadata=_doc("Run directory; none = runs/<time>-<method>-<setting>-seed<seed>.")
+        default=None, metadata=doc("Run directory; none = runs/<time>-<method>-<setting>-seed<seed>.")
     )
 
     def __post_init__(self) -> None:
-        for name in NAME_LISTS:
-            setattr(self, name, split_names(name, getattr(self, name)))
-        check_field_types(self)  # first: the range checks below may then compare numbers safely
+        self.tasks = split_names("tasks", self.tasks)
+        # first: the range checks below may then compare numbers safely
+        check_field_types(self, {f.name for f in fields(self)} - {"adapter"})
         _one_of("method", self.method, METHODS)
+        self.adapter = method_adapter(self.method, self.adapter)
         _one_of("setting", self.setting, SETTINGS)
         _one_of("protocol", self.protocol, PROTOCOLS)
         _one_of("scheduler", self.scheduler, _scheduler_names())
@@ -193,8 +173,6 @@ class RunConfig:
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
         self._check_tasks()
-        if self.method != "lora":
-            self.comoe_config()  # fail now, not after the model has loaded
 
     def _check_tasks(self) -> None:
         _check(bool(self.tasks), "tasks is empty: name at least one task (see `comoe tasks`)")
@@ -221,51 +199,129 @@ class RunConfig:
                     )
                 seen[key] = spec
 
-    def comoe_config(self) -> CoMoEConfig:
-        """The adapter config this run's method implies."""
-        weight = self.contrastive_weight if self.method == "comoe" else 0.0
-        return CoMoEConfig(
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            num_experts=self.num_experts,
-            top_k=self.num_experts if self.method == "soft-moe" else self.top_k,
-            target_modules=self.target_modules,
-            layers=self.layers,
-            routing="soft" if self.method == "soft-moe" else "topk",
-            contrastive_weight=weight,
-            temperature=self.temperature,
-            epsilon=self.epsilon,
-            anchor=self.anchor,
-            num_negatives=self.num_negatives if weight > 0 else None,
-            balance_weight=self.balance_weight,
-            expert_path=self.expert_path,
-        )
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, the adapter's as a mapping of its own fields (what ``run_config.yaml`` holds)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**data, "tasks": list(self.tasks), "adapter": self.adapter.method_dict()}
 
     def to_yaml(self, path: str | Path) -> None:
-        write_text_atomic(path, yaml.dump(asdict(self), Dumper=_YamlDumper, sort_keys=False))
+        write_text_atomic(path, yaml.dump(self.to_dict(), Dumper=_YamlDumper, sort_keys=False))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
-        """Read a YAML file of fields (see `load_yaml`); ``overrides`` win over the file."""
+        """Read a YAML file of fields (see `load_yaml`); ``overrides`` (fields, flat or nested) win over it."""
         data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of RunConfig fields, got {type(data).__name__}")
-        return cls.from_dict({**data, **overrides}, source=str(path))
+        fields_ = merge_fields(nest_fields(data, str(path)), nest_fields(overrides, "overrides"))
+        return cls.from_dict(fields_, source=str(path))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
-        """A config from a mapping of fields; unknown keys are an error that suggests the closest field."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(map(str, set(data) - known))
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown fields {unknown}{did_you_mean(unknown, known)}; known fields: {sorted(known)}"
-            )
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RunConfig:
+        """A config from a mapping of fields (see `nest_fields`); errors name ``source``."""
         try:
-            return cls(**data)
+            return cls(**nest_fields(data, source))
         except ValueError as err:
-            raise ValueError(f"{source}: {err}") from None
+            message = str(err)
+            raise ValueError(
+                message if message.startswith(f"{source}: ") else f"{source}: {message}"
+            ) from None
+
+
+# --- the adapter inside a run ----------------------------------------------------------------------
+ADAPTER_FIELDS = tuple(f.name for f in fields(CoMoEConfig) if f.name in own_fields())
+_RUN_FIELDS = tuple(f.name for f in fields(RunConfig))
+
+
+def nest_fields(data: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """``data``'s RunConfig fields with every adapter field under ``"adapter"``.
+
+    Adapter fields may be given nested (``adapter: {r: 8}``, the form comoe writes), dotted
+    (``adapter.r``, as ``--set`` takes them) or flat (``r: 8``, as comoe 0.1 wrote ``run_config.yaml``).
+    Unknown keys are an error that suggests the closest field; a field given twice with two values too.
+    """
+    nested = data.get("adapter", {})
+    if isinstance(nested, CoMoEConfig):
+        nested = nested.method_dict()
+    if not isinstance(nested, Mapping):
+        raise ValueError(
+            f"{source}: adapter must be a mapping of adapter fields ({', '.join(ADAPTER_FIELDS)}), "
+            f"got {describe_value(nested)}"
+        )
+    out: dict[str, Any] = {}
+    adapter = dict(nested)
+    spelled = {name: f"adapter.{name}" for name in adapter}
+    unknown = [f"adapter.{name}" for name in adapter if name not in ADAPTER_FIELDS]
+    for key, value in data.items():
+        name = key.removeprefix("adapter.") if isinstance(key, str) else key
+        if key == "adapter":
+            continue
+        if key in _RUN_FIELDS:
+            out[key] = value
+        elif name in ADAPTER_FIELDS:
+            if name in adapter and adapter[name] != value:
+                raise ValueError(
+                    f"{source}: {name} is given twice, as {spelled[name]} ({adapter[name]!r}) and as {key} "
+                    f"({value!r}); keep one"
+                )
+            adapter[name], spelled[name] = value, key
+        else:
+            unknown.append(str(key))
+    if unknown:
+        known = [*_RUN_FIELDS, *(f"adapter.{name}" for name in ADAPTER_FIELDS)]
+        bare = [name.removeprefix("adapter.") for name in unknown]
+        raise ValueError(
+            f"{source}: unknown fields {sorted(unknown)}{did_you_mean(bare, [*_RUN_FIELDS, *ADAPTER_FIELDS])}; "
+            f"known fields: {known}"
+        )
+    if adapter or "adapter" in data:
+        out["adapter"] = adapter
+    return out
+
+
+def merge_fields(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested field mappings (see `nest_fields`) layered left to right; adapter fields merge one by one."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        adapter = {**merged.get("adapter", {}), **layer.get("adapter", {})}
+        merged.update(layer)
+        if adapter:
+            merged["adapter"] = adapter
+    return merged
+
+
+def flat_fields(run: RunConfig) -> dict[str, Any]:
+    """``run``'s fields in one level, the adapter's as ``adapter.NAME``: what a resume compares."""
+    data = run.to_dict()
+    adapter = data.pop("adapter")
+    return {**data, **{f"adapter.{name}": value for name, value in adapter.items()}}
+
+
+def method_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMoEConfig:
+    """The adapter config that ``method`` trains, from the given adapter settings, validated.
+
+    moe-lora and lora train without the contrastive loss (contrastive_weight = 0; lora only borrows the
+    modules and parameter count); soft-moe routes every token to every expert (routing = soft, top_k =
+    num_experts). Errors name the field as ``adapter.NAME``.
+    """
+    settings = adapter.method_dict() if isinstance(adapter, CoMoEConfig) else dict(adapter)
+    if "target_modules" in settings:
+        settings["target_modules"] = split_names("target_modules", settings["target_modules"])
+    if method in METHODS and method != "comoe":
+        settings["contrastive_weight"] = 0.0
+    if method == "soft-moe":
+        settings["routing"] = "soft"
+        settings["top_k"] = settings.get("num_experts", CoMoEConfig.num_experts)
+    if settings.get("contrastive_weight", CoMoEConfig.contrastive_weight) == 0:
+        settings["num_negatives"] = None  # negatives mean nothing without the loss
+    try:
+        return CoMoEConfig.from_dict(settings)
+    except ValueError as err:
+        message = str(err)
+        if message.startswith("unknown CoMoEConfig fields"):
+            raise
+        starts_with_field = any(message.startswith(f"{name} ") for name in ADAPTER_FIELDS)
+        raise ValueError(f"adapter.{message}" if starts_with_field else f"adapter: {message}") from None
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -330,28 +386,21 @@ def _check(ok: bool, message: str) -> None:
 
 
 # --- a field's value from text (flags, --set FIELD=VALUE) -------------------------------------------
-_HINTS = typing.get_type_hints(RunConfig)
+_HINTS = {
+    **{name: hint for name, hint in typing.get_type_hints(RunConfig).items() if name != "adapter"},
+    **{name: typing.get_type_hints(CoMoEConfig)[name] for name in ADAPTER_FIELDS},
+}
 
 
 def parse_field_value(name: str, text: str) -> Any:
-    """Read a command-line string as the type of RunConfig field ``name``; a ValueError names the flag."""
+    """Read a command-line string as the type of field ``name`` (a RunConfig field or an adapter field,
+    ``r`` or ``adapter.r``); a ValueError names the flag."""
+    name = name.removeprefix("adapter.")
+    if name not in _HINTS:
+        raise ValueError(
+            f"unknown field {name!r}{did_you_mean([name], _HINTS)}; known fields: {sorted(_HINTS)}"
+        )
     hint = _HINTS[name]
-    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if type(None) in members and text.strip().lower() == "none":
-        return None
-    if name in NAME_LISTS:
+    if name in NAME_LISTS and text.strip().lower() != "none":
         return split_names(name, text)
-    for member in members:
-        try:
-            if typing.get_origin(member) is list:
-                item = typing.get_args(member)[0]
-                return [item(part.strip()) for part in text.split(",") if part.strip()]
-            if member is bool:
-                return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[
-                    text.lower()
-                ]
-            if member is not type(None):
-                return member(text)
-        except (ValueError, KeyError):
-            continue
-    raise ValueError(f"--{name.replace('_', '-')}: cannot read {text!r} as {describe_hint(hint)}")
+    return parse_text(text, hint, f"--{name.replace('_', '-')}")

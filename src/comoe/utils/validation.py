@@ -56,6 +56,34 @@ def check_field_types(instance: Any, only: Iterable[str] | None = None) -> None:
             setattr(instance, f.name, converted)
 
 
+def doc(text: str, choices: Iterable[str] | None = None) -> dict[str, Any]:
+    """A dataclass field's documentation (``field(metadata=doc(...))``): its ``--help`` text and allowed values."""
+    return {"help": text, **({"choices": tuple(choices)} if choices else {})}
+
+
+def parse_text(text: str, hint: Any, what: str) -> Any:
+    """Read command-line ``text`` as type ``hint``: ``none`` for None, comma-separated lists, true/false/yes/
+    no/1/0 for booleans. A ValueError names ``what`` (the flag) and says what would work."""
+    members = _members(hint)
+    if type(None) in members and text.strip().lower() == "none":
+        return None
+    for member in members:
+        try:
+            if typing.get_origin(member) is list:
+                (item,) = typing.get_args(member)
+                return [item(part.strip()) for part in text.split(",") if part.strip()]
+            if member is bool:
+                return _BOOLEANS[text.strip().lower()]
+            if member is not type(None):
+                return member(text)
+        except (ValueError, KeyError):
+            continue
+    raise ValueError(f"{what}: cannot read {text!r} as {describe_hint(hint)}")
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def describe_hint(hint: Any) -> str:
     """What a type hint accepts, in words: ``list[int] | str | None`` → 'a list of integers, a string or none'."""
     members = _members(hint)

@@ -7,11 +7,12 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
+from comoe.config import EXPERT_PATHS
 from comoe.tools.bench.compile_check import _first_line, compile_check
 from comoe.tools.bench.measure import (
     MIN_STEPS,
@@ -28,10 +29,12 @@ from comoe.tools.bench.measure import (
     train_step,
 )
 from comoe.tools.bench.sizes import SIZES, SizeSpec, build_base
-from comoe.tools.bench.variants import GENERATE_VARIANTS, Variant, auto_path, build_variant
+from comoe.tools.bench.variants import GENERATE_VARIANTS, VARIANTS, Variant, auto_path, build_variant
 from comoe.utils.machine import machine_info
+from comoe.utils.validation import check_field_types, doc
 
 SCHEMA_VERSION = 1
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # Targets (the issue's): thresholds and where each is judged.
@@ -319,39 +322,100 @@ def evaluate_targets(result: dict) -> list[dict]:
 
 @dataclass
 class BenchOptions:
-    """What one `comoe bench` run measures; each field is the flag of the same name (``comoe.cli.bench``).
+    """What one `comoe bench` run measures; each field is a flag (and a key of its ``--config`` file).
 
-    ``None`` takes the size preset's value.
+    ``none`` takes the size preset's value.
     """
 
-    size: str = "tiny"
-    experts: list[int] | None = None  # experts per module; several sweep
-    rank: list[int] | None = None  # LoRA rank of each expert and of the LoRA baseline; several sweep
-    top_k: int = 2
-    steps: int = MIN_STEPS  # timed rounds
-    warmup: int = 2  # untimed rounds first
-    batch: int | None = None
-    seq: int | None = None
-    layers: int | None = None
-    variants: list[str] | None = None
-    target_modules: str = "q_proj,k_proj,v_proj,o_proj"
-    con_path: str = "auto"  # expert path of the contrastive variants: auto, dense or grouped
-    device: str | None = None
-    dtype: str | None = None
-    threads: int | None = None
-    seed: int = 0
-    random_init: bool = False  # smollm2: random weights instead of the real model
-    no_memory: bool = False
-    no_generate: bool = False
-    no_parity: bool = False
-    gen_tokens: int = 16
-    gen_batch: int = 4
-    gen_rounds: int = 5
-    compile_check: bool = False
-    compile_backend: str = "inductor"
-    compile_paths: str = "dense,grouped"
-    name: str | None = None  # results file stem; default: the size
-    command: str = "comoe bench"  # the command line, recorded in the result
+    size: str = field(
+        default="tiny",
+        metadata=doc(
+            "Model and batch preset: " + "; ".join(f"{k}: {v.description}" for k, v in SIZES.items()) + ".",
+            SIZES,
+        ),
+    )
+    experts: list[int] | None = field(
+        default=None, metadata=doc("Experts per module; a comma list sweeps. none = the preset's.")
+    )
+    rank: list[int] | None = field(
+        default=None,
+        metadata=doc(
+            "LoRA rank of each expert and of the LoRA baseline; a comma list sweeps. none = the preset's."
+        ),
+    )
+    top_k: int = field(default=2, metadata=doc("Experts per token."))
+    steps: int = field(default=MIN_STEPS, metadata=doc("Timed rounds."))
+    warmup: int = field(default=2, metadata=doc("Untimed rounds first."))
+    batch: int | None = field(default=None, metadata=doc("Sequences per step; none = the preset's."))
+    seq: int | None = field(default=None, metadata=doc("Tokens per sequence; none = the preset's."))
+    layers: int | None = field(default=None, metadata=doc("Transformer layers; none = the preset's."))
+    variants: list[str] | None = field(
+        default=None, metadata=doc(f"A comma list out of {', '.join(VARIANTS)}; none = the preset's.")
+    )
+    target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj", metadata=doc("Adapted modules (comma list).")
+    )
+    con_path: str = field(
+        default="auto", metadata=doc("Expert path of the contrastive variants.", EXPERT_PATHS)
+    )
+    device: str | None = field(
+        default=None, metadata=doc("cpu or cuda; none = the preset's (cpu without a GPU).")
+    )
+    dtype: str | None = field(default=None, metadata=doc("Base model dtype; none = the preset's.", DTYPES))
+    threads: int | None = field(
+        default=None, metadata=doc("torch.set_num_threads; none = the preset's on CPU (1).")
+    )
+    seed: int = field(default=0, metadata=doc("Seeds the weights and batches."))
+    random_init: bool = field(
+        default=False, metadata=doc("smollm2 sizes: random weights instead of the real model.")
+    )
+    no_memory: bool = field(default=False, metadata=doc("Skip the activation-memory measurement."))
+    no_generate: bool = field(default=False, metadata=doc("Skip the generate() throughput measurement."))
+    no_parity: bool = field(
+        default=False, metadata=doc("Skip the naive/grouped vs dense same-function check.")
+    )
+    gen_tokens: int = field(default=16, metadata=doc("New tokens per generate call."))
+    gen_batch: int = field(default=4, metadata=doc("Prompts per generate call."))
+    gen_rounds: int = field(default=5, metadata=doc("Timed generate rounds."))
+    compile_check: bool = field(
+        default=False, metadata=doc("Also check torch.compile on a tiny adapted model.")
+    )
+    compile_backend: str = field(default="inductor", metadata=doc("torch.compile backend of the check."))
+    compile_paths: str = field(default="dense,grouped", metadata=doc("Expert paths the compile check tries."))
+    name: str | None = field(
+        default=None, metadata=doc("Name of this run (results file stem); none = the size.")
+    )
+    command: str = field(default="comoe bench", metadata=doc("The command line, recorded in the result."))
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name, allowed in (("size", SIZES), ("con_path", EXPERT_PATHS), ("dtype", DTYPES)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        unknown = [v for v in self.variants or [] if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+        for name in ("experts", "rank"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < 1):
+                raise ValueError(f"{name} must be positive integers, got {values!r}")
+        for name in (
+            "top_k",
+            "steps",
+            "batch",
+            "seq",
+            "layers",
+            "threads",
+            "gen_tokens",
+            "gen_batch",
+            "gen_rounds",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
 
 def run_benchmark(args: BenchOptions, log: Callable[[str], None] = print) -> dict:
