@@ -46,6 +46,15 @@ class CoMoEConfig(PeftConfig):
         default=0.05,
         metadata={"help": "Dropout on the adapter input; one mask is shared by all experts of a module."},
     )
+    use_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "DoRA experts (CoMoE-DoRA): each expert also learns a magnitude per output feature, "
+            "m_i / ||W0 + s B_i A_i|| rescaling that expert's whole layer output (the norm a constant, as in "
+            "DoRA). The contrastive loss then uses the materialised expert outputs. With `comoe train --method "
+            "lora`, PEFT's DoRA baseline."
+        },
+    )
     num_experts: int = field(default=4, metadata={"help": "Experts per adapted linear (n)."})
     top_k: int = field(default=2, metadata={"help": "Experts activated per token (k)."})
     target_modules: list[str] | str = field(

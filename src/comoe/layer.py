@@ -2,6 +2,16 @@
 
     y = W0 x + (α/r) Σ_i g_i(x) B_i A_i dropout(x)
 
+With DoRA experts (``use_dora``) expert i also has a magnitude m_i per output feature and contributes
+its DoRA update c_i ⊙ (W0 + s B_i A_i) x̃ − W0 x̃, where c_i = m_i / ||W0 + s B_i A_i|| (row norms, held
+constant in backward as DoRA prescribes), so
+
+    y = W0 x + Σ_i g_i(x) [ s c_i ⊙ B_i A_i x̃ + (c_i − 1) ⊙ W0 x̃ ],   x̃ = dropout(x).
+
+The c_i fold into B (one elementwise scale) and the second term is one (N, E) @ (E, d_out) product, so
+both expert paths keep their shape; the row norms come from rank-r products, never an E × d_out × d_in
+tensor.
+
 The E experts are stored stacked (``comoe_A``: (E·r, d_in), ``comoe_B``: (d_out, E·r)) so that the
 default "dense codes" forward computes every expert's rank-r code in one matmul, zeroes the codes of
 unselected experts through the gates and applies all B's in a second matmul: a fixed number of ops, no
@@ -64,14 +74,44 @@ class ForwardContext:
     aux: list[ModuleAux] = field(default_factory=list)
     recorder: object | None = None  # comoe.records.RoutingRecorder when recording
     active: bool = False
-    pending: list[tuple] = field(default_factory=list)  # (layer, codes, probs, top_idx) per layer call
+    pending: list[tuple] = field(default_factory=list)  # (layer, codes, probs, top_idx, dora) per call
 
     def collect(self) -> list[ModuleAux]:
         """Compute the auxiliary losses (and routing records) of the layer calls since the last collect."""
         pending, self.pending = self.pending, []
-        for layer, codes, probs, top_idx in pending:
-            layer._auxiliary(codes, probs, top_idx)
+        for layer, codes, probs, top_idx, dora in pending:
+            layer._auxiliary(codes, probs, top_idx, dora)
         return self.aux
+
+
+def base_weight(layer: nn.Module) -> Tensor:
+    """The frozen weight as (d_out, d_in) in fp32, dequantised when bitsandbytes quantised it."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    weight = dequantize_module_weight(layer)
+    if Conv1D != () and isinstance(layer, Conv1D):
+        weight = weight.t()
+    return weight.detach().float()
+
+
+def dora_row_norms(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, num_experts: int
+) -> Tensor:
+    """||W0 + s B_i A_i|| per output row for every expert i, (E, d_out), from rank-r products only.
+
+    Row j: ||w_j||² + 2s b_ijᵀ (A_i w_j) + s² b_ijᵀ (A_i A_iᵀ) b_ij. weight (d_out, d_in); lora_A (E·r, d_in);
+    lora_B (d_out, E·r).
+    """
+    d_out, d_in = weight.shape
+    rank = lora_A.shape[0] // num_experts
+    a = lora_A.to(weight.dtype).view(num_experts, rank, d_in)
+    b = lora_B.to(weight.dtype).view(d_out, num_experts, rank)
+    projected = (weight @ lora_A.to(weight.dtype).t()).view(d_out, num_experts, rank)  # A_i w_j
+    gram = a @ a.transpose(1, 2)  # (E, r, r)
+    cross = (b * projected).sum(-1)  # (d_out, E)
+    quadratic = torch.einsum("der,ers,des->de", b, gram, b)
+    squared = weight.pow(2).sum(1, keepdim=True) + 2 * scaling * cross + scaling**2 * quadratic
+    return squared.clamp_min(0).sqrt().t()
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:
@@ -132,6 +172,8 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         self.comoe_router = nn.Parameter(
             torch.empty(self.num_experts, self.in_features, device=device, dtype=torch.float32)
         )
+        magnitude = torch.empty(self.num_experts, self.out_features, device=device, dtype=torch.float32)
+        self.register_parameter("comoe_magnitude", nn.Parameter(magnitude) if config.use_dora else None)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         every_expert_active = config.routing == "soft" or self.top_k == self.num_experts
         self._path = "dense" if every_expert_active else config.expert_path
@@ -148,7 +190,8 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = bool(value)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return [self.comoe_A, self.comoe_B, self.comoe_router]
+        extra = [self.comoe_magnitude] if self.comoe_magnitude is not None else []
+        return [self.comoe_A, self.comoe_B, self.comoe_router, *extra]
 
     def enable_adapters(self, enabled: bool) -> None:
         """PEFT's switch; unlike PEFT's layers it leaves ``requires_grad`` as it was."""
@@ -184,11 +227,16 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """LoRA init per expert (A: Kaiming-uniform, B: 0); router: small normal."""
+        """LoRA init per expert (A: Kaiming-uniform, B: 0); router: small normal; DoRA magnitudes: the base
+        weight's row norms, so that every expert starts as the identity update."""
         for a_expert in self.comoe_A.view(self.num_experts, self.r, self.in_features):
             nn.init.kaiming_uniform_(a_expert, a=math.sqrt(5))
         self.comoe_B.zero_()
         nn.init.normal_(self.comoe_router, std=self.config.router_init_std)
+        if self.comoe_magnitude is not None:
+            self.comoe_magnitude.copy_(
+                base_weight(self.base_layer).norm(dim=1).expand_as(self.comoe_magnitude)
+            )
 
     # --- routing ---------------------------------------------------------------------------------
     def route(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -219,13 +267,21 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         codes_with_grad = self._has_contrastive() and self.training and self.config.contrastive_weight > 0
         codes = None
         path = self.expert_path
+        scale = self.dora_scale()  # (E, d_out) for DoRA experts, else None
+        lora_B = self.comoe_B if scale is None else self._scaled_B(scale)
         if path == "dense" or codes_with_grad:
             codes = x_drop @ self.comoe_A.t()  # (N, E*r): every expert's code in one matmul
         if path == "dense":
             gated = codes.view(n_tokens, self.num_experts, self.r) * gates[..., None].to(codes.dtype)
-            delta = gated.view(n_tokens, -1) @ self.comoe_B.t()
+            delta = gated.view(n_tokens, -1) @ lora_B.t()
         else:
-            delta = self._grouped_delta(x_drop, top_idx, gates, codes)
+            delta = self._grouped_delta(x_drop, top_idx, gates, codes, lora_B)
+        delta = delta * self.scaling
+        dora = None
+        if scale is not None:
+            base_out = self._base_output(result, x_drop)
+            delta = delta + (gates.to(scale.dtype) @ (scale - 1)) * base_out
+            dora = (scale, base_out)
         recorder = ctx.recorder
         if (ctx.active and (ctx.compute_contrastive or ctx.compute_balance)) or recorder is not None:
             wants_codes = (ctx.compute_contrastive and self._has_contrastive()) or (
@@ -235,19 +291,47 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
                 with torch.no_grad():  # for records only: no gradient wanted, nothing saved for backward
                     codes = x_drop @ self.comoe_A.t()
             if ctx.active:
-                ctx.pending.append((self, codes, probs, top_idx))
+                ctx.pending.append((self, codes, probs, top_idx, dora))
             elif not (self.training and torch.is_grad_enabled()):
                 # Called outside a forward of the adapted model (a submodule run alone): records only. A training
                 # forward with autograd outside it is a checkpointing recompute: already recorded.
-                recorder.observe(self, probs.detach(), top_idx, None, None, None, codes)
-        out = result + (delta * self.scaling).view(*lead_shape, self.out_features).to(result.dtype)
-        return out
+                recorder.observe(self, probs.detach(), top_idx, None, None, None, codes, dora)
+        return result + delta.view(*lead_shape, self.out_features).to(result.dtype)
+
+    # --- DoRA experts ----------------------------------------------------------------------------
+    def dora_scale(self) -> Tensor | None:
+        """c_i = m_i / ||W0 + s B_i A_i|| per expert and output feature, (E, d_out); None for LoRA experts.
+
+        The norm is computed without autograd: DoRA (§4.3) treats it as a constant in backward.
+        """
+        if self.comoe_magnitude is None:
+            return None
+        with torch.no_grad():
+            norms = dora_row_norms(
+                base_weight(self.base_layer), self.comoe_A, self.comoe_B, self.scaling, self.num_experts
+            )
+        return self.comoe_magnitude / norms
+
+    def _scaled_B(self, scale: Tensor) -> Tensor:
+        """B with expert i's columns scaled per output feature by c_i: (d_out, E*r)."""
+        b = self.comoe_B.view(self.out_features, self.num_experts, self.r)
+        return (b * scale.t()[:, :, None]).view(self.out_features, -1)
+
+    def _base_output(self, result: Tensor, x_drop: Tensor) -> Tensor:
+        """W0 x̃ without bias, (N, d_out) in the adapter's dtype: the base output itself when dropout is off."""
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            out = result.reshape(-1, self.out_features).to(x_drop.dtype)
+            bias = getattr(self.base_layer, "bias", None)
+            return out - bias.to(out.dtype) if bias is not None else out
+        return F.linear(x_drop, base_weight(self.base_layer).to(x_drop.dtype))
 
     def _has_contrastive(self) -> bool:
         """Whether this layer's routing leaves positives and negatives for the contrastive loss."""
         return self.config.routing == "topk" and 2 <= self.top_k < self.num_experts
 
-    def _grouped_delta(self, x_drop: Tensor, top_idx: Tensor, gates: Tensor, codes: Tensor | None) -> Tensor:
+    def _grouped_delta(
+        self, x_drop: Tensor, top_idx: Tensor, gates: Tensor, codes: Tensor | None, lora_B: Tensor
+    ) -> Tensor:
         """Sorted-tokens path: each (token, selected expert) pair does only its own expert's work."""
         n_tokens = x_drop.shape[0]
         n_exp, rank = self.num_experts, self.r
@@ -262,12 +346,14 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
             a_t = self.comoe_A.view(n_exp, rank, self.in_features).transpose(1, 2)  # (E, d_in, r)
             sorted_codes = grouped_matmul(x_drop[token_of], a_t, offsets)
         sorted_gates = gates[token_of, sorted_expert].to(sorted_codes.dtype)
-        b_t = self.comoe_B.view(self.out_features, n_exp, rank).permute(1, 2, 0)  # (E, r, d_out)
+        b_t = lora_B.view(self.out_features, n_exp, rank).permute(1, 2, 0)  # (E, r, d_out)
         sorted_out = grouped_matmul(sorted_codes * sorted_gates[:, None], b_t, offsets)
         delta = torch.zeros(n_tokens, self.out_features, dtype=sorted_out.dtype, device=sorted_out.device)
         return delta.index_add(0, token_of, sorted_out)
 
-    def _auxiliary(self, codes: Tensor | None, probs: Tensor, top_idx: Tensor | None) -> None:
+    def _auxiliary(
+        self, codes: Tensor | None, probs: Tensor, top_idx: Tensor | None, dora: tuple | None = None
+    ) -> None:
         """This layer's auxiliary losses and records for one call, from what its forward left pending."""
         ctx = self.context
         n_tokens = probs.shape[0]
@@ -276,7 +362,7 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         )
         con = bal = None
         if ctx.compute_contrastive and codes is not None and top_idx is not None and self._has_contrastive():
-            con = self.contrastive(codes.view(-1, self.num_experts, self.r), top_idx, token_mask)
+            con = self.contrastive(codes.view(-1, self.num_experts, self.r), top_idx, token_mask, dora)
         if ctx.compute_balance:
             bal = load_balancing_loss(probs, top_idx, token_mask)
         if self.training and torch.is_grad_enabled():
@@ -284,7 +370,7 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         if con is not None or bal is not None:
             ctx.aux.append(ModuleAux(self.module_name, con, bal))
         if ctx.recorder is not None:
-            ctx.recorder.observe(self, probs.detach(), top_idx, token_mask, ctx.task_ids, con, codes)
+            ctx.recorder.observe(self, probs.detach(), top_idx, token_mask, ctx.task_ids, con, codes, dora)
 
     def _check_differentiable(self, codes: Tensor | None, probs: Tensor, con, bal) -> None:
         """A weighted aux loss computed from tensors without autograd history would silently add nothing
@@ -308,8 +394,13 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
                 "with gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
             )
 
-    def contrastive(self, codes: Tensor, top_idx: Tensor, token_mask: Tensor | None) -> ContrastiveOutput:
-        """This module's contrastive loss for codes (N, E, r), drawing anchors and negatives."""
+    def contrastive(
+        self, codes: Tensor, top_idx: Tensor, token_mask: Tensor | None, dora: tuple | None = None
+    ) -> ContrastiveOutput:
+        """This module's contrastive loss for codes (N, E, r), drawing anchors and negatives.
+
+        DoRA experts (``dora``: their scales and W0 x̃) take the materialised form: their outputs are not a
+        function of the rank-r codes alone."""
         cfg = self.config
         anchors = draw_anchors(top_idx, cfg.anchor)
         negatives = draw_negatives(top_idx, self.num_experts, cfg.num_negatives)
@@ -321,20 +412,29 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
             token_mask=token_mask,
             norm_eps=cfg.norm_eps,
         )
-        if cfg.contrastive_form == "gram":
+        if cfg.contrastive_form == "gram" and dora is None:
             return contrastive_loss(codes, self.comoe_B, top_idx, **kwargs)
-        outputs = self.expert_outputs(codes)
+        outputs = self.expert_outputs(codes, dora)
         return contrastive_loss_materialized(outputs, top_idx, **kwargs)
 
-    def expert_outputs(self, codes: Tensor) -> Tensor:
-        """Materialise E_i(x) = B_i h_i for every expert: (N, E, d_out). For analysis and the reference."""
+    def expert_outputs(self, codes: Tensor, dora: tuple | None = None) -> Tensor:
+        """Materialise every expert's output E_i(x): (N, E, d_out). For the materialised loss and analysis.
+
+        LoRA experts: B_i h_i (the scaling s left out: cosines do not see it). DoRA experts (``dora`` =
+        (c (E, d_out), W0 x̃ (N, d_out))): s c_i ⊙ B_i h_i + (c_i − 1) ⊙ W0 x̃, the expert's whole update.
+        """
         b = self.comoe_B.view(self.out_features, self.num_experts, self.r)
-        return torch.einsum("ner,der->ned", codes, b)
+        lora = torch.einsum("ner,der->ned", codes, b)
+        if dora is None:
+            return lora
+        scale, base_out = dora
+        return lora * (self.scaling * scale) + (scale - 1) * base_out[:, None, :]
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
             f"r={self.r}, routing={self.config.routing}, path={self.expert_path}"
+            + (", dora" if self.comoe_magnitude is not None else "")
         )
 
 

@@ -130,7 +130,9 @@ class RoutingRecorder:
         task_ids: Tensor | None,
         contrastive: ContrastiveOutput | None,
         codes: Tensor | None,
+        dora: tuple[Tensor, Tensor] | None = None,
     ) -> None:
+        """Count one layer call. ``dora``: a DoRA layer's (scales, W0 x̃), to materialise its expert outputs."""
         n_tokens, n_exp = probs.shape
         top_k = 0 if top_idx is None else top_idx.shape[1]
         rec = self._record_for(layer.module_name, n_exp, top_k, probs.device)
@@ -164,7 +166,7 @@ class RoutingRecorder:
             rec.contrastive_tokens += real
             rec.contrastive_calls += 1
         if codes is not None and self.wants_codes(layer.module_name):
-            self._sample(rec, layer, codes.view(n_tokens, n_exp, -1), keep, tasks, probs, top_idx)
+            self._sample(rec, layer, codes.view(n_tokens, n_exp, -1), keep, tasks, probs, top_idx, dora)
 
     @staticmethod
     def _count_combinations(rec: ModuleRecord, top_idx: Tensor, tasks: Tensor, weight: Tensor) -> None:
@@ -182,6 +184,7 @@ class RoutingRecorder:
         tasks: Tensor,
         probs: Tensor,
         top_idx: Tensor | None,
+        dora: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         limit = self.sample_limit(layer.module_name)
         room = limit - rec.sampled
@@ -194,7 +197,8 @@ class RoutingRecorder:
         if idx.numel() == 0:
             return
         chosen = top_idx if top_idx is not None else probs.argmax(-1, keepdim=True)
-        rec.sampled_outputs.append(layer.expert_outputs(codes[idx].float()).float().cpu())
+        picked = None if dora is None else (dora[0].detach().float(), dora[1][idx].detach().float())
+        rec.sampled_outputs.append(layer.expert_outputs(codes[idx].float(), picked).float().cpu())
         rec.sampled_tasks.append(tasks[idx].cpu())
         rec.sampled_experts.append(chosen[idx].cpu())
 

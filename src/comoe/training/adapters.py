@@ -19,11 +19,13 @@ from comoe.utils.modeling import replace_module
 
 
 def comoe_parameter_count(base: nn.Module, config: CoMoEConfig) -> int:
-    """Trainable parameters CoMoE would add: per module E·r·(d_in + d_out) experts + E·d_in router."""
+    """Trainable parameters CoMoE would add: per module E·r·(d_in + d_out) experts + E·d_in router
+    (+ E·d_out magnitudes for DoRA experts)."""
     total = 0
     for name in find_targets(base, config):
         d_in, d_out = layer_features(base.get_submodule(name))
         total += config.num_experts * config.r * (d_in + d_out) + config.num_experts * d_in
+        total += config.num_experts * d_out if config.use_dora else 0
     return total
 
 
@@ -43,6 +45,7 @@ def build_adapted_model(base: nn.Module, run: RunConfig) -> nn.Module:
         lora_alpha=run.adapter.lora_alpha * rank / run.adapter.r,
         lora_dropout=run.adapter.lora_dropout,
         target_modules=find_targets(base, run.adapter),  # the modules CoMoE would adapt, layers applied
+        use_dora=run.adapter.use_dora,  # --method lora --use-dora: PEFT's DoRA baseline
     )
     return get_peft_model(base, lora)
 

@@ -13,17 +13,31 @@ from comoe.layer import CoMoELayer, layer_features
 from comoe.model import find_targets, get_comoe_model
 from comoe.tools.bench.naive import inject_naive
 
-VARIANTS = ("base", "lora", "naive", "ours-dense", "ours-grouped", "ours-con-gram", "ours-con-mat")
-OURS = ("ours-dense", "ours-grouped", "ours-con-gram", "ours-con-mat")
+VARIANTS = (
+    "base",
+    "lora",
+    "lora-dora",
+    "naive",
+    "ours-dense",
+    "ours-grouped",
+    "ours-con-gram",
+    "ours-con-mat",
+    "ours-dora",
+    "ours-dora-con",
+)
+OURS = ("ours-dense", "ours-grouped", "ours-con-gram", "ours-con-mat", "ours-dora", "ours-dora-con")
 GENERATE_VARIANTS = ("base", "lora", "ours-dense", "ours-grouped")
 VARIANT_HELP = {
     "base": "frozen base, forward + backward to the inputs",
     "lora": "PEFT LoRA (same r, modules, alpha, dropout)",
+    "lora-dora": "PEFT LoRA with use_dora (DoRA, same r)",
     "naive": "per-expert-loop MoE-LoRA (MoE-PEFT/MixLoRA style)",
     "ours-dense": "CoMoE layer, dense codes, λ = 0",
     "ours-grouped": "CoMoE layer, grouped_mm, λ = 0",
     "ours-con-gram": "CoMoE + contrastive, Gram form",
     "ours-con-mat": "CoMoE + contrastive, materialised (paper)",
+    "ours-dora": "CoMoE-DoRA experts, λ = 0",
+    "ours-dora-con": "CoMoE-DoRA experts + contrastive (materialised outputs)",
 }
 
 
@@ -47,6 +61,7 @@ def comoe_config(
     path: str = "auto",
     contrastive: str | None = None,
     dropout: float = 0.05,
+    dora: bool = False,
 ) -> CoMoEConfig:
     return CoMoEConfig(
         r=rank,
@@ -58,6 +73,7 @@ def comoe_config(
         expert_path=path,
         contrastive_weight=0.01 if contrastive else 0.0,
         contrastive_form=contrastive or "gram",
+        use_dora=dora,
     )
 
 
@@ -86,11 +102,16 @@ def build_variant(
         for p in model.parameters():
             p.requires_grad_(False)
         wrapped = model
-    elif name == "lora":
+    elif name in ("lora", "lora-dora"):
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(
-            r=rank, lora_alpha=2.0 * rank, lora_dropout=0.05, target_modules=list(targets), bias="none"
+            r=rank,
+            lora_alpha=2.0 * rank,
+            lora_dropout=0.05,
+            target_modules=list(targets),
+            bias="none",
+            use_dora=name == "lora-dora",
         )
         wrapped = get_peft_model(model, cfg)
     elif name == "naive":
@@ -98,10 +119,13 @@ def build_variant(
         wrapped = model
     elif name in OURS:
         path = {"ours-dense": "dense", "ours-grouped": "grouped"}.get(name, con_path)
-        form = {"ours-con-gram": "gram", "ours-con-mat": "materialized"}.get(name)
-        wrapped = get_comoe_model(
-            model, comoe_config(experts, rank, top_k, targets, path=path, contrastive=form)
+        form = {"ours-con-gram": "gram", "ours-con-mat": "materialized", "ours-dora-con": "materialized"}.get(
+            name
         )
+        config = comoe_config(
+            experts, rank, top_k, targets, path=path, contrastive=form, dora=name.startswith("ours-dora")
+        )
+        wrapped = get_comoe_model(model, config)
     else:
         raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
     wrapped.train()
