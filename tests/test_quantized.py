@@ -67,7 +67,9 @@ def test_training_on_a_quantised_base_lowers_the_loss_and_reloads_exactly(model_
 
 
 @pytest.mark.slow
-def test_cli_quantize_trains_and_evaluates_on_the_quantised_base(model_dir, tmp_path):
+@pytest.mark.parametrize("experts", ["lora", "dora"])
+def test_cli_quantize_trains_and_evaluates_on_the_quantised_base(model_dir, tmp_path, experts):
+    """LoRA experts, and DoRA experts (whose row norms need the dequantised base weight)."""
     run_dir = tmp_path / "nf4"
     comoe_cli(
         "train",
@@ -93,6 +95,7 @@ def test_cli_quantize_trains_and_evaluates_on_the_quantised_base(model_dir, tmp_
         "nf4",
         "--output-dir",
         str(run_dir),
+        *(["--use-dora"] if experts == "dora" else []),
     )
     assert RunConfig.from_yaml(run_dir / "run_config.yaml").quantize == "nf4"
     assert all(row["con"] > 0 for row in read_log(run_dir))
