@@ -91,7 +91,8 @@ def render_sources(
         "",
         "One file per task, `<task>.jsonl`, one example a line:",
         '`{"id": <index in the BIG-bench task.json examples>, "split": "train"|"test", "question": str,',
-        '"choices": [str, ...], "answer": <index into choices>}`; train lines first, then test lines.',
+        '"choices": [str, ...], "answer": <index into choices>}` (multiple choice) or `{"id", "split",',
+        '"prompt": str, "target": str}` (generation); train lines first, then test lines.',
         "The same schema as user JSONL files (`comoe.data.jsonl`).",
         "",
         "## Conversion rules",
@@ -144,6 +145,8 @@ def render_sources(
     lines += [f"Total size of the `.jsonl` files: {total_bytes:,} bytes.", "", "## Tasks", ""]
     for task, _, _ in rows:
         lines += [f"### `{task.name}`", "", f"- What: {task.what}", f"- Source: {task.source}"]
+        if task.generative:
+            lines.append("- Answered by generation; scored by the final number of the answer")
         lines += [f"- Licence: {task.license}"]
         if task.instruction:
             lines.append(f"- Instruction line put before the input: `{task.instruction}`")
@@ -173,6 +176,12 @@ SUITE_NOTES = {
         "train split (`results/suite-selection/README.md`): in one mixture at the main job's budget "
         "SmolLM2-135M beats the majority class on each of them."
     ),
+    "math": (
+        "The paper's multi-task math setting as far as offline sources go: Brown et al.'s arithmetic "
+        "(2-4 digit addition and subtraction; generated, scored by the final number) and MathQA's word "
+        "problems as multiple choice (`elementary_math_qa`, shared with `hard`). `test majority` of a "
+        "generated task is the share of its most frequent answer."
+    ),
     "hard": (
         "The first built-in suite (the default tasks until issue 14): reasoning tasks that a 135M model "
         "does not learn in minutes (its adapters mostly learn the answer prior). Files and names unchanged."
@@ -188,7 +197,7 @@ def convert_task(task: SuiteTask, raw: dict) -> tuple[list[dict], ConvertStats]:
 
 def build(sdist: Path, suites: dict[str, tuple[SuiteTask, ...]] = SUITES) -> dict[str, str]:
     """Return {file name: content} for the suite directory (every task of ``suites``, and SOURCES.md)."""
-    tasks = [task for members in suites.values() for task in members]
+    tasks = list({task.name: task for members in suites.values() for task in members}.values())  # each once
     raw = read_task_files(sdist, sorted({task.path for task in tasks}))
     files: dict[str, str] = {}
     rows: list[tuple] = []

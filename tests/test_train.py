@@ -209,7 +209,7 @@ def test_use_dora_trains_dora_experts_or_peft_dora_and_eval_reproduces_them(tiny
         # the analysis materialises DoRA expert outputs (magnitude term included) for its redundancy numbers
         comoe_cli("analyze", str(run_dir), "--test-per-task", "4", "--no-tsne", "--no-progress")
         summary = json.loads((run_dir / "analysis" / "metrics.json").read_text())["runs"][0]["summary"]
-        assert 0 < summary["contrastive_loss"] and -1 <= summary["cosine"] <= 1 and 0 <= summary["cka"] <= 1
+        assert summary["contrastive_loss"] > 0 and -1 <= summary["cosine"] <= 1 and 0 <= summary["cka"] <= 1
     metrics = json.loads((run_dir / "metrics.json").read_text())
     comoe_cli("eval", str(run_dir))
     again = json.loads((run_dir / "eval_label.json").read_text())

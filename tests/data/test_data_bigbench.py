@@ -115,6 +115,28 @@ def test_assign_splits_groups_caps_and_determinism():
     assert sum(r["split"] == "test" for r in small) <= 10
 
 
+def test_generative_tasks_keep_their_target_and_drop_conflicts():
+    task = SuiteTask(
+        name="sum", path="sum", what="", source="", license="", generative=True, instruction="Add."
+    )
+    examples = [
+        {"input": "What is 1 plus 2?", "target": "3"},
+        {"input": "What is 1 plus 2?", "target": "3"},  # duplicate
+        {"input": "What is 2 plus 2?", "target": "4"},
+        {"input": "What is 2 plus 2? ", "target": "5"},  # conflicting copy: both dropped
+        {"input": "What is 5 plus 5?", "target": ["10", "ten"]},  # a list: its first target
+        {"input": "What is 6 plus 6?", "target": ""},  # no target: invalid
+    ]
+    records, stats = convert_examples(task, examples)
+    assert records == [
+        {"id": 0, "prompt": "Add.\nWhat is 1 plus 2?", "target": "3"},
+        {"id": 4, "prompt": "Add.\nWhat is 5 plus 5?", "target": "10"},
+    ]
+    assert (stats.duplicates, stats.conflicts, stats.invalid) == (1, 2, 1)
+    split = assign_splits(task, records * 1, test_size=1)
+    assert [list(r) for r in split] == [["id", "split", "prompt", "target"]] * 2
+
+
 def test_split_does_not_depend_on_input_order():
     records = [{"id": i, "question": f"q{i}", "choices": ["a", "b"], "answer": 0} for i in range(2000)]
     a = assign_splits(PLAIN, records)
@@ -131,6 +153,11 @@ def _fake_sdist(path: Path, n: int = 60) -> Path:
             if task.labels:  # every third example is answered by a label outside the task's: filtered out
                 examples = [
                     _mc(f"{task.name} sentence {i}.", [*task.labels, "neutral"], i % 3) for i in range(n)
+                ]
+            if task.generative:  # BIG-bench's arithmetic: an input and its target, options for scoring only
+                examples = [
+                    {"input": f"What is {i} plus 7?", "target": str(i + 7), "target_scores": {str(i + 7): 1}}
+                    for i in range(n)
                 ]
             if task.name == "winowhy":
                 examples = [

@@ -20,6 +20,7 @@ from comoe.data.suites import (
     SUITES,
     normalize_space,
 )
+from comoe.evaluation.numeric import is_number
 
 SUITE_DIR = files("comoe.data").joinpath("suite")
 TASK = {task.name: task for task in SUITE_TASKS}
@@ -51,13 +52,17 @@ def test_suite_files_match_the_task_list():
 
 def test_the_suites():
     assert DEFAULT_SUITE == "learnable" and SUITE_NAMES["learnable"] == BUILTIN_SUITE
-    assert list(SUITE_NAMES) == ["learnable", "hard"]  # the default suite first
+    assert list(SUITE_NAMES) == ["learnable", "hard", "math"]  # the default suite first
     assert SUITE_NAMES["hard"] == HARD  # the first suite keeps its tasks, names and order
     assert tuple(task.name for task in HARD_TASKS) == HARD
     assert len(SUITE_NAMES["learnable"]) >= 6
     assert not set(SUITE_NAMES["learnable"]) & set(HARD)
     assert all(task in LEARNABLE_CANDIDATES for task in SUITES["learnable"])
-    assert sorted(BUILTIN_TASKS) == sorted(SUITE_NAMES["learnable"] + HARD)
+    assert sorted(BUILTIN_TASKS) == sorted(set(SUITE_NAMES["learnable"] + HARD + SUITE_NAMES["math"]))
+    math = [TASK[name] for name in SUITE_NAMES["math"]]
+    assert sum(task.generative for task in math) >= 6 and "elementary_math_qa" in SUITE_NAMES["math"]
+    # the learnable suite's arithmetic tasks come from the same BIG-bench files: the math suite leaves them out
+    assert not {task.path for task in math} & {task.path for task in SUITES["learnable"]}
 
 
 def test_suite_size_budget():
@@ -75,7 +80,7 @@ def test_a_whole_suite_loads_by_name(suite):
 
 
 def test_unknown_suite_names_the_suites():
-    with pytest.raises(ValueError, match="suite:learnable, suite:hard"):
+    with pytest.raises(ValueError, match="suite:learnable, suite:hard, suite:math"):
         load_task("suite:easy")
 
 
@@ -85,6 +90,11 @@ def test_task_loads_with_valid_examples(name):
     assert 0 < len(train) <= TASK[name].train_cap
     assert min(100, TASK[name].test_size) <= len(test) <= TASK[name].test_size  # a quarter of a small task
     assert len(train) >= min(TASK[name].train_cap, 2 * len(test))
+    if TASK[name].generative:  # a prompt and the number to generate
+        for example in train + test:
+            assert example.task == name and example.question.strip() and not example.is_multiple_choice
+            assert is_number(example.target) and format_prompt(example).endswith("?\n")
+        return
     for example in train + test:
         assert example.task == name
         assert example.question.strip() and example.is_multiple_choice
@@ -99,9 +109,15 @@ def test_task_loads_with_valid_examples(name):
 def test_splits_are_disjoint_and_stable(name):
     rows = _rows(name)
     assert [r["split"] for r in rows] == sorted((r["split"] for r in rows), key=["train", "test"].index)
-    assert list(rows[0]) == ["id", "split", "question", "choices", "answer"]
-    train_q = {normalize_space(r["question"]).lower() for r in rows if r["split"] == "train"}
-    test_q = {normalize_space(r["question"]).lower() for r in rows if r["split"] == "test"}
+    text = "prompt" if TASK[name].generative else "question"
+    fields = (
+        ["id", "split", "prompt", "target"]
+        if TASK[name].generative
+        else ["id", "split", "question", "choices", "answer"]
+    )
+    assert list(rows[0]) == fields
+    train_q = {normalize_space(r[text]).lower() for r in rows if r["split"] == "train"}
+    test_q = {normalize_space(r[text]).lower() for r in rows if r["split"] == "test"}
     assert not train_q & test_q
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids))
@@ -111,7 +127,7 @@ def test_splits_are_disjoint_and_stable(name):
 @pytest.mark.parametrize("name", BUILTIN_TASKS)
 def test_majority_class_is_not_trivial(name):
     test = load_task(name, "test")
-    top = Counter(e.answer for e in test).most_common(1)[0][1]
+    top = Counter(e.answer if e.is_multiple_choice else e.target for e in test).most_common(1)[0][1]
     assert top / len(test) < 0.7
 
 

@@ -66,7 +66,7 @@ def load_task(
     """Load one split of a task as a list of :class:`Example`.
 
     ``name``: a built-in task (``BUILTIN_TASKS``, splits train/test, offline), a whole built-in suite as
-    ``suite:NAME`` (``SUITE_NAMES``: "learnable", the default tasks ``BUILTIN_SUITE``, and "hard"; its
+    ``suite:NAME`` (``SUITE_NAMES``: "learnable", the default tasks ``BUILTIN_SUITE``, "hard" and "math"; its
     tasks' examples one after another, ``limit`` applied per task), a paper benchmark
     (``PAPER_BENCHMARKS``, splits train/validation/test, from the Hugging Face hub or from
     ``data_files`` in the hub's schema), or a JSONL file as ``jsonl:PATH`` or a path ending in

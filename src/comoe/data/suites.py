@@ -43,6 +43,7 @@ class SuiteTask:
     labels: tuple[
         str, ...
     ] = ()  # if set: keep only examples answered by one of these, offered as the options
+    generative: bool = False  # answered by generating BIG-bench's ``target`` text, not by choosing an option
 
 
 # The "hard" suite: the first built-in suite, reasoning tasks that SmolLM2-135M does not learn in minutes
@@ -284,11 +285,47 @@ LEARNABLE_TASKS: tuple[SuiteTask, ...] = tuple(
     next(t for t in LEARNABLE_CANDIDATES if t.name == name) for name in LEARNABLE_NAMES
 )
 
+MATH_TEST_SIZE = 300
+MATH_TRAIN_CAP = 500
+
+
+def _arithmetic(digits: int, operation: str) -> SuiteTask:
+    return SuiteTask(
+        name=f"arithmetic_{digits}_digit_{operation}",
+        path=f"arithmetic/{digits}_digit_{operation}",
+        what=f"{digits}-digit {operation} ('What is 80 plus 29?'), answered by generating the number",
+        source=(
+            "the arithmetic tasks of Brown et al. (GPT-3, NeurIPS 2020, section 3.9.1: 2D+, 2D-, 3D+, ...), "
+            "as BIG-bench's `arithmetic` task holds them; the paper's math table's 'Arithmetic' row"
+        ),
+        license="Apache-2.0 (BIG-bench)",
+        generative=True,
+        test_size=MATH_TEST_SIZE,
+        train_cap=MATH_TRAIN_CAP,
+    )
+
+
+# The "math" suite: the paper's multi-task math setting as far as offline sources go. Brown et al.'s
+# arithmetic, generated and scored by the final number (the 2-digit multiplication and 3-digit division
+# subtasks are left out: the learnable suite holds them as multiple choice), and MathQA's word problems
+# (built on AQuA-RAT) as multiple choice. GSM8K, SVAMP, MultiArith, AddSub, SingleEQ and AQuA come from the
+# hub (`comoe tasks`).
+MATH_TASKS: tuple[SuiteTask, ...] = (
+    *(_arithmetic(d, op) for d in (2, 3, 4) for op in ("addition", "subtraction")),
+    next(t for t in HARD_TASKS if t.name == "elementary_math_qa"),
+)
+
 # Named suites (``--tasks suite:hard``); the default suite comes first. "learnable" is the default: the six
 # tasks SmolLM2-135M learns in one mixture within the main job's budget (results/suite-selection/README.md).
 DEFAULT_SUITE = "learnable"
-SUITES: dict[str, tuple[SuiteTask, ...]] = {"learnable": LEARNABLE_TASKS, "hard": HARD_TASKS}
-SUITE_TASKS: tuple[SuiteTask, ...] = LEARNABLE_TASKS + HARD_TASKS  # every shipped task
+SUITES: dict[str, tuple[SuiteTask, ...]] = {
+    "learnable": LEARNABLE_TASKS,
+    "hard": HARD_TASKS,
+    "math": MATH_TASKS,
+}
+SUITE_TASKS: tuple[SuiteTask, ...] = tuple(
+    {task.name: task for tasks in SUITES.values() for task in tasks}.values()
+)  # every shipped task, once (a task may be in two suites)
 BUILTIN_SUITE: tuple[str, ...] = tuple(task.name for task in SUITES[DEFAULT_SUITE])  # the default tasks
 BUILTIN_TASKS: tuple[str, ...] = tuple(
     task.name for task in SUITE_TASKS

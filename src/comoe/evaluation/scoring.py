@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from comoe.data.prompts import choice_labels, format_prompt
 from comoe.data.schema import Example
+from comoe.evaluation.numeric import is_number, numbers_match
 from comoe.utils.modeling import accepts_logits_to_keep, model_device, pad_token_id
 
 PROTOCOLS = ("label", "loglik")
@@ -360,15 +361,22 @@ def generate_answers(
 
 
 def _generation_result(answers: list[str], examples: Sequence[Example], keep: bool) -> dict[str, Any]:
-    correct = sum(
-        normalise_answer(a) == normalise_answer(ex.target or "")
-        for a, ex in zip(answers, examples, strict=True)
-    )
+    """Exact match after normalisation; a task whose every reference is a number is scored by the final
+    number of each answer instead (``numeric_match``: "$1,200." answers 1200)."""
+    numeric = all(is_number(ex.target or "") for ex in examples)
+    if numeric:
+        hits = [numbers_match(a, ex.target or "") for a, ex in zip(answers, examples, strict=True)]
+    else:
+        hits = [
+            normalise_answer(a) == normalise_answer(ex.target or "")
+            for a, ex in zip(answers, examples, strict=True)
+        ]
+    correct = sum(hits)
     result = {
         "accuracy": correct / len(examples),
         "n": len(examples),
         "correct": correct,
-        "metric": "exact_match",
+        "metric": "numeric_match" if numeric else "exact_match",
     }
     if keep:
         result["predictions"] = answers

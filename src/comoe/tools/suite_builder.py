@@ -79,6 +79,8 @@ def convert_examples(task: SuiteTask, examples: list[dict]) -> tuple[list[dict],
     label order; tasks with per-example option texts get a per-example order from SHA-1 hashes, since
     some BIG-bench tasks always list the correct option first (or last).
     """
+    if task.generative:
+        return _convert_generative(task, examples)
     stats = ConvertStats(source=len(examples))
     parsed: list[tuple[int, str, list[str], int]] = []
     for index, example in enumerate(examples):
@@ -133,6 +135,41 @@ def convert_examples(task: SuiteTask, examples: list[dict]) -> tuple[list[dict],
     return records, stats
 
 
+def _convert_generative(task: SuiteTask, examples: list[dict]) -> tuple[list[dict], ConvertStats]:
+    """BIG-bench ``examples`` -> records ``{"id", "prompt", "target"}``: the answer is generated."""
+    stats = ConvertStats(source=len(examples))
+    parsed = []
+    for index, example in enumerate(examples):
+        target = example.get("target")
+        target = target[0] if isinstance(target, list) and target else target
+        target = clean_choice(str(target)) if isinstance(target, (str, int, float)) else ""
+        if not target:
+            stats.invalid += 1
+            continue
+        prompt = clean_text(str(example["input"]))
+        if task.instruction:
+            prompt = f"{task.instruction}\n{prompt}"
+        parsed.append((index, prompt, target))
+    targets_by_prompt: dict[str, set[str]] = {}
+    for _, prompt, target in parsed:
+        targets_by_prompt.setdefault(normalize_space(prompt), set()).add(target)
+    records, seen = [], set()
+    for index, prompt, target in parsed:
+        key = normalize_space(prompt)
+        if len(targets_by_prompt[key]) > 1:
+            stats.conflicts += 1
+        elif key in seen:
+            stats.duplicates += 1
+        else:
+            seen.add(key)
+            records.append({"id": index, "prompt": prompt, "target": target})
+    return records, stats
+
+
+def _input_of(record: dict) -> str:
+    return record["question"] if "question" in record else record["prompt"]
+
+
 def assign_splits(
     task: SuiteTask, records: list[dict], test_size: int | None = None, train_cap: int | None = None
 ) -> list[dict]:
@@ -145,7 +182,7 @@ def assign_splits(
     train_cap = task.train_cap if train_cap is None else train_cap
     groups: dict[str, list[dict]] = {}
     for record in records:
-        groups.setdefault(task.group(record["question"]), []).append(record)
+        groups.setdefault(task.group(_input_of(record)), []).append(record)
     ordered = sorted(groups.items(), key=lambda kv: _sha1(f"{task.name}\x00{kv[0]}"))
     test_size = min(test_size, len(records) // 4)
     test: list[dict] = []
@@ -162,6 +199,8 @@ def assign_splits(
 
 
 def _body(record: dict) -> dict:
+    if "target" in record:
+        return {"prompt": record["prompt"], "target": record["target"]}
     return {"question": record["question"], "choices": record["choices"], "answer": record["answer"]}
 
 
@@ -190,10 +229,12 @@ def dump_jsonl(records: list[dict]) -> str:
 
 
 def split_stats(records: list[dict]) -> dict[str, dict]:
-    """Per split: count, and the majority-class rate (share of the most frequent answer index)."""
+    """Per split: count, and the majority-class rate (share of the most frequent answer index, or target)."""
     out = {}
     for split in ("train", "test"):
-        answers = Counter(r["answer"] for r in records if r["split"] == split)
+        answers = Counter(
+            r["answer"] if "answer" in r else r["target"] for r in records if r["split"] == split
+        )
         n = sum(answers.values())
         out[split] = {"count": n, "majority": (max(answers.values()) / n) if n else 0.0}
     return out
