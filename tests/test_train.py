@@ -215,3 +215,37 @@ def test_use_dora_trains_dora_experts_or_peft_dora_and_eval_reproduces_them(tiny
     again = json.loads((run_dir / "eval_label.json").read_text())
     for task, scores in metrics["adapter"]["tasks"].items():
         assert again["adapter"]["tasks"][task]["accuracy"] == scores["accuracy"]
+
+
+def test_the_math_suite_trains_and_scores_generated_numbers(tiny_model_dir, tmp_path):
+    """`--tasks suite:math`: generated arithmetic answers scored by their final number, beside a
+    multiple-choice task, in one multi-task run."""
+    run_dir = tmp_path / "math"
+    comoe_cli(
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--tasks",
+        "arithmetic_2_digit_addition,elementary_math_qa",
+        "--train-per-task",
+        "16",
+        "--test-per-task",
+        "4",
+        "--batch-size",
+        "4",
+        "--r",
+        "4",
+        "--max-steps",
+        "2",
+        "--output-dir",
+        str(run_dir),
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for kind in ("adapter", "base", "majority"):
+        scores = metrics[kind]["tasks"]
+        assert scores["arithmetic_2_digit_addition"]["metric"] == "numeric_match"
+        assert (
+            "metric" not in scores["elementary_math_qa"]
+            or scores["elementary_math_qa"]["metric"] != "numeric_match"
+        )
+        assert all(0 <= s["accuracy"] <= 1 and s["n"] == 4 for s in scores.values())

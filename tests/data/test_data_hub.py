@@ -39,6 +39,13 @@ EXPECTED = {
     "siqa": [0, 1, 2],
     "hellaswag": [0, 1, 3],
     "winogrande": [0, 1, 0],
+    "aqua": [1, 0, 4],
+    # generated: the reference numbers
+    "gsm8k": ["29", "3600", "10"],
+    "svamp": ["13", "18", "4.5"],
+    "multiarith": ["19", "18", "5"],
+    "addsub": ["43", "53", "9.75"],
+    "singleeq": ["13", "35", "48"],
 }
 
 
@@ -123,12 +130,39 @@ def test_convert_winogrande():
 def test_load_fixture_through_datasets(name, tmp_path):
     fixture = FIXTURES / f"{name}.jsonl"
     examples = load_benchmark(name, "train", data_files=fixture, cache_dir=tmp_path)
-    assert [e.answer for e in examples] == EXPECTED[name]
+    generated = isinstance(EXPECTED[name][0], str)
+    assert [e.target if generated else e.answer for e in examples] == EXPECTED[name]
     rows = [json.loads(line) for line in fixture.read_text().splitlines()]
     for example, row in zip(examples, rows, strict=True):
-        assert example.task == name and example.is_multiple_choice
+        assert example.task == name and example.is_multiple_choice is not generated
         assert example == hub.BENCHMARKS[name].convert(row, task=name)
         assert example.meta["source_split"] == "train"
+
+
+def test_math_converters_read_every_published_layout_and_name_bad_answers():
+    from comoe.data.hub import convert_aqua, convert_gsm8k, convert_mawps
+
+    gsm = convert_gsm8k({"question": "Q?", "answer": "2 + 2 = 4\n#### 4"})
+    assert (gsm.question, gsm.target, gsm.meta["rationale"]) == ("Q?", "4", "2 + 2 = 4")
+    with pytest.raises(ValueError, match="no '#### <number>' line"):
+        convert_gsm8k({"question": "Q?", "answer": "4"})
+    layouts = [
+        {"sQuestion": "Q?", "lSolutions": [2.0]},
+        {"question": "Q?", "final_ans": "2"},
+        {"instruction": "Q?", "answer": "2.0"},
+    ]
+    assert {convert_mawps(row, task="addsub").target for row in layouts} == {"2"}
+    with pytest.raises(ValueError, match="'answer' must be a number, got 'two'"):
+        convert_mawps({"instruction": "Q?", "answer": "two"})
+    with pytest.raises(KeyError, match="sQuestion"):
+        convert_mawps({"text": "Q?"})
+    aqua = convert_aqua({"question": "Q?", "options": ["A)1", "B)2 )", "C)3"], "correct": "B"})
+    assert aqua.choices == ("1", "2 )", "3") and aqua.answer == 1
+
+
+def test_math_benchmarks_without_a_hub_copy_ask_for_files():
+    with pytest.raises(ValueError, match="no hub copy of it; load its files"):
+        load_benchmark("addsub", "test")
 
 
 def test_unlabelled_test_split_maps_to_validation(tmp_path):

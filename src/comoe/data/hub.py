@@ -1,4 +1,6 @@
-"""The paper's eight commonsense benchmarks, loaded from the Hugging Face hub in its published schemas.
+"""The paper's benchmarks, loaded from the Hugging Face hub in their published schemas: eight commonsense
+tasks (multiple choice) and six math tasks (GSM8K, SVAMP, MultiArith, AddSub, SingleEQ: generated numbers;
+AQuA: multiple choice).
 
 Each benchmark has a pure row -> :class:`Example` converter (``convert_*``) and a split map. Test sets
 published without labels (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande) are replaced by the validation
@@ -137,6 +139,68 @@ def convert_winogrande(row: Row, task: str = "winogrande") -> Example:
     return Example(task, question, (str(row["option1"]), str(row["option2"])), answer)
 
 
+# ---------------------------------------------------------------- math converters
+
+
+def _number_text(value: object, what: str) -> str:
+    """A numeric answer as text: 72.0 -> "72", "1,234" -> "1234"; a ValueError when it is no number."""
+    text = str(value[0] if isinstance(value, (list, tuple)) and value else value).strip().replace(",", "")
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _math_example(task: str, question: str, answer: object, what: str, **meta: object) -> Example:
+    question = " ".join(str(question).split())
+    if not question:
+        raise ValueError("the question is empty")
+    return Example(task, question, target=_number_text(answer, what), meta=meta)
+
+
+def convert_gsm8k(row: Row, task: str = "gsm8k") -> Example:
+    """``openai/gsm8k`` (config ``main``): question, answer = rationale ending in "#### <number>".
+
+    The target is the final number (the rationale is kept in ``meta``): the model is trained to answer,
+    and scored by the final number it gives."""
+    answer = str(row["answer"])
+    if "####" not in answer:
+        raise ValueError(f"'answer' has no '#### <number>' line: {answer[-60:]!r}")
+    rationale, final = answer.rsplit("####", 1)
+    return _math_example(task, row["question"], final, "the number after ####", rationale=rationale.strip())
+
+
+def convert_svamp(row: Row, task: str = "svamp") -> Example:
+    """``ChilleD/SVAMP``: Body, Question, Answer (a number), Equation."""
+    question = f"{str(row['Body']).strip()} {str(row['Question']).strip()}"
+    return _math_example(task, question, row["Answer"], "'Answer'", equation=row.get("Equation"))
+
+
+def convert_mawps(row: Row, task: str = "multiarith") -> Example:
+    """MultiArith, AddSub and SingleEQ in any of their published layouts: MAWPS (sQuestion, lSolutions),
+    ``ChilleD/MultiArith`` (question, final_ans) or LLM-Adapters' test files (instruction, answer)."""
+    for question_key, answer_key in (
+        ("sQuestion", "lSolutions"),
+        ("question", "final_ans"),
+        ("instruction", "answer"),
+    ):
+        if question_key in row and answer_key in row:
+            return _math_example(task, row[question_key], row[answer_key], f"{answer_key!r}")
+    raise KeyError("sQuestion + lSolutions (MAWPS), question + final_ans, or instruction + answer")
+
+
+def convert_aqua(row: Row, task: str = "aqua") -> Example:
+    """``deepmind/aqua_rat`` (config ``raw``): question, options ["A)21", ...], rationale, correct "A".."E"."""
+    options = [str(o) for o in row["options"]]
+    labels = [o.split(")", 1)[0].strip() for o in options]
+    choices = tuple(o.split(")", 1)[1].strip() if ")" in o else o for o in options)
+    answer = _label_index(labels, row["correct"], "correct")
+    return Example(
+        task, str(row["question"]).strip(), choices, answer, meta={"rationale": row.get("rationale")}
+    )
+
+
 # ---------------------------------------------------------------- the benchmarks
 
 
@@ -152,6 +216,7 @@ class HubSource:
 
 
 _LABELLED = {"train": "train", "validation": "validation", "test": "test"}
+_TRAIN_TEST = {"train": "train", "test": "test"}
 _VALIDATION_AS_TEST = {"train": "train", "validation": "validation", "test": "validation"}
 _PARQUET = "refs/convert/parquet"
 
@@ -159,7 +224,7 @@ _PARQUET = "refs/convert/parquet"
 @dataclass(frozen=True)
 class Benchmark:
     name: str
-    sources: tuple[HubSource, ...]  # tried in order
+    sources: tuple[HubSource, ...]  # tried in order; none: local files only (``data_files=``)
     convert: Callable[..., Example]
     splits: Mapping[str, str]  # our split name -> the hub's
 
@@ -185,9 +250,17 @@ BENCHMARKS: dict[str, Benchmark] = {
             convert_winogrande,
             _VALIDATION_AS_TEST,
         ),
+        # math (the paper's Table 3): generated numbers, AQuA as multiple choice
+        Benchmark("gsm8k", (HubSource("openai/gsm8k", "main"),), convert_gsm8k, _TRAIN_TEST),
+        Benchmark("svamp", (HubSource("ChilleD/SVAMP"),), convert_svamp, _TRAIN_TEST),
+        Benchmark("multiarith", (HubSource("ChilleD/MultiArith"),), convert_mawps, _TRAIN_TEST),
+        Benchmark("addsub", (), convert_mawps, _TRAIN_TEST),
+        Benchmark("singleeq", (), convert_mawps, _TRAIN_TEST),
+        Benchmark("aqua", (HubSource("deepmind/aqua_rat", "raw"),), convert_aqua, _LABELLED),
     )
 }
 PAPER_BENCHMARKS: tuple[str, ...] = tuple(BENCHMARKS)
+MATH_BENCHMARKS: tuple[str, ...] = ("gsm8k", "svamp", "multiarith", "addsub", "singleeq", "aqua")
 
 
 def load_benchmark(
@@ -208,6 +281,12 @@ def load_benchmark(
     if split not in bench.splits:
         raise ValueError(f"{name}: unknown split {split!r}; use one of {', '.join(bench.splits)}")
     hub_split = bench.splits[split]
+    if data_files is None and not bench.sources:
+        raise ValueError(
+            f"{name}: comoe knows no hub copy of it; load its files with load_task({name!r}, split, "
+            "data_files=...) (MAWPS or LLM-Adapters layout), or write them as a JSONL task (prompt, target) "
+            "and name it jsonl:PATH"
+        )
     if data_files is not None:
         rows, source = _load_local(data_files, hub_split, cache_dir), _describe(data_files)
     elif offline_flag():  # datasets honours the flag itself: it reads its cache, or fails without network
@@ -236,7 +315,11 @@ def load_benchmark(
             continue
         meta = {k: v for k, v in example.meta.items() if v is not None}
         meta["source_split"] = hub_split
-        examples.append(Example(example.task, example.question, example.choices, example.answer, meta=meta))
+        examples.append(
+            Example(
+                example.task, example.question, example.choices, example.answer, example.target, meta=meta
+            )
+        )
     if errors:
         raise DataError(errors)
     return examples
