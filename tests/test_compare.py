@@ -291,3 +291,25 @@ def test_jobs_must_be_positive(tmp_path):
     )
     assert result.returncode == 2 and "jobs must be >= 1, got 0" in result.stderr
     assert not (tmp_path / "g").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("preset", "variants", "settings", "tasks"),
+    [
+        ("table1", {"lora", "dora", "moe-lora", "comoe", "comoe-dora"}, ["multi", "single"], None),
+        ("table2", {"lora", "dora", "comoe-lora", "comoe-dora"}, ["single"], None),
+        ("table3", {"lora", "moe-lora", "comoe"}, ["multi"], ["suite:math"]),
+    ],
+)
+def test_table_presets_have_the_papers_structure_and_valid_cells(tmp_path, preset, variants, settings, tasks):
+    from comoe.experiments.grid import load_grid, preset_grid
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"preset: {preset}\nseeds: [0]\nbase: {{max_steps: 5}}\n")
+    for grid in (preset_grid(preset), load_grid(path)):
+        assert set(grid.variants) == variants and grid.settings == settings
+        cells = grid.runs()  # every cell is a valid run
+        assert {config.adapter.use_dora for *_, config in cells} == {"dora" in name for name in variants}
+        if tasks:
+            assert all(config.tasks == tasks for *_, config in cells)
+    assert load_grid(path).base["max_steps"] == 5

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from comoe.experiments.grid import PRESETS, REFERENCE, Grid, run_grid
+from comoe.experiments.grid import PRESETS, Grid, preset_grid, run_grid
 from comoe.experiments.summary import summarise, to_markdown
 from comoe.utils.files import write_json_atomic, write_text_atomic
 from comoe.utils.machine import machine_summary
@@ -22,7 +22,11 @@ class CompareOptions:
 
     preset: str | None = field(
         default=None,
-        metadata=doc("A ready-made grid of variants (without --config); none = default.", sorted(PRESETS)),
+        metadata=doc(
+            "A ready-made grid (without --config); none = default. table1/table2/table3 reproduce the "
+            "structure of the paper's Tables 1 (methods × MT/ST), 2 (LoRA vs DoRA experts, ST) and 3 (math).",
+            sorted(PRESETS),
+        ),
     )
     seeds: list[int] | None = field(default=None, metadata=doc("Seeds, e.g. 0,1,2; none = the grid's."))
     settings: list[str] | None = field(
@@ -61,8 +65,7 @@ class CompareOptions:
         return grid
 
     def preset_grid(self) -> Grid:
-        name = self.preset or "default"
-        return self.apply(Grid(variants=PRESETS[name], reference=REFERENCE.get(name)))
+        return self.apply(preset_grid(self.preset or "default"))
 
 
 def compare(

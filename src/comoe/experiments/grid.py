@@ -49,7 +49,27 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "negatives=all": {"method": "comoe"},
         "negatives=1": {"method": "comoe", "adapter": {"num_negatives": 1}},
     },
+    # the structure of the paper's tables, on whatever --model and --tasks are given
+    "table1": {  # its Table 1: methods, multi-task and single-task (MixLoRA's whole-FFN experts: not yet)
+        "lora": {"method": "lora"},
+        "dora": {"method": "lora", "adapter": {"use_dora": True}},
+        "moe-lora": {"method": "moe-lora"},
+        "comoe": {"method": "comoe"},
+        "comoe-dora": {"method": "comoe", "adapter": {"use_dora": True}},
+    },
+    "table2": {  # its Table 2: CoMoE with LoRA and with DoRA experts, single-task, beside their PEFT twins
+        "lora": {"method": "lora"},
+        "dora": {"method": "lora", "adapter": {"use_dora": True}},
+        "comoe-lora": {"method": "comoe"},
+        "comoe-dora": {"method": "comoe", "adapter": {"use_dora": True}},
+    },
+    "table3": {"lora": {"method": "lora"}, "moe-lora": {"method": "moe-lora"}, "comoe": {"method": "comoe"}},
 }
+# what a table preset sets besides its variants (a grid file or the flags still override them)
+PRESET_SETTINGS: dict[str, list[str]] = {"table1": ["multi", "single"], "table2": ["single"]}
+PRESET_BASE: dict[str, dict[str, Any]] = {
+    "table3": {"tasks": "suite:math"}
+}  # the paper's math setting, offline
 # the variant each preset's paired differences are taken against: λ = 0, or the current default
 REFERENCE: dict[str, str | list[str]] = {
     "default": ["moe-lora", "lora"],
@@ -58,6 +78,9 @@ REFERENCE: dict[str, str | list[str]] = {
     "experts": "experts=4",
     "anchor": "anchor=random",
     "negatives": "negatives=all",
+    "table1": ["moe-lora", "lora"],
+    "table2": ["comoe-lora", "lora"],
+    "table3": ["moe-lora", "lora"],
 }
 # `comoe analyze` summary numbers (means over adapted modules) reported per variant
 
@@ -101,14 +124,29 @@ def load_grid(path: str | Path) -> Grid:
         raise ValueError(f"{path}: expected a mapping (variants, seeds, settings, base, reference)")
     if "preset" in data:
         preset = data.pop("preset")
-        data.setdefault("variants", PRESETS[preset])
-        data.setdefault("reference", REFERENCE.get(preset))
+        if preset not in PRESETS:
+            raise ValueError(f"{path}: unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+        defaults = preset_grid(preset)
+        data.setdefault("variants", defaults.variants)
+        data.setdefault("reference", defaults.reference)
+        data.setdefault("settings", defaults.settings)
+        data["base"] = {**defaults.base, **(data.get("base") or {})}
     unknown = sorted(set(data) - {"variants", "seeds", "settings", "base", "reference"})
     if unknown:
         raise ValueError(
             f"{path}: unknown keys {unknown}; expected variants, seeds, settings, base, reference, preset"
         )
     return Grid(**data)
+
+
+def preset_grid(name: str) -> Grid:
+    """The grid of preset ``name``: its variants, reference, and for the table presets settings and base."""
+    return Grid(
+        variants=PRESETS[name],
+        reference=REFERENCE.get(name),
+        settings=list(PRESET_SETTINGS.get(name, ["multi"])),
+        base=dict(PRESET_BASE.get(name, {})),
+    )
 
 
 def run_grid(
