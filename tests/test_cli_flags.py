@@ -114,3 +114,15 @@ def test_compare_takes_every_run_flag_for_its_base_and_its_own_options():
 def test_a_bad_compare_option_is_one_line_naming_it(capsys):
     assert main(["compare", "--preset", "default", "--jobs", "0", "--summary-only"]) == 2
     assert "jobs must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["table1", "table2", "table3"])
+def test_table_presets_through_the_cli_take_the_run_flags(tmp_path, capsys, preset):
+    """As the README writes it: `comoe compare --preset table1 --model M --tasks T` (validated, nothing run)."""
+    out = tmp_path / "grid"
+    argv = ["compare", "--preset", preset, "--tasks", "winowhy", "--max-steps", "3", "--output-dir", str(out)]
+    assert main([*argv, "--summary-only"]) == 0
+    import yaml
+
+    grid = yaml.safe_load((out / "grid.yaml").read_text())
+    assert grid["base"]["tasks"] == ["winowhy"] and grid["base"]["max_steps"] == 3
