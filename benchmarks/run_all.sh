@@ -22,6 +22,11 @@ if [[ -z "${RENDER_ONLY:-}" ]]; then
          --no-generate --no-parity --name wide-e16-1k --out "$OUT"
   # SmolLM2-135M (real weights when the offline package is installed)
   $BENCH --size smollm2 --out "$OUT"
+  # DoRA experts (CoMoE-DoRA) vs PEFT LoRA, PEFT's DoRA and LoRA experts: step time and saved activations
+  $BENCH --size smollm2 --variants lora,lora-dora,ours-dense,ours-dora,ours-dora-con \
+         --no-generate --no-parity --name smollm2-dora --out "$OUT"
+  $BENCH --size wide --variants lora,lora-dora,ours-dense,ours-dora,ours-dora-con \
+         --no-generate --no-parity --name wide-dora --out "$OUT"
   if [[ -n "${GPU:-}" ]]; then
     # LLaMA-2-7B-shaped layers, bf16, E in {4,8,16,64} x r in {8,16,64}: peak memory and host syncs too
     $BENCH --size gpu7b --no-generate --out "$OUT"

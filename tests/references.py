@@ -30,3 +30,14 @@ def reference_contrastive(outputs, topk_idx, anchors, negatives, *, temperature,
             losses.append(-torch.log(torch.exp(s_pos).sum() / (torch.exp(s_all).sum() + epsilon)))
         per_token.append(torch.stack(losses).mean())
     return torch.stack(per_token).mean()
+
+
+def reference_route(router, x, *, num_experts, top_k, routing="topk"):
+    """One token's experts and gate weights: an fp32 (fp64 if asked) softmax, then top-k renormalised
+    ("topk") or every expert with its probability ("soft")."""
+    dtype = torch.promote_types(router.dtype, torch.float32)
+    probs = torch.softmax(router.to(dtype) @ x.to(dtype), dim=0)
+    if routing == "soft":
+        return list(range(num_experts)), probs
+    top_w, top_i = torch.topk(probs, top_k)
+    return top_i.tolist(), top_w / top_w.sum()

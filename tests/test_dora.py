@@ -12,6 +12,7 @@ from comoe.config import CoMoEConfig
 from comoe.layer import CoMoELayer, ForwardContext, dora_row_norms
 from comoe.losses import contrastive_loss_materialized, draw_anchors, draw_negatives
 from comoe.model import CoMoEModel, get_comoe_model
+from tests.references import reference_route
 from tests.tiny_models import build, tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -70,12 +71,7 @@ def reference(x, x_drop, base, A, B, router, magnitude, *, num_experts, r, top_k
     rows = []
     for n in range(x.shape[0]):
         y = w0 @ x[n] + bias
-        probs = torch.softmax(router @ x[n], dim=0)
-        if routing == "soft":
-            chosen, weights = list(range(num_experts)), probs
-        else:
-            top_w, top_i = torch.topk(probs, top_k)
-            chosen, weights = top_i.tolist(), top_w / top_w.sum()
+        chosen, weights = reference_route(router, x[n], num_experts=num_experts, top_k=top_k, routing=routing)
         for slot, i in enumerate(chosen):
             merged = w0 + scaling * B[:, i * r : (i + 1) * r] @ A[i * r : (i + 1) * r]
             update = scales[i] * (merged @ x_drop[n]) - w0 @ x_drop[n]

@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 import comoe.layer as layer_mod
 from comoe.config import CoMoEConfig
 from comoe.layer import CoMoELayer, ForwardContext
+from tests.references import reference_route
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -35,13 +36,7 @@ def reference_forward(x, base, A, B, router, *, num_experts, r, top_k, scaling, 
             y = base.weight @ xn
             if base.bias is not None:
                 y = y + base.bias
-        dtype = torch.promote_types(router.dtype, torch.float32)  # the router runs in fp32 (fp64 if asked)
-        probs = torch.softmax(router.to(dtype) @ xn.to(dtype), dim=0)
-        if routing == "soft":
-            chosen, weights = list(range(num_experts)), probs
-        else:
-            top_w, top_i = torch.topk(probs, top_k)
-            chosen, weights = top_i.tolist(), top_w / top_w.sum()
+        chosen, weights = reference_route(router, xn, num_experts=num_experts, top_k=top_k, routing=routing)
         for slot, i in enumerate(chosen):
             A_i = A[i * r : (i + 1) * r]  # (r, d_in)
             B_i = B[:, i * r : (i + 1) * r]  # (d_out, r)
