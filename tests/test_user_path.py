@@ -125,7 +125,7 @@ def test_readme_config_file_with_flags_and_the_moe_lora_ablation(tiny_model_dir,
         "intent_recognition,bbq_ambiguous",
     )
     run = RunConfig.from_yaml(tmp_path / "run" / "run_config.yaml")
-    assert (run.learning_rate, run.tasks, run.method, run.r) == (
+    assert (run.learning_rate, run.tasks, run.method, run.adapter.r) == (
         1e-3,
         ["intent_recognition", "bbq_ambiguous"],
         "moe-lora",
@@ -136,7 +136,15 @@ def test_readme_config_file_with_flags_and_the_moe_lora_ablation(tiny_model_dir,
 
 def test_readme_tasks_and_base_only_eval(tiny_model_dir):
     listed = comoe_cli("tasks").stdout.split()
-    assert {"suite:learnable", "suite:hard", "unit_identification", "winowhy", "arc_e"} <= set(listed)
+    assert {
+        "suite:learnable",
+        "suite:hard",
+        "suite:math",
+        "unit_identification",
+        "winowhy",
+        "arc_e",
+        "gsm8k",
+    } <= set(listed)
     result = comoe_cli(
         "eval",
         "--base-only",
