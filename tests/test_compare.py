@@ -189,6 +189,8 @@ def test_single_task_setting_trains_one_adapter_per_task_and_skips_analysis(tiny
         "0",
         "--settings",
         "multi,single",
+        "--jobs",
+        "2",
         "--out",
         str(out),
         # every run's fields as `comoe train` takes them (the adapter's too), and `--set` as before

@@ -31,16 +31,20 @@ def model_dir(tmp_path_factory):
     return directory
 
 
-def tiny_config():
+def tiny_config(**overrides):
     from tests.tiny_models import tiny_comoe_config
 
-    return tiny_comoe_config("llama", contrastive_weight=0.5)
+    return tiny_comoe_config("llama", contrastive_weight=0.5, **overrides)
 
 
+@pytest.mark.parametrize("experts", ["lora", "dora"])
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
-def test_training_on_a_quantised_base_lowers_the_loss_and_reloads_exactly(model_dir, tmp_path, quantize):
+def test_training_on_a_quantised_base_lowers_the_loss_and_reloads_exactly(
+    model_dir, tmp_path, quantize, experts
+):
+    """LoRA experts, and DoRA experts (their row norms need the dequantised base weight)."""
     base, _ = load_base_model(str(model_dir), quantize=quantize)
-    model = get_comoe_model(base, tiny_config())
+    model = get_comoe_model(base, tiny_config(use_dora=experts == "dora"))
     for layer in model.adapted_modules.values():
         assert isinstance(layer.base_layer, QUANTISED[quantize])
         assert all(p.dtype == torch.float32 for p in layer.adapter_parameters())
@@ -67,9 +71,7 @@ def test_training_on_a_quantised_base_lowers_the_loss_and_reloads_exactly(model_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experts", ["lora", "dora"])
-def test_cli_quantize_trains_and_evaluates_on_the_quantised_base(model_dir, tmp_path, experts):
-    """LoRA experts, and DoRA experts (whose row norms need the dequantised base weight)."""
+def test_cli_quantize_trains_and_evaluates_on_the_quantised_base(model_dir, tmp_path):
     run_dir = tmp_path / "nf4"
     comoe_cli(
         "train",
@@ -95,7 +97,6 @@ def test_cli_quantize_trains_and_evaluates_on_the_quantised_base(model_dir, tmp_
         "nf4",
         "--output-dir",
         str(run_dir),
-        *(["--use-dora"] if experts == "dora" else []),
     )
     assert RunConfig.from_yaml(run_dir / "run_config.yaml").quantize == "nf4"
     assert all(row["con"] > 0 for row in read_log(run_dir))

@@ -85,9 +85,17 @@ class ForwardContext:
 
 
 def base_weight(layer: nn.Module) -> Tensor:
-    """The frozen weight as (d_out, d_in) in fp32, dequantised when bitsandbytes quantised it."""
+    """The frozen weight as (d_out, d_in) in fp32, dequantised when bitsandbytes quantised it.
+
+    int8 is dequantised here (CB · SCB / 127): PEFT's helper moves an int8 weight in a way that loses
+    bitsandbytes' CPU state for the next forward."""
     from peft.utils.integrations import dequantize_module_weight
 
+    if type(layer.weight).__name__ == "Int8Params" and layer.weight.dtype == torch.int8:
+        scales = getattr(layer.weight, "SCB", None)
+        if scales is None:  # moved to the layer's state by its first forward
+            scales = layer.state.SCB
+        return layer.weight.data.float() * scales.float()[:, None] / 127
     weight = dequantize_module_weight(layer)
     if Conv1D != () and isinstance(layer, Conv1D):
         weight = weight.t()
