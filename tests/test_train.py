@@ -226,9 +226,9 @@ def test_the_math_suite_trains_and_scores_generated_numbers(tiny_model_dir, tmp_
         "--model",
         str(tiny_model_dir),
         "--tasks",
-        "arithmetic_2_digit_addition,elementary_math_qa",
+        "suite:math",  # as the README writes it
         "--train-per-task",
-        "16",
+        "8",
         "--test-per-task",
         "4",
         "--batch-size",
@@ -248,4 +248,4 @@ def test_the_math_suite_trains_and_scores_generated_numbers(tiny_model_dir, tmp_
             "metric" not in scores["elementary_math_qa"]
             or scores["elementary_math_qa"]["metric"] != "numeric_match"
         )
-        assert all(0 <= s["accuracy"] <= 1 and s["n"] == 4 for s in scores.values())
+        assert all(0 <= s["accuracy"] <= 1 and s["n"] == 4 for s in scores.values()) and len(scores) == 7
