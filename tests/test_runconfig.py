@@ -452,5 +452,19 @@ def test_adapter_errors_name_the_adapter_field(data, fragments):
     ],
 )
 def test_the_method_fixes_the_adapter_fields_it_implies(method, given, expected):
-    adapter = RunConfig.from_dict({"method": method, "adapter": given}).adapter
+    adapter = RunConfig.from_dict({"method": method, "adapter": given}).trained_adapter
     assert {name: getattr(adapter, name) for name in expected} == expected
+
+
+def test_run_config_yaml_keeps_the_settings_as_given_so_another_method_trains_from_them(tmp_path):
+    """A moe-lora run's file, run again with --method comoe, trains comoe with the file's λ, not with 0."""
+    RunConfig.from_dict({"method": "moe-lora", "adapter": {"contrastive_weight": 0.05}}).to_yaml(
+        tmp_path / "r.yaml"
+    )
+    again = RunConfig.from_yaml(tmp_path / "r.yaml", method="comoe")
+    assert again.trained_adapter.contrastive_weight == 0.05
+    RunConfig.from_dict({"method": "soft-moe"}).to_yaml(tmp_path / "s.yaml")
+    adapter = RunConfig.from_yaml(tmp_path / "s.yaml", method="moe-lora").trained_adapter
+    assert (adapter.routing, adapter.top_k) == ("topk", 2)
+    # settings valid only as the method uses them are kept as it uses them: moe-lora at top-1
+    assert RunConfig.from_dict({"method": "moe-lora", "top_k": 1}).adapter.contrastive_weight == 0.0

@@ -108,7 +108,7 @@ def skip_reason(run_dir: Path) -> str | None:
 
 def run_label(run: RunConfig) -> str:
     """method, contrastive weight and seed, e.g. ``comoe λ=0.01 s0``."""
-    return f"{run.method} λ={run.adapter.contrastive_weight:g} s{run.seed}"
+    return f"{run.method} λ={run.trained_adapter.contrastive_weight:g} s{run.seed}"
 
 
 def _encoded_batches(test: dict, tasks: list[str], tokenizer, max_length: int, batch_size: int) -> list[list]:

@@ -38,7 +38,7 @@ def matched_lora_rank(base: nn.Module, config: CoMoEConfig) -> int:
 def build_adapted_model(base: nn.Module, run: RunConfig) -> nn.Module:
     """Wrap ``base`` with the adapter of ``run.method``; the base is frozen."""
     if run.method != "lora":
-        return get_comoe_model(base, run.adapter)
+        return get_comoe_model(base, run.trained_adapter)
     rank = run.lora_r or matched_lora_rank(base, run.adapter)
     lora = LoraConfig(
         r=rank,

@@ -150,7 +150,7 @@ class RunConfig:
         # first: the range checks below may then compare numbers safely
         check_field_types(self, {f.name for f in fields(self)} - {"adapter"})
         _one_of("method", self.method, METHODS)
-        self.adapter = method_adapter(self.method, self.adapter)
+        self.adapter = given_adapter(self.method, self.adapter)
         _one_of("setting", self.setting, SETTINGS)
         _one_of("protocol", self.protocol, PROTOCOLS)
         _one_of("scheduler", self.scheduler, _scheduler_names())
@@ -198,6 +198,12 @@ class RunConfig:
                         f"task {name!r} is named twice in tasks: {self.tasks!r}{note}; name each task once"
                     )
                 seen[key] = spec
+
+    @property
+    def trained_adapter(self) -> CoMoEConfig:
+        """The adapter ``method`` trains from these settings: moe-lora and lora with contrastive_weight = 0,
+        soft-moe with routing = soft and top_k = num_experts; comoe as given."""
+        return method_adapter(self.method, self.adapter)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, the adapter's as a mapping of its own fields (what ``run_config.yaml`` holds)."""
@@ -295,6 +301,24 @@ def flat_fields(run: RunConfig) -> dict[str, Any]:
     data = run.to_dict()
     adapter = data.pop("adapter")
     return {**data, **{f"adapter.{name}": value for name, value in adapter.items()}}
+
+
+def given_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMoEConfig:
+    """The adapter settings as given, validated (what ``run_config.yaml`` keeps), so that the same file run
+    with another ``method`` trains that method's adapter from the same settings.
+
+    The settings are first checked as ``method`` will use them (errors name ``adapter.NAME``). Settings that
+    are valid only once the method has fixed its fields (moe-lora with ``top_k=1`` and the default λ) are
+    kept as the method fixes them.
+    """
+    trained = method_adapter(method, adapter)
+    settings = adapter.method_dict() if isinstance(adapter, CoMoEConfig) else dict(adapter)
+    if "target_modules" in settings:
+        settings["target_modules"] = split_names("target_modules", settings["target_modules"])
+    try:
+        return CoMoEConfig.from_dict(settings)
+    except ValueError:
+        return trained
 
 
 def method_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMoEConfig:
