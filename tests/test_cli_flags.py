@@ -126,3 +126,24 @@ def test_table_presets_through_the_cli_take_the_run_flags(tmp_path, capsys, pres
 
     grid = yaml.safe_load((out / "grid.yaml").read_text())
     assert grid["base"]["tasks"] == ["winowhy"] and grid["base"]["max_steps"] == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (
+            ["--preset", "lambda", "--contrastive-weight", "0.5"],
+            "variant 'lambda=0' sets adapter.contrastive_weight",
+        ),
+        (["--preset", "table2", "--use-dora"], "variant 'dora' sets adapter.use_dora itself"),
+        (["--method", "lora"], "--method: variant 'lora' sets method itself"),
+        (["--set", "num_experts=8", "--preset", "experts"], "--num-experts: variant 'experts=4' sets"),
+    ],
+)
+def test_a_run_flag_that_a_variant_overrides_is_refused_before_anything_runs(
+    tmp_path, capsys, argv, fragment
+):
+    out = tmp_path / "grid"
+    assert main(["compare", *argv, "--output-dir", str(out)]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not out.exists()

@@ -85,3 +85,14 @@ def test_a_generation_task_with_numeric_references_is_scored_by_number():
     words = [Example("w", "q", target=t) for t in ("chat", "12")]
     result = _generation_result(["Chat.", "12 apples"], words, keep=False)
     assert (result["metric"], result["correct"]) == ("exact_match", 1)  # a mixed task stays exact match
+
+
+def test_the_paired_statistics_judge_generated_answers_as_the_accuracy_does():
+    from comoe.data.schema import Example
+    from comoe.evaluation.scoring import _generation_result
+    from comoe.experiments.stats import correct_vectors
+
+    examples = [Example("m", "q", target=t) for t in ("109", "12")]
+    scores = _generation_result(["109.", "The answer is 13"], examples, keep=True)
+    vectors = correct_vectors({"adapter": {"tasks": {"m": scores}}}, ["m"])
+    assert vectors["m"].tolist() == [True, False] and scores["correct"] == 1

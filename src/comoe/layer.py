@@ -314,7 +314,8 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         """
         if self.comoe_magnitude is None:
             return None
-        with torch.no_grad():
+        device = self.comoe_A.device.type
+        with torch.no_grad(), torch.autocast(device, enabled=False):  # fp32 under bf16 training too
             norms = dora_row_norms(
                 base_weight(self.base_layer), self.comoe_A, self.comoe_B, self.scaling, self.num_experts
             )

@@ -47,6 +47,26 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _refuse_hidden_overrides(overrides: dict, variants: dict[str, dict]) -> None:
+    """A run flag sets the grid's base, under each variant's own fields: refuse one that a variant sets, which
+    would silently not apply there (``--preset lambda --contrastive-weight 0.5``)."""
+    given = {name for name in overrides if name != "adapter"} | {
+        f"adapter.{name}" for name in overrides.get("adapter", {})
+    }
+    for variant, fields_ in variants.items():
+        nested = nest_fields(fields_, f"variant {variant}")
+        sets = {name for name in nested if name != "adapter"} | {
+            f"adapter.{name}" for name in nested.get("adapter", {})
+        }
+        hidden = sorted(given & sets)
+        if hidden:
+            flags = ", ".join("--" + name.removeprefix("adapter.").replace("_", "-") for name in hidden)
+            raise ValueError(
+                f"{flags}: variant {variant!r} sets {', '.join(hidden)} itself, so the flag would not apply to "
+                "it; drop the flag, or write a grid file (--config) whose variants set it"
+            )
+
+
 def run_compare(args: argparse.Namespace) -> int:
     try:
         options = CompareOptions(**given(args, [f.name for f in fields(CompareOptions)]))
@@ -61,9 +81,9 @@ def run_compare(args: argparse.Namespace) -> int:
         if not equals:
             raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set train_per_task=64")
         base[name] = parse_field_value(name, value)
-    grid.base = merge_fields(
-        nest_fields(grid.base, "the grid's base"), nest_fields(base, "--set"), given_fields(args)
-    )
+    overrides = merge_fields(nest_fields(base, "--set"), given_fields(args))
+    _refuse_hidden_overrides(overrides, grid.variants)
+    grid.base = merge_fields(nest_fields(grid.base, "the grid's base"), overrides)
     compare(
         grid,
         Path(args.out),

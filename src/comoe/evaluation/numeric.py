@@ -44,8 +44,7 @@ def extract_number(text: str) -> float | None:
 
 def is_number(text: str) -> bool:
     """Whether ``text`` is one number and nothing else (a reference answer of a numeric task)."""
-    stripped = text.strip().replace(",", "")
-    return bool(re.fullmatch(r"-?(\d+(\.\d+)?|\.\d+)(/\d+)?", stripped))
+    return _NUMBER.fullmatch(text.strip().replace("−", "-")) is not None
 
 
 def numbers_match(answer: str, reference: str) -> bool:

@@ -381,6 +381,7 @@ def _generation_result(answers: list[str], examples: Sequence[Example], keep: bo
     if keep:
         result["predictions"] = answers
         result["answers"] = [ex.target for ex in examples]
+        result["hits"] = hits  # what the statistics pair: the same judgement as the accuracy
     return result
 
 

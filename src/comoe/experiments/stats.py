@@ -13,9 +13,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def correct_vectors(metrics: dict[str, Any], tasks: list[str]) -> dict[str, np.ndarray]:
-    """Per task, 1/0 per test example for the adapter's predictions."""
+    """Per task, 1/0 per test example for the adapter's predictions: the generated tasks' own judgements
+    (``hits``: normalised exact match, or numeric match), the multiple-choice predictions against the answers."""
     block = metrics["adapter"]["tasks"]
-    return {t: np.asarray(block[t]["predictions"]) == np.asarray(block[t]["answers"]) for t in tasks}
+    return {
+        t: np.asarray(block[t]["hits"], dtype=bool)
+        if "hits" in block[t]
+        else np.asarray(block[t]["predictions"]) == np.asarray(block[t]["answers"])
+        for t in tasks
+    }
 
 
 def paired_bootstrap(

@@ -298,12 +298,15 @@ def _base_eval_key(run: RunConfig, test: dict[str, list[Example]]) -> dict:
     for task, examples in test.items():
         for ex in examples:
             digest.update(json.dumps([task, ex.question, ex.choices, ex.answer, ex.target]).encode())
-    return {
+    key = {
         "model": run.model,
         "protocol": run.protocol,
         "max_length": run.max_length,
         "test_examples": digest.hexdigest(),
     }
+    if any(not ex.is_multiple_choice for examples in test.values() for ex in examples):
+        key["generation_scoring"] = 2  # 2: numbers by value (comoe 0.2); older caches were exact match only
+    return key
 
 
 def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict | None = None) -> dict:
