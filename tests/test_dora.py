@@ -247,3 +247,27 @@ def test_the_parameter_count_includes_the_magnitudes():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     lora_only = comoe_parameter_count(build("llama"), tiny_comoe_config("llama"))
     assert expected - lora_only == sum(p.numel() for n, p in model.named_parameters() if "magnitude" in n)
+
+
+def test_method_lora_with_use_dora_is_peft_dora_and_reloads_exactly(tmp_path):
+    """`comoe train --method lora --use-dora`: PEFT's DoRA on the modules CoMoE would adapt; saved and loaded
+    back by the same path `comoe eval` takes."""
+    from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter
+    from comoe.training.run_config import RunConfig
+
+    run = RunConfig.from_dict({"method": "lora", "target_modules": "q_proj,v_proj", "use_dora": True, "r": 4})
+    model = build_adapted_model(build("llama", seed=0), run)
+    magnitudes = [n for n, p in model.named_parameters() if "lora_magnitude_vector" in n and p.requires_grad]
+    assert len(magnitudes) == 2 * 2  # q and v of both layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    x = torch.randint(0, 100, (2, 7))
+    model.eval()
+    with torch.no_grad():
+        expected = model(x).logits
+    save_adapter(model, tmp_path / "adapter")
+    again = load_adapted_model(build("llama", seed=0), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, expected, rtol=0, atol=0)

@@ -189,27 +189,24 @@ def test_ddp_two_processes_on_cpu(tiny_model_dir, tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
-@pytest.mark.parametrize("method", ["comoe", "lora"])
-def test_use_dora_trains_dora_experts_or_peft_dora_and_eval_reproduces_them(tiny_model_dir, tmp_path, method):
-    """`comoe train --use-dora`: CoMoE-DoRA experts (with the contrastive term), or with --method lora PEFT's
-    DoRA baseline; the adapter saved, reloaded by `comoe eval` and scored the same."""
-    run_dir = tmp_path / method
+def test_use_dora_trains_dora_experts_and_eval_and_analyze_read_them(tiny_model_dir, tmp_path):
+    """`comoe train --use-dora`: CoMoE-DoRA experts with the contrastive term; the adapter saved, reloaded by
+    `comoe eval` and scored the same; `comoe analyze` materialises their outputs. (`--method lora
+    --use-dora`, PEFT's DoRA, is tested in tests/test_dora.py.)"""
+    run_dir = tmp_path / "dora"
     comoe_cli(
-        *tiny_args(tiny_model_dir, run_dir, "--method", method, "--use-dora", "--max-steps", "3"),
+        *tiny_args(tiny_model_dir, run_dir, "--use-dora", "--max-steps", "3"),
         "--contrastive-weight",
         "0.1",
         "--no-eval-base",
     )
     tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    magnitude = "comoe_magnitude" if method == "comoe" else "lora_magnitude_vector"
-    assert any(magnitude in name for name in tensors), sorted(tensors)[:5]
-    log = read_log(run_dir)
-    if method == "comoe":
-        assert all(row["con"] > 0 for row in log)  # the materialised loss of DoRA experts, optimised
-        # the analysis materialises DoRA expert outputs (magnitude term included) for its redundancy numbers
-        comoe_cli("analyze", str(run_dir), "--test-per-task", "4", "--no-tsne", "--no-progress")
-        summary = json.loads((run_dir / "analysis" / "metrics.json").read_text())["runs"][0]["summary"]
-        assert summary["contrastive_loss"] > 0 and -1 <= summary["cosine"] <= 1 and 0 <= summary["cka"] <= 1
+    assert any("comoe_magnitude" in name for name in tensors), sorted(tensors)[:5]
+    assert all(row["con"] > 0 for row in read_log(run_dir))  # the materialised loss of DoRA experts
+    # the analysis materialises DoRA expert outputs (magnitude term included) for its redundancy numbers
+    comoe_cli("analyze", str(run_dir), "--test-per-task", "4", "--no-tsne", "--no-progress")
+    summary = json.loads((run_dir / "analysis" / "metrics.json").read_text())["runs"][0]["summary"]
+    assert summary["contrastive_loss"] > 0 and -1 <= summary["cosine"] <= 1 and 0 <= summary["cka"] <= 1
     metrics = json.loads((run_dir / "metrics.json").read_text())
     comoe_cli("eval", str(run_dir))
     again = json.loads((run_dir / "eval_label.json").read_text())

@@ -40,10 +40,29 @@ def test_limit_is_a_seeded_ordered_subset():
 
 
 def test_paper_names_and_aliases_route_to_the_hub(monkeypatch):
+    """Names and aliases reach the hub loader of the right benchmark. The hub call itself is replaced by
+    what `datasets` raises offline without a cached copy: huggingface_hub reads HF_HUB_OFFLINE when it is
+    first imported, so setting it inside a test process would let it try the network."""
+    from comoe.data import hub
+
+    asked = []
+
+    def offline(bench, hub_split, cache_dir):
+        asked.append((bench.name, hub_split))
+        raise RuntimeError("no cached copy")
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for name in ("arc_e", "ARC-Easy", "openbookqa", "social_i_qa"):
-        with pytest.raises(HubUnavailableError):
-            load_task(name, "dev")
+    monkeypatch.setattr(hub, "_load_hub", offline)
+    for name in ("arc_e", "ARC-Easy", "openbookqa", "social_i_qa", "gsm8k"):
+        with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE=1 is set"):
+            load_task(name, "test")
+    assert asked == [
+        ("arc_e", "test"),
+        ("arc_e", "test"),
+        ("obqa", "test"),
+        ("siqa", "validation"),
+        ("gsm8k", "test"),
+    ]
 
 
 def test_data_files_only_for_paper_benchmarks(tmp_path):
