@@ -23,3 +23,21 @@ def comoe_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedP
 
 def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def tiny_run_flags(model_dir: Path, tasks: str = TASKS, train: int = 8, test: int = 4) -> list[str]:
+    """The flags of a seconds-long run on the tiny model: few examples, batch 4, rank 4."""
+    return [
+        "--model",
+        str(model_dir),
+        "--tasks",
+        tasks,
+        "--train-per-task",
+        str(train),
+        "--test-per-task",
+        str(test),
+        "--batch-size",
+        "4",
+        "--r",
+        "4",
+    ]

@@ -10,7 +10,7 @@ import pytest
 from comoe.experiments.grid import PRESETS, REFERENCE, Grid
 from comoe.experiments.stats import paired_bootstrap
 from comoe.experiments.summary import MAJORITY, SPECIALISATION, modal_share, references, summarise
-from tests.cli_runs import TASKS, comoe_cli
+from tests.cli_runs import TASKS, comoe_cli, tiny_run_flags
 
 
 def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
@@ -194,18 +194,7 @@ def test_single_task_setting_trains_one_adapter_per_task_and_skips_analysis(tiny
         "--out",
         str(out),
         # every run's fields as `comoe train` takes them (the adapter's too), and `--set` as before
-        "--model",
-        str(tiny_model_dir),
-        "--tasks",
-        TASKS,
-        "--train-per-task",
-        "8",
-        "--test-per-task",
-        "4",
-        "--batch-size",
-        "4",
-        "--r",
-        "4",
+        *tiny_run_flags(tiny_model_dir),
         "--set",
         "max_steps=1",
         "--no-eval-base",

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from comoe.training.run_config import RunConfig
-from tests.cli_runs import TASKS, comoe_cli, read_log
+from tests.cli_runs import TASKS, comoe_cli, read_log, tiny_run_flags
 
 pytestmark = pytest.mark.slow  # every test here runs `comoe` end to end
 
@@ -220,18 +220,7 @@ def test_the_math_suite_trains_and_scores_generated_numbers(tiny_model_dir, tmp_
     run_dir = tmp_path / "math"
     comoe_cli(
         "train",
-        "--model",
-        str(tiny_model_dir),
-        "--tasks",
-        "suite:math",  # as the README writes it
-        "--train-per-task",
-        "8",
-        "--test-per-task",
-        "4",
-        "--batch-size",
-        "4",
-        "--r",
-        "4",
+        *tiny_run_flags(tiny_model_dir, tasks="suite:math"),  # as the README writes it
         "--max-steps",
         "2",
         "--output-dir",
