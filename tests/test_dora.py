@@ -271,3 +271,20 @@ def test_method_lora_with_use_dora_is_peft_dora_and_reloads_exactly(tmp_path):
     again = load_adapted_model(build("llama", seed=0), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, expected, rtol=0, atol=0)
+
+
+def test_dora_experts_under_bf16_autocast_keep_fp32_norms_and_train():
+    """`--bf16`: the frozen base in bf16 and autocast on; the DoRA scales stay fp32 and every adapter tensor
+    gets a finite gradient."""
+    base = nn.Linear(D_IN, D_OUT).to(torch.bfloat16)
+    layer = dora_layer(base, num_experts=4, top_k=2)
+    layer.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scale = layer.dora_scale()
+        y = layer(torch.randn(6, D_IN, dtype=torch.bfloat16))
+    # the row norms are computed in fp32 under autocast too: the same scales as outside it, bit for bit
+    torch.testing.assert_close(scale, layer.dora_scale(), rtol=0, atol=0)
+    assert scale.dtype == torch.float32 and y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    for p in (layer.comoe_A, layer.comoe_B, layer.comoe_magnitude, layer.comoe_router):
+        assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()

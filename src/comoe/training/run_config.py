@@ -303,6 +303,14 @@ def flat_fields(run: RunConfig) -> dict[str, Any]:
     return {**data, **{f"adapter.{name}": value for name, value in adapter.items()}}
 
 
+def _settings_of(adapter: CoMoEConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Adapter settings as a plain mapping, ``target_modules`` read as a run reads it (comma lists)."""
+    settings = adapter.method_dict() if isinstance(adapter, CoMoEConfig) else dict(adapter)
+    if "target_modules" in settings:
+        settings["target_modules"] = split_names("target_modules", settings["target_modules"])
+    return settings
+
+
 def given_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMoEConfig:
     """The adapter settings as given, validated (what ``run_config.yaml`` keeps), so that the same file run
     with another ``method`` trains that method's adapter from the same settings.
@@ -312,9 +320,7 @@ def given_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMo
     kept as the method fixes them.
     """
     trained = method_adapter(method, adapter)
-    settings = adapter.method_dict() if isinstance(adapter, CoMoEConfig) else dict(adapter)
-    if "target_modules" in settings:
-        settings["target_modules"] = split_names("target_modules", settings["target_modules"])
+    settings = _settings_of(adapter)
     try:
         return CoMoEConfig.from_dict(settings)
     except ValueError:
@@ -328,9 +334,7 @@ def method_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoM
     modules and parameter count); soft-moe routes every token to every expert (routing = soft, top_k =
     num_experts). Errors name the field as ``adapter.NAME``.
     """
-    settings = adapter.method_dict() if isinstance(adapter, CoMoEConfig) else dict(adapter)
-    if "target_modules" in settings:
-        settings["target_modules"] = split_names("target_modules", settings["target_modules"])
+    settings = _settings_of(adapter)
     if method in METHODS and method != "comoe":
         settings["contrastive_weight"] = 0.0
     if method == "soft-moe":
