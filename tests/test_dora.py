@@ -50,7 +50,8 @@ def dora_layer(base, *, num_experts, top_k, r=4, path="dense", routing="topk", s
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # B = 0 and m = ||W0|| at init make every expert the identity: move them off it
         layer.comoe_B.copy_(torch.randn(layer.comoe_B.shape, generator=gen) * 0.3)
-        layer.comoe_router.copy_(torch.randn(layer.comoe_router.shape, generator=gen))
+        if layer.comoe_router is not None:  # one expert has no router
+            layer.comoe_router.copy_(torch.randn(layer.comoe_router.shape, generator=gen))
         layer.comoe_magnitude.mul_(1 + 0.2 * torch.randn(layer.comoe_magnitude.shape, generator=gen))
     return layer
 
@@ -189,7 +190,7 @@ def test_the_contrastive_loss_of_dora_experts_is_that_of_their_materialised_outp
     probs, top_idx, _ = layer.route(x)
     scale = layer.dora_scale()
     w0x = x @ base.weight.t()
-    mine = layer.contrastive(codes, top_idx, None, (scale, w0x))
+    mine = layer.contrastive((codes, (scale, w0x)), top_idx, None)
     # the outputs the reference loop adds up, one expert at a time, without the layer's code
     outputs = torch.stack(
         [

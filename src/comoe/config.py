@@ -30,6 +30,7 @@ ROUTINGS = ("topk", "soft")
 ANCHORS = ("random", "all")
 EXPERT_PATHS = ("auto", "dense", "grouped")
 CONTRASTIVE_FORMS = ("gram", "materialized")
+PLACEMENTS = ("linear", "ffn")
 LAYER_GROUPS = ("low", "middle", "high", "low+high")
 ALL_LINEAR = "all-linear"
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -55,7 +56,9 @@ class CoMoEConfig(PeftConfig):
             "lora`, PEFT's DoRA baseline."
         },
     )
-    num_experts: int = field(default=4, metadata={"help": "Experts per adapted linear (n)."})
+    num_experts: int = field(
+        default=4, metadata={"help": "Experts per adapted linear, or per MLP block with placement='ffn' (n)."}
+    )
     top_k: int = field(default=2, metadata={"help": "Experts activated per token (k)."})
     target_modules: list[str] | str = field(
         default_factory=lambda: list(ATTENTION_MODULES),
@@ -63,6 +66,17 @@ class CoMoEConfig(PeftConfig):
             "help": "Module names to adapt: a list of names (matched against the end of the dotted module "
             "path) or a single regex (matched against the full path). 'all-linear' adapts every linear "
             "inside the repeated layers."
+        },
+    )
+    placement: str = field(
+        default="linear",
+        metadata={
+            "choices": PLACEMENTS,
+            "help": "'linear': a mixture of LoRA experts on each target module (the paper). 'ffn': MixLoRA's "
+            "layout: each MLP block (gate/up/down) becomes a mixture of whole-FFN experts, expert i the frozen "
+            "FFN with its own LoRA on gate, up and down, one router per block; the other target modules "
+            "(attention) get one plain LoRA each. The contrastive loss then compares the experts' FFN output "
+            "updates FFN_i(x) - FFN(x).",
         },
     )
     layers: list[int] | str | None = field(
@@ -143,6 +157,12 @@ class CoMoEConfig(PeftConfig):
             f"top_k must be an integer in 1..num_experts={self.num_experts}, got {self.top_k!r}",
         )
         _check(self.routing in ROUTINGS, f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        _check(self.placement in PLACEMENTS, f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        _check(
+            not (self.placement == "ffn" and self.use_dora),
+            "use_dora with placement='ffn' (DoRA FFN experts, MixDoRA) is not supported; use placement='linear' "
+            "for DoRA experts, or LoRA FFN experts",
+        )
         _check(self.anchor in ANCHORS, f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
         _check(
             self.expert_path in EXPERT_PATHS,

@@ -74,13 +74,13 @@ class ForwardContext:
     aux: list[ModuleAux] = field(default_factory=list)
     recorder: object | None = None  # comoe.records.RoutingRecorder when recording
     active: bool = False
-    pending: list[tuple] = field(default_factory=list)  # (layer, codes, probs, top_idx, dora) per call
+    pending: list[tuple] = field(default_factory=list)  # (layer, state, probs, top_idx) per call
 
     def collect(self) -> list[ModuleAux]:
         """Compute the auxiliary losses (and routing records) of the layer calls since the last collect."""
         pending, self.pending = self.pending, []
-        for layer, codes, probs, top_idx, dora in pending:
-            layer._auxiliary(codes, probs, top_idx, dora)
+        for layer, state, probs, top_idx in pending:
+            layer._auxiliary(state, probs, top_idx)
         return self.aux
 
 
@@ -142,50 +142,26 @@ MERGE_REFUSED = (
 ONE_ADAPTER = "comoe holds one adapter per model"
 
 
-class CoMoELayer(nn.Module, BaseTunerLayer):
-    """Wraps ``base_layer``; parameters whose names start with ``comoe_`` are the adapter.
+class MixtureLayer(nn.Module, BaseTunerLayer):
+    """What every routed adapter layer shares: PEFT's tuner-layer protocol (one adapter, never merged), the
+    fp32 router, and the auxiliary losses and records computed from what a forward left pending.
 
-    As a PEFT tuner layer it holds a single adapter (its parameters are not keyed by adapter name, so saved
-    tensor names are the same as before comoe was a PEFT method); ``set_adapter`` accepts that one name.
+    Subclasses (``CoMoELayer`` on one linear, ``comoe.ffn.CoMoEFFNLayer`` on an MLP block) set
+    ``num_experts``, ``top_k``, ``config``, ``context``, ``module_name``, ``comoe_router`` (None for a single
+    expert: plain LoRA, nothing to route) and implement ``adapter_parameters``, ``_contrastive_from`` and
+    ``sampled_expert_outputs``. The state a forward leaves for them is the subclass's own.
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        config: CoMoEConfig,
-        context: ForwardContext,
-        name: str = "",
-        adapter_name: str = "default",
-    ):
-        super().__init__()
+    def _init_tuner_layer(self, base_layer: nn.Module, config: CoMoEConfig, context, name, adapter_name):
         self.base_layer = base_layer
         self._active_adapter = adapter_name
         self._disable_adapters = False
         self.merged_adapters = []
-        self.in_features, self.out_features = layer_features(base_layer)
         self.num_experts, self.r, self.top_k = config.num_experts, config.r, config.top_k
         self.config = config
         self.context = context
         self.module_name = name
         self.scaling = config.scaling
-        device = base_layer.weight.device
-        n_codes = self.num_experts * self.r
-        # Adapter weights are kept in fp32 whatever the base dtype (as PEFT does), the router always.
-        self.comoe_A = nn.Parameter(
-            torch.empty(n_codes, self.in_features, device=device, dtype=torch.float32)
-        )
-        self.comoe_B = nn.Parameter(
-            torch.zeros(self.out_features, n_codes, device=device, dtype=torch.float32)
-        )
-        self.comoe_router = nn.Parameter(
-            torch.empty(self.num_experts, self.in_features, device=device, dtype=torch.float32)
-        )
-        magnitude = torch.empty(self.num_experts, self.out_features, device=device, dtype=torch.float32)
-        self.register_parameter("comoe_magnitude", nn.Parameter(magnitude) if config.use_dora else None)
-        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        every_expert_active = config.routing == "soft" or self.top_k == self.num_experts
-        self._path = "dense" if every_expert_active else config.expert_path
-        self.reset_parameters()
 
     # --- PEFT's tuner-layer protocol: one adapter, never merged ----------------------------------
     @property
@@ -197,9 +173,13 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
     def disabled(self, value: bool) -> None:
         self._disable_adapters = bool(value)
 
+    @property
+    def routed(self) -> bool:
+        """Whether tokens are routed: a single expert is plain LoRA (no router, no routing records)."""
+        return self.comoe_router is not None
+
     def adapter_parameters(self) -> list[nn.Parameter]:
-        extra = [self.comoe_magnitude] if self.comoe_magnitude is not None else []
-        return [self.comoe_A, self.comoe_B, self.comoe_router, *extra]
+        raise NotImplementedError
 
     def enable_adapters(self, enabled: bool) -> None:
         """PEFT's switch; unlike PEFT's layers it leaves ``requires_grad`` as it was."""
@@ -217,6 +197,149 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
 
     def unmerge(self) -> None:
         """Nothing is ever merged."""
+
+    # --- routing ---------------------------------------------------------------------------------
+    def _make_router(self, d_in: int, device: torch.device) -> None:
+        router = torch.empty(self.num_experts, d_in, device=device, dtype=torch.float32)
+        self.register_parameter("comoe_router", nn.Parameter(router) if self.num_experts > 1 else None)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """fp32 router. Returns softmax probs (N, E), top-k ids (N, k) or None (soft), gates (N, E)."""
+        if self.comoe_router is None:  # one expert: every token's gate is 1
+            ones = torch.ones(x.shape[0], 1, device=x.device, dtype=torch.float32)
+            top_idx = None if self.config.routing == "soft" else torch.zeros_like(ones, dtype=torch.long)
+            return ones, top_idx, ones
+        dtype = torch.promote_types(self.comoe_router.dtype, torch.float32)  # fp32, or fp64 if asked
+        probs = F.linear(x.to(dtype), self.comoe_router.to(dtype)).softmax(dim=-1)
+        if self.config.routing == "soft":
+            return probs, None, probs
+        top_w, top_idx = probs.topk(self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        gates = torch.zeros_like(probs).scatter(1, top_idx, top_w)
+        return probs, top_idx, gates
+
+    def _leave_pending(self, state: object, probs: Tensor, top_idx: Tensor | None) -> None:
+        """Leave this call's routing for the auxiliary losses and records (computed after the model's forward).
+
+        Outside a forward of the adapted model (a submodule run alone) only records are taken, at once. A
+        training forward with autograd outside it is a checkpointing recompute: already recorded."""
+        ctx = self.context
+        if ctx.active:
+            ctx.pending.append((self, state, probs, top_idx))
+        elif ctx.recorder is not None and not (self.training and torch.is_grad_enabled()):
+            ctx.recorder.observe(self, probs.detach(), top_idx, None, None, None, state)
+
+    def _has_contrastive(self) -> bool:
+        """Whether this layer's routing leaves positives and negatives for the contrastive loss."""
+        return self.config.routing == "topk" and 2 <= self.top_k < self.num_experts
+
+    # --- auxiliary losses --------------------------------------------------------------------------
+    def _auxiliary(self, state: object, probs: Tensor, top_idx: Tensor | None) -> None:
+        """This layer's auxiliary losses and records for one call, from what its forward left pending."""
+        ctx = self.context
+        n_tokens = probs.shape[0]
+        token_mask = (
+            ctx.token_mask if ctx.token_mask is not None and ctx.token_mask.numel() == n_tokens else None
+        )
+        con = bal = None
+        if ctx.compute_contrastive and state is not None and top_idx is not None and self._has_contrastive():
+            con = self.contrastive(state, top_idx, token_mask)
+        if ctx.compute_balance:
+            bal = load_balancing_loss(probs, top_idx, token_mask)
+        if self.training and torch.is_grad_enabled():
+            self._check_differentiable(state, probs, con, bal)
+        if con is not None or bal is not None:
+            ctx.aux.append(ModuleAux(self.module_name, con, bal))
+        if ctx.recorder is not None:
+            ctx.recorder.observe(self, probs.detach(), top_idx, token_mask, ctx.task_ids, con, state)
+
+    def _state_has_grad(self, state: object) -> bool:
+        """Whether the contrastive loss computed from ``state`` reaches every parameter it should."""
+        return True
+
+    def _check_differentiable(self, state: object, probs: Tensor, con, bal) -> None:
+        """A weighted aux loss computed from tensors without autograd history would silently add nothing
+        to the gradient: that is what reentrant activation checkpointing does (its forward runs under
+        no_grad). Refuse it loudly."""
+        trainable = any(p.requires_grad for p in self.adapter_parameters())
+        lost = (
+            con is not None
+            and self.config.contrastive_weight > 0
+            and trainable
+            and not self._state_has_grad(state)
+        ) or (
+            bal is not None
+            and self.config.balance_weight > 0
+            and self.comoe_router.requires_grad
+            and not probs.requires_grad
+        )
+        if lost:
+            raise RuntimeError(
+                f"{self.module_name}: the auxiliary losses were computed without autograd history, so they "
+                "would add nothing to the gradient. Reentrant activation checkpointing does this; enable it "
+                "with gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
+            )
+
+    def contrastive(self, state: object, top_idx: Tensor, token_mask: Tensor | None) -> ContrastiveOutput:
+        """This module's contrastive loss for one call, drawing anchors and negatives."""
+        cfg = self.config
+        kwargs = dict(
+            temperature=cfg.temperature,
+            epsilon=cfg.epsilon,
+            anchors=draw_anchors(top_idx, cfg.anchor),
+            negatives=draw_negatives(top_idx, self.num_experts, cfg.num_negatives),
+            token_mask=token_mask,
+            norm_eps=cfg.norm_eps,
+        )
+        return self._contrastive_from(state, top_idx, kwargs)
+
+    def _contrastive_from(self, state: object, top_idx: Tensor, kwargs: dict) -> ContrastiveOutput:
+        raise NotImplementedError
+
+    def sampled_expert_outputs(self, state: object, idx: Tensor) -> Tensor:
+        """Every expert's output E_i(x) for the tokens ``idx`` of one call, (n, E, D) fp32 on the CPU."""
+        raise NotImplementedError
+
+
+class CoMoELayer(MixtureLayer):
+    """Wraps ``base_layer``; parameters whose names start with ``comoe_`` are the adapter.
+
+    As a PEFT tuner layer it holds a single adapter (its parameters are not keyed by adapter name, so saved
+    tensor names are the same as before comoe was a PEFT method); ``set_adapter`` accepts that one name.
+    A single expert (``num_experts=1``) is plain LoRA (or DoRA): no router.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        config: CoMoEConfig,
+        context: ForwardContext,
+        name: str = "",
+        adapter_name: str = "default",
+    ):
+        super().__init__()
+        self._init_tuner_layer(base_layer, config, context, name, adapter_name)
+        self.in_features, self.out_features = layer_features(base_layer)
+        device = base_layer.weight.device
+        n_codes = self.num_experts * self.r
+        # Adapter weights are kept in fp32 whatever the base dtype (as PEFT does), the router always.
+        self.comoe_A = nn.Parameter(
+            torch.empty(n_codes, self.in_features, device=device, dtype=torch.float32)
+        )
+        self.comoe_B = nn.Parameter(
+            torch.zeros(self.out_features, n_codes, device=device, dtype=torch.float32)
+        )
+        self._make_router(self.in_features, device)
+        magnitude = torch.empty(self.num_experts, self.out_features, device=device, dtype=torch.float32)
+        self.register_parameter("comoe_magnitude", nn.Parameter(magnitude) if config.use_dora else None)
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        every_expert_active = config.routing == "soft" or self.top_k == self.num_experts
+        self._path = "dense" if every_expert_active else config.expert_path
+        self.reset_parameters()
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        optional = [p for p in (self.comoe_router, self.comoe_magnitude) if p is not None]
+        return [self.comoe_A, self.comoe_B, *optional]
 
     @property
     def expert_path(self) -> str:
@@ -240,23 +363,12 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         for a_expert in self.comoe_A.view(self.num_experts, self.r, self.in_features):
             nn.init.kaiming_uniform_(a_expert, a=math.sqrt(5))
         self.comoe_B.zero_()
-        nn.init.normal_(self.comoe_router, std=self.config.router_init_std)
+        if self.comoe_router is not None:
+            nn.init.normal_(self.comoe_router, std=self.config.router_init_std)
         if self.comoe_magnitude is not None:
             self.comoe_magnitude.copy_(
                 base_weight(self.base_layer).norm(dim=1).expand_as(self.comoe_magnitude)
             )
-
-    # --- routing ---------------------------------------------------------------------------------
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """fp32 router. Returns softmax probs (N, E), top-k ids (N, k) or None (soft), gates (N, E)."""
-        dtype = torch.promote_types(self.comoe_router.dtype, torch.float32)  # fp32, or fp64 if asked
-        probs = F.linear(x.to(dtype), self.comoe_router.to(dtype)).softmax(dim=-1)
-        if self.config.routing == "soft":
-            return probs, None, probs
-        top_w, top_idx = probs.topk(self.top_k, dim=-1)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        gates = torch.zeros_like(probs).scatter(1, top_idx, top_w)
-        return probs, top_idx, gates
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -291,19 +403,15 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
             delta = delta + (gates.to(scale.dtype) @ (scale - 1)) * base_out
             dora = (scale, base_out)
         recorder = ctx.recorder
-        if (ctx.active and (ctx.compute_contrastive or ctx.compute_balance)) or recorder is not None:
+        wants_aux = (ctx.active and (ctx.compute_contrastive or ctx.compute_balance)) or recorder is not None
+        if self.routed and wants_aux:
             wants_codes = (ctx.compute_contrastive and self._has_contrastive()) or (
                 recorder is not None and recorder.wants_codes(self.module_name)
             )
             if codes is None and wants_codes:
                 with torch.no_grad():  # for records only: no gradient wanted, nothing saved for backward
                     codes = x_drop @ self.comoe_A.t()
-            if ctx.active:
-                ctx.pending.append((self, codes, probs, top_idx, dora))
-            elif not (self.training and torch.is_grad_enabled()):
-                # Called outside a forward of the adapted model (a submodule run alone): records only. A training
-                # forward with autograd outside it is a checkpointing recompute: already recorded.
-                recorder.observe(self, probs.detach(), top_idx, None, None, None, codes, dora)
+            self._leave_pending(None if codes is None else (codes, dora), probs, top_idx)
         return result + delta.view(*lead_shape, self.out_features).to(result.dtype)
 
     # --- DoRA experts ----------------------------------------------------------------------------
@@ -334,10 +442,6 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
             return out - bias.to(out.dtype) if bias is not None else out
         return F.linear(x_drop, base_weight(self.base_layer).to(x_drop.dtype))
 
-    def _has_contrastive(self) -> bool:
-        """Whether this layer's routing leaves positives and negatives for the contrastive loss."""
-        return self.config.routing == "topk" and 2 <= self.top_k < self.num_experts
-
     def _grouped_delta(
         self, x_drop: Tensor, top_idx: Tensor, gates: Tensor, codes: Tensor | None, lora_B: Tensor
     ) -> Tensor:
@@ -360,71 +464,24 @@ class CoMoELayer(nn.Module, BaseTunerLayer):
         delta = torch.zeros(n_tokens, self.out_features, dtype=sorted_out.dtype, device=sorted_out.device)
         return delta.index_add(0, token_of, sorted_out)
 
-    def _auxiliary(
-        self, codes: Tensor | None, probs: Tensor, top_idx: Tensor | None, dora: tuple | None = None
-    ) -> None:
-        """This layer's auxiliary losses and records for one call, from what its forward left pending."""
-        ctx = self.context
-        n_tokens = probs.shape[0]
-        token_mask = (
-            ctx.token_mask if ctx.token_mask is not None and ctx.token_mask.numel() == n_tokens else None
-        )
-        con = bal = None
-        if ctx.compute_contrastive and codes is not None and top_idx is not None and self._has_contrastive():
-            con = self.contrastive(codes.view(-1, self.num_experts, self.r), top_idx, token_mask, dora)
-        if ctx.compute_balance:
-            bal = load_balancing_loss(probs, top_idx, token_mask)
-        if self.training and torch.is_grad_enabled():
-            self._check_differentiable(codes, probs, con, bal)
-        if con is not None or bal is not None:
-            ctx.aux.append(ModuleAux(self.module_name, con, bal))
-        if ctx.recorder is not None:
-            ctx.recorder.observe(self, probs.detach(), top_idx, token_mask, ctx.task_ids, con, codes, dora)
+    def _state_has_grad(self, state: tuple) -> bool:
+        codes, _ = state
+        return codes.requires_grad
 
-    def _check_differentiable(self, codes: Tensor | None, probs: Tensor, con, bal) -> None:
-        """A weighted aux loss computed from tensors without autograd history would silently add nothing
-        to the gradient: that is what reentrant activation checkpointing does (its forward runs under
-        no_grad). Refuse it loudly."""
-        lost = (
-            con is not None
-            and self.config.contrastive_weight > 0
-            and self.comoe_A.requires_grad
-            and not codes.requires_grad
-        ) or (
-            bal is not None
-            and self.config.balance_weight > 0
-            and self.comoe_router.requires_grad
-            and not probs.requires_grad
-        )
-        if lost:
-            raise RuntimeError(
-                f"{self.module_name}: the auxiliary losses were computed without autograd history, so they "
-                "would add nothing to the gradient. Reentrant activation checkpointing does this; enable it "
-                "with gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
-            )
-
-    def contrastive(
-        self, codes: Tensor, top_idx: Tensor, token_mask: Tensor | None, dora: tuple | None = None
-    ) -> ContrastiveOutput:
-        """This module's contrastive loss for codes (N, E, r), drawing anchors and negatives.
-
-        DoRA experts (``dora``: their scales and W0 x̃) take the materialised form: their outputs are not a
-        function of the rank-r codes alone."""
-        cfg = self.config
-        anchors = draw_anchors(top_idx, cfg.anchor)
-        negatives = draw_negatives(top_idx, self.num_experts, cfg.num_negatives)
-        kwargs = dict(
-            temperature=cfg.temperature,
-            epsilon=cfg.epsilon,
-            anchors=anchors,
-            negatives=negatives,
-            token_mask=token_mask,
-            norm_eps=cfg.norm_eps,
-        )
-        if cfg.contrastive_form == "gram" and dora is None:
+    def _contrastive_from(self, state: tuple, top_idx: Tensor, kwargs: dict) -> ContrastiveOutput:
+        """Gram form from the codes (N, E·r); DoRA experts (``dora``: their scales and W0 x̃) take the
+        materialised form: their outputs are not a function of the rank-r codes alone."""
+        codes, dora = state
+        codes = codes.view(-1, self.num_experts, self.r)
+        if self.config.contrastive_form == "gram" and dora is None:
             return contrastive_loss(codes, self.comoe_B, top_idx, **kwargs)
-        outputs = self.expert_outputs(codes, dora)
-        return contrastive_loss_materialized(outputs, top_idx, **kwargs)
+        return contrastive_loss_materialized(self.expert_outputs(codes, dora), top_idx, **kwargs)
+
+    def sampled_expert_outputs(self, state: tuple, idx: Tensor) -> Tensor:
+        codes, dora = state
+        codes = codes.view(codes.shape[0], self.num_experts, self.r)[idx].float()
+        picked = None if dora is None else (dora[0].detach().float(), dora[1][idx].detach().float())
+        return self.expert_outputs(codes, picked).float().cpu()
 
     def expert_outputs(self, codes: Tensor, dora: tuple | None = None) -> Tensor:
         """Materialise every expert's output E_i(x): (N, E, d_out). For the materialised loss and analysis.

@@ -1,7 +1,8 @@
 """``CoMoEModel``: the ``peft.PeftModel`` of a CoMoE adapter, with comoe's own conveniences.
 
 ``get_comoe_model(model, config)`` freezes ``model`` and replaces each targeted ``nn.Linear`` /
-``Conv1D`` by a ``CoMoELayer`` holding it as ``base_layer`` (through PEFT's injection and
+``Conv1D`` by a ``CoMoELayer`` holding it as ``base_layer`` (with placement='ffn', each MLP block by a
+``CoMoEFFNLayer``) (through PEFT's injection and
 ``comoe.tuner.CoMoETuner``). The result is a real ``PeftModel``: ``save_pretrained`` writes PEFT's layout,
 ``peft.PeftModel.from_pretrained(base, directory)`` loads it (after ``import comoe``), and
 ``transformers.Trainer`` treats it as any adapter model. On top of PEFT's API it offers
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from comoe.config import CONFIG_NAME, WEIGHTS_NAME, CoMoEConfig
-from comoe.layer import ONE_ADAPTER, CoMoELayer
+from comoe.layer import ONE_ADAPTER, MixtureLayer
 from comoe.records import RoutingRecorder
 from comoe.targets import adaptable_module_names, find_targets, layer_index, num_hidden_layers, resolve_layers
 from comoe.tuner import (
@@ -74,8 +75,14 @@ class CoMoEModel(PeftModel):
         return self.base_model.comoe_config
 
     @property
-    def adapted_modules(self) -> dict[str, CoMoELayer]:
+    def adapted_modules(self) -> dict[str, MixtureLayer]:
+        """Every adapted module by name: CoMoE layers on linears, FFN-expert blocks, shared LoRA layers."""
         return self.base_model.adapted_modules
+
+    @property
+    def routed_modules(self) -> dict[str, MixtureLayer]:
+        """The adapted modules that route tokens among experts."""
+        return self.base_model.routed_modules
 
     @property
     def last_aux(self) -> AuxLosses | None:

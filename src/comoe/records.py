@@ -129,10 +129,10 @@ class RoutingRecorder:
         token_mask: Tensor | None,
         task_ids: Tensor | None,
         contrastive: ContrastiveOutput | None,
-        codes: Tensor | None,
-        dora: tuple[Tensor, Tensor] | None = None,
+        state: object = None,
     ) -> None:
-        """Count one layer call. ``dora``: a DoRA layer's (scales, W0 x̃), to materialise its expert outputs."""
+        """Count one layer call. ``state``: what the layer needs to materialise its expert outputs for the
+        sampled tokens (``layer.sampled_expert_outputs``), or None when it computed nothing for them."""
         n_tokens, n_exp = probs.shape
         top_k = 0 if top_idx is None else top_idx.shape[1]
         rec = self._record_for(layer.module_name, n_exp, top_k, probs.device)
@@ -165,8 +165,8 @@ class RoutingRecorder:
             rec.neg_cos_sum += contrastive.neg_cos.double() * real
             rec.contrastive_tokens += real
             rec.contrastive_calls += 1
-        if codes is not None and self.wants_codes(layer.module_name):
-            self._sample(rec, layer, codes.view(n_tokens, n_exp, -1), keep, tasks, probs, top_idx, dora)
+        if state is not None and self.wants_codes(layer.module_name):
+            self._sample(rec, layer, state, keep, tasks, probs, top_idx)
 
     @staticmethod
     def _count_combinations(rec: ModuleRecord, top_idx: Tensor, tasks: Tensor, weight: Tensor) -> None:
@@ -179,12 +179,11 @@ class RoutingRecorder:
         self,
         rec: ModuleRecord,
         layer,
-        codes: Tensor,
+        state: object,
         keep: Tensor,
         tasks: Tensor,
         probs: Tensor,
         top_idx: Tensor | None,
-        dora: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         limit = self.sample_limit(layer.module_name)
         room = limit - rec.sampled
@@ -197,8 +196,7 @@ class RoutingRecorder:
         if idx.numel() == 0:
             return
         chosen = top_idx if top_idx is not None else probs.argmax(-1, keepdim=True)
-        picked = None if dora is None else (dora[0].detach().float(), dora[1][idx].detach().float())
-        rec.sampled_outputs.append(layer.expert_outputs(codes[idx].float(), picked).float().cpu())
+        rec.sampled_outputs.append(layer.sampled_expert_outputs(state, idx))
         rec.sampled_tasks.append(tasks[idx].cpu())
         rec.sampled_experts.append(chosen[idx].cpu())
 
@@ -211,7 +209,8 @@ class RoutingRecorder:
         return self.sample_outputs
 
     def wants_codes(self, module_name: str) -> bool:
-        """Whether the layer should compute its codes for output sampling (the grouped path skips them)."""
+        """Whether the layer should keep what its expert outputs are computed from (its codes, which the
+        grouped path otherwise skips) for output sampling."""
         limit = self.sample_limit(module_name)
         if limit <= 0:
             return False

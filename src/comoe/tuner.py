@@ -34,7 +34,8 @@ from peft.utils import register_peft_method
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
-from comoe.layer import MERGE_REFUSED, ONE_ADAPTER, CoMoELayer, ForwardContext
+from comoe.ffn import CoMoEFFNLayer, ffn_targets, shared_lora_config
+from comoe.layer import MERGE_REFUSED, ONE_ADAPTER, CoMoELayer, ForwardContext, MixtureLayer
 from comoe.records import RoutingRecorder
 from comoe.targets import find_targets
 
@@ -68,7 +69,7 @@ class AuxLosses:
 
 def refuse_stacking(model: nn.Module) -> None:
     """A clear error for a model that already carries adapters (comoe's or another PEFT method's)."""
-    if any(isinstance(m, CoMoELayer) for m in model.modules()):
+    if any(isinstance(m, MixtureLayer) for m in model.modules()):
         raise ValueError("this model already holds CoMoE layers; wrap the original base model instead")
     other = next((m for m in model.modules() if isinstance(m, (BaseTunerLayer, PeftModel))), None)
     if other is not None:
@@ -84,7 +85,7 @@ class CoMoETuner(BaseTuner):
     forward context, the last forward's ``AuxLosses`` and the adapted layers by module name."""
 
     prefix = ADAPTER_PREFIX
-    tuner_layer_cls = CoMoELayer
+    tuner_layer_cls = MixtureLayer
     target_module_mapping: dict[str, list[str]] = {}  # CoMoEConfig always names its targets
 
     # --- injection -----------------------------------------------------------------------------------
@@ -95,10 +96,14 @@ class CoMoETuner(BaseTuner):
         self.context = ForwardContext()
         self.last_aux: AuxLosses | None = None
         self.training_aux: AuxLosses | None = None
-        self.adapted_modules: dict[str, CoMoELayer] = {}
-        # comoe's matching ('all-linear', layer groups), resolved before any module changes: a refused
-        # config leaves the model as it was given.
-        self._targets = set(find_targets(model, config))
+        self.adapted_modules: dict[str, MixtureLayer] = {}
+        # comoe's matching ('all-linear', layer groups, MLP blocks), resolved before any module changes: a
+        # refused config leaves the model as it was given.
+        if config.placement == "ffn":
+            blocks, linears = ffn_targets(model, config)
+            self._ffn_blocks, self._targets = set(blocks), set(blocks) | set(linears)
+        else:
+            self._ffn_blocks, self._targets = set(), set(find_targets(model, config))
 
     def _check_new_adapter_config(self, config: CoMoEConfig) -> None:
         if len(self.peft_config) > 1:
@@ -127,7 +132,12 @@ class CoMoETuner(BaseTuner):
         **_: Any,
     ) -> None:
         config = self.peft_config[adapter_name]  # the user's object, not PEFT's working copy
-        layer = CoMoELayer(target, config, self.context, current_key, adapter_name)
+        if current_key in self._ffn_blocks:
+            layer = CoMoEFFNLayer(target, config, self.context, current_key, adapter_name)
+        elif config.placement == "ffn":  # MixLoRA's layout: one plain LoRA on the other target linears
+            layer = CoMoELayer(target, shared_lora_config(config), self.context, current_key, adapter_name)
+        else:
+            layer = CoMoELayer(target, config, self.context, current_key, adapter_name)
         setattr(parent, target_name, layer)
         self.adapted_modules[current_key] = layer
 
@@ -139,6 +149,11 @@ class CoMoETuner(BaseTuner):
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
         ]
+
+    @property
+    def routed_modules(self) -> dict[str, MixtureLayer]:
+        """The adapted modules that route tokens among experts (not the plain LoRA of placement='ffn')."""
+        return {name: layer for name, layer in self.adapted_modules.items() if layer.routed}
 
     # --- forward hooks: the auxiliary losses ------------------------------------------------------------
     @property

@@ -41,7 +41,12 @@ class AnalyzeOptions:
     layer: int | None = field(
         default=None, metadata=doc("Layer of the 2-D projection; none = the middle adapted layer.")
     )
-    module: str = field(default="q_proj", metadata=doc("Module of the 2-D projection."))
+    module: str | None = field(
+        default=None,
+        metadata=doc(
+            "Module of the 2-D projection; none = q_proj, or the routed module of an FFN run (mlp)."
+        ),
+    )
     seed: int = field(default=0, metadata=doc("Seeds the token samples and t-SNE."))
     progress: bool = field(default=True, metadata=doc("Progress bars."))
     tsne: bool = field(default=True, metadata=doc("A t-SNE projection too, when scikit-learn is installed."))
@@ -166,8 +171,11 @@ def record_routing(
     return recorder
 
 
-def _chosen_module(names: Sequence[str], layer: int | None, module: str) -> str:
+def _chosen_module(names: Sequence[str], layer: int | None, module: str | None) -> str:
     """The adapted module the 2-D projection shows: ``module`` in ``layer`` (default: the middle layer)."""
+    if module is None:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+        module = "q_proj" if "q_proj" in kinds else kinds[0]
     candidates = sorted((layer_index(n), n) for n in names if n.rsplit(".", 1)[-1] == module)
     if not candidates:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -211,7 +219,7 @@ def analyse_run(run_dir: Path, options: AnalyzeOptions) -> tuple[dict, dict | No
     if torch.cuda.is_available():
         base.to("cuda")
     model = load_adapted_model(base, run_dir / ADAPTER_DIR)
-    names = list(getattr(model, "adapted_modules", {}))
+    names = list(getattr(model, "routed_modules", {}))
     if not names:
         raise NotAnalysable(f"{run_dir}: the adapter has no routed experts")
     projected = _chosen_module(names, options.layer, options.module)

@@ -22,7 +22,10 @@ from comoe.training.base_models import QUANTIZATIONS, check_quantization_availab
 from comoe.utils.files import write_text_atomic
 from comoe.utils.validation import check_field_types, describe_value, did_you_mean, doc, parse_text
 
-METHODS = ("comoe", "moe-lora", "soft-moe", "lora")
+METHODS = ("comoe", "moe-lora", "soft-moe", "mixlora", "lora")
+# MixLoRA's published defaults (Li et al. 2024; its README's top-k routing block): used by --method mixlora
+# for the adapter fields the run does not give. Rank, alpha and dropout stay the run's, as for every method.
+MIXLORA_DEFAULTS: dict[str, Any] = {"num_experts": 8, "top_k": 2, "balance_weight": 0.01}
 SETTINGS = ("multi", "single")
 PROTOCOLS = ("label", "loglik")
 # What a run directory holds (`comoe train` writes it; eval, analyze, compare and --resume read it).
@@ -63,8 +66,10 @@ class RunConfig:
         default="comoe",
         metadata=doc(
             "comoe (experts + contrastive loss), moe-lora (the same experts, contrastive_weight = 0), soft-moe "
-            "(routing = soft: every expert, soft gates, top_k = num_experts, no contrastive loss), lora (plain "
-            "PEFT LoRA on the same modules, parameter-matched unless --lora-r).",
+            "(routing = soft: every expert, soft gates, top_k = num_experts, no contrastive loss), mixlora "
+            "(MixLoRA: placement = ffn, whole-FFN experts + plain LoRA on the other target modules, no "
+            "contrastive loss; unless given, 8 experts, top-2, balance_weight 0.01), lora (plain PEFT LoRA on "
+            "the same modules, parameter-matched unless --lora-r).",
             METHODS,
         ),
     )
@@ -73,7 +78,7 @@ class RunConfig:
         metadata=doc("multi: one adapter for all tasks; single: one adapter per task.", SETTINGS),
     )
     adapter: CoMoEConfig = field(
-        default_factory=CoMoEConfig,
+        default_factory=dict,  # the settings given (none): the method's defaults fill the rest
         metadata=doc(
             "The adapter's settings (CoMoEConfig's fields, documented there): a mapping under `adapter:` in "
             "YAML, one flag per field on the command line. The method fixes some of them (see `method`)."
@@ -319,8 +324,10 @@ def given_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMo
     are valid only once the method has fixed its fields (moe-lora with ``top_k=1`` and the default λ) are
     kept as the method fixes them.
     """
-    trained = method_adapter(method, adapter)
     settings = _settings_of(adapter)
+    if method == "mixlora" and not isinstance(adapter, CoMoEConfig):  # a mapping holds only what was given
+        settings = {**MIXLORA_DEFAULTS, **settings}
+    trained = method_adapter(method, settings)
     try:
         return CoMoEConfig.from_dict(settings)
     except ValueError:
@@ -330,13 +337,16 @@ def given_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMo
 def method_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMoEConfig:
     """The adapter config that ``method`` trains, from the given adapter settings, validated.
 
-    moe-lora and lora train without the contrastive loss (contrastive_weight = 0; lora only borrows the
-    modules and parameter count); soft-moe routes every token to every expert (routing = soft, top_k =
-    num_experts). Errors name the field as ``adapter.NAME``.
+    moe-lora, mixlora and lora train without the contrastive loss (contrastive_weight = 0; lora only
+    borrows the modules and parameter count); soft-moe routes every token to every expert (routing = soft,
+    top_k = num_experts); mixlora puts whole-FFN experts on the MLP blocks (placement = ffn). Errors name
+    the field as ``adapter.NAME``.
     """
     settings = _settings_of(adapter)
     if method in METHODS and method != "comoe":
         settings["contrastive_weight"] = 0.0
+    if method == "mixlora":
+        settings["placement"] = "ffn"
     if method == "soft-moe":
         settings["routing"] = "soft"
         settings["top_k"] = settings.get("num_experts", CoMoEConfig.num_experts)

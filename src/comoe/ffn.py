@@ -1,0 +1,275 @@
+"""Whole-FFN experts (MixLoRA's design): one router per MLP block, expert i the block's frozen FFN with
+its own LoRA on gate, up and down.
+
+    FFN_i(x) = W_d,i h_i,   h_i = act(W_g,i x) ⊙ (W_u,i x),   W_p,i = W_p + s B_p,i A_p,i
+    y = Σ_{i ∈ top-k(x)} g_i(x) FFN_i(x)
+
+The frozen weights are shared, never copied. The frozen gate and up projections run once per token and
+each selected expert adds its LoRA update to them; as the gates sum to 1 and the down projection is
+linear, the frozen down projection also runs once, on Σ g_i h_i, and only the down LoRA runs per expert.
+So a block costs one frozen FFN plus k experts' activations and LoRA updates, with fixed shapes: one pass
+per top-k slot, dense codes as in ``CoMoELayer`` (no sort, no host sync).
+
+The contrastive loss compares E_i(x) = FFN_i(x) − FFN(x), each expert's update of the block's output (as
+a LoRA expert's E_i is its update B_i A_i x; the whole FFN_i(x) would be dominated by the shared FFN(x)).
+It is materialised for every expert (the nonlinearity leaves no Gram form): E FFN passes per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from comoe.config import CoMoEConfig
+from comoe.layer import ForwardContext, MixtureLayer, base_weight
+from comoe.losses import ContrastiveOutput, contrastive_loss_materialized
+from comoe.targets import find_targets, layer_index, num_hidden_layers, resolve_layers
+
+PROJECTIONS = ("gate", "up", "down")
+SUPPORTED = (
+    "MLP blocks with gate_proj, up_proj and down_proj linears and an act_fn, computing "
+    "down_proj(act_fn(gate_proj(x)) * up_proj(x)): Llama, Qwen2/3, Mistral, Gemma 1-3, OLMo 2, Granite, SmolLM"
+)
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")  # what a block's MLP is called, to name the ones not recognised
+
+
+def is_gated_mlp(module: nn.Module) -> bool:
+    """Whether ``module`` looks like a gated MLP (gate/up/down linears and an activation)."""
+    linears = all(isinstance(getattr(module, f"{p}_proj", None), nn.Linear) for p in PROJECTIONS)
+    return linears and callable(getattr(module, "act_fn", None))
+
+
+def find_mlp_blocks(model: nn.Module, config: CoMoEConfig) -> list[str]:
+    """Names of the MLP blocks that ``config`` (placement='ffn') turns into mixtures of FFN experts, in the
+    layers it selects; a clear error when a selected block is not a gated MLP, or none is found."""
+    blocks = [name for name, m in model.named_modules() if name and is_gated_mlp(m)]
+    others = [
+        (name, type(m).__name__)
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in _MLP_NAMES and not is_gated_mlp(m)
+    ]
+    allowed = resolve_layers(config.layers, num_hidden_layers(model, [n for n, _ in others] + blocks))
+    if allowed is not None:
+        blocks = [name for name in blocks if layer_index(name) in allowed]
+        others = [(name, kind) for name, kind in others if layer_index(name) in allowed]
+    if others:
+        name, kind = others[0]
+        raise ValueError(
+            f"placement='ffn' cannot make experts of {name} ({kind}): it supports {SUPPORTED}. "
+            f"Use placement='linear' (experts on individual linears) for {type(model).__name__}"
+        )
+    if not blocks:
+        raise ValueError(
+            f"placement='ffn' found no MLP block in {type(model).__name__}: it supports {SUPPORTED}. "
+            "Use placement='linear'"
+        )
+    return blocks
+
+
+def ffn_targets(model: nn.Module, config: CoMoEConfig) -> tuple[list[str], list[str]]:
+    """(MLP blocks for FFN experts, other target linears for one shared LoRA each) under placement='ffn'.
+
+    Target linears inside a block (e.g. gate_proj under 'all-linear') are part of its FFN experts."""
+    blocks = find_mlp_blocks(model, config)
+    inside = tuple(f"{block}." for block in blocks)
+    try:
+        linears = [name for name in find_targets(model, config) if not name.startswith(inside)]
+    except ValueError:  # target_modules names only what the blocks hold, or layers selects no linear
+        linears = []
+    return blocks, linears
+
+
+def shared_lora_config(config: CoMoEConfig) -> CoMoEConfig:
+    """The config of the plain LoRA that placement='ffn' puts on the other target linears: one expert."""
+    return dataclasses.replace(
+        config,
+        num_experts=1,
+        top_k=1,
+        routing="topk",
+        contrastive_weight=0.0,
+        balance_weight=0.0,
+        num_negatives=None,
+        placement="linear",
+        expert_path="dense",
+    )
+
+
+def ffn_parameter_count(mlp: nn.Module, config: CoMoEConfig) -> int:
+    """Trainable parameters of one block's FFN experts: E·r·(d_in + d_out) per projection + E·d_model router."""
+    total = config.num_experts * mlp.gate_proj.in_features
+    for proj in PROJECTIONS:
+        linear = getattr(mlp, f"{proj}_proj")
+        total += config.num_experts * config.r * (linear.in_features + linear.out_features)
+    return total
+
+
+class CoMoEFFNLayer(MixtureLayer):
+    """Wraps a gated MLP block (``base_layer``) as a routed mixture of whole-FFN experts.
+
+    Adapter tensors: ``comoe_router`` (E, d_model) and, for p in gate/up/down, ``comoe_{p}_A`` (E·r, d_in)
+    and ``comoe_{p}_B`` (d_out, E·r), the experts stacked as in ``CoMoELayer``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        config: CoMoEConfig,
+        context: ForwardContext,
+        name: str = "",
+        adapter_name: str = "default",
+    ):
+        super().__init__()
+        if not is_gated_mlp(base_layer):
+            raise TypeError(
+                f"cannot make FFN experts of {type(base_layer).__name__}: it supports {SUPPORTED}"
+            )
+        self._init_tuner_layer(base_layer, config, context, name, adapter_name)
+        self.hidden_size = base_layer.gate_proj.in_features
+        self.intermediate_size = base_layer.gate_proj.out_features
+        device = base_layer.gate_proj.weight.device
+        n_codes = self.num_experts * self.r
+        for proj in PROJECTIONS:
+            linear = getattr(base_layer, f"{proj}_proj")
+            a = torch.empty(n_codes, linear.in_features, device=device, dtype=torch.float32)
+            b = torch.zeros(linear.out_features, n_codes, device=device, dtype=torch.float32)
+            self.register_parameter(f"comoe_{proj}_A", nn.Parameter(a))
+            self.register_parameter(f"comoe_{proj}_B", nn.Parameter(b))
+        self._make_router(self.hidden_size, device)
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.reset_parameters()
+        _check_computes_gated_mlp(base_layer, name)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        tensors = [getattr(self, f"comoe_{p}_{ab}") for p in PROJECTIONS for ab in "AB"]
+        return tensors + ([self.comoe_router] if self.comoe_router is not None else [])
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """LoRA init per expert and projection (A: Kaiming-uniform, B: 0); router: small normal."""
+        for proj in PROJECTIONS:
+            a = getattr(self, f"comoe_{proj}_A")
+            for a_expert in a.view(self.num_experts, self.r, -1):
+                nn.init.kaiming_uniform_(a_expert, a=math.sqrt(5))
+            getattr(self, f"comoe_{proj}_B").zero_()
+        if self.comoe_router is not None:
+            nn.init.normal_(self.comoe_router, std=self.config.router_init_std)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        mlp = self.base_layer
+        if self.disabled:
+            return mlp(x, *args, **kwargs)
+        lead_shape = x.shape[:-1]
+        x_flat = x.reshape(-1, self.hidden_size)
+        dtype = self.comoe_gate_A.dtype
+        probs, top_idx, gates = self.route(x_flat)
+        slots = top_idx if top_idx is not None else _every_expert(probs)
+        x_drop = self.dropout(x_flat.to(dtype))
+        gate_base = mlp.gate_proj(x_flat).to(dtype)  # the frozen projections, once per token
+        up_base = mlp.up_proj(x_flat).to(dtype)
+        gate_codes = x_drop @ self.comoe_gate_A.t()  # (N, E·r): every expert's code
+        up_codes = x_drop @ self.comoe_up_A.t()
+        mixed = torch.zeros_like(gate_base)  # Σ_i g_i h_i
+        down_codes = torch.zeros_like(gate_codes)  # Σ_i g_i A_down,i h̃_i, in expert i's slot
+        for slot in range(slots.shape[1]):
+            expert = slots[:, slot]
+            select = F.one_hot(expert, self.num_experts).to(dtype)[:, :, None]  # (N, E, 1)
+            weight = gates.gather(1, expert[:, None]).to(dtype)  # (N, 1)
+            hidden = self._hidden(gate_base, up_base, gate_codes, up_codes, select)
+            mixed = mixed + weight * hidden
+            codes = (self.dropout(hidden) @ self.comoe_down_A.t()).view(-1, self.num_experts, self.r)
+            down_codes = down_codes + (codes * select * weight[:, :, None]).view_as(down_codes)
+        out = mlp.down_proj(mixed.to(x.dtype)).to(dtype) + self.scaling * (down_codes @ self.comoe_down_B.t())
+        if self.routed and self._wants_aux():
+            self._leave_pending((x_flat, x_drop), probs, top_idx)
+        return out.view(*lead_shape, -1).to(x.dtype)
+
+    def _hidden(
+        self, gate_base: Tensor, up_base: Tensor, gate_codes: Tensor, up_codes: Tensor, select: Tensor
+    ) -> Tensor:
+        """h = act(gate) ⊙ up with the LoRA updates of the experts that ``select`` (N, E, 1) picks per token."""
+        n_tokens = gate_base.shape[0]
+        gate = gate_base + self.scaling * (
+            (gate_codes.view(n_tokens, self.num_experts, -1) * select).view(n_tokens, -1)
+            @ self.comoe_gate_B.t()
+        )
+        up = up_base + self.scaling * (
+            (up_codes.view(n_tokens, self.num_experts, -1) * select).view(n_tokens, -1) @ self.comoe_up_B.t()
+        )
+        return self.base_layer.act_fn(gate) * up
+
+    def _wants_aux(self) -> bool:
+        ctx = self.context
+        return (ctx.active and (ctx.compute_contrastive or ctx.compute_balance)) or ctx.recorder is not None
+
+    # --- the experts' outputs: contrastive loss and analysis ---------------------------------------
+    def expert_outputs(self, x: Tensor, x_drop: Tensor) -> Tensor:
+        """E_i(x) = FFN_i(x) − FFN(x) for every expert i, (N, E, d_model): the frozen projections see the
+        block input x (N, d_model), the LoRA A's its dropped-out copy x̃, as in the forward.
+
+        The down LoRA sees h_i without dropout, and the frozen gate and up run again here (cheaper to
+        recompute than to keep for every forward)."""
+        mlp = self.base_layer
+        n_tokens, n_exp = x_drop.shape[0], self.num_experts
+        gate_base = mlp.gate_proj(x).to(x_drop.dtype)
+        up_base = mlp.up_proj(x).to(x_drop.dtype)
+
+        def per_expert(proj: str, base_out: Tensor) -> Tensor:  # (N, E, d_ff): W_p x + s B_p,i A_p,i x
+            codes = (x_drop @ getattr(self, f"comoe_{proj}_A").t()).view(n_tokens, n_exp, self.r)
+            b = getattr(self, f"comoe_{proj}_B").view(-1, n_exp, self.r)
+            return base_out[:, None, :] + self.scaling * torch.einsum("ner,fer->nef", codes, b)
+
+        hidden = mlp.act_fn(per_expert("gate", gate_base)) * per_expert("up", up_base)  # (N, E, d_ff)
+        shared = mlp.act_fn(gate_base) * up_base  # the frozen FFN's hidden state
+        down_w = base_weight(mlp.down_proj).to(x_drop.dtype)
+        down_codes = torch.einsum("nef,erf->ner", hidden, self.comoe_down_A.view(n_exp, self.r, -1))
+        down_b = self.comoe_down_B.view(-1, n_exp, self.r)
+        lora = self.scaling * torch.einsum("ner,der->ned", down_codes, down_b)
+        return (hidden - shared[:, None, :]) @ down_w.t() + lora
+
+    def _contrastive_from(self, state: tuple, top_idx: Tensor, kwargs: dict) -> ContrastiveOutput:
+        return contrastive_loss_materialized(self.expert_outputs(*state), top_idx, **kwargs)
+
+    def sampled_expert_outputs(self, state: tuple, idx: Tensor) -> Tensor:
+        x, x_drop = state
+        with torch.no_grad():
+            return self.expert_outputs(x[idx], x_drop[idx]).float().cpu()
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, experts={self.num_experts}, "
+            f"top_k={self.top_k}, r={self.r}, routing={self.config.routing}"
+        )
+
+
+def _every_expert(probs: Tensor) -> Tensor:
+    """(N, E) expert ids 0..E-1 for every token: the slots of soft routing."""
+    n_tokens, n_exp = probs.shape
+    return torch.arange(n_exp, device=probs.device).expand(n_tokens, n_exp)
+
+
+@torch.no_grad()
+def _check_computes_gated_mlp(mlp: nn.Module, name: str) -> None:
+    """Refuse an MLP whose own forward is not down(act(gate(x)) * up(x)): FFN experts would change it.
+
+    Checked on two random tokens; skipped for weights on the meta device (nothing to compute with)."""
+    weight = mlp.gate_proj.weight
+    if weight.is_meta:
+        return
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    probe = torch.randn(2, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(device=weight.device, dtype=dtype)
+    expected = mlp.down_proj(mlp.act_fn(mlp.gate_proj(probe)) * mlp.up_proj(probe))
+    actual = mlp(probe)
+    if actual.shape != expected.shape or not torch.allclose(
+        actual.float(), expected.float(), atol=1e-3, rtol=1e-3
+    ):
+        raise ValueError(
+            f"placement='ffn' cannot make experts of {name or type(mlp).__name__} ({type(mlp).__name__}): it has "
+            f"gate/up/down projections but its forward computes something else. It supports {SUPPORTED}; use "
+            "placement='linear'"
+        )
