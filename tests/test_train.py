@@ -214,6 +214,40 @@ def test_use_dora_trains_dora_experts_and_eval_and_analyze_read_them(tiny_model_
         assert again["adapter"]["tasks"][task]["accuracy"] == scores["accuracy"]
 
 
+def test_placement_ffn_trains_whole_ffn_experts_and_analyze_reads_their_blocks(tiny_model_dir, tmp_path):
+    """`comoe train --placement ffn`: MixLoRA's layout with the contrastive term (FFN experts on each MLP
+    block, plain LoRA on attention); `comoe analyze` records the blocks' routing and expert outputs."""
+    run_dir = tmp_path / "ffn"
+    comoe_cli(*tiny_args(tiny_model_dir, run_dir, "--placement", "ffn", "--max-steps", "3"), "--no-eval-base")
+    tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert any(name.endswith("mlp.comoe_down_B") for name in tensors), sorted(tensors)[:5]
+    assert not any("self_attn" in name and "router" in name for name in tensors)  # plain LoRA there
+    assert all(row["con"] > 0 for row in read_log(run_dir))
+    comoe_cli("analyze", str(run_dir), "--test-per-task", "4", "--no-tsne", "--no-progress")
+    report = json.loads((run_dir / "analysis" / "metrics.json").read_text())["runs"][0]
+    assert set(report["modules"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert report["summary"]["contrastive_loss"] > 0 and 0 <= report["summary"]["cka"] <= 1
+
+
+def test_method_mixlora_takes_mixloras_defaults_unless_given(tiny_model_dir, tmp_path):
+    """`--method mixlora`: 8 experts, top-2, balance loss 0.01, no contrastive term, on the MLP blocks;
+    a given --num-experts wins over the default."""
+    run_dir = tmp_path / "mixlora"
+    comoe_cli(
+        *tiny_args(tiny_model_dir, run_dir, "--method", "mixlora", "--max-steps", "2"), "--no-eval-base"
+    )
+    run = RunConfig.from_yaml(run_dir / "run_config.yaml")
+    trained = run.trained_adapter
+    assert (trained.placement, trained.num_experts, trained.top_k) == ("ffn", 8, 2)
+    assert (trained.balance_weight, trained.contrastive_weight) == (0.01, 0.0)
+    assert all(row["bal"] > 0 and row.get("con") in (None, 0) for row in read_log(run_dir))
+    tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    router = next(v for k, v in tensors.items() if k.endswith("mlp.comoe_router"))
+    assert router.shape[0] == 8
+    given = RunConfig(method="mixlora", adapter={"num_experts": 6})
+    assert (given.trained_adapter.num_experts, given.trained_adapter.top_k) == (6, 2)
+
+
 def test_the_math_suite_trains_and_scores_generated_numbers(tiny_model_dir, tmp_path):
     """`--tasks suite:math`: generated arithmetic answers scored by their final number, beside a
     multiple-choice task, in one multi-task run."""

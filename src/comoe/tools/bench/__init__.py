@@ -14,7 +14,12 @@ Variants (``VARIANTS``):
 - ``ours-dense``     CoMoE layer, dense-codes path, no auxiliary loss;
 - ``ours-grouped``   CoMoE layer, sorted-tokens ``grouped_mm`` path, no auxiliary loss;
 - ``ours-con-gram``  + the contrastive loss in Gram form (λ = 0.01), path ``--con-path``;
-- ``ours-con-mat``   + the contrastive loss on materialised expert outputs (the paper's way).
+- ``ours-con-mat``   + the contrastive loss on materialised expert outputs (the paper's way);
+- ``lora-dora``, ``ours-dora``, ``ours-dora-con``: PEFT's DoRA, DoRA experts, DoRA experts + contrastive;
+- ``ours-ffn``, ``ours-ffn-con``: whole-FFN experts on each MLP block (placement='ffn', MixLoRA's layout;
+                     plain LoRA on the target linears outside the blocks), without and with the contrastive
+                     loss. Compare them to ``lora`` and ``ours-dense`` with ``--target-modules
+                     gate_proj,up_proj,down_proj``: the same projections adapted.
 
 Figures: training-step time and tokens/s as ratios to the frozen base and to LoRA; activation memory
 (bytes of the unique storages autograd saves for backward, parameters excluded, via

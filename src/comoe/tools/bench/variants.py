@@ -24,8 +24,11 @@ VARIANTS = (
     "ours-con-mat",
     "ours-dora",
     "ours-dora-con",
+    "ours-ffn",
+    "ours-ffn-con",
 )
 OURS = ("ours-dense", "ours-grouped", "ours-con-gram", "ours-con-mat", "ours-dora", "ours-dora-con")
+FFN_VARIANTS = ("ours-ffn", "ours-ffn-con")
 GENERATE_VARIANTS = ("base", "lora", "ours-dense", "ours-grouped")
 VARIANT_HELP = {
     "base": "frozen base, forward + backward to the inputs",
@@ -38,6 +41,8 @@ VARIANT_HELP = {
     "ours-con-mat": "CoMoE + contrastive, materialised (paper)",
     "ours-dora": "CoMoE-DoRA experts, λ = 0",
     "ours-dora-con": "CoMoE-DoRA experts + contrastive (materialised outputs)",
+    "ours-ffn": "whole-FFN experts on each MLP block (MixLoRA's layout), λ = 0; plain LoRA on the other targets",
+    "ours-ffn-con": "whole-FFN experts + contrastive (materialised FFN updates)",
 }
 
 
@@ -62,6 +67,7 @@ def comoe_config(
     contrastive: str | None = None,
     dropout: float = 0.05,
     dora: bool = False,
+    placement: str = "linear",
 ) -> CoMoEConfig:
     return CoMoEConfig(
         r=rank,
@@ -74,6 +80,7 @@ def comoe_config(
         contrastive_weight=0.01 if contrastive else 0.0,
         contrastive_form=contrastive or "gram",
         use_dora=dora,
+        placement=placement,
     )
 
 
@@ -125,6 +132,10 @@ def build_variant(
         config = comoe_config(
             experts, rank, top_k, targets, path=path, contrastive=form, dora=name.startswith("ours-dora")
         )
+        wrapped = get_comoe_model(model, config)
+    elif name in FFN_VARIANTS:
+        form = "materialized" if name == "ours-ffn-con" else None
+        config = comoe_config(experts, rank, top_k, targets, contrastive=form, placement="ffn")
         wrapped = get_comoe_model(model, config)
     else:
         raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
