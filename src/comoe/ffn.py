@@ -218,18 +218,22 @@ class CoMoEFFNLayer(MixtureLayer):
         gate_base = mlp.gate_proj(x).to(x_drop.dtype)
         up_base = mlp.up_proj(x).to(x_drop.dtype)
 
-        def per_expert(proj: str, base_out: Tensor) -> Tensor:  # (N, E, d_ff): W_p x + s B_p,i A_p,i x
+        def per_expert(proj: str, base_out: Tensor) -> Tensor:  # (E, N, d_ff): W_p x + s B_p,i A_p,i x
             codes = (x_drop @ getattr(self, f"comoe_{proj}_A").t()).view(n_tokens, n_exp, self.r)
-            b = getattr(self, f"comoe_{proj}_B").view(-1, n_exp, self.r)
-            return base_out[:, None, :] + self.scaling * torch.einsum("ner,fer->nef", codes, b)
+            return base_out + self.scaling * torch.bmm(codes.transpose(0, 1), self._stacked_B(proj))
 
-        hidden = mlp.act_fn(per_expert("gate", gate_base)) * per_expert("up", up_base)  # (N, E, d_ff)
+        # expert-major (E, N, ·) layout throughout: every product is one plain bmm or mm
+        hidden = mlp.act_fn(per_expert("gate", gate_base)) * per_expert("up", up_base)
         shared = mlp.act_fn(gate_base) * up_base  # the frozen FFN's hidden state
         down_w = base_weight(mlp.down_proj).to(x_drop.dtype)
-        down_codes = torch.einsum("nef,erf->ner", hidden, self.comoe_down_A.view(n_exp, self.r, -1))
-        down_b = self.comoe_down_B.view(-1, n_exp, self.r)
-        lora = self.scaling * torch.einsum("ner,der->ned", down_codes, down_b)
-        return (hidden - shared[:, None, :]) @ down_w.t() + lora
+        down_a = self.comoe_down_A.view(n_exp, self.r, -1).transpose(1, 2)  # (E, d_ff, r)
+        lora = self.scaling * torch.bmm(torch.bmm(hidden, down_a), self._stacked_B("down"))
+        return ((hidden - shared) @ down_w.t() + lora).transpose(0, 1)  # (N, E, d_model)
+
+    def _stacked_B(self, proj: str) -> Tensor:
+        """comoe_{proj}_B as one (r, d_out) matrix per expert: (E, r, d_out)."""
+        b = getattr(self, f"comoe_{proj}_B")
+        return b.view(b.shape[0], self.num_experts, self.r).permute(1, 2, 0)
 
     def _contrastive_from(self, state: tuple, top_idx: Tensor, kwargs: dict) -> ContrastiveOutput:
         return contrastive_loss_materialized(self.expert_outputs(*state), top_idx, **kwargs)
