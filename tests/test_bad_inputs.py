@@ -390,7 +390,7 @@ CLI_CASES = [
     cli(
         "method-unknown",
         train("--method", "foo"),
-        ["method must be one of comoe, moe-lora, soft-moe, lora", "'foo'"],
+        ["method must be one of comoe, moe-lora, soft-moe, mixlora, lora", "'foo'"],
     ),
     cli("setting-unknown", train("--setting", "both"), ["setting must be one of multi, single", "'both'"]),
     cli("protocol-unknown", train("--protocol", "exact"), ["protocol must be one of label, loglik"]),

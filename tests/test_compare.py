@@ -287,7 +287,7 @@ def test_jobs_must_be_positive(tmp_path):
 @pytest.mark.parametrize(
     ("preset", "variants", "settings", "tasks"),
     [
-        ("table1", {"lora", "dora", "moe-lora", "comoe", "comoe-dora"}, ["multi", "single"], None),
+        ("table1", {"lora", "dora", "moe-lora", "mixlora", "comoe", "comoe-dora"}, ["multi", "single"], None),
         ("table2", {"lora", "dora", "comoe-lora", "comoe-dora"}, ["single"], None),
         ("table3", {"lora", "moe-lora", "comoe"}, ["multi"], ["suite:math"]),
     ],
@@ -301,6 +301,10 @@ def test_table_presets_have_the_papers_structure_and_valid_cells(tmp_path, prese
         assert set(grid.variants) == variants and grid.settings == settings
         cells = grid.runs()  # every cell is a valid run
         assert {config.adapter.use_dora for *_, config in cells} == {"dora" in name for name in variants}
+        for *_, config in cells:  # MixLoRA's whole-FFN experts with its published defaults
+            if config.method == "mixlora":
+                trained = config.trained_adapter
+                assert (trained.placement, trained.num_experts, trained.balance_weight) == ("ffn", 8, 0.01)
         if tasks:
             assert all(config.tasks == tasks for *_, config in cells)
     assert load_grid(path).base["max_steps"] == 5

@@ -81,7 +81,7 @@ def _assert_fragments(message: str, fragments: list[str]) -> None:
             {"scheduler": "cosin"},
             ["scheduler must be one of", "linear", "cosine", "constant_with_warmup", "'cosin'"],
         ),
-        ({"method": "adam"}, ["method must be one of comoe, moe-lora, soft-moe, lora, got 'adam'"]),
+        ({"method": "adam"}, ["method must be one of comoe, moe-lora, soft-moe, mixlora, lora, got 'adam'"]),
         # tasks
         ({"tasks": []}, ["tasks is empty"]),
         ({"tasks": ""}, ["tasks is empty"]),
@@ -378,7 +378,7 @@ def test_train_help_documents_every_flag_with_its_choices_and_default(capsys):
         assert help_text[:40] in text, (flag, help_text)
         for choice in f.metadata.get("choices", ()):
             assert choice in text.split(flag, 1)[1], (flag, choice)
-    assert "{comoe,moe-lora,soft-moe,lora}" in text and "Default: 0.01." in text
+    assert "{comoe,moe-lora,soft-moe,mixlora,lora}" in text and "Default: 0.01." in text
     assert "The flag alone means true." in text and "--no-eval-base" in text
 
 

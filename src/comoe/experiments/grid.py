@@ -50,10 +50,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "negatives=1": {"method": "comoe", "adapter": {"num_negatives": 1}},
     },
     # the structure of the paper's tables, on whatever --model and --tasks are given
-    "table1": {  # its Table 1: methods, multi-task and single-task (MixLoRA's whole-FFN experts: not yet)
+    "table1": {  # its Table 1: methods, multi-task and single-task
         "lora": {"method": "lora"},
         "dora": {"method": "lora", "adapter": {"use_dora": True}},
         "moe-lora": {"method": "moe-lora"},
+        "mixlora": {"method": "mixlora"},  # whole-FFN experts, MixLoRA's defaults unless the base sets them
         "comoe": {"method": "comoe"},
         "comoe-dora": {"method": "comoe", "adapter": {"use_dora": True}},
     },
