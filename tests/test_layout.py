@@ -17,7 +17,18 @@ PACKAGE = Path(comoe.__file__).parent
 
 # Bottom to top. A module may import from its own layer and the layers below, never from above.
 LAYERS = ("utils", "core", "data", "evaluation", "training", "analysis", "experiments", "tools", "cli")
-CORE_MODULES = {"config", "layer", "ffn", "losses", "targets", "tuner", "model", "records", "peft_type", "sft"}
+CORE_MODULES = {
+    "config",
+    "layer",
+    "ffn",
+    "losses",
+    "targets",
+    "tuner",
+    "model",
+    "records",
+    "peft_type",
+    "sft",
+}
 
 
 def layer_of(module: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from comoe import CoMoEModel, get_comoe_model
+from comoe.ffn import CoMoEFFNLayer
 from comoe.training.base_models import load_base_model
 from comoe.training.run_config import RunConfig
 from tests.cli_runs import comoe_cli, read_log
@@ -37,16 +38,19 @@ def tiny_config(**overrides):
     return tiny_comoe_config("llama", contrastive_weight=0.5, **overrides)
 
 
-@pytest.mark.parametrize("experts", ["lora", "dora"])
+@pytest.mark.parametrize("experts", ["lora", "dora", "ffn"])
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_training_on_a_quantised_base_lowers_the_loss_and_reloads_exactly(
     model_dir, tmp_path, quantize, experts
 ):
-    """LoRA experts, and DoRA experts (their row norms need the dequantised base weight)."""
+    """LoRA experts, DoRA experts (their row norms need the dequantised base weight) and whole-FFN experts
+    (the frozen quantised FFN shared by all experts; its down weight dequantised for the contrastive loss)."""
     base, _ = load_base_model(str(model_dir), quantize=quantize)
-    model = get_comoe_model(base, tiny_config(use_dora=experts == "dora"))
+    placement = "ffn" if experts == "ffn" else "linear"
+    model = get_comoe_model(base, tiny_config(use_dora=experts == "dora", placement=placement))
     for layer in model.adapted_modules.values():
-        assert isinstance(layer.base_layer, QUANTISED[quantize])
+        linear = layer.base_layer.down_proj if isinstance(layer, CoMoEFFNLayer) else layer.base_layer
+        assert isinstance(linear, QUANTISED[quantize])
         assert all(p.dtype == torch.float32 for p in layer.adapter_parameters())
     ids = torch.randint(3, 2000, (4, 12), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)

@@ -19,7 +19,7 @@ from accelerate.state import AcceleratorState
 from peft import get_peft_model
 
 from comoe import get_comoe_model
-from tests.tiny_models import batch, build, randomize_adapters, tiny_comoe_config
+from tests.tiny_models import batch, build, is_adapter, randomize_adapters, tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -30,8 +30,14 @@ def maker(request) -> str:
     return request.param
 
 
-def tiny_model(maker: str = "get_comoe_model", **overrides):
-    config = tiny_comoe_config("llama", **overrides)
+@pytest.fixture(params=["linear", "ffn"])
+def placement(request) -> str:
+    """Experts on each linear, and whole-FFN experts on each MLP block (plain LoRA on the attention)."""
+    return request.param
+
+
+def tiny_model(maker: str = "get_comoe_model", placement: str = "linear", **overrides):
+    config = tiny_comoe_config("llama", placement=placement, **overrides)
     if maker == "get_peft_model":
         config.task_type = "CAUSAL_LM"
         model = get_peft_model(build("llama"), config)
@@ -47,7 +53,7 @@ def inputs_and_labels() -> dict:
 
 
 def expert_grads(loss: torch.Tensor, model) -> list[torch.Tensor]:
-    params = [p for n, p in sorted(model.named_parameters()) if n.endswith("comoe_A")]
+    params = [p for n, p in sorted(model.named_parameters()) if is_adapter(n) and n.endswith("_A")]
     return [g.float() for g in torch.autograd.grad(loss, params, retain_graph=True)]
 
 
@@ -62,8 +68,8 @@ def assert_contrastive_in_gradient(out, core) -> None:
     assert max(differences) > 0, "the contrastive term does not reach the expert gradients"
 
 
-def test_plain_model(maker):
-    model = tiny_model(maker)
+def test_plain_model(maker, placement):
+    model = tiny_model(maker, placement)
     assert_contrastive_in_gradient(model(**inputs_and_labels()), model)
 
 
@@ -75,9 +81,9 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_accelerate_bf16_mixed_precision(fresh_accelerator_state, maker):
+def test_accelerate_bf16_mixed_precision(fresh_accelerator_state, maker, placement):
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
-    model = tiny_model(maker)
+    model = tiny_model(maker, placement)
     prepared = accelerator.prepare(model)
     with accelerator.autocast():
         out = prepared(**inputs_and_labels())
@@ -85,9 +91,10 @@ def test_accelerate_bf16_mixed_precision(fresh_accelerator_state, maker):
     assert_contrastive_in_gradient(out, accelerator.unwrap_model(prepared))  # ...and the aux fields survived
 
 
-def test_bf16_base_weights():
+def test_bf16_base_weights(placement):
     """What `comoe train --bf16 true` does: the frozen base in bf16, adapters and routers in fp32."""
-    model = get_comoe_model(build("llama").to(torch.bfloat16), tiny_comoe_config("llama"))
+    config = tiny_comoe_config("llama", placement=placement)
+    model = get_comoe_model(build("llama").to(torch.bfloat16), config)
     randomize_adapters(model)
     assert {p.dtype for n, p in model.named_parameters() if "comoe_" in n} == {torch.float32}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -101,10 +108,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_distributed_data_parallel(maker):
+def test_distributed_data_parallel(maker, placement):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        model = tiny_model(maker)
+        model = tiny_model(maker, placement)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         assert_contrastive_in_gradient(ddp(**inputs_and_labels()), model)
     finally:
@@ -122,7 +129,7 @@ def test_torch_compile(maker):
     assert_contrastive_in_gradient(out, model)
 
 
-def test_gradient_checkpointing(maker):
-    model = tiny_model(maker)
+def test_gradient_checkpointing(maker, placement):
+    model = tiny_model(maker, placement)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert_contrastive_in_gradient(model(**inputs_and_labels()), model)

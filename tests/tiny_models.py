@@ -119,12 +119,17 @@ def batch(family: str, seed: int = 1, batch_size: int = 2, seq_len: int = 7, pad
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a parameter name is a comoe adapter tensor (its last component starts with ``comoe_``)."""
+    return name.rsplit(".", 1)[-1].startswith("comoe_")
+
+
 @torch.no_grad()
 def randomize_adapters(model: torch.nn.Module, seed: int = 123, std: float = 0.1) -> None:
     """Give every expert a non-zero B (B is zero at init) and a router that routes decisively."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
-        if name.endswith("comoe_B"):
+        if is_adapter(name) and name.endswith("_B"):  # comoe_B, and comoe_{gate,up,down}_B of FFN experts
             param.copy_(torch.randn(param.shape, generator=gen) * std)
         elif name.endswith("comoe_router"):
             param.copy_(torch.randn(param.shape, generator=gen))
