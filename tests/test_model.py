@@ -263,8 +263,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(path):
         torch.testing.assert_close(grads1[name], grad, rtol=1e-5, atol=1e-6)
 
 
-def test_reentrant_checkpointing_is_refused_instead_of_dropping_the_aux_gradient():
-    model = wrapped("llama", contrastive_weight=0.5)
+@pytest.mark.parametrize("placement", ["linear", "ffn"])
+def test_reentrant_checkpointing_is_refused_instead_of_dropping_the_aux_gradient(placement):
+    model = wrapped("llama", contrastive_weight=0.5, placement=placement)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     model.train()
     inputs = batch("llama")

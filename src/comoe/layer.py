@@ -262,17 +262,14 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         to the gradient: that is what reentrant activation checkpointing does (its forward runs under
         no_grad). Refuse it loudly."""
         trainable = any(p.requires_grad for p in self.adapter_parameters())
+        # probs come from a router that requires grad: without history, the forward ran without autograd
+        no_autograd = self.comoe_router.requires_grad and not probs.requires_grad
         lost = (
             con is not None
             and self.config.contrastive_weight > 0
             and trainable
-            and not self._state_has_grad(state)
-        ) or (
-            bal is not None
-            and self.config.balance_weight > 0
-            and self.comoe_router.requires_grad
-            and not probs.requires_grad
-        )
+            and (no_autograd or not self._state_has_grad(state))
+        ) or (bal is not None and self.config.balance_weight > 0 and no_autograd)
         if lost:
             raise RuntimeError(
                 f"{self.module_name}: the auxiliary losses were computed without autograd history, so they "
