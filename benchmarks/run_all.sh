@@ -27,6 +27,11 @@ if [[ -z "${RENDER_ONLY:-}" ]]; then
          --no-generate --no-parity --name smollm2-dora --out "$OUT"
   $BENCH --size wide --variants lora,lora-dora,ours-dense,ours-dora,ours-dora-con \
          --no-generate --no-parity --name wide-dora --out "$OUT"
+  # whole-FFN experts (MixLoRA's layout) vs PEFT LoRA and LoRA experts on the same gate/up/down projections
+  $BENCH --size smollm2 --target-modules gate_proj,up_proj,down_proj \
+         --variants lora,ours-dense,ours-ffn,ours-ffn-con --no-generate --no-parity --name smollm2-ffn --out "$OUT"
+  $BENCH --size wide --target-modules gate_proj,up_proj,down_proj \
+         --variants lora,ours-dense,ours-ffn,ours-ffn-con --no-generate --no-parity --name wide-ffn --out "$OUT"
   if [[ -n "${GPU:-}" ]]; then
     # LLaMA-2-7B-shaped layers, bf16, E in {4,8,16,64} x r in {8,16,64}: peak memory and host syncs too
     $BENCH --size gpu7b --no-generate --out "$OUT"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from comoe.tools.bench.variants import VARIANTS
+from comoe.tools.bench.variants import DEFAULT_VARIANTS
 
 
 # --- sizes --------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ class SizeSpec:
     experts: tuple[int, ...] = (4,)
     ranks: tuple[int, ...] = (16,)
     threads: int | None = 1  # CPU: one intra-op thread (see BENCHMARKS.md: 2 threads were slower and noisier)
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     description: str = ""
 
 

@@ -29,6 +29,8 @@ VARIANTS = (
 )
 OURS = ("ours-dense", "ours-grouped", "ours-con-gram", "ours-con-mat", "ours-dora", "ours-dora-con")
 FFN_VARIANTS = ("ours-ffn", "ours-ffn-con")
+# a size's default set: the FFN variants are compared on gate/up/down targets (a run of their own)
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in FFN_VARIANTS)
 GENERATE_VARIANTS = ("base", "lora", "ours-dense", "ours-grouped")
 VARIANT_HELP = {
     "base": "frozen base, forward + backward to the inputs",
