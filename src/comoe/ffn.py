@@ -179,32 +179,21 @@ class CoMoEFFNLayer(MixtureLayer):
             expert = slots[:, slot]
             select = F.one_hot(expert, self.num_experts).to(dtype)[:, :, None]  # (N, E, 1)
             weight = gates.gather(1, expert[:, None]).to(dtype)  # (N, 1)
-            hidden = self._hidden(gate_base, up_base, gate_codes, up_codes, select)
+            gate = self._with_update("gate", gate_base, gate_codes, select)
+            hidden = mlp.act_fn(gate) * self._with_update("up", up_base, up_codes, select)
             mixed = mixed + weight * hidden
             codes = (self.dropout(hidden) @ self.comoe_down_A.t()).view(-1, self.num_experts, self.r)
             down_codes = down_codes + (codes * select * weight[:, :, None]).view_as(down_codes)
         out = mlp.down_proj(mixed.to(x.dtype)).to(dtype) + self.scaling * (down_codes @ self.comoe_down_B.t())
-        if self.routed and self._wants_aux():
+        if self._wants_aux():
             self._leave_pending((x_flat, x_drop), probs, top_idx)
         return out.view(*lead_shape, -1).to(x.dtype)
 
-    def _hidden(
-        self, gate_base: Tensor, up_base: Tensor, gate_codes: Tensor, up_codes: Tensor, select: Tensor
-    ) -> Tensor:
-        """h = act(gate) ⊙ up with the LoRA updates of the experts that ``select`` (N, E, 1) picks per token."""
-        n_tokens = gate_base.shape[0]
-        gate = gate_base + self.scaling * (
-            (gate_codes.view(n_tokens, self.num_experts, -1) * select).view(n_tokens, -1)
-            @ self.comoe_gate_B.t()
-        )
-        up = up_base + self.scaling * (
-            (up_codes.view(n_tokens, self.num_experts, -1) * select).view(n_tokens, -1) @ self.comoe_up_B.t()
-        )
-        return self.base_layer.act_fn(gate) * up
-
-    def _wants_aux(self) -> bool:
-        ctx = self.context
-        return (ctx.active and (ctx.compute_contrastive or ctx.compute_balance)) or ctx.recorder is not None
+    def _with_update(self, proj: str, base_out: Tensor, codes: Tensor, select: Tensor) -> Tensor:
+        """W_p x + s B_p,i A_p,i x̃ for the expert i that ``select`` (N, E, 1) picks for each token."""
+        n_tokens = base_out.shape[0]
+        picked = (codes.view(n_tokens, self.num_experts, -1) * select).view(n_tokens, -1)
+        return base_out + self.scaling * (picked @ getattr(self, f"comoe_{proj}_B").t())
 
     # --- the experts' outputs: contrastive loss and analysis ---------------------------------------
     def expert_outputs(self, x: Tensor, x_drop: Tensor) -> Tensor:

@@ -18,6 +18,10 @@ unselected experts through the gates and applies all B's in a second matmul: a f
 data-dependent shapes, no host syncs. It does E/k times the FLOPs of a sparse path; when E·r is large
 against d_in the "grouped" path (tokens sorted by expert, ``grouped_mm``) does only the selected work.
 Both are exact, so the choice is purely one of speed.
+
+``MixtureLayer`` holds what every routed adapter layer shares (PEFT's tuner-layer protocol, the router, the
+auxiliary losses and records); ``CoMoELayer`` here and ``comoe.ffn.CoMoEFFNLayer`` (whole-FFN experts) are
+its two kinds.
 """
 
 from __future__ import annotations
@@ -218,6 +222,12 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         gates = torch.zeros_like(probs).scatter(1, top_idx, top_w)
         return probs, top_idx, gates
 
+    def _wants_aux(self) -> bool:
+        """Whether this call's routing is needed after the forward: for auxiliary losses or routing records."""
+        ctx = self.context
+        needed = (ctx.active and (ctx.compute_contrastive or ctx.compute_balance)) or ctx.recorder is not None
+        return self.routed and needed
+
     def _leave_pending(self, state: object, probs: Tensor, top_idx: Tensor | None) -> None:
         """Leave this call's routing for the auxiliary losses and records (computed after the model's forward).
 
@@ -399,9 +409,8 @@ class CoMoELayer(MixtureLayer):
             base_out = self._base_output(result, x_drop)
             delta = delta + (gates.to(scale.dtype) @ (scale - 1)) * base_out
             dora = (scale, base_out)
-        recorder = ctx.recorder
-        wants_aux = (ctx.active and (ctx.compute_contrastive or ctx.compute_balance)) or recorder is not None
-        if self.routed and wants_aux:
+        if self._wants_aux():
+            recorder = ctx.recorder
             wants_codes = (ctx.compute_contrastive and self._has_contrastive()) or (
                 recorder is not None and recorder.wants_codes(self.module_name)
             )
