@@ -255,3 +255,72 @@ def test_balance_loss_hand_computed_and_padding_masked():
     p = probs3.clone().requires_grad_()
     load_balancing_loss(p, top2).backward()
     torch.testing.assert_close(p.grad, 3 * f.expand(2, 3) / 2)
+
+
+# --- several modules in one call ----------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["gram", "anchor"])
+@pytest.mark.parametrize("anchor", ["random", "all"])
+def test_stacked_loss_of_several_modules_equals_each_modules_loss_and_gradients(form, anchor):
+    """M modules in one ``stacked_contrastive_loss`` call (either exact form) = M per-module calls with the
+    same anchors and negatives: loss, cosine means, and the gradients of every module's A and B."""
+    from comoe.losses import stacked_contrastive_loss
+
+    n_exp, rank, n_tokens = 5, 3, 12
+    modules = [problem(n_tokens=n_tokens, n_exp=n_exp, rank=rank, seed=seed) for seed in range(3)]
+    token_mask = torch.ones(n_tokens, dtype=torch.bool)
+    token_mask[-3:] = False
+    kwargs = dict(temperature=0.1, epsilon=1e-3, token_mask=token_mask, norm_eps=1e-6)
+    draws = [(draw_anchors(t, anchor), draw_negatives(t, n_exp, 2)) for *_, t in modules]
+    singles = [
+        contrastive_loss(codes_of(x, A, n_exp, rank), B, t, anchors=a, negatives=neg, **kwargs)
+        for (x, A, B, t), (a, neg) in zip(modules, draws, strict=True)
+    ]
+    stacked = stacked_contrastive_loss(
+        torch.stack([codes_of(x, A, n_exp, rank) for x, A, _, _ in modules]),
+        torch.stack([B for _, _, B, _ in modules]),
+        torch.stack([t for *_, t in modules]),
+        anchors=torch.stack([a for a, _ in draws]),
+        negatives=torch.stack([neg for _, neg in draws]),
+        form=form,
+        **kwargs,
+    )
+    for field in ("loss", "pos_cos", "neg_cos"):
+        torch.testing.assert_close(getattr(stacked, field), torch.stack([getattr(o, field) for o in singles]))
+    params = [t for x, A, B, _ in modules for t in (A, B)]
+    for mine, theirs in zip(
+        grads(stacked.loss.sum(), *params), grads(sum(o.loss for o in singles), *params), strict=True
+    ):
+        torch.testing.assert_close(mine, theirs, **TOL)
+
+
+def test_the_cheaper_cosine_form_is_chosen_by_the_shapes():
+    from comoe.losses import cheaper_cosine_form
+
+    # many tokens against a small E·r: the Gram matrix pays off; a handful of tokens: the anchor outputs
+    assert cheaper_cosine_form(n_tokens=1024, n_anchors=1, d_out=576, n_exp=4, rank=16) == "gram"
+    assert cheaper_cosine_form(n_tokens=8, n_anchors=1, d_out=1024, n_exp=16, rank=16) == "anchor"
+
+
+def test_stacked_loss_takes_modules_of_different_output_widths_through_their_gram_matrices():
+    from comoe.losses import stacked_contrastive_loss
+
+    n_exp, rank = 4, 3
+    modules = [problem(n_exp=n_exp, rank=rank, d_out=d_out, seed=d_out) for d_out in (16, 7, 16)]
+    kwargs = dict(temperature=0.1, epsilon=1e-3, norm_eps=1e-6)
+    draws = [(draw_anchors(t, "random"), draw_negatives(t, n_exp, None)) for *_, t in modules]
+    singles = [
+        contrastive_loss(codes_of(x, A, n_exp, rank), B, t, anchors=a, negatives=neg, **kwargs).loss
+        for (x, A, B, t), (a, neg) in zip(modules, draws, strict=True)
+    ]
+    stacked = stacked_contrastive_loss(
+        torch.stack([codes_of(x, A, n_exp, rank) for x, A, _, _ in modules]),
+        [B for _, _, B, _ in modules],
+        torch.stack([t for *_, t in modules]),
+        anchors=torch.stack([a for a, _ in draws]),
+        negatives=torch.stack([neg for _, neg in draws]),
+        **kwargs,
+    )
+    torch.testing.assert_close(stacked.loss, torch.stack(singles), **TOL)
+    params = [B for _, _, B, _ in modules]
+    for mine, theirs in zip(grads(stacked.loss.sum(), *params), grads(sum(singles), *params), strict=True):
+        torch.testing.assert_close(mine, theirs, **TOL)

@@ -11,6 +11,7 @@ reference.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -21,14 +22,6 @@ class ContrastiveOutput(NamedTuple):
     loss: Tensor  # scalar: mean over (unmasked) tokens
     pos_cos: Tensor  # scalar, detached: mean cosine anchor–positive
     neg_cos: Tensor  # scalar, detached: mean cosine anchor–negative
-
-
-def masked_mean(values: Tensor, token_mask: Tensor | None) -> Tensor:
-    """Mean of ``values`` (N, ...) over tokens where ``token_mask`` (N,) is true; no host sync."""
-    if token_mask is None:
-        return values.mean()
-    weights = token_mask.to(values.dtype).view(-1, *([1] * (values.dim() - 1))).expand_as(values)
-    return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def draw_anchors(topk_idx: Tensor, mode: str, generator: torch.Generator | None = None) -> Tensor:
@@ -65,26 +58,80 @@ def gram_cosines(codes: Tensor, lora_B: Tensor, anchors: Tensor, norm_eps: float
     """cos(E_a(x), E_j(x)) for each anchor a and every expert j, from codes alone.
 
     codes: (N, E, r) with h_i = A_i x; lora_B: (D, E*r), the experts' B stacked by columns;
-    anchors: (N, A) expert ids. Returns (N, A, E). Cost per token O((E*r)^2), independent of D.
+    anchors: (N, A) expert ids. Returns (N, A, E). One module of ``stacked_cosines``.
     """
-    n_tokens, n_exp, rank = codes.shape
-    dtype = torch.promote_types(torch.promote_types(codes.dtype, lora_B.dtype), torch.float32)  # >= fp32
+    return stacked_cosines(codes[None], lora_B[None], anchors[None], norm_eps)[0]
+
+
+def stacked_cosines(
+    codes: Tensor,
+    lora_B: Tensor | Sequence[Tensor],
+    anchors: Tensor,
+    norm_eps: float = 1e-6,
+    form: str = "auto",
+) -> Tensor:
+    """``gram_cosines`` for M modules in one call: codes (M, N, E, r), anchors (M, N, A) -> (M, N, A, E);
+    lora_B (M, D, E*r), or a list of M (D_m, E*r) matrices whose D_m may differ.
+
+    Two exact forms: "gram" builds G = B_catᵀ B_cat once per module (D·(E·r)² multiply-adds) and then
+    costs O((E·r)²) per token and anchor, independent of D, so modules of any D share the rest of the
+    computation; "anchor" materialises only each anchor's output B_a h_a and projects it on B_cat
+    (O(D·E·r) per token and anchor; modules of one D). "auto" takes the cheaper for these shapes: the
+    Gram matrix pays off once there are more tokens than about E·r.
+    """
+    n_mod, n_tokens, n_exp, rank = codes.shape
+    if not isinstance(lora_B, Tensor):
+        if len({tuple(b.shape) for b in lora_B}) > 1:
+            form = "gram"  # the only form in which modules of different D meet
+        else:
+            lora_B = torch.stack(list(lora_B))
+    dtype = torch.promote_types(torch.promote_types(codes.dtype, _dtype_of(lora_B)), torch.float32)  # >= fp32
     codes = codes.to(dtype)
-    lora_B = lora_B.to(dtype)
-    gram = lora_B.t() @ lora_B  # (E*r, E*r): G_ij = B_iᵀ B_j
-    diag_blocks = gram.view(n_exp, rank, n_exp, rank).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (E, r, r)
-    codes_e = codes.transpose(0, 1)  # (E, N, r)
-    sq_norms = (torch.bmm(codes_e, diag_blocks) * codes_e).sum(-1).t()  # (N, E): ‖E_j‖²
+    if form == "auto":
+        form = cheaper_cosine_form(n_tokens, anchors.shape[-1], lora_B.shape[1], n_exp, rank)
+    onehots = [  # (M, N, E, 1): which expert is the a-th anchor of each token
+        torch.zeros(n_mod, n_tokens, n_exp, 1, dtype=dtype, device=codes.device).scatter_(
+            2, anchors[:, :, a, None, None], 1.0
+        )
+        for a in range(anchors.shape[2])
+    ]
+    flat = (n_mod, n_tokens, n_exp * rank)
+    if form == "gram":
+        if isinstance(lora_B, Tensor):
+            lora_B = lora_B.to(dtype)
+            gram = lora_B.transpose(1, 2) @ lora_B  # (M, E*r, E*r): G_ij = B_iᵀ B_j
+        else:
+            gram = torch.stack([b.to(dtype).t() @ b.to(dtype) for b in lora_B])
+        blocks = gram.view(n_mod, n_exp, rank, n_exp, rank).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+        projected = [((codes * onehot).view(flat) @ gram).view_as(codes) for onehot in onehots]  # h_aᵀ G_a,:
+    elif form == "anchor":
+        lora_B = lora_B.to(dtype)
+        b = lora_B.view(n_mod, -1, n_exp, rank)
+        blocks = torch.einsum("mder,mdes->mers", b, b)  # (M, E, r, r): B_jᵀ B_j only
+        outputs = [(codes * onehot).view(flat) @ lora_B.transpose(1, 2) for onehot in onehots]  # B_a h_a
+        projected = [(out @ lora_B).view_as(codes) for out in outputs]
+    else:
+        raise ValueError(f"form must be 'auto', 'gram' or 'anchor', got {form!r}")
+    codes_e = codes.transpose(1, 2)  # (M, E, N, r)
+    sq_norms = ((codes_e @ blocks) * codes_e).sum(-1).transpose(1, 2)  # (M, N, E): ‖E_j‖²
     norms = sq_norms.clamp_min(norm_eps**2).sqrt()
     rows = []
-    for a in range(anchors.shape[1]):
-        onehot = torch.zeros(n_tokens, n_exp, 1, dtype=codes.dtype, device=codes.device)
-        onehot.scatter_(1, anchors[:, a, None, None], 1.0)
-        projected = ((codes * onehot).view(n_tokens, -1) @ gram).view(n_tokens, n_exp, rank)  # h_aᵀ G_a,:
-        dots = (projected * codes).sum(-1)  # (N, E): <E_a, E_j>
-        anchor_norm = norms.gather(1, anchors[:, a, None])
-        rows.append(dots / (anchor_norm * norms))
-    return torch.stack(rows, dim=1)
+    for a, proj in enumerate(projected):
+        dots = (proj * codes).sum(-1)  # (M, N, E): <E_a, E_j>
+        rows.append(dots / (norms.gather(2, anchors[:, :, a, None]) * norms))
+    return torch.stack(rows, dim=2)
+
+
+def _dtype_of(lora_B: Tensor | Sequence[Tensor]) -> torch.dtype:
+    return lora_B.dtype if isinstance(lora_B, Tensor) else lora_B[0].dtype
+
+
+def cheaper_cosine_form(n_tokens: int, n_anchors: int, d_out: int, n_exp: int, rank: int) -> str:
+    """'gram' or 'anchor', whichever needs fewer multiply-adds for one module (see ``stacked_cosines``)."""
+    width = n_exp * rank
+    gram = d_out * width * width + n_anchors * n_tokens * width * width
+    anchor = d_out * n_exp * rank * rank + 2 * n_anchors * n_tokens * d_out * width
+    return "gram" if gram <= anchor else "anchor"
 
 
 def materialized_cosines(outputs: Tensor, anchors: Tensor, norm_eps: float = 1e-6) -> Tensor:
@@ -107,29 +154,57 @@ def info_nce(
     """Algorithm 1 from cosines (N, A, E): −log(Σ exp(s_pos) / (Σ exp([s_pos, s_neg]) + ε)), in log space.
 
     The anchor itself is in neither sum. With several anchors (Eq. 12) their losses are averaged.
+    One module of ``stacked_info_nce``.
     """
+    out = stacked_info_nce(
+        cosines[None], anchors[None], active[None], negatives[None], temperature, epsilon, token_mask
+    )
+    return ContrastiveOutput(*(t[0] for t in out))
+
+
+def stacked_info_nce(
+    cosines: Tensor,
+    anchors: Tensor,
+    active: Tensor,
+    negatives: Tensor,
+    temperature: float,
+    epsilon: float,
+    token_mask: Tensor | None = None,
+) -> ContrastiveOutput:
+    """``info_nce`` for M modules at once: cosines (M, N, A, E), anchors (M, N, A), active and negatives
+    (M, N, E), one token mask (N,) for all. Every field of the result is (M,): one value per module."""
     logits = cosines / temperature
-    not_anchor = torch.ones_like(logits, dtype=torch.bool).scatter_(2, anchors[..., None], False)
-    positive = active[:, None, :] & not_anchor
-    negative = negatives[:, None, :].expand_as(positive)
+    not_anchor = torch.ones_like(logits, dtype=torch.bool).scatter_(3, anchors[..., None], False)
+    positive = active[:, :, None, :] & not_anchor
+    negative = negatives[:, :, None, :].expand_as(positive)
     neg_inf = torch.finfo(logits.dtype).min
     lse_pos = logits.masked_fill(~positive, neg_inf).logsumexp(-1)
     lse_all = logits.masked_fill(~(positive | negative), neg_inf).logsumexp(-1)
     if epsilon > 0:
         lse_all = torch.logaddexp(lse_all, torch.full_like(lse_all, math.log(epsilon)))
-    per_token = (lse_all - lse_pos).mean(dim=1)  # (N,)
-    loss = masked_mean(per_token, token_mask)
+    per_token = (lse_all - lse_pos).mean(dim=2)  # (M, N)
+    weights = _token_weights(token_mask, per_token)
+    loss = per_token @ weights
     with torch.no_grad():
         cos = cosines.detach()
-        pos_cos = masked_mean(_mean_where(cos, positive), token_mask)
-        neg_cos = masked_mean(_mean_where(cos, negative), token_mask)
+        pos_cos = _mean_where(cos, positive) @ weights
+        neg_cos = _mean_where(cos, negative) @ weights
     return ContrastiveOutput(loss, pos_cos, neg_cos)
 
 
+def _token_weights(token_mask: Tensor | None, per_token: Tensor) -> Tensor:
+    """(N,) weights of a mean over the unmasked tokens (all tokens without a mask); no host sync."""
+    n_tokens = per_token.shape[-1]
+    if token_mask is None:
+        return torch.full((n_tokens,), 1.0 / n_tokens, dtype=per_token.dtype, device=per_token.device)
+    weights = token_mask.to(per_token.dtype)
+    return weights / weights.sum().clamp_min(1.0)
+
+
 def _mean_where(values: Tensor, where: Tensor) -> Tensor:
-    """Per-token mean of ``values`` (N, A, E) over the entries where ``where`` holds."""
+    """Per-token mean of ``values`` (M, N, A, E) over the entries where ``where`` holds: (M, N)."""
     where = where.to(values.dtype)
-    return (values * where).sum((1, 2)) / where.sum((1, 2)).clamp_min(1.0)
+    return (values * where).sum((2, 3)) / where.sum((2, 3)).clamp_min(1.0)
 
 
 def contrastive_loss(
@@ -148,6 +223,27 @@ def contrastive_loss(
     cos = gram_cosines(codes, lora_B, anchors, norm_eps)
     active = active_mask(topk_idx, codes.shape[1])
     return info_nce(cos, anchors, active, negatives, temperature, epsilon, token_mask)
+
+
+def stacked_contrastive_loss(
+    codes: Tensor,
+    lora_B: Tensor | Sequence[Tensor],
+    topk_idx: Tensor,
+    *,
+    temperature: float,
+    epsilon: float = 1e-3,
+    anchors: Tensor,
+    negatives: Tensor,
+    token_mask: Tensor | None = None,
+    norm_eps: float = 1e-6,
+    form: str = "auto",
+) -> ContrastiveOutput:
+    """``contrastive_loss`` of M modules in one call: codes (M, N, E, r), lora_B (M, D, E*r) or a list of M
+    (D_m, E*r), topk_idx and anchors (M, N, ·), negatives (M, N, E); each field of the result is (M,)."""
+    cos = stacked_cosines(codes, lora_B, anchors, norm_eps, form)
+    n_mod, n_tokens, n_exp, _ = codes.shape
+    active = active_mask(topk_idx.reshape(n_mod * n_tokens, -1), n_exp).view(n_mod, n_tokens, n_exp)
+    return stacked_info_nce(cos, anchors, active, negatives, temperature, epsilon, token_mask)
 
 
 def contrastive_loss_materialized(
