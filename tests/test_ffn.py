@@ -23,8 +23,10 @@ from comoe.config import CoMoEConfig
 from comoe.ffn import CoMoEFFNLayer, is_gated_mlp
 from comoe.layer import CoMoELayer, ForwardContext
 from comoe.losses import contrastive_loss_materialized, draw_anchors, draw_negatives
-from comoe.model import CoMoEModel, get_comoe_model
+from comoe.model import AdapterLoadError, CoMoEModel, get_comoe_model
 from comoe.training.adapters import comoe_parameter_count
+from comoe.training.job import check_adapter_fits
+from comoe.training.run_config import RunConfig
 from tests.references import reference_route
 from tests.tiny_models import VOCAB, batch, build
 
@@ -263,3 +265,38 @@ def test_mlps_that_ffn_experts_do_not_fit_are_refused_with_the_block_named():
         CoMoEFFNLayer(odd, ffn_config(), ForwardContext(), name="odd")
     with pytest.raises(ValueError, match="DoRA FFN experts"):
         ffn_config(use_dora=True)
+
+
+def test_unload_and_a_refused_load_give_the_base_model_back(tmp_path):
+    """unload() puts every MLP block and linear back; a load onto a base of another shape is refused with
+    nothing changed in the caller's model."""
+    base = build("llama")
+    inputs = batch("llama")
+    with torch.no_grad():
+        before = base(**inputs).logits
+    model = get_comoe_model(base, ffn_config(target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    unloaded = model.base_model.unload()
+    assert not any(isinstance(m, (CoMoELayer, CoMoEFFNLayer)) for m in unloaded.modules())
+    assert type(unloaded.model.layers[0].mlp).__name__ == "LlamaMLP"
+    with torch.no_grad():
+        torch.testing.assert_close(unloaded(**inputs).logits, before, rtol=0, atol=0)
+    wider = build("llama", hidden=64)
+    with pytest.raises(AdapterLoadError, match="shape"):
+        CoMoEModel.from_pretrained(wider, tmp_path)
+    assert not any(isinstance(m, (CoMoELayer, CoMoEFFNLayer)) for m in wider.modules())
+    assert not any("comoe_" in name for name, _ in wider.named_parameters())
+
+
+def test_a_misspelled_target_and_an_mlp_that_does_not_fit_fail_before_training():
+    with pytest.raises(ValueError, match="matched no"):
+        get_comoe_model(build("llama"), ffn_config(target_modules=["q_prj"]))
+    mixlora = RunConfig(method="mixlora")
+    with pytest.raises(ValueError, match=r"GPT2MLP"):
+        check_adapter_fits(build("gpt2"), mixlora)  # what `comoe train` checks before any evaluation
+
+
+def test_one_expert_per_block_counts_no_router():
+    config = ffn_config(num_experts=1, top_k=1, target_modules=["q_proj"])
+    model = get_comoe_model(build("llama"), config)
+    assert model.get_nb_trainable_parameters()[0] == comoe_parameter_count(build("llama"), config)

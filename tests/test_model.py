@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from comoe import CoMoEConfig, CoMoELayer, RoutingRecorder, get_comoe_model
+from comoe import CoMoEConfig, CoMoELayer, CoMoEModel, RoutingRecorder, get_comoe_model
 from comoe.layer import ForwardContext
 from comoe.losses import active_mask
 from tests.references import reference_contrastive
@@ -571,3 +571,50 @@ def test_contrastive_losses_computed_together_equal_the_per_module_losses(family
     torch.testing.assert_close(con_stacked, con_single, rtol=1e-6, atol=1e-6)
     for name, grad in grads_single.items():
         torch.testing.assert_close(grads_stacked[name], grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("contrastive_form", ["gram", "materialized"])
+def test_the_auxiliary_losses_are_fp32_under_bf16_autocast(contrastive_form):
+    """The losses are computed after the forward with autocast off: fp32 products, fp32 results."""
+    model = wrapped("llama", contrastive_weight=0.5, balance_weight=0.1, contrastive_form=contrastive_form)
+    inputs = batch("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.train()(**inputs, labels=labels_for("llama", inputs))
+    assert out.contrastive_loss.dtype == out.balance_loss.dtype == torch.float32
+    assert torch.isfinite(out.contrastive_loss) and out.contrastive_loss > 0
+
+
+def test_the_router_stays_fp32_under_bf16_autocast():
+    model = wrapped("llama")
+    layer = next(iter(model.routed_modules.values()))
+    x = torch.randn(16, layer.in_features)
+    probs, top_idx, _ = layer.route(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs_bf16, top_bf16, _ = layer.route(x)
+    assert probs_bf16.dtype == torch.float32
+    torch.testing.assert_close(probs_bf16, probs, rtol=0, atol=0)
+    assert torch.equal(top_bf16, top_idx)
+
+
+def test_single_expert_adapters_saved_with_a_router_still_load(tmp_path):
+    """Before 0.2 a one-expert layer (plain LoRA) had a (1, d_in) router; it has none now, and such saved
+    adapters load through both loaders."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    config = make_config("llama", num_experts=1, top_k=1, contrastive_weight=0.0)
+    model = wrapped(
+        "llama", **{k: getattr(config, k) for k in ("num_experts", "top_k", "contrastive_weight")}
+    )
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    for name in [n for n in tensors if n.endswith("comoe_A")]:
+        tensors[name.replace("comoe_A", "comoe_router")] = torch.zeros(1, tensors[name].shape[1])
+    save_file(tensors, weights)
+    inputs = batch("llama")
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits
+    for loader in (CoMoEModel.from_pretrained, PeftModel.from_pretrained):
+        with torch.no_grad():
+            torch.testing.assert_close(loader(build("llama"), tmp_path)(**inputs).logits, expected)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from comoe.config import CoMoEConfig
 from comoe.layer import ForwardContext, MixtureLayer, base_weight
 from comoe.losses import ContrastiveOutput, contrastive_loss_materialized
-from comoe.targets import find_targets, layer_index, num_hidden_layers, resolve_layers
+from comoe.targets import find_targets, layer_index, matching_modules, num_hidden_layers, resolve_layers
 
 PROJECTIONS = ("gate", "up", "down")
 SUPPORTED = (
@@ -73,14 +73,16 @@ def find_mlp_blocks(model: nn.Module, config: CoMoEConfig) -> list[str]:
 def ffn_targets(model: nn.Module, config: CoMoEConfig) -> tuple[list[str], list[str]]:
     """(MLP blocks for FFN experts, other target linears for one shared LoRA each) under placement='ffn'.
 
-    Target linears inside a block (e.g. gate_proj under 'all-linear') are part of its FFN experts."""
+    Target linears inside a block (e.g. gate_proj under 'all-linear') are part of its FFN experts; a name
+    that matches no linear at all is the same error as under placement='linear'."""
     blocks = find_mlp_blocks(model, config)
     inside = tuple(f"{block}." for block in blocks)
-    try:
-        linears = [name for name in find_targets(model, config) if not name.startswith(inside)]
-    except ValueError:  # target_modules names only what the blocks hold, or layers selects no linear
-        linears = []
-    return blocks, linears
+    matched = matching_modules(model, config.target_modules)
+    if not matched:
+        find_targets(model, config)  # raises its error, naming the model's adaptable modules
+    allowed = resolve_layers(config.layers, num_hidden_layers(model, matched))
+    in_layers = [name for name in matched if allowed is None or layer_index(name) in allowed]
+    return blocks, [name for name in in_layers if not name.startswith(inside)]
 
 
 def shared_lora_config(config: CoMoEConfig) -> CoMoEConfig:
@@ -99,8 +101,9 @@ def shared_lora_config(config: CoMoEConfig) -> CoMoEConfig:
 
 
 def ffn_parameter_count(mlp: nn.Module, config: CoMoEConfig) -> int:
-    """Trainable parameters of one block's FFN experts: E·r·(d_in + d_out) per projection + E·d_model router."""
-    total = config.num_experts * mlp.gate_proj.in_features
+    """Trainable parameters of one block's FFN experts: E·r·(d_in + d_out) per projection + E·d_model router
+    (none for one expert)."""
+    total = config.num_experts * mlp.gate_proj.in_features if config.num_experts > 1 else 0  # the router
     for proj in PROJECTIONS:
         linear = getattr(mlp, f"{proj}_proj")
         total += config.num_experts * config.r * (linear.in_features + linear.out_features)

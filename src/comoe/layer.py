@@ -89,9 +89,13 @@ class ForwardContext:
         one batched call per group (``stacked_contrastive``): the loss is ~100 small ops, paid once per
         group instead of once per module."""
         pending, self.pending = self.pending, []
-        stacked = stacked_contrastive(pending, self.token_mask) if self.compute_contrastive else {}
-        for index, (layer, state, probs, top_idx) in enumerate(pending):
-            layer._auxiliary(state, probs, top_idx, stacked.get(index))
+        if not pending:
+            return self.aux
+        # fp32 losses whatever the model's autocast: their inputs are cast up, their products stay there
+        with torch.autocast(pending[0][2].device.type, enabled=False):
+            stacked = stacked_contrastive(pending, self.token_mask) if self.compute_contrastive else {}
+            for index, (layer, state, probs, top_idx) in enumerate(pending):
+                layer._auxiliary(state, probs, top_idx, stacked.get(index))
         return self.aux
 
 
@@ -262,7 +266,8 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
             top_idx = None if self.config.routing == "soft" else torch.zeros_like(ones, dtype=torch.long)
             return ones, top_idx, ones
         dtype = torch.promote_types(self.comoe_router.dtype, torch.float32)  # fp32, or fp64 if asked
-        probs = F.linear(x.to(dtype), self.comoe_router.to(dtype)).softmax(dim=-1)
+        with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would round the logits
+            probs = F.linear(x.to(dtype), self.comoe_router.to(dtype)).softmax(dim=-1)
         if self.config.routing == "soft":
             return probs, None, probs
         top_w, top_idx = probs.topk(self.top_k, dim=-1)
@@ -554,7 +559,7 @@ class CoMoELayer(MixtureLayer):
         (c (E, d_out), W0 x̃ (N, d_out))): s c_i ⊙ B_i h_i + (c_i − 1) ⊙ W0 x̃, the expert's whole update.
         """
         b = self.comoe_B.view(self.out_features, self.num_experts, self.r)
-        lora = torch.einsum("ner,der->ned", codes, b)
+        lora = torch.einsum("ner,der->ned", codes.to(b.dtype), b)  # codes are bf16 under autocast
         if dora is None:
             return lora
         scale, base_out = dora

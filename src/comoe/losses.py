@@ -183,12 +183,12 @@ def stacked_info_nce(
     if epsilon > 0:
         lse_all = torch.logaddexp(lse_all, torch.full_like(lse_all, math.log(epsilon)))
     per_token = (lse_all - lse_pos).mean(dim=2)  # (M, N)
-    weights = _token_weights(token_mask, per_token)
-    loss = per_token @ weights
+    weights = _token_weights(token_mask, per_token)  # elementwise sums: fp32 under autocast too
+    loss = (per_token * weights).sum(-1)
     with torch.no_grad():
         cos = cosines.detach()
-        pos_cos = _mean_where(cos, positive) @ weights
-        neg_cos = _mean_where(cos, negative) @ weights
+        pos_cos = (_mean_where(cos, positive) * weights).sum(-1)
+        neg_cos = (_mean_where(cos, negative) * weights).sum(-1)
     return ContrastiveOutput(loss, pos_cos, neg_cos)
 
 

@@ -36,6 +36,7 @@ from comoe.tuner import (
     AuxLosses,
     CoMoETuner,
     check_adapter_tensors,
+    without_single_expert_routers,
 )
 from comoe.utils.files import atomic_path
 
@@ -166,6 +167,7 @@ class CoMoEModel(PeftModel):
             ) from err
         loaded = {key.removeprefix(PEFT_PREFIX): value for key, value in loaded.items()}
         expected = self.adapter_state_dict()
+        loaded = without_single_expert_routers(loaded, expected)
         check_adapter_tensors(loaded, {name: p.shape for name, p in expected.items()}, path)
         with torch.no_grad():
             for name, param in expected.items():

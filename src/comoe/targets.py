@@ -59,10 +59,15 @@ def adaptable_module_names(model: nn.Module) -> list[str]:
     )
 
 
+def matching_modules(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """Names of the Linear/Conv1D modules that ``target_modules`` names, in every layer."""
+    candidates = [name for name, m in model.named_modules() if isinstance(m, ADAPTABLE_TYPES) and name]
+    return [name for name in candidates if _matches(name, target_modules)]
+
+
 def find_targets(model: nn.Module, config: CoMoEConfig) -> list[str]:
     """Names of the modules ``config`` adapts; a clear error when there are none."""
-    candidates = [name for name, m in model.named_modules() if isinstance(m, ADAPTABLE_TYPES) and name]
-    matched = [name for name in candidates if _matches(name, config.target_modules)]
+    matched = matching_modules(model, config.target_modules)
     if not matched:
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no nn.Linear/Conv1D module of "

@@ -38,6 +38,7 @@ from comoe.ffn import CoMoEFFNLayer, ffn_targets, shared_lora_config
 from comoe.layer import MERGE_REFUSED, ONE_ADAPTER, CoMoELayer, ForwardContext, MixtureLayer
 from comoe.records import RoutingRecorder
 from comoe.targets import find_targets
+from comoe.utils.modeling import replace_module
 
 ADAPTER_PREFIX = "comoe_"
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's parameter names
@@ -265,9 +266,12 @@ class CoMoETuner(BaseTuner):
         for handle in getattr(self, "_hook_handles", []):
             handle.remove()
         self._hook_handles = []
-        model = super().unload()
+        # each adapted module back to the module it wraps (PEFT's own unload assumes a wrapped linear's
+        # attributes, which an MLP block wrapped by FFN experts does not have)
+        for name, layer in self.adapted_modules.items():
+            replace_module(self.model, name, layer.base_layer)
         self.adapted_modules = {}
-        return model
+        return self.model
 
     # --- PEFT's save/load key mapping --------------------------------------------------------------------
     @classmethod
@@ -285,8 +289,19 @@ class CoMoETuner(BaseTuner):
         }
         model_prefix = PEFT_PREFIX if any(k.startswith(PEFT_PREFIX) for k in expected) else ""
         remapped = {model_prefix + key.removeprefix(PEFT_PREFIX): value for key, value in state_dict.items()}
+        remapped = without_single_expert_routers(remapped, expected)
         check_adapter_tensors(remapped, expected, "the adapter checkpoint")
         return remapped
+
+
+def without_single_expert_routers(tensors: dict[str, Tensor], expected: dict) -> dict[str, Tensor]:
+    """``tensors`` without the (1, d_in) routers that comoe < 0.2 saved for single-expert layers (plain
+    LoRA); such a layer now has no router, since its one gate is always 1."""
+    return {
+        name: value
+        for name, value in tensors.items()
+        if name in expected or not (name.endswith(f"{ADAPTER_PREFIX}router") and value.shape[0] == 1)
+    }
 
 
 def check_adapter_tensors(tensors: dict[str, Tensor], expected: dict[str, torch.Size], source: str) -> None:

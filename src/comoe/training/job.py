@@ -25,6 +25,7 @@ from comoe.data.registry import load_splits
 from comoe.data.schema import Example
 from comoe.evaluation.report import print_accuracy_table
 from comoe.evaluation.scoring import evaluate_tasks, majority_baseline, summarise
+from comoe.ffn import ffn_targets
 from comoe.model import find_targets
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
 from comoe.training.base_models import load_base_model
@@ -125,8 +126,13 @@ def _requested(flat_name: str, requested: dict) -> bool:
 
 
 def check_adapter_fits(base: torch.nn.Module, run: RunConfig) -> None:
-    """Target modules and layers that do not exist in the base model fail here, before any evaluation."""
-    find_targets(base, run.adapter)
+    """Target modules, layers and MLP blocks (placement='ffn', --method mixlora) that do not exist in the
+    base model fail here, before any evaluation."""
+    adapter = run.trained_adapter
+    if adapter.placement == "ffn":
+        ffn_targets(base, adapter)
+    else:
+        find_targets(base, adapter)
 
 
 def base_dtype(run: RunConfig) -> torch.dtype:
