@@ -1,7 +1,7 @@
 """Prototype (not used by the library): the dense-codes expert path as ONE autograd Function.
 
 Monkeypatches ``CoMoELayer.forward`` (written against src/comoe/layer.py as of this benchmark run: the
-version whose forward leaves (layer, codes, probs, top_idx) in ``context.pending``). Same outputs and
+version whose forward leaves (layer, (codes, dora), probs, top_idx) in ``context.pending``, LoRA experts only). Same outputs and
 gradients as the layer; saves x_drop, codes and gates for backward instead of also the gated codes.
 Measured by ``measure.py``: less activation memory where E*r is comparable to the hidden size, no speed gain.
 """
@@ -72,19 +72,16 @@ def fast_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     else:
         if codes_with_grad:
             codes = x_drop @ self.comoe_A.t()
-        delta = self._grouped_delta(x_drop, top_idx, gates, codes) * self.scaling
-    recorder = ctx.recorder
-    if (ctx.active and (ctx.compute_contrastive or ctx.compute_balance)) or recorder is not None:
+        delta = self._grouped_delta(x_drop, top_idx, gates, codes, self.comoe_B) * self.scaling
+    if self._wants_aux():
+        recorder = ctx.recorder
         wants_codes = (ctx.compute_contrastive and self._has_contrastive()) or (
             recorder is not None and recorder.wants_codes(self.module_name)
         )
         if codes is None and wants_codes:
             with torch.no_grad():
                 codes = x_drop @ self.comoe_A.t()
-        if ctx.active:
-            ctx.pending.append((self, codes, probs, top_idx))
-        else:
-            recorder.observe(self, probs.detach(), top_idx, None, None, None, codes)
+        self._leave_pending(None if codes is None else (codes, None), probs, top_idx)
     return result + delta.view(*lead_shape, self.out_features).to(result.dtype)
 
 

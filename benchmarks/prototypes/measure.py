@@ -1,6 +1,7 @@
-"""Measure the two prototypes against the library, in one process, round-robin (like comoe bench).
+"""Measure the fused dense-path prototype against the library, in one process, round-robin (like comoe
+bench). (The batched contrastive loss, the other prototype, is now the library's own.)
 
-python benchmarks/prototypes/measure.py --check                 # exactness of both prototypes
+python benchmarks/prototypes/measure.py --check                 # exactness of the prototype
 python benchmarks/prototypes/measure.py --size smollm2 --experts 4 --steps 12
 python benchmarks/prototypes/measure.py --size wide --experts 16 --steps 12 --memory
 """
@@ -14,7 +15,6 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import batched_contrastive  # noqa: E402
 import fused_dense  # noqa: E402
 
 from comoe.model import get_comoe_model  # noqa: E402
@@ -33,7 +33,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def _set(variant: str) -> None:
-    (batched_contrastive.patch if variant.endswith("batched") else batched_contrastive.unpatch)()
     (fused_dense.patch if variant.endswith("fused") else fused_dense.unpatch)()
 
 
@@ -45,7 +44,7 @@ def check() -> None:
     mask[0, -5:] = 0
     for experts, k, r, targets in [(4, 2, 16, TARGETS), (6, 3, 8, TARGETS + ["gate_proj", "down_proj"])]:
         results = []
-        for variant in ("library", "batched", "fused"):
+        for variant in ("library", "fused"):
             _set(variant)
             torch.manual_seed(0)
             cfg = comoe_config(experts, r, k, targets, path="dense", contrastive="gram", dropout=0.0)
@@ -66,7 +65,7 @@ def check() -> None:
         for other in results[1:]:
             for x, y in zip(results[0], other, strict=True):
                 torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
-        print(f"E={experts} k={k} r={r}: batched and fused match the library (loss, cos means, all grads)")
+        print(f"E={experts} k={k} r={r}: fused matches the library (loss, cos means, all grads)")
     _set("library")
 
 
@@ -80,7 +79,7 @@ def measure(size: str, experts: int, steps: int, memory: bool) -> None:
         "ours-dense": "ours-dense",
         "ours-dense-fused": "ours-dense",
         "con-gram": "ours-con-gram",
-        "con-gram-batched": "ours-con-gram",
+        "con-gram-fused": "ours-con-gram",
     }
     built = {
         n: build_variant(
