@@ -177,3 +177,23 @@ def test_auto_path_is_what_the_layers_pick(experts, rank):
     expected = auto_path(base, experts, rank, 2, ["q_proj", "o_proj"])
     model = get_comoe_model(shared_copy(base), comoe_config(experts, rank, 2, ["q_proj", "o_proj"]))
     assert expert_paths(model) == expected
+
+
+def test_issue_13_targets_are_judged_with_their_thresholds_and_directions():
+    """The contrastive overhead (≤ 15 % tiny, ≤ 5 % elsewhere), its memory (≤ 1.2×) and generate (≥ 0.9×)."""
+    from comoe.tools.bench.render import _target_threshold, _target_value
+    from comoe.tools.bench.run import issue13_targets
+
+    def result(size, hidden, overhead, memory, generate):
+        rows = {"ours-con-gram": {"x_ours_same_path": 1 + overhead, "mem_x_lora": memory}}
+        case = {"experts": 4, "rank": 16, "variants": rows}
+        case["generate"] = {"variants": {"ours-dense": {"tps_x_lora": generate}}}
+        return {"size": size, "name": size, "spec": {"hidden": hidden}, "cases": [case]}
+
+    tiny = {t["target"]: t for t in issue13_targets(result("tiny", 64, 0.12, 1.3, 0.5))}
+    assert [t["met"] for t in tiny.values()] == [True, False]  # no generate target at tiny
+    smollm2 = {t["target"]: t for t in issue13_targets(result("smollm2", 576, 0.06, 1.2, 0.91))}
+    assert [t["met"] for t in smollm2.values()] == [False, True, True]
+    overhead, _, generate = smollm2.values()
+    assert _target_value(overhead) == "+6.0 %" and _target_threshold(overhead) == "≤ 5 %"
+    assert _target_threshold(generate) == "≥ 0.9×"

@@ -107,14 +107,20 @@ def _target_value(t: dict) -> str:
     if v is None:
         note = t.get("note") or ""
         return ("fails: " + note[:110] + ("…" if len(note) > 110 else "")) if note else "–"
-    text = f"{100 * v:+.1f} %" if "10 %" in t["target"] else f"{v:.2f}×"
+    text = f"{100 * v:+.1f} %" if _unit(t) == "%" else f"{v:.2f}×"
     return text + (f" ({t['note']})" if t.get("note") else "")
 
 
 def _target_threshold(t: dict) -> str:
     if not t["threshold"]:
         return "works, matches"
-    return f"≤ {100 * t['threshold']:.0f} %" if "10 %" in t["target"] else f"≤ {t['threshold']}×"
+    sign = "≥" if t.get("at_least") else "≤"
+    return f"{sign} {100 * t['threshold']:.0f} %" if _unit(t) == "%" else f"{sign} {t['threshold']}×"
+
+
+def _unit(t: dict) -> str:
+    """ "%" or "x"; results written before targets carried a unit name theirs in the target's text."""
+    return t.get("unit") or ("%" if "10 %" in t["target"] else "x")
 
 
 def _band(rows: dict, name: str, ref: str | None) -> tuple[float, float] | None:

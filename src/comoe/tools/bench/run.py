@@ -42,6 +42,11 @@ TARGET_NAIVE = 0.5  # ours / naive step time, tiny model, CPU
 TARGET_CON = 0.10  # extra step time of the Gram contrastive loss, hidden >= 1024
 TARGET_LORA = 1.3  # ours / LoRA step time, CPU, hidden >= 1024
 TARGET_MEM = 1.3  # ours / LoRA activation memory
+# issue #13's targets: the contrastive term nearly free, its memory near LoRA's, generation at LoRA's speed
+TARGET_CON_SMALL = 0.05  # extra step time of the contrastive loss, SmolLM2 shape and hidden >= 1024
+TARGET_CON_TINY = 0.15  # the same at the tiny shape
+TARGET_MEM_CON = 1.2  # ours + contrastive / LoRA activation memory, every size
+TARGET_GEN = 0.9  # ours / LoRA generate tokens/s (at least), SmolLM2 shape
 WIDE_HIDDEN = 1024
 
 
@@ -195,10 +200,55 @@ def run_case(
 
 
 # --- targets ---------------------------------------------------------------------------------------------
+def issue13_targets(result: dict) -> list[dict]:
+    """Issue #13's targets this run can judge: the contrastive term's step overhead (≤ 5 % at the SmolLM2
+    shape and hidden ≥ 1024, ≤ 15 % tiny), its activation memory (≤ 1.2× LoRA at every size), and
+    generation (≥ 0.9× LoRA's tokens/s at the SmolLM2 shape)."""
+    out = []
+    tiny = result["size"] == "tiny"
+    counted = tiny or result["size"] == "smollm2" or result["spec"]["hidden"] >= WIDE_HIDDEN
+    for case in result["cases"]:
+        rows = case.get("variants", {})
+        where = f"{result['name']}, E={case['experts']}, r={case['rank']}"
+        con = rows.get("ours-con-gram", {})
+        if counted and con.get("x_ours_same_path") is not None:
+            limit = TARGET_CON_TINY if tiny else TARGET_CON_SMALL
+            v = con["x_ours_same_path"] - 1.0
+            name = f"#13: contrastive adds ≤ {100 * limit:.0f} % to our step"
+            out.append(_target(name, where, v, limit, v <= limit, unit="%"))
+        if con.get("mem_x_lora") is not None:
+            v = con["mem_x_lora"]
+            name = "#13: activation memory with the contrastive term ≤ 1.2× PEFT LoRA"
+            out.append(_target(name, f"{where} (ours-con-gram)", v, TARGET_MEM_CON, v <= TARGET_MEM_CON))
+        generated = case.get("generate", {}).get("variants", {}).get("ours-dense", {})
+        if result["size"] == "smollm2" and generated.get("tps_x_lora") is not None:
+            v = generated["tps_x_lora"]
+            name = "#13: generate ≥ 0.9× PEFT LoRA's tokens/s"
+            out.append(_target(name, where, v, TARGET_GEN, v >= TARGET_GEN, at_least=True))
+    return out
+
+
 def _target(
-    name: str, where: str, value: float | None, threshold: float, met: bool | None, note: str = ""
+    name: str,
+    where: str,
+    value: float | None,
+    threshold: float,
+    met: bool | None,
+    note: str = "",
+    unit: str = "x",
+    at_least: bool = False,
 ) -> dict:
-    return {"target": name, "where": where, "value": value, "threshold": threshold, "met": met, "note": note}
+    """One judged target; ``unit`` "x" (a ratio) or "%" (an overhead), ``at_least`` for a lower bound."""
+    return {
+        "target": name,
+        "where": where,
+        "value": value,
+        "threshold": threshold,
+        "met": met,
+        "note": note,
+        "unit": unit,
+        "at_least": at_least,
+    }
 
 
 def evaluate_targets(result: dict) -> list[dict]:
@@ -244,6 +294,7 @@ def evaluate_targets(result: dict) -> list[dict]:
                     v,
                     TARGET_CON,
                     v <= TARGET_CON,
+                    unit="%",
                 )
             )
         if ours in rows and "lora" in rows and "mem_x_lora" in rows[ours]:
@@ -287,8 +338,10 @@ def evaluate_targets(result: dict) -> list[dict]:
                 TARGET_CON,
                 max(overheads) <= TARGET_CON,
                 f"spread {100 * spread:.1f} points",
+                unit="%",
             )
         )
+    out.extend(issue13_targets(result))
     check = result.get("checks", {}).get("compile")
     if check:
         for path, e in check["paths"].items():
