@@ -15,7 +15,8 @@ import comoe.layer as L
 class DenseExperts(torch.autograd.Function):
     """delta = ((x A^T) * g_rep) B^T * scaling, and codes = x A^T, in one node.
 
-    Saves x_drop, codes and gates (not the gated codes, not expanded gates)."""
+    Saves x_drop, codes and gates (not the gated codes, not expanded gates). An fp32 prototype: under
+    autocast its backward would mix dtypes (a library version would use torch.amp.custom_fwd/custom_bwd)."""
 
     @staticmethod
     def forward(ctx, x, A, B, gates, rank: int, scaling: float):

@@ -91,8 +91,12 @@ class ForwardContext:
         pending, self.pending = self.pending, []
         if not pending:
             return self.aux
-        # fp32 losses whatever the model's autocast: their inputs are cast up, their products stay there
-        with torch.autocast(pending[0][2].device.type, enabled=False):
+        # fp32 losses whatever the model's autocast (on every device its modules sit on): their inputs are
+        # cast up, their products stay there
+        kinds = sorted(
+            {probs.device.type for _, _, probs, _ in pending}
+        )  # e.g. cpu and cuda under device_map
+        with torch.autocast(kinds[0], enabled=False), torch.autocast(kinds[-1], enabled=False):
             stacked = stacked_contrastive(pending, self.token_mask) if self.compute_contrastive else {}
             for index, (layer, state, probs, top_idx) in enumerate(pending):
                 layer._auxiliary(state, probs, top_idx, stacked.get(index))
