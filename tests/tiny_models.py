@@ -10,10 +10,16 @@ import torch
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -22,8 +28,9 @@ VOCAB = 97
 HIDDEN = 32
 
 
-def _llama(num_layers: int, hidden: int) -> torch.nn.Module:
-    cfg = LlamaConfig(
+def _decoder(config_cls, model_cls, num_layers: int, hidden: int, **extra) -> torch.nn.Module:
+    """A tiny decoder of a gated-MLP family (Llama, Qwen2, Mistral, Gemma, Phi-3): 4 heads, 2 KV heads."""
+    cfg = config_cls(
         vocab_size=VOCAB,
         hidden_size=hidden,
         intermediate_size=64,
@@ -32,28 +39,31 @@ def _llama(num_layers: int, hidden: int) -> torch.nn.Module:
         num_key_value_heads=2,
         max_position_embeddings=64,
         attention_dropout=0.0,
-        tie_word_embeddings=False,
         attn_implementation="eager",
         pad_token_id=0,
+        **extra,
     )
-    return LlamaForCausalLM(cfg)
+    return model_cls(cfg)
+
+
+def _llama(num_layers: int, hidden: int) -> torch.nn.Module:
+    return _decoder(LlamaConfig, LlamaForCausalLM, num_layers, hidden, tie_word_embeddings=False)
 
 
 def _qwen2(num_layers: int, hidden: int) -> torch.nn.Module:
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_dropout=0.0,
-        tie_word_embeddings=True,
-        attn_implementation="eager",
-        pad_token_id=0,
-    )
-    return Qwen2ForCausalLM(cfg)
+    return _decoder(Qwen2Config, Qwen2ForCausalLM, num_layers, hidden, tie_word_embeddings=True)
+
+
+def _mistral(num_layers: int, hidden: int) -> torch.nn.Module:
+    return _decoder(MistralConfig, MistralForCausalLM, num_layers, hidden)
+
+
+def _gemma(num_layers: int, hidden: int) -> torch.nn.Module:  # GELU-tanh MLP, its own MLP class
+    return _decoder(GemmaConfig, GemmaForCausalLM, num_layers, hidden, head_dim=hidden // 4)
+
+
+def _phi3(num_layers: int, hidden: int) -> torch.nn.Module:  # gate and up fused in one gate_up_proj
+    return _decoder(Phi3Config, Phi3ForCausalLM, num_layers, hidden)
 
 
 def _gpt2(num_layers: int, hidden: int) -> torch.nn.Module:
@@ -91,7 +101,15 @@ def _bert(num_layers: int, hidden: int) -> torch.nn.Module:
     return BertForSequenceClassification(cfg)
 
 
-BUILDERS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2, "bert": _bert}
+BUILDERS = {
+    "llama": _llama,
+    "qwen2": _qwen2,
+    "gpt2": _gpt2,
+    "bert": _bert,
+    "mistral": _mistral,
+    "gemma": _gemma,
+    "phi3": _phi3,
+}
 # What each family's adapter targets (GPT-2: transformers Conv1D; BERT: its four linear names).
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
