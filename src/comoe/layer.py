@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +37,19 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
+from comoe.dense import dense_experts, dropout_keep
 from comoe.losses import (
     ContrastiveOutput,
+    cheaper_cosine_form,
     contrastive_loss,
     contrastive_loss_materialized,
     draw_anchors,
     draw_negatives,
+    gram_matrices,
     load_balancing_loss,
     stacked_contrastive_loss,
 )
+from comoe.recompute import recomputed
 
 try:  # transformers' GPT-2 style linear (weight stored as (in, out))
     from transformers.pytorch_utils import Conv1D
@@ -104,44 +109,85 @@ class ForwardContext:
 
 
 def stacked_contrastive(pending: list[tuple], token_mask: Tensor | None) -> dict[int, ContrastiveOutput]:
-    """The contrastive losses of the pending calls that share token count, E, r and settings, by their index
-    in ``pending``: each group's codes stacked (its B's too where their d_out agree, else their Gram
-    matrices), anchors and negatives drawn for the group at once,
-    one ``stacked_contrastive_loss`` call. Calls that stand alone (DoRA and FFN experts, the materialised
-    form, a unique shape) are left to their layer."""
+    """The contrastive losses of the pending calls that share token count, E, r, settings and cosine form,
+    by their index in ``pending``: one ``stacked_contrastive_loss`` call per group, its anchors and
+    negatives drawn at once. Gram-form groups take modules of any d_out (they meet through their Gram
+    matrices), anchor-form groups one d_out. Calls that stand alone (DoRA and FFN experts, the
+    materialised form, a unique shape) are left to their layer."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for index, (layer, state, _, top_idx) in enumerate(pending):
         if isinstance(layer, CoMoELayer) and layer._stackable(state, top_idx):
             codes = state[0]
-            key = (id(layer.config), codes.shape, codes.dtype, codes.device)  # any d_out: see stacked_cosines
-            groups[key].append(index)
+            n_anchors = top_idx.shape[1] if layer.config.anchor == "all" else 1
+            form = cheaper_cosine_form(
+                codes.shape[0], n_anchors, layer.out_features, layer.num_experts, layer.r
+            )
+            d_out = None if form == "gram" else layer.out_features
+            groups[(id(layer.config), codes.shape, codes.dtype, codes.device, form, d_out)].append(index)
     results = {}
-    for indices in groups.values():
-        if len(indices) < 2:
-            continue
-        layers = [pending[i][0] for i in indices]
-        cfg, n_exp = layers[0].config, layers[0].num_experts
-        top_idx = torch.stack([pending[i][3] for i in indices])  # (M, N, k)
-        n_mod, n_tokens, _ = top_idx.shape
-        codes = torch.stack([pending[i][1][0] for i in indices])  # each call's (codes, dora)[0]
-        codes = codes.view(n_mod, n_tokens, n_exp, -1)
-        lora_B = [layer.comoe_B for layer in layers]
-        flat_idx = top_idx.view(n_mod * n_tokens, -1)
-        mask = token_mask if token_mask is not None and token_mask.numel() == n_tokens else None
-        out = stacked_contrastive_loss(
-            codes,
-            lora_B,
-            top_idx,
-            temperature=cfg.temperature,
-            epsilon=cfg.epsilon,
-            anchors=draw_anchors(flat_idx, cfg.anchor).view(n_mod, n_tokens, -1),
-            negatives=draw_negatives(flat_idx, n_exp, cfg.num_negatives).view(n_mod, n_tokens, n_exp),
-            token_mask=mask,
-            norm_eps=cfg.norm_eps,
-        )
-        for slot, index in enumerate(indices):
-            results[index] = ContrastiveOutput(out.loss[slot], out.pos_cos[slot], out.neg_cos[slot])
+    for key, indices in groups.items():
+        if len(indices) > 1:
+            results.update(_group_contrastive(pending, indices, key[4], token_mask))
     return results
+
+
+def _group_contrastive(
+    pending: list[tuple], indices: list[int], form: str, token_mask: Tensor | None
+) -> dict[int, ContrastiveOutput]:
+    """One group's losses. Only the inputs are kept for backward (the codes, which the layers keep anyway,
+    and the Gram matrices or B's): the loss's N × E·r intermediates, about five per module, are recomputed
+    there."""
+    cfg, n_exp = pending[indices[0]][0].config, pending[indices[0]][0].num_experts
+    top_idx = torch.stack([pending[i][3] for i in indices])  # (M, N, k)
+    n_mod, n_tokens, _ = top_idx.shape
+    flat_idx = top_idx.view(n_mod * n_tokens, -1)
+    anchors = draw_anchors(flat_idx, cfg.anchor).view(n_mod, n_tokens, -1)
+    negatives = draw_negatives(flat_idx, n_exp, cfg.num_negatives).view(n_mod, n_tokens, n_exp)
+    mask = token_mask if token_mask is not None and token_mask.numel() == n_tokens else None
+    codes = [pending[i][1][0] for i in indices]  # each call's (codes, dora)[0], (N, E*r)
+    lora_B = [pending[i][0].comoe_B for i in indices]
+    # Gram matrices no larger than the codes are computed once, outside the recomputed part
+    gram_given = form == "gram" and n_exp * cfg.r <= n_tokens
+    experts = [gram_matrices(lora_B)] if gram_given else lora_B
+    loss = partial(_group_loss, cfg, form, gram_given, n_exp, n_mod)
+    inputs = (top_idx, anchors, negatives, mask, *codes, *experts)
+    compiling = torch.compiler.is_compiling()  # then the compiler decides what to keep for backward
+    out = loss(*inputs) if compiling else ContrastiveOutput(*recomputed(loss, *inputs))
+    return {
+        index: ContrastiveOutput(out.loss[slot], out.pos_cos[slot], out.neg_cos[slot])
+        for slot, index in enumerate(indices)
+    }
+
+
+def _group_loss(
+    cfg: CoMoEConfig,
+    form: str,
+    gram_given: bool,
+    n_exp: int,
+    n_mod: int,
+    top_idx: Tensor,
+    anchors: Tensor,
+    negatives: Tensor,
+    mask: Tensor | None,
+    *codes_and_experts: Tensor,
+) -> ContrastiveOutput:
+    """One group's ``stacked_contrastive_loss`` from its M codes (N, E*r) followed by either their Gram
+    matrices (M, E*r, E*r) (``gram_given``) or their M B's (D_m, E*r)."""
+    codes = torch.stack(codes_and_experts[:n_mod])
+    experts = codes_and_experts[n_mod:]
+    return stacked_contrastive_loss(
+        codes.view(n_mod, codes.shape[1], n_exp, -1),
+        None if gram_given else experts,
+        top_idx,
+        temperature=cfg.temperature,
+        epsilon=cfg.epsilon,
+        anchors=anchors,
+        negatives=negatives,
+        token_mask=mask,
+        norm_eps=cfg.norm_eps,
+        form=form,
+        gram=experts[0] if gram_given else None,
+    )
 
 
 def base_weight(layer: nn.Module) -> Tensor:
@@ -447,7 +493,6 @@ class CoMoELayer(MixtureLayer):
         x_flat = x.reshape(-1, self.in_features).to(self.comoe_A.dtype)
         n_tokens = x_flat.shape[0]
         probs, top_idx, gates = self.route(x_flat)
-        x_drop = self.dropout(x_flat)
         ctx = self.context
         # Codes that carry the contrastive loss's gradient. Decided from static state only (training mode and
         # lambda), never from the context flags, so that an activation-checkpointing recompute of this
@@ -457,14 +502,21 @@ class CoMoELayer(MixtureLayer):
         path = self.expert_path
         scale = self.dora_scale()  # (E, d_out) for DoRA experts, else None
         lora_B = self.comoe_B if scale is None else self._scaled_B(scale)
-        if path == "dense" or codes_with_grad:
-            codes = x_drop @ self.comoe_A.t()  # (N, E*r): every expert's code in one matmul
-        if path == "dense":
-            gated = codes.view(n_tokens, self.num_experts, self.r) * gates[..., None].to(codes.dtype)
-            delta = gated.view(n_tokens, -1) @ lora_B.t()
+        if path == "dense" and scale is None:  # one autograd node: x̃ and the gated codes are not kept
+            keep, x_drop = self._dropout_keep(x_flat), None
+            delta, codes = dense_experts(
+                x_flat, keep, self._keep_scale, self.comoe_A, lora_B, gates, self.r, self.scaling
+            )
         else:
-            delta = self._grouped_delta(x_drop, top_idx, gates, codes, lora_B)
-        delta = delta * self.scaling
+            x_drop = self.dropout(x_flat)
+            if path == "dense" or codes_with_grad:
+                codes = x_drop @ self.comoe_A.t()  # (N, E*r): every expert's code in one matmul
+            if path == "dense":
+                gated = codes.view(n_tokens, self.num_experts, self.r) * gates[..., None].to(codes.dtype)
+                delta = gated.view(n_tokens, -1) @ lora_B.t()
+            else:
+                delta = self._grouped_delta(x_drop, top_idx, gates, codes, lora_B)
+            delta = delta * self.scaling
         dora = None
         if scale is not None:
             base_out = self._base_output(result, x_drop)
@@ -480,6 +532,16 @@ class CoMoELayer(MixtureLayer):
                     codes = x_drop @ self.comoe_A.t()
             self._leave_pending(None if codes is None else (codes, dora), probs, top_idx)
         return result + delta.view(*lead_shape, self.out_features).to(result.dtype)
+
+    def _dropout_keep(self, x: Tensor) -> Tensor | None:
+        """This call's dropout keep mask (bools), or None when dropout is off."""
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            return None
+        return dropout_keep(x, self.dropout.p)
+
+    @property
+    def _keep_scale(self) -> float:
+        return 1.0 if isinstance(self.dropout, nn.Identity) else 1.0 / (1.0 - self.dropout.p)
 
     # --- DoRA experts ----------------------------------------------------------------------------
     def dora_scale(self) -> Tensor | None:

@@ -65,10 +65,11 @@ def gram_cosines(codes: Tensor, lora_B: Tensor, anchors: Tensor, norm_eps: float
 
 def stacked_cosines(
     codes: Tensor,
-    lora_B: Tensor | Sequence[Tensor],
+    lora_B: Tensor | Sequence[Tensor] | None,
     anchors: Tensor,
     norm_eps: float = 1e-6,
     form: str = "auto",
+    gram: Tensor | None = None,
 ) -> Tensor:
     """``gram_cosines`` for M modules in one call: codes (M, N, E, r), anchors (M, N, A) -> (M, N, A, E);
     lora_B (M, D, E*r), or a list of M (D_m, E*r) matrices whose D_m may differ.
@@ -77,9 +78,13 @@ def stacked_cosines(
     costs O((E·r)²) per token and anchor, independent of D, so modules of any D share the rest of the
     computation; "anchor" materialises only each anchor's output B_a h_a and projects it on B_cat
     (O(D·E·r) per token and anchor; modules of one D). "auto" takes the cheaper for these shapes: the
-    Gram matrix pays off once there are more tokens than about E·r.
+    Gram matrix pays off once there are more tokens than about E·r. ``gram`` (M, E*r, E*r): the Gram
+    matrices already computed (``gram_matrices``); then ``lora_B`` is not needed.
     """
     n_mod, n_tokens, n_exp, rank = codes.shape
+    if gram is not None:
+        dtype = torch.promote_types(torch.promote_types(codes.dtype, gram.dtype), torch.float32)
+        return _gram_form(codes.to(dtype), gram.to(dtype), anchors, norm_eps)
     if not isinstance(lora_B, Tensor):
         if len({tuple(b.shape) for b in lora_B}) > 1:
             form = "gram"  # the only form in which modules of different D meet
@@ -89,29 +94,67 @@ def stacked_cosines(
     codes = codes.to(dtype)
     if form == "auto":
         form = cheaper_cosine_form(n_tokens, anchors.shape[-1], lora_B.shape[1], n_exp, rank)
-    onehots = [  # (M, N, E, 1): which expert is the a-th anchor of each token
-        torch.zeros(n_mod, n_tokens, n_exp, 1, dtype=dtype, device=codes.device).scatter_(
-            2, anchors[:, :, a, None, None], 1.0
-        )
-        for a in range(anchors.shape[2])
-    ]
-    flat = (n_mod, n_tokens, n_exp * rank)
     if form == "gram":
-        if isinstance(lora_B, Tensor):
-            lora_B = lora_B.to(dtype)
-            gram = lora_B.transpose(1, 2) @ lora_B  # (M, E*r, E*r): G_ij = B_iᵀ B_j
-        else:
-            gram = torch.stack([b.to(dtype).t() @ b.to(dtype) for b in lora_B])
-        blocks = gram.view(n_mod, n_exp, rank, n_exp, rank).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-        projected = [((codes * onehot).view(flat) @ gram).view_as(codes) for onehot in onehots]  # h_aᵀ G_a,:
-    elif form == "anchor":
-        lora_B = lora_B.to(dtype)
-        b = lora_B.view(n_mod, -1, n_exp, rank)
-        blocks = torch.einsum("mder,mdes->mers", b, b)  # (M, E, r, r): B_jᵀ B_j only
-        outputs = [(codes * onehot).view(flat) @ lora_B.transpose(1, 2) for onehot in onehots]  # B_a h_a
-        projected = [(out @ lora_B).view_as(codes) for out in outputs]
-    else:
+        return _gram_form(codes, gram_matrices(lora_B, dtype), anchors, norm_eps)
+    if form != "anchor":
         raise ValueError(f"form must be 'auto', 'gram' or 'anchor', got {form!r}")
+    lora_B = lora_B.to(dtype)
+    b = lora_B.view(n_mod, -1, n_exp, rank)
+    blocks = torch.einsum("mder,mdes->mers", b, b)  # (M, E, r, r): B_jᵀ B_j only
+    outputs = [(codes * onehot).flatten(2) @ lora_B.transpose(1, 2) for onehot in _onehots(codes, anchors)]
+    projected = [(out @ lora_B).view_as(codes) for out in outputs]  # B_a h_a projected on every B_j
+    return _cosines(codes, blocks, projected, anchors, norm_eps)
+
+
+def gram_matrices(lora_B: Tensor | Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """G = B_catᵀ B_cat per module, (M, E*r, E*r), from lora_B (M, D, E*r) or a list of (D_m, E*r)."""
+    dtype = dtype or torch.promote_types(_dtype_of(lora_B), torch.float32)
+    if isinstance(lora_B, Tensor):
+        lora_B = lora_B.to(dtype)
+        return lora_B.transpose(1, 2) @ lora_B  # G_ij = B_iᵀ B_j
+    lora_B = [b.to(dtype) for b in lora_B]
+    if len({b.shape for b in lora_B}) == 1:
+        return _StackedGram.apply(*lora_B)
+    return torch.stack([b.t() @ b for b in lora_B])
+
+
+class _StackedGram(torch.autograd.Function):
+    """Bᵀ B of M same-shape matrices in one batched product, keeping for backward the matrices themselves
+    (parameters, usually) rather than the stacked copy that a plain ``torch.stack`` + bmm would keep."""
+
+    @staticmethod
+    def forward(ctx, *lora_B):  # noqa: D102
+        ctx.save_for_backward(*lora_B)
+        stacked = torch.stack(lora_B)
+        return stacked.transpose(1, 2) @ stacked
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        stacked = torch.stack(ctx.saved_tensors)
+        with torch.autocast(stacked.device.type, enabled=False):
+            grads = stacked @ (grad + grad.transpose(1, 2)).to(stacked.dtype)  # d(BᵀB) = B (Ḡ + Ḡᵀ)
+        return tuple(grads.unbind(0))
+
+
+def _gram_form(codes: Tensor, gram: Tensor, anchors: Tensor, norm_eps: float) -> Tensor:
+    n_mod, _, n_exp, rank = codes.shape
+    blocks = gram.view(n_mod, n_exp, rank, n_exp, rank).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+    projected = [((codes * onehot).flatten(2) @ gram).view_as(codes) for onehot in _onehots(codes, anchors)]
+    return _cosines(codes, blocks, projected, anchors, norm_eps)  # projected: h_aᵀ G_a,:
+
+
+def _onehots(codes: Tensor, anchors: Tensor) -> list[Tensor]:
+    """Per anchor slot a, (M, N, E, 1): which expert is the a-th anchor of each token."""
+    n_mod, n_tokens, n_exp, _ = codes.shape
+    zeros = torch.zeros(n_mod, n_tokens, n_exp, 1, dtype=codes.dtype, device=codes.device)
+    return [zeros.scatter(2, anchors[:, :, a, None, None], 1.0) for a in range(anchors.shape[2])]
+
+
+def _cosines(
+    codes: Tensor, blocks: Tensor, projected: list[Tensor], anchors: Tensor, norm_eps: float
+) -> Tensor:
+    """cos(E_a, E_j) (M, N, A, E) from the codes, the diagonal blocks B_jᵀ B_j (M, E, r, r) and each anchor
+    slot's h_aᵀ B_aᵀ B_j for every j (M, N, E, r)."""
     codes_e = codes.transpose(1, 2)  # (M, E, N, r)
     sq_norms = ((codes_e @ blocks) * codes_e).sum(-1).transpose(1, 2)  # (M, N, E): ‖E_j‖²
     norms = sq_norms.clamp_min(norm_eps**2).sqrt()
@@ -237,10 +280,12 @@ def stacked_contrastive_loss(
     token_mask: Tensor | None = None,
     norm_eps: float = 1e-6,
     form: str = "auto",
+    gram: Tensor | None = None,
 ) -> ContrastiveOutput:
     """``contrastive_loss`` of M modules in one call: codes (M, N, E, r), lora_B (M, D, E*r) or a list of M
-    (D_m, E*r), topk_idx and anchors (M, N, ·), negatives (M, N, E); each field of the result is (M,)."""
-    cos = stacked_cosines(codes, lora_B, anchors, norm_eps, form)
+    (D_m, E*r), topk_idx and anchors (M, N, ·), negatives (M, N, E); each field of the result is (M,).
+    ``gram``: the modules' Gram matrices, already computed (then ``lora_B`` may be None)."""
+    cos = stacked_cosines(codes, lora_B, anchors, norm_eps, form, gram)
     n_mod, n_tokens, n_exp, _ = codes.shape
     active = active_mask(topk_idx.reshape(n_mod * n_tokens, -1), n_exp).view(n_mod, n_tokens, n_exp)
     return stacked_info_nce(cos, anchors, active, negatives, temperature, epsilon, token_mask)

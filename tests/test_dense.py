@@ -1,0 +1,190 @@
+"""The memory-lean pieces of the training step: the dense expert path as one autograd node
+(``comoe.dense``), the recomputed contrastive loss (``comoe.recompute``) and the stacked Gram matrices.
+Each equals the plain ops it replaces (outputs and every gradient) and keeps less for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comoe.dense import dense_experts, dropout_keep
+from comoe.losses import gram_matrices, stacked_contrastive_loss
+from comoe.model import get_comoe_model
+from comoe.recompute import recomputed
+from comoe.tools.bench.measure import SavedTensorMeter, parameter_storages
+from tests.tiny_models import batch, build, randomize_adapters, tiny_comoe_config
+
+N_TOKENS, D_IN, D_OUT, E, R = 24, 12, 10, 4, 3
+
+
+def _dense_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.rand(N_TOKENS, E, generator=gen).softmax(-1)
+    top_w, top_idx = probs.topk(2, dim=-1)
+    gates = torch.zeros_like(probs).scatter(1, top_idx, top_w / top_w.sum(-1, keepdim=True))
+    return {
+        "x": torch.randn(N_TOKENS, D_IN, generator=gen),
+        "lora_A": torch.randn(E * R, D_IN, generator=gen),
+        "lora_B": torch.randn(D_OUT, E * R, generator=gen),
+        "gates": gates,
+    }
+
+
+def _plain_dense(x, keep, keep_scale, lora_A, lora_B, gates, scaling):
+    """The dense path as the plain ops it replaces (what autograd would differentiate step by step)."""
+    x_drop = x if keep is None else x * keep * keep_scale
+    codes = x_drop @ lora_A.t()
+    gated = (codes.view(N_TOKENS, E, R) * gates[..., None]).view(N_TOKENS, -1)
+    return gated @ lora_B.t() * scaling, codes
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("codes_used", [True, False])
+def test_dense_node_equals_the_plain_ops_in_output_and_every_gradient(dropout, codes_used):
+    """Delta and codes, and the gradients of x, A, B and the gates, with the codes also feeding a
+    downstream term (as the contrastive loss does) or not."""
+    results = []
+    for fused in (True, False):
+        leaves = {k: v.clone().requires_grad_() for k, v in _dense_inputs().items()}
+        torch.manual_seed(1)
+        keep = dropout_keep(leaves["x"], dropout) if dropout else None
+        scale = 1 / (1 - dropout)
+        if fused:
+            delta, codes = dense_experts(
+                leaves["x"], keep, scale, leaves["lora_A"], leaves["lora_B"], leaves["gates"], R, 2.0
+            )
+        else:
+            delta, codes = _plain_dense(
+                leaves["x"], keep, scale, leaves["lora_A"], leaves["lora_B"], leaves["gates"], 2.0
+            )
+        target = (delta**2).sum() + ((codes**3).sum() if codes_used else 0)
+        target.backward()
+        results.append([delta, codes] + [leaves[k].grad for k in sorted(leaves)])
+    for fused_value, plain_value in zip(*results, strict=True):
+        torch.testing.assert_close(fused_value, plain_value, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keep_draws_the_mask_that_nn_dropout_draws():
+    x = torch.randn(64, 32)
+    torch.manual_seed(3)
+    expected = torch.nn.functional.dropout(torch.ones_like(x), p=0.25, training=True) != 0
+    torch.manual_seed(3)
+    assert torch.equal(dropout_keep(x, 0.25), expected)
+
+
+def test_dense_node_under_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients():
+    leaves = {k: v.clone().requires_grad_() for k, v in _dense_inputs().items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        delta, codes = dense_experts(
+            leaves["x"], None, 1.0, leaves["lora_A"], leaves["lora_B"], leaves["gates"], R, 1.0
+        )
+        plain_delta, _ = _plain_dense(
+            leaves["x"].detach(),
+            None,
+            1.0,
+            leaves["lora_A"].detach(),
+            leaves["lora_B"].detach(),
+            leaves["gates"].detach(),
+            1.0,
+        )
+    assert delta.dtype == codes.dtype == plain_delta.dtype == torch.bfloat16
+    torch.testing.assert_close(delta, plain_delta, rtol=2e-2, atol=2e-2)
+    delta.float().sum().backward()
+    assert all(leaves[k].grad.dtype == torch.float32 for k in ("x", "lora_A", "lora_B", "gates"))
+
+
+def test_dense_node_keeps_neither_the_dropped_input_nor_the_gated_codes():
+    """Saved for backward: x, the bool mask, A, B, the gates and the codes it returns: nothing else."""
+    leaves = {k: v.clone().requires_grad_() for k, v in _dense_inputs().items()}
+    keep = dropout_keep(leaves["x"], 0.5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _, codes = dense_experts(
+            leaves["x"], keep, 2.0, leaves["lora_A"], leaves["lora_B"], leaves["gates"], R, 1.0
+        )
+    expected = [leaves["x"], keep, leaves["lora_A"], leaves["lora_B"], leaves["gates"], codes]
+    assert {t.data_ptr() for t in saved} == {t.data_ptr() for t in expected}
+    assert keep.dtype == torch.bool
+
+
+def test_recomputed_equals_the_direct_call_and_keeps_only_its_inputs():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 8, generator=gen, requires_grad=True)
+    b = torch.randn(8, 8, generator=gen, requires_grad=True)
+    idx = torch.randint(0, 8, (30,), generator=gen)
+
+    def fn(a, b, idx):
+        h = (a @ b).tanh() @ b.t()
+        loss = h.gather(1, idx[:, None]).sum() + h.pow(2).mean()
+        return loss, h.detach().mean()
+
+    direct = fn(a, b, idx)
+    grads = torch.autograd.grad(direct[0], (a, b))
+    meter = SavedTensorMeter(set())
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        again = recomputed(fn, a, b, idx)
+    assert meter.count == 3  # a, b, idx: nothing of fn's intermediates
+    assert not again[1].requires_grad
+    torch.testing.assert_close(again[0], direct[0])
+    torch.testing.assert_close(torch.autograd.grad(again[0], (a, b)), grads)
+
+
+def test_stacked_gram_matrices_equal_each_modules_and_their_gradients():
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(9, 6, generator=gen, requires_grad=True) for _ in range(3)]
+    weights = torch.randn(3, 6, 6, generator=gen)
+    stacked = gram_matrices(mats)
+    (stacked * weights).sum().backward()
+    got = [m.grad.clone() for m in mats]
+    for m in mats:
+        m.grad = None
+    plain = torch.stack([m.t() @ m for m in mats])
+    torch.testing.assert_close(stacked.detach(), plain.detach())
+    (plain * weights).sum().backward()
+    for m, grad in zip(mats, got, strict=True):
+        torch.testing.assert_close(grad, m.grad)
+
+
+@pytest.mark.parametrize("rank", [2, 16])  # E*r below the token count: Gram form; above: anchor form
+def test_the_models_contrastive_term_keeps_little_beyond_what_the_layers_keep(rank):
+    """With the contrastive term on, a training forward keeps for backward a small fraction of what the loss
+    computed by plain autograd keeps (its intermediates are recomputed in backward: only the stacked routing,
+    anchors, negatives and Gram matrices stay), with the same loss and gradients."""
+    import comoe.layer
+
+    inputs = batch("llama", batch_size=4, seq_len=16)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    saved, results = {}, {}
+    for name, weight in [("off", 0.0), ("on", 0.5), ("plain", 0.5)]:
+        model = get_comoe_model(build("llama"), tiny_comoe_config("llama", r=rank, contrastive_weight=weight))
+        randomize_adapters(model)
+        model.train()
+        if name == "plain":
+            comoe.layer.recomputed = lambda fn, *xs, differentiable=1: tuple(fn(*xs))
+        try:
+            meter = SavedTensorMeter(parameter_storages(model))
+            torch.manual_seed(0)
+            with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+                out = model(**inputs, labels=labels)
+            out.loss.backward()
+        finally:
+            comoe.layer.recomputed = recomputed
+        saved[name] = meter.bytes
+        results[name] = [out.loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
+    assert saved["on"] - saved["off"] < 0.25 * (saved["plain"] - saved["off"])
+    for on, plain in zip(results["on"], results["plain"], strict=True):
+        torch.testing.assert_close(on, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_loss_from_given_gram_matrices_equals_the_loss_from_B():
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randn(3, 20, E, R, generator=gen)
+    lora_B = torch.randn(3, D_OUT, E * R, generator=gen)
+    top_idx = torch.rand(3, 20, E, generator=gen).topk(2, dim=-1).indices
+    kwargs = dict(
+        temperature=0.1, anchors=top_idx[..., :1], negatives=torch.rand(3, 20, E, generator=gen) > 0.5
+    )
+    from_b = stacked_contrastive_loss(codes, lora_B, top_idx, form="gram", **kwargs)
+    from_gram = stacked_contrastive_loss(codes, None, top_idx, gram=gram_matrices(lora_B), **kwargs)
+    for x, y in zip(from_b, from_gram, strict=True):
+        torch.testing.assert_close(x, y)
