@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from comoe.cli.flags import field_flags, settings_from
-from comoe.tools.bench.render import load_results, render_all, render_result, write_json
+from comoe.tools.bench.render import load_peer_results, load_results, render_all, render_result, write_json
 from comoe.tools.bench.run import BenchOptions, run_benchmark
 from comoe.utils.files import write_text_atomic
 
@@ -39,8 +39,9 @@ def run_bench(args: argparse.Namespace) -> int:
         results = load_results(args.out)
         if not results:
             raise FileNotFoundError(f"no benchmark results (*.json) in {args.out}")
-        write_text_atomic(args.markdown, render_all(results, notes))
-        print(f"wrote {args.markdown} from {len(results)} result files")
+        peers = load_peer_results(args.out)
+        write_text_atomic(args.markdown, render_all(results, notes, peers))
+        print(f"wrote {args.markdown} from {len(results)} result files and {len(peers)} peer results")
         return 0
     options = settings_from(BenchOptions, args, command=getattr(args, "command_line", "comoe bench"))
     result = run_benchmark(options)
@@ -52,6 +53,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if args.markdown:
         results = load_results(args.out) if args.out else [result]
-        write_text_atomic(args.markdown, render_all(results, notes))
+        peers = load_peer_results(args.out) if args.out else []
+        write_text_atomic(args.markdown, render_all(results, notes, peers))
         print(f"wrote {args.markdown}")
     return 0
