@@ -553,9 +553,9 @@ def test_contrastive_losses_computed_together_equal_the_per_module_losses(family
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return comoe.losses.stacked_contrastive_loss(*args, **kwargs)
+        return comoe.losses.stacked_cosines(*args, **kwargs)
 
-    monkeypatch.setattr(comoe.layer, "stacked_contrastive_loss", counted)
+    monkeypatch.setattr(comoe.layer, "stacked_cosines", counted)
     inputs = batch(family)
     results = []
     for stacked in (True, False):

@@ -40,14 +40,15 @@ from comoe.config import CoMoEConfig
 from comoe.dense import dense_experts, dropout_keep
 from comoe.losses import (
     ContrastiveOutput,
-    cheaper_cosine_form,
+    active_mask,
     contrastive_loss,
     contrastive_loss_materialized,
     draw_anchors,
     draw_negatives,
     gram_matrices,
     load_balancing_loss,
-    stacked_contrastive_loss,
+    stacked_cosines,
+    stacked_info_nce,
 )
 from comoe.recompute import recomputed
 
@@ -109,19 +110,18 @@ class ForwardContext:
 
 
 def stacked_contrastive(pending: list[tuple], token_mask: Tensor | None) -> dict[int, ContrastiveOutput]:
-    """The contrastive losses of the pending calls that share token count, E, r, settings and cosine form,
-    by their index in ``pending``: one ``stacked_contrastive_loss`` call per group, its anchors and
-    negatives drawn at once. Gram-form groups take modules of any d_out (they meet through their Gram
-    matrices), anchor-form groups one d_out. Calls that stand alone (DoRA and FFN experts, the
-    materialised form, a unique shape) are left to their layer."""
+    """The contrastive losses of the pending calls that share token count, E, r and settings, by their index
+    in ``pending``: one ``stacked_contrastive_loss`` call per group, its anchors and negatives drawn at once.
+
+    The form follows the shapes: the Gram form where the Gram matrices are no larger than the codes
+    (E·r ≤ N), computed once outside the recomputed part, and taking modules of any d_out in one group
+    (they meet through their Gram matrices); the anchor form otherwise, one group per d_out. Calls that
+    stand alone (DoRA and FFN experts, the materialised form, a unique shape) are left to their layer."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for index, (layer, state, _, top_idx) in enumerate(pending):
         if isinstance(layer, CoMoELayer) and layer._stackable(state, top_idx):
             codes = state[0]
-            n_anchors = top_idx.shape[1] if layer.config.anchor == "all" else 1
-            form = cheaper_cosine_form(
-                codes.shape[0], n_anchors, layer.out_features, layer.num_experts, layer.r
-            )
+            form = "gram" if layer.num_experts * layer.r <= codes.shape[0] else "anchor"
             d_out = None if form == "gram" else layer.out_features
             groups[(id(layer.config), codes.shape, codes.dtype, codes.device, form, d_out)].append(index)
     results = {}
@@ -134,60 +134,44 @@ def stacked_contrastive(pending: list[tuple], token_mask: Tensor | None) -> dict
 def _group_contrastive(
     pending: list[tuple], indices: list[int], form: str, token_mask: Tensor | None
 ) -> dict[int, ContrastiveOutput]:
-    """One group's losses. Only the inputs are kept for backward (the codes, which the layers keep anyway,
-    and the Gram matrices or B's): the loss's N × E·r intermediates, about five per module, are recomputed
-    there."""
+    """One group's losses. The cosines keep only their inputs for backward (the codes, which the layers keep
+    anyway, and the Gram matrices or B's): their N × E·r intermediates, about five per module, are
+    recomputed there. The InfoNCE part works on (N, A, E) cosines and keeps its own."""
     cfg, n_exp = pending[indices[0]][0].config, pending[indices[0]][0].num_experts
     top_idx = torch.stack([pending[i][3] for i in indices])  # (M, N, k)
     n_mod, n_tokens, _ = top_idx.shape
     flat_idx = top_idx.view(n_mod * n_tokens, -1)
     anchors = draw_anchors(flat_idx, cfg.anchor).view(n_mod, n_tokens, -1)
     negatives = draw_negatives(flat_idx, n_exp, cfg.num_negatives).view(n_mod, n_tokens, n_exp)
-    mask = token_mask if token_mask is not None and token_mask.numel() == n_tokens else None
     codes = [pending[i][1][0] for i in indices]  # each call's (codes, dora)[0], (N, E*r)
     lora_B = [pending[i][0].comoe_B for i in indices]
-    # Gram matrices no larger than the codes are computed once, outside the recomputed part
-    gram_given = form == "gram" and n_exp * cfg.r <= n_tokens
-    experts = [gram_matrices(lora_B)] if gram_given else lora_B
-    loss = partial(_group_loss, cfg, form, gram_given, n_exp, n_mod)
-    inputs = (top_idx, anchors, negatives, mask, *codes, *experts)
-    compiling = torch.compiler.is_compiling()  # then the compiler decides what to keep for backward
-    out = loss(*inputs) if compiling else ContrastiveOutput(*recomputed(loss, *inputs))
+    experts = [gram_matrices(lora_B)] if form == "gram" else lora_B
+    cosines_of = partial(_group_cosines, form, n_exp, cfg.norm_eps)
+    if torch.compiler.is_compiling():  # the compiler decides what to keep for backward itself
+        cos = cosines_of(anchors, *codes, *experts)
+    else:
+        (cos,) = recomputed(cosines_of, anchors, *codes, *experts)
+    active = active_mask(flat_idx, n_exp).view(n_mod, n_tokens, n_exp)
+    mask = token_mask if token_mask is not None and token_mask.numel() == n_tokens else None
+    out = stacked_info_nce(cos, anchors, active, negatives, cfg.temperature, cfg.epsilon, mask)
     return {
         index: ContrastiveOutput(out.loss[slot], out.pos_cos[slot], out.neg_cos[slot])
         for slot, index in enumerate(indices)
     }
 
 
-def _group_loss(
-    cfg: CoMoEConfig,
-    form: str,
-    gram_given: bool,
-    n_exp: int,
-    n_mod: int,
-    top_idx: Tensor,
-    anchors: Tensor,
-    negatives: Tensor,
-    mask: Tensor | None,
-    *codes_and_experts: Tensor,
-) -> ContrastiveOutput:
-    """One group's ``stacked_contrastive_loss`` from its M codes (N, E*r) followed by either their Gram
-    matrices (M, E*r, E*r) (``gram_given``) or their M B's (D_m, E*r)."""
+def _group_cosines(
+    form: str, n_exp: int, norm_eps: float, anchors: Tensor, *codes_and_experts: Tensor
+) -> tuple[Tensor]:
+    """``stacked_cosines`` of a group from its M codes (N, E*r) followed by their Gram matrices
+    (M, E*r, E*r) (Gram form) or their M B's (D, E*r) (anchor form)."""
+    n_mod = anchors.shape[0]
     codes = torch.stack(codes_and_experts[:n_mod])
+    codes = codes.view(n_mod, codes.shape[1], n_exp, -1)
     experts = codes_and_experts[n_mod:]
-    return stacked_contrastive_loss(
-        codes.view(n_mod, codes.shape[1], n_exp, -1),
-        None if gram_given else experts,
-        top_idx,
-        temperature=cfg.temperature,
-        epsilon=cfg.epsilon,
-        anchors=anchors,
-        negatives=negatives,
-        token_mask=mask,
-        norm_eps=cfg.norm_eps,
-        form=form,
-        gram=experts[0] if gram_given else None,
-    )
+    if form == "gram":
+        return (stacked_cosines(codes, None, anchors, norm_eps, gram=experts[0]),)
+    return (stacked_cosines(codes, experts, anchors, norm_eps, form),)
 
 
 def base_weight(layer: nn.Module) -> Tensor:
@@ -502,7 +486,8 @@ class CoMoELayer(MixtureLayer):
         path = self.expert_path
         scale = self.dora_scale()  # (E, d_out) for DoRA experts, else None
         lora_B = self.comoe_B if scale is None else self._scaled_B(scale)
-        if path == "dense" and scale is None:  # one autograd node: x̃ and the gated codes are not kept
+        # one autograd node that keeps neither x̃ nor the gated codes (a compiler plans what to keep itself)
+        if path == "dense" and scale is None and not torch.compiler.is_compiling():
             keep, x_drop = self._dropout_keep(x_flat), None
             delta, codes = dense_experts(
                 x_flat, keep, self._keep_scale, self.comoe_A, lora_B, gates, self.r, self.scaling
