@@ -188,3 +188,20 @@ def test_stacked_loss_from_given_gram_matrices_equals_the_loss_from_B():
     from_gram = stacked_contrastive_loss(codes, None, top_idx, gram=gram_matrices(lora_B), **kwargs)
     for x, y in zip(from_b, from_gram, strict=True):
         torch.testing.assert_close(x, y)
+
+
+def test_dense_path_without_autograd_runs_the_plain_ops_with_the_same_mask():
+    """Generation and evaluation skip the node (its overhead buys nothing there); a reentrant-checkpointing
+    forward (no grad) and its recompute (grad) draw the same dropout mask, so they agree."""
+    inputs = {k: v.clone().requires_grad_() for k, v in _dense_inputs().items()}
+    outputs = []
+    for grad in (True, False):
+        torch.manual_seed(5)
+        with torch.set_grad_enabled(grad):
+            keep = dropout_keep(inputs["x"], 0.2)
+            delta, codes = dense_experts(
+                inputs["x"], keep, 1.25, inputs["lora_A"], inputs["lora_B"], inputs["gates"], R, 2.0
+            )
+        assert (delta.grad_fn is not None) == grad
+        outputs.append((delta.detach(), codes.detach()))
+    torch.testing.assert_close(outputs[0], outputs[1])

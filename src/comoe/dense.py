@@ -34,7 +34,15 @@ def dense_experts(
     scaling: float,
 ) -> tuple[Tensor, Tensor]:
     """(delta (N, d_out), codes (N, E·r)) of the dense path. x (N, d_in); keep: dropout's keep mask or None,
-    keep_scale 1/(1−p); lora_A (E·r, d_in); lora_B (d_out, E·r); gates (N, E), zero for unselected experts."""
+    keep_scale 1/(1−p); lora_A (E·r, d_in); lora_B (d_out, E·r); gates (N, E), zero for unselected experts.
+
+    Without autograd (generation, evaluation) and under torch.compile (which plans what to keep itself) it
+    runs as the plain ops, with the same dropout mask: the node's own overhead is paid only where it saves.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        codes = _apply_keep(x, keep, keep_scale) @ lora_A.t()
+        delta = _gated(codes, gates, rank) @ lora_B.t()
+        return (delta * scaling if scaling != 1.0 else delta), codes
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else lora_A.dtype
     return _DenseExperts.apply(x, keep, keep_scale, lora_A, lora_B, gates, rank, scaling, dtype)

@@ -486,8 +486,7 @@ class CoMoELayer(MixtureLayer):
         path = self.expert_path
         scale = self.dora_scale()  # (E, d_out) for DoRA experts, else None
         lora_B = self.comoe_B if scale is None else self._scaled_B(scale)
-        # one autograd node that keeps neither x̃ nor the gated codes (a compiler plans what to keep itself)
-        if path == "dense" and scale is None and not torch.compiler.is_compiling():
+        if path == "dense" and scale is None:  # one autograd node: keeps neither x̃ nor the gated codes
             keep, x_drop = self._dropout_keep(x_flat), None
             delta, codes = dense_experts(
                 x_flat, keep, self._keep_scale, self.comoe_A, lora_B, gates, self.r, self.scaling
