@@ -34,7 +34,7 @@ def _plain_dense(x, keep, keep_scale, lora_A, lora_B, gates, scaling):
     """The dense path as the plain ops it replaces (what autograd would differentiate step by step)."""
     x_drop = x if keep is None else x * keep * keep_scale
     codes = x_drop @ lora_A.t()
-    gated = (codes.view(N_TOKENS, E, R) * gates[..., None]).view(N_TOKENS, -1)
+    gated = (codes.view(N_TOKENS, E, R) * gates[..., None].to(codes.dtype)).view(N_TOKENS, -1)
     return gated @ lora_B.t() * scaling, codes
 
 
@@ -72,25 +72,31 @@ def test_dropout_keep_draws_the_mask_that_nn_dropout_draws():
     assert torch.equal(dropout_keep(x, 0.25), expected)
 
 
-def test_dense_node_under_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients():
-    leaves = {k: v.clone().requires_grad_() for k, v in _dense_inputs().items()}
+def test_dense_node_under_bf16_autocast_equals_the_plain_ops_under_autocast():
+    """The products in bf16 as autocast would run them (the dropped input formed in fp32, then cast, as
+    the plain ops do), bit for bit, outputs and gradients; the gradients come back in fp32."""
+    results = []
+    for fused in (True, False):
+        leaves = {k: v.clone().requires_grad_() for k, v in _dense_inputs().items()}
+        keep = dropout_keep(leaves["x"], 0.2) if fused else results[0][-1]
+        args = (leaves["x"], keep, 1.25, leaves["lora_A"], leaves["lora_B"], leaves["gates"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            delta, codes = dense_experts(*args, R, 2.0) if fused else _plain_dense(*args, 2.0)
+        assert delta.dtype == codes.dtype == torch.bfloat16
+        ((delta.float() ** 2).sum() + (codes.float() ** 3).sum()).backward()
+        results.append([delta, codes] + [leaves[k].grad for k in sorted(leaves)] + [keep])
+    assert all(g.dtype == torch.float32 for g in results[0][2:6])
+    for fused_value, plain_value in zip(*results, strict=True):
+        torch.testing.assert_close(fused_value, plain_value, rtol=0, atol=0)
+
+
+def test_dense_node_keeps_float64_under_autocast_as_autocast_does():
+    leaves = {k: v.double().requires_grad_() for k, v in _dense_inputs().items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         delta, codes = dense_experts(
             leaves["x"], None, 1.0, leaves["lora_A"], leaves["lora_B"], leaves["gates"], R, 1.0
         )
-        plain_delta, _ = _plain_dense(
-            leaves["x"].detach(),
-            None,
-            1.0,
-            leaves["lora_A"].detach(),
-            leaves["lora_B"].detach(),
-            leaves["gates"].detach(),
-            1.0,
-        )
-    assert delta.dtype == codes.dtype == plain_delta.dtype == torch.bfloat16
-    torch.testing.assert_close(delta, plain_delta, rtol=2e-2, atol=2e-2)
-    delta.float().sum().backward()
-    assert all(leaves[k].grad.dtype == torch.float32 for k in ("x", "lora_A", "lora_B", "gates"))
+    assert delta.dtype == codes.dtype == torch.float64
 
 
 def test_dense_node_keeps_neither_the_dropped_input_nor_the_gated_codes():

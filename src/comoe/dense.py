@@ -4,12 +4,14 @@
 
 Written as plain ops, autograd would keep x̃, the codes and the gated codes for backward, each an
 N × (E·r) or N × d_in tensor per adapted module (at hidden 64 with E·r = 64 the gated codes alone are as
-large as the hidden states). This node keeps x (which the router keeps anyway), the dropout mask as bools,
-the codes and the gates, and recomputes x̃ and the gated codes in backward (elementwise, no matmul).
+large as the hidden states). This node keeps x (which the router, when there is one, keeps too), the
+dropout mask as bools, the codes and the gates, and recomputes x̃ and the gated codes in backward
+(elementwise, no matmul).
 The codes are a second output so that the contrastive loss shares the saved tensor.
 
-Under autocast the products run in the autocast dtype, as the plain ops would (bf16 codes and delta under
-bf16 mixed precision); gradients come back in each input's own dtype.
+Under autocast the products run in the autocast dtype, as the plain ops would (x̃ formed in the input's dtype
+and then cast; bf16 codes and delta under bf16 mixed precision; float64 is never cast); gradients come
+back in each input's own dtype.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def dense_experts(
         delta = _gated(codes, gates, rank) @ lora_B.t()
         return (delta * scaling if scaling != 1.0 else delta), codes
     device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else lora_A.dtype
+    autocast = torch.is_autocast_enabled(device_type) and lora_A.dtype != torch.float64
+    dtype = torch.get_autocast_dtype(device_type) if autocast else lora_A.dtype
     return _DenseExperts.apply(x, keep, keep_scale, lora_A, lora_B, gates, rank, scaling, dtype)
 
 
@@ -52,7 +55,7 @@ class _DenseExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep, keep_scale, lora_A, lora_B, gates, rank, scaling, dtype):  # noqa: D102
         with torch.autocast(x.device.type, enabled=False):
-            x_drop = _apply_keep(x.to(dtype), keep, keep_scale)
+            x_drop = _apply_keep(x, keep, keep_scale).to(dtype)
             codes = x_drop @ lora_A.to(dtype).t()
             delta = _gated(codes, gates, rank) @ lora_B.to(dtype).t()
             if scaling != 1.0:
@@ -84,10 +87,10 @@ class _DenseExperts(torch.autograd.Function):
             if grad_codes is not None:
                 grad_codes = grad_codes.to(dtype)
                 if ctx.needs_input_grad[3]:
-                    x_drop = _apply_keep(x.to(dtype), keep, ctx.keep_scale)
+                    x_drop = _apply_keep(x, keep, ctx.keep_scale).to(dtype)
                     grad_a = (grad_codes.t() @ x_drop).to(lora_A.dtype)
                 if ctx.needs_input_grad[0]:
-                    grad_x = _apply_keep(grad_codes @ lora_A.to(dtype), keep, ctx.keep_scale).to(x.dtype)
+                    grad_x = _apply_keep((grad_codes @ lora_A.to(dtype)).to(x.dtype), keep, ctx.keep_scale)
         return grad_x, None, None, grad_a, grad_b, grad_gates, None, None, None
 
 

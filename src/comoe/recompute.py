@@ -3,7 +3,8 @@
 Like reentrant activation checkpointing, but for one pure function of explicit tensor inputs: only the
 inputs are kept (by ``save_for_backward``, so saved-tensor hooks see them), and backward differentiates a
 fresh run of the function on detached copies, so no parameter's hooks fire inside backward (DDP-safe).
-The function must be deterministic (draw any randomness before, and pass it in).
+The function must be deterministic (draw any randomness before, and pass it in). No double backward
+(``create_graph=True``): the recompute is differentiated once.
 """
 
 from __future__ import annotations
