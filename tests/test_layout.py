@@ -20,6 +20,8 @@ LAYERS = ("utils", "core", "data", "evaluation", "training", "analysis", "experi
 CORE_MODULES = {
     "config",
     "layer",
+    "dense",
+    "recompute",
     "ffn",
     "losses",
     "targets",
