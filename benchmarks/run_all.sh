@@ -20,8 +20,8 @@ if [[ -z "${RENDER_ONLY:-}" ]]; then
   # hidden 1024, E = 16 on a 4x larger batch: the Gram matrix B^T B is paid once per step, not per token
   $BENCH --size wide --experts 16 --batch 8 --variants ours-dense,ours-con-gram \
          --no-generate --no-parity --name wide-e16-1k --out "$OUT"
-  # SmolLM2-135M (real weights when the offline package is installed)
-  $BENCH --size smollm2 --out "$OUT"
+  # SmolLM2-135M (real weights when the offline package is installed); 15 generate rounds: 5 were noisy
+  $BENCH --size smollm2 --gen-rounds 15 --out "$OUT"
   # DoRA experts (CoMoE-DoRA) vs PEFT LoRA, PEFT's DoRA and LoRA experts: step time and saved activations
   $BENCH --size smollm2 --variants lora,lora-dora,ours-dense,ours-dora,ours-dora-con \
          --no-generate --no-parity --name smollm2-dora --out "$OUT"
