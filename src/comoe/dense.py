@@ -42,13 +42,27 @@ def dense_experts(
     runs as the plain ops, with the same dropout mask: the node's own overhead is paid only where it saves.
     """
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        codes = _apply_keep(x, keep, keep_scale) @ lora_A.t()
-        delta = _gated(codes, gates, rank) @ lora_B.t()
-        return (delta * scaling if scaling != 1.0 else delta), codes
+        return plain_dense_experts(x, keep, keep_scale, lora_A, lora_B, gates, rank, scaling)
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type) and lora_A.dtype != torch.float64
     dtype = torch.get_autocast_dtype(device_type) if autocast else lora_A.dtype
     return _DenseExperts.apply(x, keep, keep_scale, lora_A, lora_B, gates, rank, scaling, dtype)
+
+
+def plain_dense_experts(
+    x: Tensor,
+    keep: Tensor | None,
+    keep_scale: float,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    gates: Tensor,
+    rank: int,
+    scaling: float,
+) -> tuple[Tensor, Tensor]:
+    """``dense_experts`` as plain ops (autograd keeps x̃ and the gated codes when it records them)."""
+    codes = _apply_keep(x, keep, keep_scale) @ lora_A.t()
+    delta = _gated(codes, gates, rank) @ lora_B.t()
+    return (delta * scaling if scaling != 1.0 else delta), codes
 
 
 class _DenseExperts(torch.autograd.Function):
