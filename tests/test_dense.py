@@ -151,11 +151,14 @@ def test_stacked_gram_matrices_equal_each_modules_and_their_gradients():
         torch.testing.assert_close(grad, m.grad)
 
 
-@pytest.mark.parametrize("rank", [2, 16])  # E*r below the token count: Gram form; above: anchor form
+# hidden 32, E = 4: r = 1 is below E*r = d_in/4 (intermediates kept); r = 2 (Gram form, E*r below the
+# token count) and r = 16 (anchor form) recompute them
+@pytest.mark.parametrize("rank", [1, 2, 16])
 def test_the_models_contrastive_term_keeps_little_beyond_what_the_layers_keep(rank):
-    """With the contrastive term on, a training forward keeps for backward a small fraction of what the loss
-    computed by plain autograd keeps (its intermediates are recomputed in backward: only the stacked routing,
-    anchors, negatives and Gram matrices stay), with the same loss and gradients."""
+    """Where E*r >= d_in/4, a training forward with the contrastive term on keeps for backward a small
+    fraction of what the loss computed by plain autograd keeps (its intermediates are recomputed in
+    backward: only the stacked routing, anchors, negatives and Gram matrices stay); below, it keeps what
+    plain autograd keeps. The loss and gradients are the same either way."""
     import comoe.layer
 
     inputs = batch("llama", batch_size=4, seq_len=16)
@@ -177,7 +180,10 @@ def test_the_models_contrastive_term_keeps_little_beyond_what_the_layers_keep(ra
             comoe.layer.recomputed = recomputed
         saved[name] = meter.bytes
         results[name] = [out.loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
-    assert saved["on"] - saved["off"] < 0.25 * (saved["plain"] - saved["off"])
+    if rank == 1:  # small intermediates: kept, as plain autograd keeps them (no recomputation to pay)
+        assert saved["on"] == saved["plain"] > saved["off"]
+    else:
+        assert saved["on"] - saved["off"] < 0.25 * (saved["plain"] - saved["off"])
     for on, plain in zip(results["on"], results["plain"], strict=True):
         torch.testing.assert_close(on, plain, rtol=1e-5, atol=1e-6)
 

@@ -109,10 +109,11 @@ class _DenseExperts(torch.autograd.Function):
 
 
 def _apply_keep(x: Tensor, keep: Tensor | None, keep_scale: float) -> Tensor:
-    """Dropout with a given keep mask: x · keep / (1 − p)."""
+    """Dropout with a given keep mask: x · keep / (1 − p). The bools are read as uint8 (the same bytes): a
+    float × bool product takes a slow path on the CPU (8× the time of float × uint8 at 128 × 576)."""
     if keep is None:
         return x
-    return x * keep * keep_scale
+    return x * keep.view(torch.uint8) * keep_scale
 
 
 def _gated(codes: Tensor, gates: Tensor, rank: int) -> Tensor:

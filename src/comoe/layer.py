@@ -134,9 +134,11 @@ def stacked_contrastive(pending: list[tuple], token_mask: Tensor | None) -> dict
 def _group_contrastive(
     pending: list[tuple], indices: list[int], form: str, token_mask: Tensor | None
 ) -> dict[int, ContrastiveOutput]:
-    """One group's losses. The cosines keep only their inputs for backward (the codes, which the layers keep
-    anyway, and the Gram matrices or B's): their N × E·r intermediates, about five per module, are
-    recomputed there. The InfoNCE part works on (N, A, E) cosines and keeps its own."""
+    """One group's losses. The cosines' N × E·r intermediates (about five per module) are recomputed in
+    backward, keeping only their inputs (the codes, which the layers keep anyway, and the Gram matrices or
+    B's), where E·r ≥ d_in/4 for some module: there they would weigh as much as what the layers keep
+    (x, the dropout mask, the codes). Below that they are kept: recomputing costs ~4 % of a SmolLM2 step
+    (``benchmarks/memory_lean.py``). The InfoNCE part works on (N, A, E) cosines and keeps its own."""
     cfg, n_exp = pending[indices[0]][0].config, pending[indices[0]][0].num_experts
     top_idx = torch.stack([pending[i][3] for i in indices])  # (M, N, k)
     n_mod, n_tokens, _ = top_idx.shape
@@ -147,10 +149,12 @@ def _group_contrastive(
     lora_B = [pending[i][0].comoe_B for i in indices]
     experts = [gram_matrices(lora_B)] if form == "gram" else lora_B
     cosines_of = partial(_group_cosines, form, n_exp, cfg.norm_eps)
-    if torch.compiler.is_compiling():  # the compiler decides what to keep for backward itself
-        cos = cosines_of(anchors, *codes, *experts)
-    else:
+    layers = [pending[i][0] for i in indices]
+    heavy = any(4 * n_exp * layer.r >= layer.in_features for layer in layers)
+    if heavy and not torch.compiler.is_compiling():  # a compiler decides what to keep itself
         (cos,) = recomputed(cosines_of, anchors, *codes, *experts)
+    else:
+        (cos,) = cosines_of(anchors, *codes, *experts)
     active = active_mask(flat_idx, n_exp).view(n_mod, n_tokens, n_exp)
     mask = token_mask if token_mask is not None and token_mask.numel() == n_tokens else None
     out = stacked_info_nce(cos, anchors, active, negatives, cfg.temperature, cfg.epsilon, mask)
