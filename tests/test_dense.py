@@ -217,3 +217,28 @@ def test_dense_path_without_autograd_runs_the_plain_ops_with_the_same_mask():
         assert (delta.grad_fn is not None) == grad
         outputs.append((delta.detach(), codes.detach()))
     torch.testing.assert_close(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("rank", [1, 16])
+def test_the_compiler_path_computes_the_same_loss_and_gradients(rank, monkeypatch):
+    """Under torch.compile the layers run the plain ops and the cosines are not recomputed (the compiler
+    plans memory itself); that path, taken here by answering `is_compiling` with True, gives the same
+    loss and gradients as eager."""
+    inputs = batch("llama", batch_size=4, seq_len=16)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    results = []
+    for compiling in (False, True):
+        model = get_comoe_model(
+            build("llama"), tiny_comoe_config("llama", r=rank, contrastive_weight=0.5, lora_dropout=0.1)
+        )
+        randomize_adapters(model)
+        model.train()
+        if compiling:
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        torch.manual_seed(0)
+        out = model(**inputs, labels=labels)
+        out.loss.backward()
+        monkeypatch.undo()
+        results.append([out.loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
