@@ -37,7 +37,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
-from comoe.dense import dense_experts, dropout_keep
+from comoe.dense import dense_experts, dropout_keep, plain_dense_experts
 from comoe.losses import (
     ContrastiveOutput,
     active_mask,
@@ -111,10 +111,11 @@ class ForwardContext:
 
 def stacked_contrastive(pending: list[tuple], token_mask: Tensor | None) -> dict[int, ContrastiveOutput]:
     """The contrastive losses of the pending calls that share token count, E, r and settings, by their index
-    in ``pending``: one ``stacked_contrastive_loss`` call per group, its anchors and negatives drawn at once.
+    in ``pending``: one batched computation per group (``_group_contrastive``), its anchors and negatives
+    drawn at once.
 
     The form follows the shapes: the Gram form where the Gram matrices are no larger than the codes
-    (E·r ≤ N), computed once outside the recomputed part, and taking modules of any d_out in one group
+    (E·r ≤ N), taking modules of any d_out in one group
     (they meet through their Gram matrices); the anchor form otherwise, one group per d_out. Calls that
     stand alone (DoRA and FFN experts, the materialised form, a unique shape) are left to their layer."""
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -139,17 +140,17 @@ def _group_contrastive(
     B's), where E·r ≥ d_in/4 for some module: there they would weigh as much as what the layers keep
     (x, the dropout mask, the codes). Below that they are kept: recomputing costs ~4 % of a SmolLM2 step
     (``benchmarks/memory_lean.py``). The InfoNCE part works on (N, A, E) cosines and keeps its own."""
-    cfg, n_exp = pending[indices[0]][0].config, pending[indices[0]][0].num_experts
+    layers = [pending[i][0] for i in indices]
+    cfg, n_exp = layers[0].config, layers[0].num_experts
     top_idx = torch.stack([pending[i][3] for i in indices])  # (M, N, k)
     n_mod, n_tokens, _ = top_idx.shape
     flat_idx = top_idx.view(n_mod * n_tokens, -1)
     anchors = draw_anchors(flat_idx, cfg.anchor).view(n_mod, n_tokens, -1)
     negatives = draw_negatives(flat_idx, n_exp, cfg.num_negatives).view(n_mod, n_tokens, n_exp)
     codes = [pending[i][1][0] for i in indices]  # each call's (codes, dora)[0], (N, E*r)
-    lora_B = [pending[i][0].comoe_B for i in indices]
-    experts = [gram_matrices(lora_B)] if form == "gram" else lora_B
+    lora_B = [layer.comoe_B for layer in layers]
+    experts = [gram_matrices(lora_B)] if form == "gram" else lora_B  # G once, outside any recomputation
     cosines_of = partial(_group_cosines, form, n_exp, cfg.norm_eps)
-    layers = [pending[i][0] for i in indices]
     heavy = any(4 * n_exp * layer.r >= layer.in_features for layer in layers)
     if heavy and not torch.compiler.is_compiling():  # a compiler decides what to keep itself
         (cos,) = recomputed(cosines_of, anchors, *codes, *experts)
@@ -479,7 +480,6 @@ class CoMoELayer(MixtureLayer):
             return result
         lead_shape = x.shape[:-1]
         x_flat = x.reshape(-1, self.in_features).to(self.comoe_A.dtype)
-        n_tokens = x_flat.shape[0]
         probs, top_idx, gates = self.route(x_flat)
         ctx = self.context
         # Codes that carry the contrastive loss's gradient. Decided from static state only (training mode and
@@ -497,14 +497,14 @@ class CoMoELayer(MixtureLayer):
             )
         else:
             x_drop = self.dropout(x_flat)
-            if path == "dense" or codes_with_grad:
-                codes = x_drop @ self.comoe_A.t()  # (N, E*r): every expert's code in one matmul
-            if path == "dense":
-                gated = codes.view(n_tokens, self.num_experts, self.r) * gates[..., None].to(codes.dtype)
-                delta = gated.view(n_tokens, -1) @ lora_B.t()
+            if path == "dense":  # DoRA experts: their update needs W0 x̃ too, so x̃ is formed here
+                delta, codes = plain_dense_experts(
+                    x_drop, None, 1.0, self.comoe_A, lora_B, gates, self.r, self.scaling
+                )
             else:
-                delta = self._grouped_delta(x_drop, top_idx, gates, codes, lora_B)
-            delta = delta * self.scaling
+                if codes_with_grad:
+                    codes = x_drop @ self.comoe_A.t()
+                delta = self._grouped_delta(x_drop, top_idx, gates, codes, lora_B) * self.scaling
         dora = None
         if scale is not None:
             base_out = self._base_output(result, x_drop)
