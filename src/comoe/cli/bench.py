@@ -44,7 +44,12 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.markdown} from {len(results)} result files and {len(peers)} peer results")
         return 0
     options = settings_from(BenchOptions, args, command=getattr(args, "command_line", "comoe bench"))
-    result = run_benchmark(options)
+    if args.out:  # each finished case is written at once: a sweep stopped by a time limit keeps them
+
+        def on_case(partial: dict) -> None:
+            write_json(partial, args.out)
+
+    result = run_benchmark(options, on_case=on_case if args.out else None)
     text = render_result(result)
     print(text)
     if args.out:

@@ -66,7 +66,7 @@ class NaiveMoELoRALinear(nn.Module):
                 continue
             picked = flat.index_select(0, token)
             out = expert(picked) * (top_w[token, slot, None] * self.scaling)
-            delta.index_add_(0, token, out)
+            delta.index_add_(0, token, out.to(delta.dtype))  # bf16 under autocast
         return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
 

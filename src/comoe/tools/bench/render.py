@@ -32,13 +32,19 @@ def render_result(result: dict) -> str:
     lines.append(
         f"Model: hidden {spec['hidden']}, intermediate {spec['intermediate']}, {spec['layers']} layers, "
         f"{spec['heads']}/{spec['kv_heads']} heads, vocab {spec['vocab']} ({result['weights']}). "
-        f"Batch {s['batch']}×{s['seq']} = {s['tokens_per_step']} tokens/step, {s['dtype']} on {s['device']}, "
-        f"adapters on {', '.join(s['target_modules'])}, top-{s['top_k']}, dropout {s['lora_dropout']}, "
+        f"Batch {s['batch']}×{s['seq']} = {s['tokens_per_step']} tokens/step, {s['dtype']} on {s['device']}"
+        + (f" under {s['autocast']} autocast (adapters in float32), " if s.get("autocast") else ", ")
+        + f"adapters on {', '.join(s['target_modules'])}, top-{s['top_k']}, dropout {s['lora_dropout']}, "
         f"α = 2r, AdamW step included. {s['warmup']} warm-up + {s['steps']} timed rounds, variants alternated "
         f"round-robin, {s.get('threads', '?')} torch thread(s). Ratios are medians of the per-round ratios, in "
         f"brackets their quartiles. Run took {result.get('elapsed_s', '?')} s wall, "
         f"{result.get('cpu_s', '?')} s CPU; load average at start {m.get('load_avg_start', '?')}."
     )
+    if result.get("partial"):
+        lines.append(
+            f"**Stopped early**: this result holds the first {result['partial']} it was asked for (a time "
+            "limit ended the run)."
+        )
     lines.append("")
     for case in result["cases"]:
         lines += _render_case(case, s["device"])
@@ -219,7 +225,9 @@ def _render_case(case: dict, device: str) -> list[str]:
         lines += [
             "",
             f"Same function check (eval mode, experts randomised and copied from ours-dense): max |Δ logits| "
-            f"{diffs} (logit scale {par['logit_scale']:.1f}): {'ok' if par['ok'] else 'MISMATCH'}.",
+            f"{diffs} (logit scale {par['logit_scale']:.1f}"
+            + (f", tolerance {par['tolerance']:.1e}" if "tolerance" in par else "")
+            + f"): {'ok' if par['ok'] else 'MISMATCH'}.",
         ]
     lines.append("")
     return lines

@@ -47,6 +47,7 @@ TARGET_CON_SMALL = 0.05  # extra step time of the contrastive loss, SmolLM2 shap
 TARGET_CON_TINY = 0.15  # the same at the tiny shape
 TARGET_MEM_CON = 1.2  # ours + contrastive / LoRA activation memory, every size
 TARGET_GEN = 0.9  # ours / LoRA generate tokens/s (at least), SmolLM2 shape
+TARGET_GPU_LORA = 1.05  # ours / LoRA step time on a GPU (LLaMA-2-7B-shaped layers)
 WIDE_HIDDEN = 1024
 
 
@@ -80,7 +81,7 @@ def run_case(
         "experts": experts,
         "rank": rank,
         "top_k": top_k,
-        "auto_path": auto_path(base, experts, rank, top_k, targets),
+        "auto_path": auto_path(base, experts, rank, top_k, targets, batch.autocast),
     }
     for name in variants:
         try:
@@ -169,7 +170,7 @@ def run_case(
             vocab = base.get_input_embeddings().weight.shape[0]
             prompt = torch.randint(3, vocab, (gen_batch, 16), generator=gen).to(device)
             gtimes = time_round_robin(
-                {n: generate_fn(built[n], prompt, gen_tokens) for n in gen_variants},
+                {n: generate_fn(built[n], prompt, gen_tokens, batch.autocast) for n in gen_variants},
                 gen_rounds,
                 1,
                 device,
@@ -283,6 +284,17 @@ def evaluate_targets(result: dict) -> list[dict]:
                     v,
                     TARGET_LORA,
                     v <= TARGET_LORA,
+                )
+            )
+        if ours in rows and "lora" in rows and device == "cuda":
+            v = rows[ours]["x_lora"]
+            out.append(
+                _target(
+                    "ours ≤ 1.05× PEFT LoRA, step time (GPU)",
+                    f"{where} ({ours})",
+                    v,
+                    TARGET_GPU_LORA,
+                    v <= TARGET_GPU_LORA,
                 )
             )
         if "ours-con-gram" in rows and wide and rows["ours-con-gram"].get("x_ours_same_path") is not None:
@@ -415,6 +427,14 @@ class BenchOptions:
         default=None, metadata=doc("cpu or cuda; none = the preset's (cpu without a GPU).")
     )
     dtype: str | None = field(default=None, metadata=doc("Base model dtype; none = the preset's.", DTYPES))
+    autocast: str | None = field(
+        default=None,
+        metadata=doc(
+            "Run each forward under torch.autocast in this dtype (mixed precision, as `comoe train --bf16`); "
+            "none = no autocast.",
+            DTYPES[1:],
+        ),
+    )
     threads: int | None = field(
         default=None, metadata=doc("torch.set_num_threads; none = the preset's on CPU (1).")
     )
@@ -442,7 +462,12 @@ class BenchOptions:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        for name, allowed in (("size", SIZES), ("con_path", EXPERT_PATHS), ("dtype", DTYPES)):
+        for name, allowed in (
+            ("size", SIZES),
+            ("con_path", EXPERT_PATHS),
+            ("dtype", DTYPES),
+            ("autocast", DTYPES[1:]),
+        ):
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -471,16 +496,33 @@ class BenchOptions:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
 
-def run_benchmark(args: BenchOptions, log: Callable[[str], None] = print) -> dict:
-    """Run the benchmark ``args`` describes; returns the result dict (also what is written as JSON)."""
+def run_benchmark(
+    args: BenchOptions,
+    log: Callable[[str], None] = print,
+    on_case: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run the benchmark ``args`` describes; returns the result dict (also what is written as JSON).
+
+    ``on_case`` gets the result so far after each finished case except the last, marked ``partial`` (the
+    CLI writes it, so that a sweep stopped by a time limit keeps the cases it finished)."""
     threads_before = torch.get_num_threads()
     try:
-        return _run_benchmark(args, log)
+        return _run_benchmark(args, log, on_case)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_benchmark(args: BenchOptions, log: Callable[[str], None]) -> dict:
+def _finish(result: dict, t_start: float, cpu_start: float) -> dict:
+    """Elapsed wall and CPU time (this process's: what an idle machine needs) and the judged targets."""
+    result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    result["cpu_s"] = round(time.process_time() - cpu_start, 1)
+    result["targets"] = evaluate_targets(result)
+    return result
+
+
+def _run_benchmark(
+    args: BenchOptions, log: Callable[[str], None], on_case: Callable[[dict], None] | None
+) -> dict:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     spec = SIZES[args.size]
     for field_name in ("layers", "batch", "seq"):
@@ -504,7 +546,8 @@ def _run_benchmark(args: BenchOptions, log: Callable[[str], None]) -> dict:
     log(f"comoe bench: size={args.size} device={device} dtype={dtype} batch={spec.batch}x{spec.seq}")
     base, weights = build_base(spec, device, dtype, args.seed, args.random_init)
     base.train()
-    batch = make_batch(base, spec, spec.batch, spec.seq, device, args.seed)
+    autocast = getattr(torch, args.autocast) if args.autocast else None
+    batch = make_batch(base, spec, spec.batch, spec.seq, device, args.seed, autocast)
     result: dict = {
         "schema": SCHEMA_VERSION,
         "name": args.name or args.size,
@@ -517,6 +560,7 @@ def _run_benchmark(args: BenchOptions, log: Callable[[str], None]) -> dict:
         "settings": {
             "device": device.type,
             "dtype": str(dtype).replace("torch.", ""),
+            "autocast": args.autocast,
             "steps": args.steps,
             "warmup": args.warmup,
             "batch": spec.batch,
@@ -535,37 +579,37 @@ def _run_benchmark(args: BenchOptions, log: Callable[[str], None]) -> dict:
         "cases": [],
         "checks": {},
     }
-    first = True
-    for rank in ranks:
-        for n_exp in experts:
-            if args.top_k >= n_exp:
-                log(f"  skip E={n_exp}: top_k={args.top_k} needs E > k")
-                continue
-            result["cases"].append(
-                run_case(
-                    base,
-                    spec,
-                    variants=variants,
-                    experts=n_exp,
-                    rank=rank,
-                    top_k=args.top_k,
-                    targets=targets,
-                    con_path=args.con_path,
-                    batch=batch,
-                    steps=args.steps,
-                    warmup=args.warmup,
-                    device=device,
-                    seed=args.seed,
-                    memory=not args.no_memory,
-                    generate=(not args.no_generate) and first,
-                    gen_tokens=args.gen_tokens,
-                    gen_batch=args.gen_batch,
-                    gen_rounds=args.gen_rounds,
-                    parity=first and not args.no_parity,
-                    log=log,
-                )
+    points = [(rank, n_exp) for rank in ranks for n_exp in experts]
+    for n_exp in sorted({e for _, e in points if args.top_k >= e}):
+        log(f"  skip E={n_exp}: top_k={args.top_k} needs E > k")
+    points = [(rank, n_exp) for rank, n_exp in points if args.top_k < n_exp]
+    for done, (rank, n_exp) in enumerate(points, start=1):
+        result["cases"].append(
+            run_case(
+                base,
+                spec,
+                variants=variants,
+                experts=n_exp,
+                rank=rank,
+                top_k=args.top_k,
+                targets=targets,
+                con_path=args.con_path,
+                batch=batch,
+                steps=args.steps,
+                warmup=args.warmup,
+                device=device,
+                seed=args.seed,
+                memory=not args.no_memory,
+                generate=(not args.no_generate) and done == 1,
+                gen_tokens=args.gen_tokens,
+                gen_batch=args.gen_batch,
+                gen_rounds=args.gen_rounds,
+                parity=done == 1 and not args.no_parity,
+                log=log,
             )
-            first = False
+        )
+        if on_case is not None and done < len(points):
+            on_case(_finish({**result, "partial": f"{done} of {len(points)} cases"}, t_start, cpu_start))
     if args.compile_check:
         log(f"  torch.compile check (backend {args.compile_backend})")
         result["checks"]["compile"] = compile_check(
@@ -576,9 +620,4 @@ def _run_benchmark(args: BenchOptions, log: Callable[[str], None]) -> dict:
             warmup=args.warmup,
             log=log,
         )
-    result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-    result["cpu_s"] = round(
-        time.process_time() - cpu_start, 1
-    )  # this process's CPU time: what an idle machine needs
-    result["targets"] = evaluate_targets(result)
-    return result
+    return _finish(result, t_start, cpu_start)

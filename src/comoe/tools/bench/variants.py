@@ -154,8 +154,16 @@ def expert_paths(model: nn.Module) -> str:
     return "+".join(sorted({m.expert_path for m in model.modules() if isinstance(m, CoMoELayer)}))
 
 
-def auto_path(base: nn.Module, experts: int, rank: int, top_k: int, targets: list[str]) -> str:
-    """Which paths ``expert_path='auto'`` picks here: asks a real ``CoMoELayer`` per distinct target shape."""
+def auto_path(
+    base: nn.Module,
+    experts: int,
+    rank: int,
+    top_k: int,
+    targets: list[str],
+    autocast: torch.dtype | None = None,
+) -> str:
+    """Which paths ``expert_path='auto'`` picks here (under ``autocast``, as the forward runs): asks a real
+    ``CoMoELayer`` per distinct target shape."""
     from comoe.layer import ForwardContext
 
     cfg = comoe_config(experts, rank, top_k, targets)
@@ -165,5 +173,8 @@ def auto_path(base: nn.Module, experts: int, rank: int, top_k: int, targets: lis
         shape = layer_features(module)
         if shape not in seen:
             seen.add(shape)
-            chosen.add(CoMoELayer(module, cfg, ForwardContext(), name).expert_path)
+            layer = CoMoELayer(module, cfg, ForwardContext(), name)
+            device = layer.comoe_A.device.type
+            with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                chosen.add(layer.expert_path)
     return "+".join(sorted(chosen))
