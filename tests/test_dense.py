@@ -10,7 +10,7 @@ import torch
 from comoe.dense import dense_experts, dropout_keep
 from comoe.losses import gram_matrices, stacked_contrastive_loss
 from comoe.model import get_comoe_model
-from comoe.recompute import recomputed
+from comoe.recompute import recomputed, upcast_linear
 from comoe.tools.bench.measure import SavedTensorMeter, parameter_storages
 from tests.tiny_models import batch, build, randomize_adapters, tiny_comoe_config
 
@@ -133,6 +133,64 @@ def test_recomputed_equals_the_direct_call_and_keeps_only_its_inputs():
     assert not again[1].requires_grad
     torch.testing.assert_close(again[0], direct[0])
     torch.testing.assert_close(torch.autograd.grad(again[0], (a, b)), grads)
+
+
+def test_upcast_linear_equals_the_linear_of_the_upcast_and_keeps_the_bf16_input():
+    """The router's fp32 logits from bf16 hidden states: bit-identical output and gradients to
+    F.linear(x.float(), W), with x kept in bf16 (not its fp32 copy) for backward."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 24, 32, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(6, 32, generator=gen, requires_grad=True)
+    grad_out = torch.randn(2, 24, 6, generator=gen)
+    reference = torch.nn.functional.linear(x.float(), weight)
+    ref_grads = torch.autograd.grad(reference, (x, weight), grad_out)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = upcast_linear(x, weight)
+    assert {t.data_ptr() for t in saved} == {x.data_ptr(), weight.data_ptr()}
+    assert out.dtype == torch.float32 and torch.equal(out, reference)
+    for got, want in zip(torch.autograd.grad(out, (x, weight), grad_out), ref_grads, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("contrastive", [False, True])
+def test_a_layer_under_bf16_autocast_works_on_its_bf16_input_without_an_fp32_copy(monkeypatch, contrastive):
+    """`--bf16`: the layer takes a bf16 input as it is (no fp32 copy made or kept): the same forward as
+    forming the fp32 copy first, bit for bit (dropout masks included), keeping less; its gradients differ
+    by bf16 rounding in backward and are as close to the float32 model's as the copy-first gradients are."""
+    import comoe.layer
+
+    config = tiny_comoe_config("llama", lora_dropout=0.1, contrastive_weight=0.5 if contrastive else 0.0)
+    inputs = batch("llama")
+    runs = {}
+    for mode in ("as-is", "fp32 copy first", "float32 model"):
+        if (
+            mode == "fp32 copy first"
+        ):  # what the layer did before: x.to(fp32), every product cast back to bf16
+            monkeypatch.setattr(comoe.layer, "adapter_input", lambda x, dtype: x.to(dtype))
+        base = build("llama").to(torch.bfloat16)
+        model = get_comoe_model(base.float() if mode == "float32 model" else base, config)
+        randomize_adapters(model)
+        model.train()
+        embeds = model.get_input_embeddings()(inputs["input_ids"]).detach()
+        meter = SavedTensorMeter(parameter_storages(model))
+        torch.manual_seed(0)
+        with (
+            torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "float32 model"),
+        ):
+            out = model(
+                inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=inputs["input_ids"]
+            )
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        runs[mode] = (out.loss.detach(), grads, meter.bytes)
+    (loss, grads, kept), (loss_copy, grads_copy, kept_copy), (_, grads_fp32, _) = runs.values()
+    assert torch.equal(loss, loss_copy)
+    assert kept < kept_copy  # no fp32 copy of any adapted input kept
+    for name, exact in grads_fp32.items():
+        error, error_copy = ((g - exact).norm() / exact.norm() for g in (grads[name], grads_copy[name]))
+        assert error <= 1.2 * error_copy + 2e-3, name
 
 
 def test_stacked_gram_matrices_equal_each_modules_and_their_gradients():

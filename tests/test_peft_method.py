@@ -159,7 +159,10 @@ def test_adapters_saved_by_comoe_0_1_still_load_exactly(loader):
     )  # old layout
     load = CoMoEModel.from_pretrained if loader.startswith("CoMoE") else PeftModel.from_pretrained
     model = load(build("llama", seed=0), LEGACY)
-    torch.testing.assert_close(logits_of(model), load_file(LEGACY_LOGITS)["logits"], rtol=0, atol=0)
+    # the logits 0.1 computed, to float32 rounding: the gates are now the softmax of the top-k logits (the
+    # same function as 0.1's renormalised top-k of the softmax, rounded differently); any weight loaded
+    # wrong or not at all moves them by orders of magnitude more
+    torch.testing.assert_close(logits_of(model), load_file(LEGACY_LOGITS)["logits"], rtol=0, atol=1e-6)
 
 
 def test_peft_from_pretrained_refuses_an_adapter_of_another_shape(tmp_path):

@@ -65,6 +65,15 @@ def plain_dense_experts(
     return (delta * scaling if scaling != 1.0 else delta), codes
 
 
+def dense_experts_added(
+    result: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor, rank: int, scaling: float
+) -> Tensor:
+    """Inference (no dropout, no autograd): ``result + s · ((x A_catᵀ) ⊙ gates) B_catᵀ`` with the scaling and
+    the residual add fused into one ``addmm``: two fewer ops per module per decoded token. result (N, d_out)
+    in the dtype of the product (or under autocast)."""
+    return torch.addmm(result, _gated(x @ lora_A.t(), gates, rank), lora_B.t(), alpha=scaling)
+
+
 class _DenseExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep, keep_scale, lora_A, lora_B, gates, rank, scaling, dtype):  # noqa: D102

@@ -16,8 +16,9 @@ The E experts are stored stacked (``comoe_A``: (E·r, d_in), ``comoe_B``: (d_out
 default "dense codes" forward computes every expert's rank-r code in one matmul, zeroes the codes of
 unselected experts through the gates and applies all B's in a second matmul: a fixed number of ops, no
 data-dependent shapes, no host syncs. It does E/k times the FLOPs of a sparse path; when E·r is large
-against d_in the "grouped" path (tokens sorted by expert, ``grouped_mm``) does only the selected work.
-Both are exact, so the choice is purely one of speed.
+against d_in the "grouped" path (tokens sorted by expert, ``grouped_mm``) does only the selected work,
+but its sorting, gathers and scatter cost more than the FLOPs it saves wherever measured (CPU and H200), so
+``auto`` is dense. Both are exact, so the choice is purely one of speed.
 
 ``MixtureLayer`` holds what every routed adapter layer shares (PEFT's tuner-layer protocol, the router, the
 auxiliary losses and records); ``CoMoELayer`` here and ``comoe.ffn.CoMoEFFNLayer`` (whole-FFN experts) are
@@ -37,7 +38,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
-from comoe.dense import dense_experts, dropout_keep, plain_dense_experts
+from comoe.dense import dense_experts, dense_experts_added, dropout_keep, plain_dense_experts
 from comoe.losses import (
     ContrastiveOutput,
     active_mask,
@@ -50,7 +51,7 @@ from comoe.losses import (
     stacked_cosines,
     stacked_info_nce,
 )
-from comoe.recompute import recomputed
+from comoe.recompute import recomputed, upcast_linear
 
 try:  # transformers' GPT-2 style linear (weight stored as (in, out))
     from transformers.pytorch_utils import Conv1D
@@ -299,19 +300,24 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         self.register_parameter("comoe_router", nn.Parameter(router) if self.num_experts > 1 else None)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """fp32 router. Returns softmax probs (N, E), top-k ids (N, k) or None (soft), gates (N, E)."""
+        """fp32 router. Returns softmax probs (N, E) (None without autograd when no auxiliary loss or record
+        wants them), top-k ids (N, k) or None (soft), gates (N, E)."""
         if self.comoe_router is None:  # one expert: every token's gate is 1
             ones = torch.ones(x.shape[0], 1, device=x.device, dtype=torch.float32)
             top_idx = None if self.config.routing == "soft" else torch.zeros_like(ones, dtype=torch.long)
             return ones, top_idx, ones
         dtype = torch.promote_types(self.comoe_router.dtype, torch.float32)  # fp32, or fp64 if asked
         with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would round the logits
-            probs = F.linear(x.to(dtype), self.comoe_router.to(dtype)).softmax(dim=-1)
+            logits = upcast_linear(x, self.comoe_router.to(dtype))
         if self.config.routing == "soft":
+            probs = logits.softmax(dim=-1)
             return probs, None, probs
-        top_w, top_idx = probs.topk(self.top_k, dim=-1)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        gates = torch.zeros_like(probs).scatter(1, top_idx, top_w)
+        # the top-k of the softmax renormalised = the softmax of the top-k logits: fewer ops, forward and
+        # backward (the full softmax feeds only the balance loss and the records; no gradient flows through
+        # it otherwise). Without autograd it is computed only when those want it (generation does not).
+        top_logits, top_idx = logits.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(logits).scatter(1, top_idx, top_logits.softmax(dim=-1))
+        probs = logits.softmax(dim=-1) if torch.is_grad_enabled() or self._wants_aux() else None
         return probs, top_idx, gates
 
     def _wants_aux(self) -> bool:
@@ -446,18 +452,10 @@ class CoMoELayer(MixtureLayer):
 
     @property
     def expert_path(self) -> str:
-        """The path the next forward takes. ``auto`` takes the grouped path only where it pays: on CUDA with
-        bf16 adapter weights (what grouped_mm's kernels take) and E·r > d_in/4. On the CPU it was never
-        faster (BENCHMARKS.md), and under torch.compile grouped_mm's tracing rejects fp32."""
-        if self._path != "auto":
-            return self._path
-        big = self.num_experts * self.r > self.in_features / 4
-        fits = (
-            self.comoe_A.is_cuda
-            and self.comoe_A.dtype == torch.bfloat16
-            and not torch.compiler.is_compiling()
-        )
-        return "grouped" if big and fits else "dense"
+        """The path the next forward takes. ``auto`` is the dense path: the grouped path was slower in every
+        setting measured (BENCHMARKS.md: the CPU from hidden 64 to 1024; an H200 with LLaMA-2-7B-shaped
+        layers, bf16 autocast, E up to 64, r up to 64, 2,048 to 8,192 tokens). It stays selectable."""
+        return "dense" if self._path == "auto" else self._path
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -479,8 +477,12 @@ class CoMoELayer(MixtureLayer):
         if self.disabled:
             return result
         lead_shape = x.shape[:-1]
-        x_flat = x.reshape(-1, self.in_features).to(self.comoe_A.dtype)
+        x_flat = adapter_input(x.reshape(-1, self.in_features), self.comoe_A.dtype)
         probs, top_idx, gates = self.route(x_flat)
+        if self._plain_inference(result, x_flat):  # generation, evaluation
+            out = result.reshape(-1, self.out_features)
+            out = dense_experts_added(out, x_flat, self.comoe_A, self.comoe_B, gates, self.r, self.scaling)
+            return out.view(*lead_shape, self.out_features)
         ctx = self.context
         # Codes that carry the contrastive loss's gradient. Decided from static state only (training mode and
         # lambda), never from the context flags, so that an activation-checkpointing recompute of this
@@ -520,6 +522,19 @@ class CoMoELayer(MixtureLayer):
                     codes = x_drop @ self.comoe_A.t()
             self._leave_pending(None if codes is None else (codes, dora), probs, top_idx)
         return result + delta.view(*lead_shape, self.out_features).to(result.dtype)
+
+    def _plain_inference(self, result: Tensor, x: Tensor) -> bool:
+        """Whether this call only adds the experts' update: no autograd, no dropout, no DoRA, nothing recorded,
+        the dense path, and the base output in the product's dtype (or autocast making it so)."""
+        return (
+            not torch.is_grad_enabled()
+            and not self.training
+            and self.comoe_magnitude is None
+            and self.expert_path == "dense"
+            and not self._wants_aux()
+            and (result.dtype == x.dtype or torch.is_autocast_enabled(x.device.type))
+            and not torch.compiler.is_compiling()
+        )
 
     def _dropout_keep(self, x: Tensor) -> Tensor | None:
         """This call's dropout keep mask (bools), or None when dropout is off."""
@@ -562,18 +577,23 @@ class CoMoELayer(MixtureLayer):
     def _grouped_delta(
         self, x_drop: Tensor, top_idx: Tensor, gates: Tensor, codes: Tensor | None, lora_B: Tensor
     ) -> Tensor:
-        """Sorted-tokens path: each (token, selected expert) pair does only its own expert's work."""
+        """Sorted-tokens path: each (token, selected expert) pair does only its own expert's work.
+
+        Under autocast the products run in its dtype, as the dense path's do (``grouped_mm`` is not on
+        autocast's lists: left alone it would run in float32)."""
         n_tokens = x_drop.shape[0]
         n_exp, rank = self.num_experts, self.r
+        dtype = _autocast_dtype(x_drop)
+        x_drop, lora_A, lora_B = x_drop.to(dtype), self.comoe_A.to(dtype), lora_B.to(dtype)
         flat_expert = top_idx.reshape(-1)
         order = flat_expert.argsort(stable=True)
         sorted_expert = flat_expert[order]
         token_of = order // self.top_k
         offsets = torch.bincount(flat_expert, minlength=n_exp).cumsum(0).to(torch.int32)
         if codes is not None:  # already computed for the contrastive loss
-            sorted_codes = codes.view(n_tokens, n_exp, rank)[token_of, sorted_expert]
+            sorted_codes = codes.view(n_tokens, n_exp, rank)[token_of, sorted_expert].to(dtype)
         else:
-            a_t = self.comoe_A.view(n_exp, rank, self.in_features).transpose(1, 2)  # (E, d_in, r)
+            a_t = lora_A.view(n_exp, rank, self.in_features).transpose(1, 2)  # (E, d_in, r)
             sorted_codes = grouped_matmul(x_drop[token_of], a_t, offsets)
         sorted_gates = gates[token_of, sorted_expert].to(sorted_codes.dtype)
         b_t = lora_B.view(self.out_features, n_exp, rank).permute(1, 2, 0)  # (E, r, d_out)
@@ -637,6 +657,29 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
         return grad.contiguous()
+
+
+def adapter_input(x: Tensor, adapter_dtype: torch.dtype) -> Tensor:
+    """``x`` in the dtype the adapter takes it in: the adapter's, except under autocast for an input already
+    in autocast's dtype, which stays in it. Every product would cast it there anyway, and the dropped input
+    formed in bf16 equals the one formed in fp32 and then cast (one rounding either way): no full-width fp32
+    copy is made, and none is kept for backward."""
+    device = x.device.type
+    if (
+        adapter_dtype != torch.float64
+        and torch.is_autocast_enabled(device)
+        and x.dtype == torch.get_autocast_dtype(device)
+    ):
+        return x
+    return x.to(adapter_dtype)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would run a product of ``x`` in: its own outside autocast and for float64."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)

@@ -1,5 +1,8 @@
 """Run a function without keeping its intermediates for backward: they are recomputed there.
 
+``upcast_linear`` is the one-op case: a float32 product of a bf16 input that keeps the bf16 input, not its
+float32 copy (the router's logits under mixed precision).
+
 Like reentrant activation checkpointing, but for one pure function of explicit tensor inputs: only the
 inputs are kept (by ``save_for_backward``, so saved-tensor hooks see them), and backward differentiates a
 fresh run of the function on detached copies, so no parameter's hooks fire inside backward (DDP-safe).
@@ -14,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 
 def recomputed(
@@ -55,3 +59,30 @@ def _autocast_off(tensors: Sequence[Tensor | None]) -> contextlib.ExitStack:
     for device_type in sorted({t.device.type for t in tensors if t is not None}):
         stack.enter_context(torch.autocast(device_type, enabled=False))
     return stack
+
+
+def upcast_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear(x.to(weight.dtype), weight)`` that keeps ``x`` in its own (narrower) dtype for backward
+    and upcasts it again there, instead of keeping the upcast copy (twice its bytes for bf16 → fp32)."""
+    if x.dtype == weight.dtype or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return F.linear(x.to(weight.dtype), weight)
+    return _UpcastLinear.apply(x, weight)
+
+
+class _UpcastLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):  # noqa: D102
+        ctx.save_for_backward(x, weight)
+        with _autocast_off([x]):
+            return F.linear(x.to(weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        with _autocast_off([x]):
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad @ weight).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad.flatten(0, -2).t() @ x.flatten(0, -2).to(weight.dtype)
+        return grad_x, grad_weight
