@@ -5,7 +5,7 @@ wall time of a step, the time the GPU spent in kernels during it, the kernels la
 that took the most host time. A GPU busy for much less than the wall time is waiting for the Python side to
 launch work: there, fewer operators per module is what speeds a step up, not fewer FLOPs.
 
-    python benchmarks/gpu_profile.py [--experts 4] [--rank 16] [--batch 4] [--autocast bfloat16]
+    python benchmarks/gpu_profile.py [--size gpu7b] [--experts 4] [--rank 16] [--batch 4] [--autocast bfloat16]
                                      [--out benchmarks/results/gpu-profile.json]
 """
 
@@ -77,6 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--size", choices=tuple(SIZES), default="gpu7b", help="model shape (a comoe bench preset)"
+    )
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
@@ -89,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    spec = replace(SIZES["gpu7b"], batch=args.batch, layers=args.layers, seq=args.seq)
+    spec = replace(SIZES[args.size], batch=args.batch, layers=args.layers, seq=args.seq)
     base = build_random_llama(spec, device, torch.bfloat16 if device.type == "cuda" else torch.float32, 0)
     base.train()
     autocast = torch.bfloat16 if args.autocast == "bfloat16" else None

@@ -197,3 +197,62 @@ def test_issue_13_targets_are_judged_with_their_thresholds_and_directions():
     overhead, _, generate = smollm2.values()
     assert _target_value(overhead) == "+6.0 %" and _target_threshold(overhead) == "≤ 5 %"
     assert _target_threshold(generate) == "≥ 0.9×"
+
+
+def test_autocast_run_writes_each_finished_case_at_once(tmp_path, monkeypatch):
+    """`--autocast bfloat16` (as benchmarks/run_gpu.sh runs the GPU sweep, here on the CPU): every variant runs
+    under autocast, the naive loop included, and a sweep writes its result after each case but the last,
+    marked partial, so that a run stopped by a time limit keeps what it finished."""
+    import comoe.cli.bench
+
+    written = []
+    real = comoe.cli.bench.write_json
+    monkeypatch.setattr(
+        comoe.cli.bench, "write_json", lambda r, d: written.append(r.get("partial")) or real(r, d)
+    )
+    variants = "lora,naive,ours-dense,ours-grouped,ours-con-gram"
+    argv = _argv(tmp_path, "--autocast", "bfloat16", "--experts", "4,8", "--variants", variants)
+    assert main([*argv, "--no-generate", "--name", "amp"]) == 0
+    assert written == ["1 of 2 cases", None]
+    data = json.loads((tmp_path / "results" / "amp.json").read_text())
+    assert data["settings"]["autocast"] == "bfloat16" and "partial" not in data
+    for case in data["cases"]:
+        assert "skipped" not in case and list(case["variants"]) == variants.split(",")
+    assert case["parity"] is None or case["parity"]["ok"]
+    assert "under bfloat16 autocast" in (tmp_path / "results" / "amp.md").read_text()
+    from comoe.tools.bench.render import render_result
+
+    assert "**Stopped early**: this result holds the first 1 of 2 cases" in render_result(
+        {**data, "partial": "1 of 2 cases"}
+    )
+
+
+def test_gpu_profile_script_counts_the_host_ops_of_each_variant(tmp_path):
+    """benchmarks/gpu_profile.py (README) on the CPU at the tiny shape: its JSON, and our layers' extra host
+    operations per step over LoRA's (on a GPU it also reports kernels and GPU-busy time)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "gpu_profile.py"), "--size", "tiny", "--layers", "1"]
+    cmd += [
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--steps",
+        "1",
+        "--autocast",
+        "none",
+        "--variants",
+        "lora,ours-dense",
+    ]
+    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    lora, ours = data["variants"]["lora"], data["variants"]["ours-dense"]
+    assert lora["wall_ms"] > 0 and lora["kernels_per_step"] == 0 and lora["gpu_busy"] is None  # CPU
+    assert ours["aten_calls_per_step"] > lora["aten_calls_per_step"] > 0
+    assert data["command"].startswith("python benchmarks/gpu_profile.py --size tiny")

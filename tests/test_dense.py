@@ -153,14 +153,26 @@ def test_upcast_linear_equals_the_linear_of_the_upcast_and_keeps_the_bf16_input(
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("contrastive", [False, True])
-def test_a_layer_under_bf16_autocast_works_on_its_bf16_input_without_an_fp32_copy(monkeypatch, contrastive):
+@pytest.mark.parametrize(
+    "contrastive, experts",
+    [(False, "dense"), (True, "dense"), (False, "dora"), (True, "grouped"), (False, "grouped")],
+)
+def test_a_layer_under_bf16_autocast_works_on_its_bf16_input_without_an_fp32_copy(
+    monkeypatch, contrastive, experts
+):
     """`--bf16`: the layer takes a bf16 input as it is (no fp32 copy made or kept): the same forward as
-    forming the fp32 copy first, bit for bit (dropout masks included), keeping less; its gradients differ
+    forming the fp32 copy first, bit for bit (dropout masks included, on every expert path and DoRA experts),
+    keeping less; its gradients differ
     by bf16 rounding in backward and are as close to the float32 model's as the copy-first gradients are."""
     import comoe.layer
 
-    config = tiny_comoe_config("llama", lora_dropout=0.1, contrastive_weight=0.5 if contrastive else 0.0)
+    config = tiny_comoe_config(
+        "llama",
+        lora_dropout=0.1,
+        contrastive_weight=0.5 if contrastive else 0.0,
+        use_dora=experts == "dora",
+        expert_path="grouped" if experts == "grouped" else "dense",
+    )
     inputs = batch("llama")
     runs = {}
     for mode in ("as-is", "fp32 copy first", "float32 model"):
@@ -188,9 +200,15 @@ def test_a_layer_under_bf16_autocast_works_on_its_bf16_input_without_an_fp32_cop
     (loss, grads, kept), (loss_copy, grads_copy, kept_copy), (_, grads_fp32, _) = runs.values()
     assert torch.equal(loss, loss_copy)
     assert kept < kept_copy  # no fp32 copy of any adapted input kept
-    for name, exact in grads_fp32.items():
-        error, error_copy = ((g - exact).norm() / exact.norm() for g in (grads[name], grads_copy[name]))
-        assert error <= 1.2 * error_copy + 2e-3, name
+    for name, exact in grads_fp32.items():  # bf16 rounding moves single small gradients (routers) a lot
+        err, err_copy = ((g - exact).norm() / exact.norm() for g in (grads[name], grads_copy[name]))
+        assert err <= 2 * err_copy + 0.02, name
+
+    def error(got: dict) -> float:  # all adapter gradients together, relative to the float32 model's
+        flat = torch.cat([(got[n] - g).flatten() for n, g in grads_fp32.items()])
+        return (flat.norm() / torch.cat([g.flatten() for g in grads_fp32.values()]).norm()).item()
+
+    assert error(grads) <= 1.25 * error(grads_copy) + 1e-3  # no less accurate than the fp32 copy was
 
 
 def test_stacked_gram_matrices_equal_each_modules_and_their_gradients():

@@ -234,6 +234,32 @@ def test_inference_adds_the_update_in_one_addmm_and_computes_what_the_graph_path
     torch.testing.assert_close(fused_path, graph_path.detach(), **tol)
 
 
+class _Fp32OutputLinear(nn.Linear):
+    """A base whose output comes back in fp32 under autocast (as bitsandbytes' 4/8-bit layers return their
+    input's dtype)."""
+
+    def forward(self, x):
+        return super().forward(x).float()
+
+
+@pytest.mark.parametrize("case", ["fp32 base output under autocast", "fp64 adapters under autocast"])
+def test_inference_keeps_the_graph_path_where_addmm_would_change_the_output_dtype(case):
+    """The fused addmm computes in autocast's dtype: a base output in another dtype (fp32 from a quantized
+    layer, or fp64 adapters on an fp32 base) takes the ordinary path, with its dtype and values."""
+    base = _Fp32OutputLinear(D_IN, 12) if case.startswith("fp32") else nn.Linear(D_IN, 12)
+    layer = make_layer(base, num_experts=4, top_k=2, r=4).eval()
+    if case.startswith("fp64"):
+        layer.to(torch.float64)
+        base.to(torch.float32)
+    x = torch.randn(3, 5, D_IN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graph_path = layer(x)
+        with torch.no_grad():
+            inference = layer(x)
+    assert inference.dtype == graph_path.dtype
+    torch.testing.assert_close(inference, graph_path.detach(), rtol=0, atol=0)
+
+
 def test_grouped_path_with_an_expert_no_token_chooses():
     """Empty groups (an expert without tokens) give that expert exactly zero gradient."""
     base = nn.Linear(D_IN, 12)

@@ -60,7 +60,7 @@ def plain_dense_experts(
     scaling: float,
 ) -> tuple[Tensor, Tensor]:
     """``dense_experts`` as plain ops (autograd keeps x̃ and the gated codes when it records them)."""
-    codes = _apply_keep(x, keep, keep_scale) @ lora_A.t()
+    codes = apply_keep(x, keep, keep_scale) @ lora_A.t()
     delta = _gated(codes, gates, rank) @ lora_B.t()
     return (delta * scaling if scaling != 1.0 else delta), codes
 
@@ -78,7 +78,7 @@ class _DenseExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep, keep_scale, lora_A, lora_B, gates, rank, scaling, dtype):  # noqa: D102
         with torch.autocast(x.device.type, enabled=False):
-            x_drop = _apply_keep(x, keep, keep_scale).to(dtype)
+            x_drop = apply_keep(x, keep, keep_scale).to(dtype)
             codes = x_drop @ lora_A.to(dtype).t()
             delta = _gated(codes, gates, rank) @ lora_B.to(dtype).t()
             if scaling != 1.0:
@@ -110,15 +110,17 @@ class _DenseExperts(torch.autograd.Function):
             if grad_codes is not None:
                 grad_codes = grad_codes.to(dtype)
                 if ctx.needs_input_grad[3]:
-                    x_drop = _apply_keep(x, keep, ctx.keep_scale).to(dtype)
+                    x_drop = apply_keep(x, keep, ctx.keep_scale).to(dtype)
                     grad_a = (grad_codes.t() @ x_drop).to(lora_A.dtype)
                 if ctx.needs_input_grad[0]:
-                    grad_x = _apply_keep((grad_codes @ lora_A.to(dtype)).to(x.dtype), keep, ctx.keep_scale)
+                    grad_x = apply_keep((grad_codes @ lora_A.to(dtype)).to(x.dtype), keep, ctx.keep_scale)
         return grad_x, None, None, grad_a, grad_b, grad_gates, None, None, None
 
 
-def _apply_keep(x: Tensor, keep: Tensor | None, keep_scale: float) -> Tensor:
-    """Dropout with a given keep mask: x · keep / (1 − p). The bools are read as uint8 (the same bytes): a
+def apply_keep(x: Tensor, keep: Tensor | None, keep_scale: float) -> Tensor:
+    """Dropout with a given keep mask: x · keep / (1 − p), in x's dtype with the scale applied as a float32
+    product (a bf16 x gives what the fp32 product cast to bf16 gives; ``F.dropout`` on a bf16 CPU tensor
+    rounds 1/(1 − p) to bf16 first). The bools are read as uint8 (the same bytes): a
     float × bool product takes a slow path on the CPU (8× the time of float × uint8 at 128 × 576)."""
     if keep is None:
         return x

@@ -38,7 +38,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
-from comoe.dense import dense_experts, dense_experts_added, dropout_keep, plain_dense_experts
+from comoe.dense import apply_keep, dense_experts, dense_experts_added, dropout_keep, plain_dense_experts
 from comoe.losses import (
     ContrastiveOutput,
     active_mask,
@@ -498,7 +498,7 @@ class CoMoELayer(MixtureLayer):
                 x_flat, keep, self._keep_scale, self.comoe_A, lora_B, gates, self.r, self.scaling
             )
         else:
-            x_drop = self.dropout(x_flat)
+            x_drop = apply_keep(x_flat, self._dropout_keep(x_flat), self._keep_scale)  # as the node forms it
             if path == "dense":  # DoRA experts: their update needs W0 x̃ too, so x̃ is formed here
                 delta, codes = plain_dense_experts(
                     x_drop, None, 1.0, self.comoe_A, lora_B, gates, self.r, self.scaling
@@ -525,14 +525,14 @@ class CoMoELayer(MixtureLayer):
 
     def _plain_inference(self, result: Tensor, x: Tensor) -> bool:
         """Whether this call only adds the experts' update: no autograd, no dropout, no DoRA, nothing recorded,
-        the dense path, and the base output in the product's dtype (or autocast making it so)."""
+        the dense path, and the base output already in the dtype the products run in (addmm keeps it)."""
         return (
             not torch.is_grad_enabled()
             and not self.training
             and self.comoe_magnitude is None
             and self.expert_path == "dense"
             and not self._wants_aux()
-            and (result.dtype == x.dtype or torch.is_autocast_enabled(x.device.type))
+            and result.dtype == _autocast_dtype(x)  # the dtype addmm computes in: the output's unchanged
             and not torch.compiler.is_compiling()
         )
 
@@ -569,7 +569,7 @@ class CoMoELayer(MixtureLayer):
     def _base_output(self, result: Tensor, x_drop: Tensor) -> Tensor:
         """W0 x̃ without bias, (N, d_out) in the adapter's dtype: the base output itself when dropout is off."""
         if isinstance(self.dropout, nn.Identity) or not self.training:
-            out = result.reshape(-1, self.out_features).to(x_drop.dtype)
+            out = result.reshape(-1, self.out_features).to(self.comoe_A.dtype)
             bias = getattr(self.base_layer, "bias", None)
             return out - bias.to(out.dtype) if bias is not None else out
         return F.linear(x_drop, base_weight(self.base_layer).to(x_drop.dtype))

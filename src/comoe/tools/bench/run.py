@@ -286,11 +286,11 @@ def evaluate_targets(result: dict) -> list[dict]:
                     v <= TARGET_LORA,
                 )
             )
-        if ours in rows and "lora" in rows and device == "cuda":
+        if ours in rows and "lora" in rows and device == "cuda" and wide:
             v = rows[ours]["x_lora"]
             out.append(
                 _target(
-                    "ours ≤ 1.05× PEFT LoRA, step time (GPU)",
+                    "ours ≤ 1.05× PEFT LoRA, step time (GPU, hidden ≥ 1024)",
                     f"{where} ({ours})",
                     v,
                     TARGET_GPU_LORA,
