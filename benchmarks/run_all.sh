@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce every table of BENCHMARKS.md (CPU), then regenerate it from the JSON results.
 #   benchmarks/run_all.sh            # all CPU runs + render   (≈ 10-15 min on 2 shared cores)
-#   GPU=1 benchmarks/run_all.sh      # also the LLaMA-2-7B-shaped CUDA sweep (needs a GPU)
+#   GPU=1 benchmarks/run_all.sh      # also benchmarks/run_gpu.sh, the LLaMA-2-7B-shaped CUDA runs (needs a GPU)
 #   RENDER_ONLY=1 benchmarks/run_all.sh
 # `python -m comoe bench ARGS` and `comoe bench ARGS` are the same command.
 set -euo pipefail
@@ -33,8 +33,8 @@ if [[ -z "${RENDER_ONLY:-}" ]]; then
   $BENCH --size wide --target-modules gate_proj,up_proj,down_proj \
          --variants lora,ours-dense,ours-ffn,ours-ffn-con --no-generate --no-parity --name wide-ffn --out "$OUT"
   if [[ -n "${GPU:-}" ]]; then
-    # LLaMA-2-7B-shaped layers, bf16, E in {4,8,16,64} x r in {8,16,64}: peak memory and host syncs too
-    $BENCH --size gpu7b --no-generate --out "$OUT"
+    # LLaMA-2-7B-shaped layers on a CUDA GPU, with and without bf16 autocast: peak memory and host syncs too
+    RESULTS="$OUT" PYTHON=python benchmarks/run_gpu.sh
   fi
 fi
 $BENCH --render --out "$OUT" --markdown BENCHMARKS.md --notes benchmarks/NOTES.md
