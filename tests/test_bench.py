@@ -218,7 +218,7 @@ def test_autocast_run_writes_each_finished_case_at_once(tmp_path, monkeypatch):
     assert data["settings"]["autocast"] == "bfloat16" and "partial" not in data
     for case in data["cases"]:
         assert "skipped" not in case and list(case["variants"]) == variants.split(",")
-    assert case["parity"] is None or case["parity"]["ok"]
+    assert data["cases"][0]["parity"]["ok"]  # the first case checks that naive and grouped equal dense
     assert "under bfloat16 autocast" in (tmp_path / "results" / "amp.md").read_text()
     from comoe.tools.bench.render import render_result
 

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from comoe.config import CoMoEConfig
+from comoe.dense import dropout_keep
 from comoe.layer import CoMoELayer, ForwardContext, dora_row_norms
 from comoe.losses import contrastive_loss_materialized, draw_anchors, draw_negatives
 from comoe.model import CoMoEModel, get_comoe_model
@@ -19,17 +20,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 D_IN, D_OUT = 16, 12
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-
-
-class FixedDropout(nn.Module):
-    """A dropout whose mask is given: the layer and the reference drop the same inputs."""
-
-    def __init__(self, mask: torch.Tensor, p: float):
-        super().__init__()
-        self.mask, self.p = mask, p
-
-    def forward(self, x):
-        return x * self.mask / (1 - self.p)
 
 
 def dora_layer(base, *, num_experts, top_k, r=4, path="dense", routing="topk", seed=0) -> CoMoELayer:
@@ -101,12 +91,15 @@ def test_dora_experts_match_a_per_expert_dora_loop(num_experts, top_k, path, rou
     base = nn.Linear(D_IN, D_OUT) if kind == "linear" else Conv1D(D_OUT, D_IN)
     layer = dora_layer(base, num_experts=num_experts, top_k=top_k, path=path, routing=routing)
     x = torch.randn(2, 5, D_IN)
-    mask = (torch.rand(10, D_IN, generator=torch.Generator().manual_seed(3)) > 0.3).float()
-    if dropped:
-        layer.dropout = FixedDropout(mask, 0.3)
+    if dropped:  # the layer draws its mask as dropout_keep does: the same seed gives the reference the same
+        layer.dropout = nn.Dropout(0.3)
     layer.train()
     x_layer = leaf(x)
+    torch.manual_seed(3)
     y = layer(x_layer)
+    torch.manual_seed(3)
+    mask = dropout_keep(torch.empty(10, D_IN), 0.3).float()
+    assert 0 < mask.sum() < mask.numel()
     weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
     (y * weights).sum().backward()
 

@@ -65,7 +65,7 @@ def upcast_linear(x: Tensor, weight: Tensor) -> Tensor:
     """``F.linear(x.to(weight.dtype), weight)`` that keeps ``x`` in its own (narrower) dtype for backward
     and upcasts it again there, instead of keeping the upcast copy (twice its bytes for bf16 → fp32)."""
     if x.dtype == weight.dtype or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        with _autocast_off([x]):  # as the Function: the product in weight's dtype whatever the autocast
+        with torch.autocast(x.device.type, enabled=False):  # as the Function: the product in weight's dtype
             return F.linear(x.to(weight.dtype), weight)
     return _UpcastLinear.apply(x, weight)
 
