@@ -256,3 +256,26 @@ def test_gpu_profile_script_counts_the_host_ops_of_each_variant(tmp_path):
     assert lora["wall_ms"] > 0 and lora["kernels_per_step"] == 0 and lora["gpu_busy"] is None  # CPU
     assert ours["aten_calls_per_step"] > lora["aten_calls_per_step"] > 0
     assert data["command"].startswith("python benchmarks/gpu_profile.py --size tiny")
+
+
+def test_gpu_script_reports_its_environment_and_refuses_clearly_without_a_gpu(tmp_path):
+    """benchmarks/run_gpu.sh (README) on a machine without CUDA: the versions it runs with, then comoe bench's
+    one-line refusal of the CUDA preset, and no result written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the script would run the sweep")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "RESULTS": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+        "HOME": str(tmp_path),
+    }
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert f"torch {torch.__version__}" in proc.stdout and "GPU: none" in proc.stdout
+    assert "is a CUDA preset and no GPU is visible" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
