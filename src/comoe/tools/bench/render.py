@@ -453,13 +453,19 @@ def render_all(results: list[dict], notes: str | None = None, peers: list[dict] 
             f"Python {mach.get('python')}, torch {mach.get('torch')}, transformers {mach.get('transformers')}, "
             f"peft {mach.get('peft')}."
         )
-    wall = sum(r.get("elapsed_s") or 0 for r in results)
-    cpu = sum(r.get("cpu_s") or 0 for r in results)
-    lines += [
-        "",
-        f"All {len(results)} runs together took {wall / 60:.1f} min wall clock and {cpu / 60:.1f} min of CPU time "
-        "(one thread: roughly what an idle machine needs).",
-    ]
+    lines.append("")
+    for device in ("cpu", "cuda"):
+        runs = [r for r in results if r["settings"]["device"] == device]
+        if not runs:
+            continue
+        wall = sum(r.get("elapsed_s") or 0 for r in runs)
+        cpu = sum(r.get("cpu_s") or 0 for r in runs)
+        what = "CPU" if device == "cpu" else "GPU"
+        note = " (one thread: roughly what an idle machine needs)" if device == "cpu" else ""
+        lines.append(
+            f"The {len(runs)} {what} runs together took {wall / 60:.1f} min wall clock and {cpu / 60:.1f} min "
+            f"of CPU time{note}."
+        )
     if any(r["settings"]["device"] == "cpu" for r in results):
         lines += [
             "",
