@@ -43,10 +43,17 @@ def dense_experts(
     """
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return plain_dense_experts(x, keep, keep_scale, lora_A, lora_B, gates, rank, scaling)
-    device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type) and lora_A.dtype != torch.float64
-    dtype = torch.get_autocast_dtype(device_type) if autocast else lora_A.dtype
+    dtype = product_dtype(lora_A)
     return _DenseExperts.apply(x, keep, keep_scale, lora_A, lora_B, gates, rank, scaling, dtype)
+
+
+def product_dtype(t: Tensor) -> torch.dtype:
+    """The dtype autocast runs a product of ``t`` in: autocast's when it is on, else (and for float64,
+    which autocast leaves alone) ``t``'s own."""
+    device = t.device.type
+    if torch.is_autocast_enabled(device) and t.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return t.dtype
 
 
 def plain_dense_experts(

@@ -38,7 +38,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
-from comoe.dense import apply_keep, dense_experts, dense_experts_added, dropout_keep, plain_dense_experts
+from comoe.dense import (
+    apply_keep,
+    dense_experts,
+    dense_experts_added,
+    dropout_keep,
+    plain_dense_experts,
+    product_dtype,
+)
 from comoe.losses import (
     ContrastiveOutput,
     active_mask,
@@ -532,7 +539,7 @@ class CoMoELayer(MixtureLayer):
             and self.comoe_magnitude is None
             and self.expert_path == "dense"
             and not self._wants_aux()
-            and result.dtype == _autocast_dtype(x)  # the dtype addmm computes in: the output's unchanged
+            and result.dtype == product_dtype(x)  # the dtype addmm computes in: the output's unchanged
             and not torch.compiler.is_compiling()
         )
 
@@ -583,7 +590,7 @@ class CoMoELayer(MixtureLayer):
         autocast's lists: left alone it would run in float32)."""
         n_tokens = x_drop.shape[0]
         n_exp, rank = self.num_experts, self.r
-        dtype = _autocast_dtype(x_drop)
+        dtype = product_dtype(x_drop)
         x_drop, lora_A, lora_B = x_drop.to(dtype), self.comoe_A.to(dtype), lora_B.to(dtype)
         flat_expert = top_idx.reshape(-1)
         order = flat_expert.argsort(stable=True)
@@ -664,22 +671,8 @@ def adapter_input(x: Tensor, adapter_dtype: torch.dtype) -> Tensor:
     in autocast's dtype, which stays in it. Every product would cast it there anyway, and the dropped input
     formed in bf16 equals the one formed in fp32 and then cast (one rounding either way): no full-width fp32
     copy is made, and none is kept for backward."""
-    device = x.device.type
-    if (
-        adapter_dtype != torch.float64
-        and torch.is_autocast_enabled(device)
-        and x.dtype == torch.get_autocast_dtype(device)
-    ):
-        return x
-    return x.to(adapter_dtype)
-
-
-def _autocast_dtype(x: Tensor) -> torch.dtype:
-    """The dtype autocast would run a product of ``x`` in: its own outside autocast and for float64."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    autocast = adapter_dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+    return x if autocast and product_dtype(x) == x.dtype else x.to(adapter_dtype)
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
