@@ -24,7 +24,8 @@ FIXTURE = Path(__file__).parent / "fixtures" / "core-reference-0.1.safetensors"
 CASES: dict[str, dict] = {
     "lora-topk": dict(lora_dropout=0.1, balance_weight=0.01),
     "lora-anchor-all": dict(anchor="all", num_negatives=1, lora_dropout=0.1),
-    "lora-anchor-form": dict(num_experts=8, r=8, lora_alpha=16, top_k=3),  # E*r = 64 > 24 tokens
+    # E*r = 64 > 24 tokens: comoe 0.1 took the anchor form here, grouped by d_out (anchor "all": no draws)
+    "lora-anchor-form": dict(num_experts=8, r=8, lora_alpha=16, top_k=3, anchor="all"),
     "lora-materialized": dict(contrastive_form="materialized", lora_dropout=0.1),
     "lora-grouped": dict(expert_path="grouped", r=8, lora_alpha=16, lora_dropout=0.1, balance_weight=0.01),
     "soft": dict(routing="soft", top_k=4, contrastive_weight=0.0, balance_weight=0.01, lora_dropout=0.1),
