@@ -27,7 +27,7 @@ CASES: dict[str, dict] = {
     # E*r = 64 > 24 tokens: comoe 0.1 took the anchor form here, grouped by d_out (anchor "all": no draws)
     "lora-anchor-form": dict(num_experts=8, r=8, lora_alpha=16, top_k=3, anchor="all"),
     "lora-materialized": dict(contrastive_form="materialized", lora_dropout=0.1),
-    "lora-grouped": dict(expert_path="grouped", r=8, lora_alpha=16, lora_dropout=0.1, balance_weight=0.01),
+    "lora-grouped": dict(expert_path="grouped", lora_dropout=0.1, balance_weight=0.01),
     "soft": dict(routing="soft", top_k=4, contrastive_weight=0.0, balance_weight=0.01, lora_dropout=0.1),
     "single-expert": dict(num_experts=1, top_k=1, contrastive_weight=0.0, lora_dropout=0.1),
     "dora": dict(use_dora=True, lora_dropout=0.1, balance_weight=0.01),
