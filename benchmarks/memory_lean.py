@@ -2,7 +2,8 @@
 
 The dense expert path runs as one autograd node (``comoe.dense``) and the contrastive loss's cosines are
 recomputed in backward (``comoe.recompute``). This script times each against the plain ops it replaces
-(the library with those two pieces swapped for plain autograd, by monkeypatching ``comoe.layer``),
+(the library with those two pieces swapped for plain autograd, by monkeypatching ``comoe.layer`` and
+``comoe.auxiliary``),
 round-robin like ``comoe bench``, and measures the saved activations of each, all as ratios to PEFT LoRA:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory_lean.py --size smollm2 --steps 20 \
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import comoe.auxiliary
 import comoe.layer
 from comoe.dense import plain_dense_experts
 from comoe.tools.bench.measure import (
@@ -31,7 +33,7 @@ from comoe.tools.bench.sizes import SIZES, build_base
 from comoe.tools.bench.variants import build_variant
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-LIBRARY = (comoe.layer.dense_experts, comoe.layer.recomputed)
+LIBRARY = (comoe.layer.dense_experts, comoe.auxiliary.recomputed)
 
 
 def plain_recomputed(fn, *inputs, differentiable=1):
@@ -52,7 +54,7 @@ VARIANTS = {
 def use(name: str) -> None:
     _, lean_dense, lean_loss = VARIANTS[name]
     comoe.layer.dense_experts = LIBRARY[0] if lean_dense else plain_dense_experts
-    comoe.layer.recomputed = LIBRARY[1] if lean_loss else plain_recomputed
+    comoe.auxiliary.recomputed = LIBRARY[1] if lean_loss else plain_recomputed
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ import math
 import re
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,6 +31,8 @@ from comoe.analysis.metrics import (
 from comoe.analysis.routing import projection_data
 from comoe.cli.analyze import add_analyze_arguments, analyze_flags, run_analyze
 from comoe.config import CoMoEConfig
+from comoe.routers import Routing
+from comoe.trace import LayerTrace
 from comoe.training.job import run_job
 from comoe.training.run_config import RunConfig
 from tests.tiny_models import batch, build, save_tiny_llama_with_real_tokenizer
@@ -39,12 +40,16 @@ from tests.tiny_models import batch, build, save_tiny_llama_with_real_tokenizer
 NAME = "model.layers.3.self_attn.q_proj"
 
 
+def planted_trace(probs: torch.Tensor, top_idx: torch.Tensor | None) -> LayerTrace:
+    """A trace of module NAME that routed with these probabilities and chose ``top_idx`` (None: soft)."""
+    return LayerTrace(NAME, None, Routing(probs, probs, top_idx), None, None, False, False)
+
+
 def planted(tasks: torch.Tensor, top_idx: torch.Tensor, num_tasks: int, num_experts: int = 4) -> dict:
     """Feed planted routing decisions through a RoutingRecorder; return the module's metrics."""
     recorder = RoutingRecorder(num_tasks=num_tasks, contrastive=False)
-    layer = SimpleNamespace(module_name=NAME)
     probs = torch.full((len(tasks), num_experts), 1.0 / num_experts)
-    recorder.observe(layer, probs, top_idx, None, tasks, None, None)
+    recorder.observe(planted_trace(probs, top_idx), None, tasks, None)
     return module_metrics(NAME, recorder.summary()[NAME], None, positives=1, negatives=2)
 
 
@@ -71,7 +76,7 @@ def test_soft_routing_counts_gate_mass():
     recorder = RoutingRecorder(num_tasks=2, contrastive=False)
     tasks = torch.arange(2).repeat(50)
     probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]])[tasks]  # each task its own two experts
-    recorder.observe(SimpleNamespace(module_name=NAME), probs, None, None, tasks, None, None)
+    recorder.observe(planted_trace(probs, None), None, tasks, None)
     metrics = module_metrics(NAME, recorder.summary()[NAME], None, positives=3, negatives=0)
     assert metrics["nmi"] == pytest.approx(1.0) and metrics["nmi_sets"] is None
 

@@ -227,15 +227,15 @@ def test_stacked_gram_matrices_equal_each_modules_and_their_gradients():
         torch.testing.assert_close(grad, m.grad)
 
 
-# hidden 32, E = 4: r = 1 is below E*r = d_in/4 (intermediates kept); r = 2 (Gram form, E*r below the
-# token count) and r = 16 (anchor form) recompute them
+# hidden 32, E = 4: r = 1 is below E*r = d_in/4 (intermediates kept); r = 2 (E*r below the token count)
+# and r = 16 (E*r above it) recompute them
 @pytest.mark.parametrize("rank", [1, 2, 16])
 def test_the_models_contrastive_term_keeps_little_beyond_what_the_layers_keep(rank):
     """Where E*r >= d_in/4, a training forward with the contrastive term on keeps for backward a small
     fraction of what the loss computed by plain autograd keeps (its intermediates are recomputed in
     backward: only the stacked routing, anchors, negatives and Gram matrices stay); below, it keeps what
     plain autograd keeps. The loss and gradients are the same either way."""
-    import comoe.layer
+    import comoe.auxiliary
 
     inputs = batch("llama", batch_size=4, seq_len=16)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
@@ -245,7 +245,7 @@ def test_the_models_contrastive_term_keeps_little_beyond_what_the_layers_keep(ra
         randomize_adapters(model)
         model.train()
         if name == "plain":
-            comoe.layer.recomputed = lambda fn, *xs, differentiable=1: tuple(fn(*xs))
+            comoe.auxiliary.recomputed = lambda fn, *xs, differentiable=1: tuple(fn(*xs))
         try:
             meter = SavedTensorMeter(parameter_storages(model))
             torch.manual_seed(0)
@@ -253,7 +253,7 @@ def test_the_models_contrastive_term_keeps_little_beyond_what_the_layers_keep(ra
                 out = model(**inputs, labels=labels)
             out.loss.backward()
         finally:
-            comoe.layer.recomputed = recomputed
+            comoe.auxiliary.recomputed = recomputed
         saved[name] = meter.bytes
         results[name] = [out.loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
     if rank == 1:  # small intermediates: kept, as plain autograd keeps them (no recomputation to pay)

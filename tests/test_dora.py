@@ -10,11 +10,13 @@ from transformers.pytorch_utils import Conv1D
 
 from comoe.config import CoMoEConfig
 from comoe.dense import dropout_keep
-from comoe.layer import CoMoELayer, ForwardContext, dora_row_norms
+from comoe.dora import dora_row_norms
+from comoe.layer import CoMoELayer
 from comoe.losses import contrastive_loss_materialized, draw_anchors, draw_negatives
 from comoe.model import CoMoEModel, get_comoe_model
+from comoe.trace import ForwardContext
 from tests.references import reference_route
-from tests.tiny_models import build, tiny_comoe_config
+from tests.tiny_models import build, contrastive_of_call, tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -180,10 +182,11 @@ def test_the_contrastive_loss_of_dora_experts_is_that_of_their_materialised_outp
     layer.config.anchor = "all"  # deterministic: every activated expert is an anchor
     x = torch.randn(9, D_IN)
     codes = leaf(x @ layer.comoe_A.t()).view(9, 5, layer.r)
-    probs, top_idx, _ = layer.route(x)
+    routing = layer.route(x)
+    top_idx = routing.selected
     scale = layer.dora_scale()
     w0x = x @ base.weight.t()
-    mine = layer.contrastive((codes, (scale, w0x)), top_idx, None)
+    mine = contrastive_of_call(layer, routing, layer._contrastive_inputs(codes, (scale, w0x)))
     # the outputs the reference loop adds up, one expert at a time, without the layer's code
     outputs = torch.stack(
         [

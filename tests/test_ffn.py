@@ -13,14 +13,15 @@ from torch.func import functional_call
 
 from comoe.config import CoMoEConfig
 from comoe.ffn import CoMoEFFNLayer, is_gated_mlp
-from comoe.layer import CoMoELayer, ForwardContext
+from comoe.layer import CoMoELayer
 from comoe.losses import contrastive_loss_materialized, draw_anchors, draw_negatives
 from comoe.model import AdapterLoadError, CoMoEModel, get_comoe_model
+from comoe.trace import ForwardContext
 from comoe.training.adapters import comoe_parameter_count
 from comoe.training.job import check_adapter_fits
 from comoe.training.run_config import RunConfig
 from tests.references import reference_route
-from tests.tiny_models import batch, build
+from tests.tiny_models import batch, build, contrastive_of_call
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -143,8 +144,9 @@ def test_contrastive_loss_of_ffn_experts_compares_their_updates_of_the_block_out
     mlp = build("llama").model.layers[0].mlp
     layer = ffn_layer(mlp, num_experts=5, top_k=2, contrastive_weight=0.1, anchor="all")
     x = torch.randn(9, 32)
-    _, top_idx, _ = layer.route(x)
-    mine = layer.contrastive((x, x), top_idx, None)
+    routing = layer.route(x)
+    top_idx = routing.selected
+    mine = contrastive_of_call(layer, routing, layer._contrastive_inputs(x, x))
     mine.loss.backward()
 
     tensors = adapter_leaves(layer)

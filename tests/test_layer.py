@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-import comoe.layer as layer_mod
+import comoe.grouped as grouped_mod
 from comoe.config import CoMoEConfig
-from comoe.layer import CoMoELayer, ForwardContext
+from comoe.layer import CoMoELayer
+from comoe.trace import ForwardContext
 from tests.references import reference_route
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -145,16 +146,16 @@ def test_soft_routing_matches_reference(num_experts, r, base_kind):
 def test_grouped_path_uses_grouped_mm_when_aligned_and_falls_back_otherwise(monkeypatch):
     """Both the grouped_mm kernel and the loop fallback (r = 2: rows of 8 bytes, which grouped_mm rejects)
     are exercised and exact."""
-    if layer_mod._GROUPED_MM is None:
+    if grouped_mod._GROUPED_MM is None:
         pytest.skip("this torch has no grouped_mm")
     calls = []
-    real = layer_mod._GROUPED_MM
+    real = grouped_mod._GROUPED_MM
 
     def counting(*args, **kwargs):
         calls.append(args[1].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(layer_mod, "_GROUPED_MM", counting)
+    monkeypatch.setattr(grouped_mod, "_GROUPED_MM", counting)
     base = nn.Linear(D_IN, 12)
     check_against_reference(
         make_layer(base, num_experts=4, top_k=2, r=4, path="grouped"), base, torch.randn(10, D_IN)
@@ -171,23 +172,21 @@ def test_grouped_path_uses_grouped_mm_when_aligned_and_falls_back_otherwise(monk
 def test_grouped_path_runs_its_products_in_the_autocast_dtype(monkeypatch, with_codes):
     """`--bf16` on the grouped path: grouped_mm is not on autocast's lists, so the layer casts its operands
     as autocast casts the dense path's; output and gradients match the dense path's under autocast."""
-    if layer_mod._GROUPED_MM is None:
+    if grouped_mod._GROUPED_MM is None:
         pytest.skip("this torch has no grouped_mm")
     dtypes = []
-    real = layer_mod._GROUPED_MM
+    real = grouped_mod._GROUPED_MM
 
     def recording(x, weights, **kwargs):
         dtypes.append((x.dtype, weights.dtype))
         return real(x, weights, **kwargs)
 
-    monkeypatch.setattr(layer_mod, "_GROUPED_MM", recording)
-    if with_codes:  # the contrastive term's codes are computed first and shared (sorted, not recomputed)
-        monkeypatch.setattr(CoMoELayer, "_has_contrastive", lambda self: True)
+    monkeypatch.setattr(grouped_mod, "_GROUPED_MM", recording)
     base = nn.Linear(64, 32).to(torch.bfloat16)
     dense = make_layer(base, num_experts=4, top_k=2, r=8, path="dense")
     grouped = make_layer(base, num_experts=4, top_k=2, r=8, path="grouped")
     grouped.load_state_dict(dense.state_dict())
-    if with_codes:
+    if with_codes:  # the contrastive term's codes are computed first and shared (sorted, not recomputed)
         for layer in (dense, grouped):
             layer.config.contrastive_weight = 0.1
     x = torch.randn(24, 64).to(torch.bfloat16)

@@ -20,6 +20,13 @@ LAYERS = ("utils", "core", "data", "evaluation", "training", "analysis", "experi
 CORE_MODULES = {
     "config",
     "layer",
+    "mixture",
+    "routers",
+    "trace",
+    "auxiliary",
+    "frozen",
+    "grouped",
+    "dora",
     "dense",
     "recompute",
     "ffn",

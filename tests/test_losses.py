@@ -14,6 +14,7 @@ from comoe.losses import (
     draw_negatives,
     load_balancing_loss,
 )
+from comoe.routers import Routing
 from tests.references import reference_contrastive
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -228,32 +229,37 @@ def test_draw_negatives_samples_only_inactive_experts():
 
 
 # --- the balance loss ------------------------------------------------------------------------------
+def balance(probs, topk_idx, mask=None):
+    """The balance loss of a top-k routing (each token's share 1/k on each of its k experts)."""
+    return load_balancing_loss(probs, Routing(probs, probs, topk_idx).share(), mask)
+
+
 def test_balance_loss_is_one_for_uniform_routing():
     probs = torch.full((10, 4), 0.25)
     topk_idx = torch.tensor([[0, 1], [2, 3]] * 5)
-    torch.testing.assert_close(load_balancing_loss(probs, topk_idx), torch.tensor(1.0))
+    torch.testing.assert_close(balance(probs, topk_idx), torch.tensor(1.0))
     # whatever experts are picked, uniform probabilities give 1 (Σ_e f_e = 1)
-    torch.testing.assert_close(load_balancing_loss(probs, torch.tensor([[0, 1]] * 10)), torch.tensor(1.0))
-    torch.testing.assert_close(load_balancing_loss(probs, None), torch.tensor(1.0))  # soft routing
+    torch.testing.assert_close(balance(probs, torch.tensor([[0, 1]] * 10)), torch.tensor(1.0))
+    torch.testing.assert_close(balance(probs, None), torch.tensor(1.0))  # soft routing: every expert
 
 
 def test_balance_loss_hand_computed_and_padding_masked():
     probs = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.1, 0.9]])
     topk_idx = torch.tensor([[0], [0], [1]])
     # all three tokens: f = (2/3, 1/3), P = (1.4/3, 1.6/3) → 2 · (2.8 + 1.6) / 9
-    torch.testing.assert_close(load_balancing_loss(probs, topk_idx), torch.tensor(2 * 4.4 / 9))
+    torch.testing.assert_close(balance(probs, topk_idx), torch.tensor(2 * 4.4 / 9))
     # third token is padding: f = (1, 0), P = (0.65, 0.35) → 2 · 0.65 = 1.3
     mask = torch.tensor([True, True, False])
-    torch.testing.assert_close(load_balancing_loss(probs, topk_idx, mask), torch.tensor(1.3))
+    torch.testing.assert_close(balance(probs, topk_idx, mask), torch.tensor(1.3))
     # top-2 of 3 experts: f_e = share of the 2 assignments
     probs3 = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
     top2 = torch.tensor([[0, 1], [2, 0]])
     f = torch.tensor([2 / 4, 1 / 4, 1 / 4])
     P = probs3.mean(0)
-    torch.testing.assert_close(load_balancing_loss(probs3, top2), 3 * (f * P).sum())
+    torch.testing.assert_close(balance(probs3, top2), 3 * (f * P).sum())
     # gradient flows into the probabilities only
     p = probs3.clone().requires_grad_()
-    load_balancing_loss(p, top2).backward()
+    balance(p, top2).backward()
     torch.testing.assert_close(p.grad, 3 * f.expand(2, 3) / 2)
 
 

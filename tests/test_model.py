@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from comoe import CoMoEConfig, CoMoELayer, CoMoEModel, RoutingRecorder, get_comoe_model
-from comoe.layer import ForwardContext
+from comoe.auxiliary import losses_from_traces
 from comoe.losses import active_mask
+from comoe.trace import ForwardContext
 from tests.references import reference_contrastive
 from tests.tiny_models import CAUSAL, batch, build, randomize_adapters, tiny_comoe_config
 
@@ -139,7 +140,7 @@ def test_contrastive_gradient_reaches_every_expert_but_not_the_router():
         torch.nn.init.normal_(layer.comoe_B)
         layer.train()
         layer(torch.randn(3, 16))
-        (aux,) = ctx.collect()
+        (aux,) = losses_from_traces(ctx, training=True)
         tensors = (layer.comoe_A, layer.comoe_B, layer.comoe_router)
         g_a, g_b, g_router = torch.autograd.grad(aux.contrastive.loss, tensors, allow_unused=True)
         assert g_router is None or g_router.abs().max() == 0
@@ -525,9 +526,9 @@ def test_dense_layer_compiles_without_graph_breaks():
     x = torch.randn(10, 16)
 
     def step(x):
-        ctx.aux, ctx.pending, ctx.active = [], [], True
+        ctx.aux, ctx.traces, ctx.active = [], [], True
         y = layer(x)
-        ctx.collect()
+        ctx.aux = losses_from_traces(ctx, training=True)
         ctx.active = False
         return y.square().mean() + ctx.aux[0].contrastive.loss
 
@@ -546,7 +547,7 @@ def test_comoe_layer_is_exported_and_used():
 def test_contrastive_losses_computed_together_equal_the_per_module_losses(family, monkeypatch):
     """The forward's contrastive term, its modules grouped by shape and computed in one call per group,
     equals each module computed on its own: the loss and every adapter gradient."""
-    import comoe.layer
+    import comoe.auxiliary
     import comoe.losses
 
     calls = []
@@ -555,19 +556,20 @@ def test_contrastive_losses_computed_together_equal_the_per_module_losses(family
         calls.append(1)
         return comoe.losses.stacked_cosines(*args, **kwargs)
 
-    monkeypatch.setattr(comoe.layer, "stacked_cosines", counted)
+    monkeypatch.setattr(comoe.auxiliary, "stacked_cosines", counted)
     inputs = batch(family)
     results = []
     for stacked in (True, False):
         if not stacked:
-            monkeypatch.setattr(comoe.layer, "stacked_contrastive", lambda pending, mask: {})
+            monkeypatch.setattr(comoe.auxiliary, "stacked_contrastive", lambda traces, ctx: {})
         model = wrapped(family, contrastive_weight=0.5, anchor="all", num_negatives=None).train()
         out = model(**inputs, labels=labels_for(family, inputs))
         out.loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        results.append((out.contrastive_loss.detach(), grads))
-    (con_stacked, grads_stacked), (con_single, grads_single) = results
-    assert 0 < len(calls) < len(model.routed_modules)  # modules did share calls
+        results.append((out.contrastive_loss.detach(), grads, len(calls)))
+        calls.clear()
+    (con_stacked, grads_stacked, stacked_calls), (con_single, grads_single, single_calls) = results
+    assert 0 < stacked_calls < single_calls == len(model.routed_modules)  # modules did share calls
     torch.testing.assert_close(con_stacked, con_single, rtol=1e-6, atol=1e-6)
     for name, grad in grads_single.items():
         torch.testing.assert_close(grads_stacked[name], grad, rtol=1e-5, atol=1e-6)
@@ -588,9 +590,9 @@ def test_the_router_stays_fp32_under_bf16_autocast():
     model = wrapped("llama")
     layer = next(iter(model.routed_modules.values()))
     x = torch.randn(16, layer.in_features)
-    probs, top_idx, _ = layer.route(x)
+    _, probs, top_idx, _ = layer.route(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        probs_bf16, top_bf16, _ = layer.route(x)
+        _, probs_bf16, top_bf16, _ = layer.route(x)
     assert probs_bf16.dtype == torch.float32
     torch.testing.assert_close(probs_bf16, probs, rtol=0, atol=0)
     assert torch.equal(top_bf16, top_idx)

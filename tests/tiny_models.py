@@ -189,3 +189,13 @@ def tiny_comoe_config(family: str, **overrides):
         contrastive_weight=0.1,
     )
     return CoMoEConfig(**{**kwargs, **overrides})
+
+
+def contrastive_of_call(layer, routing, inputs):
+    """The contrastive loss ``comoe.auxiliary`` forms from one call of ``layer`` (its routing and the
+    contrastive inputs its forward formed), without a token mask."""
+    from comoe.auxiliary import contrastive_of
+    from comoe.trace import LayerTrace
+
+    trace = LayerTrace(layer.module_name, layer.config, routing, inputs, None, True, True)
+    return contrastive_of(trace, None)

@@ -20,13 +20,13 @@ from typing import Any
 from peft import PeftConfig
 
 from comoe.peft_type import COMOE
+from comoe.routers import ROUTERS
 from comoe.utils.files import write_json_atomic
 from comoe.utils.validation import check_field_types, did_you_mean
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
-ROUTINGS = ("topk", "soft")
 ANCHORS = ("random", "all")
 EXPERT_PATHS = ("auto", "dense", "grouped")
 CONTRASTIVE_FORMS = ("gram", "materialized")
@@ -88,8 +88,9 @@ class CoMoEConfig(PeftConfig):
     routing: str = field(
         default="topk",
         metadata={
-            "choices": ROUTINGS,
-            "help": "'topk': softmax, keep top-k, renormalise (paper). 'soft': all experts, LoRAMoE-style.",
+            "choices": tuple(ROUTERS),
+            "help": "'topk': softmax, keep top-k, renormalise (paper). 'soft': all experts, LoRAMoE-style. "
+            "(comoe.routers.ROUTERS holds the choices.)",
         },
     )
     contrastive_weight: float = field(
@@ -157,7 +158,7 @@ class CoMoEConfig(PeftConfig):
             1 <= self.top_k <= self.num_experts,
             f"top_k must be an integer in 1..num_experts={self.num_experts}, got {self.top_k!r}",
         )
-        _check(self.routing in ROUTINGS, f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        _check(self.routing in ROUTERS, f"routing must be one of {tuple(ROUTERS)}, got {self.routing!r}")
         _check(self.placement in PLACEMENTS, f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         _check(
             not (self.placement == "ffn" and self.use_dora),
@@ -188,6 +189,7 @@ class CoMoEConfig(PeftConfig):
         self._check_regex()
         self._check_layers()
         self._check_negatives()
+        ROUTERS[self.routing].check_config(self)
         if self.contrastive_weight > 0:
             self._check_contrastive()
 
@@ -216,20 +218,8 @@ class CoMoEConfig(PeftConfig):
         )
 
     def _check_contrastive(self) -> None:
-        fix = "set contrastive_weight=0 for a plain MoE-LoRA"
-        _check(
-            self.routing == "topk",
-            f"the contrastive loss needs inactive experts as negatives, but routing='soft' activates all; {fix}",
-        )
-        _check(
-            self.top_k >= 2,
-            f"the contrastive loss needs at least one positive: top_k must be >= 2, got {self.top_k}; {fix}",
-        )
-        _check(
-            self.top_k < self.num_experts,
-            f"the contrastive loss needs at least one negative: top_k ({self.top_k}) must be < num_experts "
-            f"({self.num_experts}); {fix}",
-        )
+        problem = ROUTERS[self.routing].contrastive_problem(self)
+        _check(problem is None, f"{problem}; set contrastive_weight=0 for a plain MoE-LoRA")
 
     def _check_negatives(self) -> None:
         # Checked whatever contrastive_weight is: routing records compute the loss even at weight 0.

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
-from comoe.layer import ForwardContext, MixtureLayer, base_weight
-from comoe.losses import ContrastiveOutput, contrastive_loss_materialized
+from comoe.frozen import base_weight
+from comoe.mixture import MixtureLayer
 from comoe.targets import find_targets, layer_index, matching_modules, num_hidden_layers, resolve_layers
+from comoe.trace import ContrastiveInputs, ForwardContext
 
 PROJECTIONS = ("gate", "up", "down")
 SUPPORTED = (
@@ -169,8 +170,9 @@ class CoMoEFFNLayer(MixtureLayer):
         lead_shape = x.shape[:-1]
         x_flat = x.reshape(-1, self.hidden_size)
         dtype = self.comoe_gate_A.dtype
-        probs, top_idx, gates = self.route(x_flat)
-        slots = top_idx if top_idx is not None else _every_expert(probs)
+        routing = self.route(x_flat)
+        gates = routing.gates
+        slots = routing.selected if routing.selected is not None else _every_expert(gates)
         x_drop = self.dropout(x_flat.to(dtype))
         gate_base = mlp.gate_proj(x_flat).to(dtype)  # the frozen projections, once per token
         up_base = mlp.up_proj(x_flat).to(dtype)
@@ -188,9 +190,29 @@ class CoMoEFFNLayer(MixtureLayer):
             codes = (self.dropout(hidden) @ self.comoe_down_A.t()).view(-1, self.num_experts, self.r)
             down_codes = down_codes + (codes * select * weight[:, :, None]).view_as(down_codes)
         out = mlp.down_proj(mixed.to(x.dtype)).to(dtype) + self.scaling * (down_codes @ self.comoe_down_B.t())
+        contrastive = None
+        if self._contrastive_in_training():  # formed here, while the weights are whole
+            contrastive = self._contrastive_inputs(x_flat, x_drop)
         if self._wants_aux():
-            self._leave_pending((x_flat, x_drop), probs, top_idx)
+            with torch.no_grad():
+                if contrastive is None and self._wants_contrastive_record():
+                    contrastive = self._contrastive_inputs(x_flat, x_drop)
+                samples = None
+                if self._wants_samples():
+                    outputs = (
+                        contrastive.outputs if contrastive is not None else self._outputs(x_flat, x_drop)
+                    )
+                    samples = outputs.detach().float()
+            self._leave_trace(routing, contrastive, samples)
         return out.view(*lead_shape, -1).to(x.dtype)
+
+    def _contrastive_inputs(self, x: Tensor, x_drop: Tensor) -> ContrastiveInputs:
+        """Every expert's output update (materialised: the nonlinearity leaves no Gram form)."""
+        return ContrastiveInputs(outputs=self._outputs(x, x_drop))
+
+    def _outputs(self, x: Tensor, x_drop: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # the loss is fp32 under autocast too
+            return self.expert_outputs(x, x_drop)
 
     def _with_update(self, proj: str, base_out: Tensor, codes: Tensor, select: Tensor) -> Tensor:
         """W_p x + s B_p,i A_p,i x̃ for the expert i that ``select`` (N, E, 1) picks for each token."""
@@ -227,14 +249,6 @@ class CoMoEFFNLayer(MixtureLayer):
         b = getattr(self, f"comoe_{proj}_B")
         return b.view(b.shape[0], self.num_experts, self.r).permute(1, 2, 0)
 
-    def _contrastive_from(self, state: tuple, top_idx: Tensor, kwargs: dict) -> ContrastiveOutput:
-        return contrastive_loss_materialized(self.expert_outputs(*state), top_idx, **kwargs)
-
-    def sampled_expert_outputs(self, state: tuple, idx: Tensor) -> Tensor:
-        x, x_drop = state
-        with torch.no_grad():
-            return self.expert_outputs(x[idx], x_drop[idx]).float().cpu()
-
     def extra_repr(self) -> str:
         return (
             f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, experts={self.num_experts}, "
@@ -242,10 +256,10 @@ class CoMoEFFNLayer(MixtureLayer):
         )
 
 
-def _every_expert(probs: Tensor) -> Tensor:
+def _every_expert(gates: Tensor) -> Tensor:
     """(N, E) expert ids 0..E-1 for every token: the slots of soft routing."""
-    n_tokens, n_exp = probs.shape
-    return torch.arange(n_exp, device=probs.device).expand(n_tokens, n_exp)
+    n_tokens, n_exp = gates.shape
+    return torch.arange(n_exp, device=gates.device).expand(n_tokens, n_exp)
 
 
 @torch.no_grad()

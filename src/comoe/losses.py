@@ -24,31 +24,54 @@ class ContrastiveOutput(NamedTuple):
     neg_cos: Tensor  # scalar, detached: mean cosine anchor–negative
 
 
-def draw_anchors(topk_idx: Tensor, mode: str, generator: torch.Generator | None = None) -> Tensor:
-    """Anchor expert ids (N, A): one random activated expert per token, or all k of them."""
+def draw_anchors(
+    topk_idx: Tensor, mode: str, slot_mask: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """Anchor expert ids (N, A): one random activated expert per token, or all k of them.
+
+    ``slot_mask`` (N, k) bool: which slots of ``topk_idx`` hold a selected expert, for routings whose sets
+    vary in size (their first slot always does); a random anchor is then drawn among those slots."""
     n_tokens, k = topk_idx.shape
     if mode == "all":
         return topk_idx
     if mode != "random":
         raise ValueError(f"anchor must be 'random' or 'all', got {mode!r}")
-    pos = torch.randint(0, k, (n_tokens, 1), device=topk_idx.device, generator=generator)
+    if slot_mask is None:
+        pos = torch.randint(0, k, (n_tokens, 1), device=topk_idx.device, generator=generator)
+    else:
+        n_valid = slot_mask.sum(-1, keepdim=True)
+        uniform = torch.rand(n_tokens, 1, device=topk_idx.device, generator=generator)
+        pos = (uniform * n_valid).long().clamp_max(n_valid - 1)
     return topk_idx.gather(1, pos)
 
 
-def active_mask(topk_idx: Tensor, num_experts: int) -> Tensor:
-    """(N, E) bool: true for each token's activated experts."""
+def anchor_mask(anchors: Tensor, mode: str, slot_mask: Tensor | None) -> Tensor | None:
+    """(N, A) bool: which anchors are selected experts; None where every one is (fixed-size sets)."""
+    if slot_mask is None:
+        return None
+    return slot_mask if mode == "all" else torch.ones_like(anchors, dtype=torch.bool)
+
+
+def active_mask(topk_idx: Tensor, num_experts: int, slot_mask: Tensor | None = None) -> Tensor:
+    """(N, E) bool: true for each token's activated experts (the slots ``slot_mask`` keeps, if given)."""
     mask = torch.zeros(topk_idx.shape[0], num_experts, dtype=torch.bool, device=topk_idx.device)
-    return mask.scatter_(1, topk_idx, True)
+    return mask.scatter_(1, topk_idx, True if slot_mask is None else slot_mask)
 
 
 def draw_negatives(
     topk_idx: Tensor, num_experts: int, num_negatives: int | None, generator: torch.Generator | None = None
 ) -> Tensor:
     """(N, E) bool negatives: every inactive expert, or ``num_negatives`` of them sampled per token."""
-    inactive = ~active_mask(topk_idx, num_experts)
+    return negatives_among(~active_mask(topk_idx, num_experts), num_negatives, generator)
+
+
+def negatives_among(
+    inactive: Tensor, num_negatives: int | None, generator: torch.Generator | None = None
+) -> Tensor:
+    """(N, E) bool negatives from the inactive experts (N, E): all of them, or ``num_negatives`` sampled."""
     if num_negatives is None:
         return inactive
-    scores = torch.rand(inactive.shape, device=topk_idx.device, generator=generator)
+    scores = torch.rand(inactive.shape, device=inactive.device, generator=generator)
     scores = scores.masked_fill(~inactive, -1.0)
     chosen = scores.topk(num_negatives, dim=1).indices
     return torch.zeros_like(inactive).scatter_(1, chosen, True)
@@ -213,9 +236,13 @@ def stacked_info_nce(
     temperature: float,
     epsilon: float,
     token_mask: Tensor | None = None,
+    anchor_mask: Tensor | None = None,
 ) -> ContrastiveOutput:
     """``info_nce`` for M modules at once: cosines (M, N, A, E), anchors (M, N, A), active and negatives
-    (M, N, E), one token mask (N,) for all. Every field of the result is (M,): one value per module."""
+    (M, N, E), one token mask (N,) for all. Every field of the result is (M,): one value per module.
+
+    ``anchor_mask`` (M, N, A) bool, for routings whose sets vary in size: only the anchors it keeps that
+    have a positive count, and a token without any (it selected one expert) is left out of the mean."""
     logits = cosines / temperature
     not_anchor = torch.ones_like(logits, dtype=torch.bool).scatter_(3, anchors[..., None], False)
     positive = active[:, :, None, :] & not_anchor
@@ -225,8 +252,15 @@ def stacked_info_nce(
     lse_all = logits.masked_fill(~(positive | negative), neg_inf).logsumexp(-1)
     if epsilon > 0:
         lse_all = torch.logaddexp(lse_all, torch.full_like(lse_all, math.log(epsilon)))
-    per_token = (lse_all - lse_pos).mean(dim=2)  # (M, N)
-    weights = _token_weights(token_mask, per_token)  # elementwise sums: fp32 under autocast too
+    if anchor_mask is None:
+        per_token = (lse_all - lse_pos).mean(dim=2)  # (M, N)
+        weights = _token_weights(token_mask, per_token)  # elementwise sums: fp32 under autocast too
+    else:
+        valid = anchor_mask & positive.any(-1)  # (M, N, A)
+        per_anchor = (lse_all - lse_pos).masked_fill(~valid, 0.0)
+        counted = valid.sum(-1)
+        per_token = per_anchor.sum(-1) / counted.clamp_min(1)
+        weights = _token_weights(token_mask, per_token, counted > 0)
     loss = (per_token * weights).sum(-1)
     with torch.no_grad():
         cos = cosines.detach()
@@ -235,13 +269,19 @@ def stacked_info_nce(
     return ContrastiveOutput(loss, pos_cos, neg_cos)
 
 
-def _token_weights(token_mask: Tensor | None, per_token: Tensor) -> Tensor:
-    """(N,) weights of a mean over the unmasked tokens (all tokens without a mask); no host sync."""
+def _token_weights(token_mask: Tensor | None, per_token: Tensor, counted: Tensor | None = None) -> Tensor:
+    """Weights of a mean over the unmasked tokens (all tokens without a mask), (N,), or (M, N) where
+    ``counted`` (M, N) leaves tokens out per module; no host sync."""
     n_tokens = per_token.shape[-1]
-    if token_mask is None:
-        return torch.full((n_tokens,), 1.0 / n_tokens, dtype=per_token.dtype, device=per_token.device)
-    weights = token_mask.to(per_token.dtype)
-    return weights / weights.sum().clamp_min(1.0)
+    if counted is None:
+        if token_mask is None:
+            return torch.full((n_tokens,), 1.0 / n_tokens, dtype=per_token.dtype, device=per_token.device)
+        weights = token_mask.to(per_token.dtype)
+        return weights / weights.sum().clamp_min(1.0)
+    weights = counted.to(per_token.dtype)
+    if token_mask is not None:
+        weights = weights * token_mask.to(per_token.dtype)
+    return weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def _mean_where(values: Tensor, where: Tensor) -> Tensor:
@@ -308,14 +348,14 @@ def contrastive_loss_materialized(
     return info_nce(cos, anchors, active, negatives, temperature, epsilon, token_mask)
 
 
-def load_balancing_loss(probs: Tensor, topk_idx: Tensor | None, token_mask: Tensor | None = None) -> Tensor:
+def load_balancing_loss(probs: Tensor, share: Tensor | None, token_mask: Tensor | None = None) -> Tensor:
     """Switch/Mixtral balance loss E · Σ_e f_e · P_e over unmasked tokens.
 
-    probs: (N, E) router softmax; f_e is the share of top-k assignments that go to expert e (the softmax
-    itself under soft routing, ``topk_idx=None``), P_e the mean router probability. Equals 1 when uniform.
+    probs: (N, E) router softmax; share: (N, E) each token's assignment spread over its experts
+    (``Routing.share``: 1/k on each of its top-k, the softmax itself under soft routing), whose mean is f_e;
+    P_e the mean router probability. Equals 1 when uniform.
     """
     n_exp = probs.shape[1]
-    share = probs if topk_idx is None else active_mask(topk_idx, n_exp).to(probs.dtype) / topk_idx.shape[1]
     fraction = _masked_token_mean(share, token_mask)
     mean_prob = _masked_token_mean(probs, token_mask)
     return n_exp * (fraction * mean_prob).sum()

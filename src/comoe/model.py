@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from comoe.config import CONFIG_NAME, WEIGHTS_NAME, CoMoEConfig
-from comoe.layer import ONE_ADAPTER, MixtureLayer
+from comoe.mixture import ONE_ADAPTER, MixtureLayer
 from comoe.records import RoutingRecorder
 from comoe.targets import adaptable_module_names, find_targets, layer_index, num_hidden_layers, resolve_layers
 from comoe.tuner import (

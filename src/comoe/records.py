@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from comoe.losses import ContrastiveOutput
+from comoe.trace import LayerTrace
 
 MAX_COMBINATION_EXPERTS = 16  # combinations are indexed through a 2**E lookup table
 MAX_COMBINATIONS = 4096
@@ -54,11 +55,18 @@ class ModuleRecord:
         return torch.cat(self.sampled_outputs), torch.cat(self.sampled_tasks), torch.cat(self.sampled_experts)
 
 
-def _combination_table(num_experts: int, top_k: int, device: torch.device) -> tuple[list, Tensor] | None:
-    """The top-k sets and a bitmask -> index lookup; None when there are too many to count densely."""
-    if num_experts > MAX_COMBINATION_EXPERTS or math.comb(num_experts, top_k) > MAX_COMBINATIONS:
+def _combination_table(
+    num_experts: int, top_k: int, device: torch.device, sizes_vary: bool = False
+) -> tuple[list, Tensor] | None:
+    """The expert sets a token can choose (of size k, or 1..k where ``sizes_vary``) and a bitmask -> index
+    lookup; None when there are too many to count densely."""
+    sizes = range(1, top_k + 1) if sizes_vary else [top_k]
+    if (
+        num_experts > MAX_COMBINATION_EXPERTS
+        or sum(math.comb(num_experts, k) for k in sizes) > MAX_COMBINATIONS
+    ):
         return None
-    combos = list(itertools.combinations(range(num_experts), top_k))
+    combos = [combo for k in sizes for combo in itertools.combinations(range(num_experts), k)]
     lookup = torch.full((2**num_experts,), -1, dtype=torch.long)
     for index, combo in enumerate(combos):
         lookup[sum(1 << e for e in combo)] = index
@@ -97,7 +105,9 @@ class RoutingRecorder:
         self.records: dict[str, ModuleRecord] = {}
         self._generator = torch.Generator().manual_seed(seed)
 
-    def _record_for(self, name: str, num_experts: int, top_k: int, device: torch.device) -> ModuleRecord:
+    def _record_for(
+        self, name: str, num_experts: int, top_k: int, device: torch.device, sizes_vary: bool = False
+    ) -> ModuleRecord:
         rec = self.records.get(name)
         if rec is None:
             zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float64)  # noqa: E731
@@ -113,7 +123,7 @@ class RoutingRecorder:
                 contrastive_tokens=zeros(()),
                 top_k=top_k,
             )
-            table = _combination_table(num_experts, top_k, device) if top_k else None
+            table = _combination_table(num_experts, top_k, device, sizes_vary) if top_k else None
             if table is not None:
                 rec.combinations, rec.combination_lookup = table
                 rec.combination_counts = zeros(self.num_tasks, len(rec.combinations))
@@ -123,19 +133,17 @@ class RoutingRecorder:
     @torch.no_grad()
     def observe(
         self,
-        layer,
-        probs: Tensor,
-        top_idx: Tensor | None,
+        trace: LayerTrace,
         token_mask: Tensor | None,
         task_ids: Tensor | None,
         contrastive: ContrastiveOutput | None,
-        state: object = None,
     ) -> None:
-        """Count one layer call. ``state``: what the layer needs to materialise its expert outputs for the
-        sampled tokens (``layer.sampled_expert_outputs``), or None when it computed nothing for them."""
+        """Count one layer call from its trace (its routing, and the expert outputs it sampled if any)."""
+        routing = trace.routing
+        probs, selected = routing.probs.detach(), routing.selected
         n_tokens, n_exp = probs.shape
-        top_k = 0 if top_idx is None else top_idx.shape[1]
-        rec = self._record_for(layer.module_name, n_exp, top_k, probs.device)
+        top_k = 0 if selected is None else selected.shape[1]
+        rec = self._record_for(trace.name, n_exp, top_k, probs.device, routing.slot_mask is not None)
         keep = (
             token_mask
             if token_mask is not None
@@ -148,14 +156,11 @@ class RoutingRecorder:
         )
         tasks = tasks.clamp(0, self.num_tasks - 1)
         weight = keep.to(torch.float64)
-        if top_idx is None:
-            share = probs.double()
-        else:
-            share = torch.zeros_like(probs, dtype=torch.float64).scatter_(1, top_idx, 1.0)
+        share = probs.double() if selected is None else routing.active(n_exp).double()
         rec.counts.index_add_(0, tasks, share * weight[:, None])
         rec.tokens.index_add_(0, tasks, weight)
         if rec.combination_counts is not None:
-            self._count_combinations(rec, top_idx, tasks, weight)
+            self._count_combinations(rec, selected, routing.slot_mask, tasks, weight)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).double()
         rec.entropy_sum += (entropy * weight).sum()
         if contrastive is not None:
@@ -165,27 +170,22 @@ class RoutingRecorder:
             rec.neg_cos_sum += contrastive.neg_cos.double() * real
             rec.contrastive_tokens += real
             rec.contrastive_calls += 1
-        if state is not None and self.wants_codes(layer.module_name):
-            self._sample(rec, layer, state, keep, tasks, probs, top_idx)
+        if trace.samples is not None and self.wants_codes(trace.name):
+            self._sample(rec, trace, keep, tasks)
 
     @staticmethod
-    def _count_combinations(rec: ModuleRecord, top_idx: Tensor, tasks: Tensor, weight: Tensor) -> None:
-        bits = (torch.ones_like(top_idx) << top_idx).sum(-1)  # distinct experts: the sum is the set's bitmask
-        combo = rec.combination_lookup[bits]
+    def _count_combinations(
+        rec: ModuleRecord, selected: Tensor, slot_mask: Tensor | None, tasks: Tensor, weight: Tensor
+    ) -> None:
+        bits = torch.ones_like(selected) << selected
+        if slot_mask is not None:
+            bits = bits * slot_mask
+        combo = rec.combination_lookup[bits.sum(-1)]  # distinct experts: the sum is the set's bitmask
         n_combos = rec.combination_counts.shape[1]
         rec.combination_counts.view(-1).index_add_(0, tasks * n_combos + combo, weight)
 
-    def _sample(
-        self,
-        rec: ModuleRecord,
-        layer,
-        state: object,
-        keep: Tensor,
-        tasks: Tensor,
-        probs: Tensor,
-        top_idx: Tensor | None,
-    ) -> None:
-        limit = self.sample_limit(layer.module_name)
+    def _sample(self, rec: ModuleRecord, trace: LayerTrace, keep: Tensor, tasks: Tensor) -> None:
+        limit = self.sample_limit(trace.name)
         room = limit - rec.sampled
         real = keep.nonzero().squeeze(1)
         per_call = math.ceil(limit / self.spread_over) if self.spread_over else None
@@ -195,8 +195,9 @@ class RoutingRecorder:
         idx = real[:room]
         if idx.numel() == 0:
             return
-        chosen = top_idx if top_idx is not None else probs.argmax(-1, keepdim=True)
-        rec.sampled_outputs.append(layer.sampled_expert_outputs(state, idx))
+        routing = trace.routing
+        chosen = routing.selected if routing.selected is not None else routing.probs.argmax(-1, keepdim=True)
+        rec.sampled_outputs.append(trace.samples[idx].float().cpu())
         rec.sampled_tasks.append(tasks[idx].cpu())
         rec.sampled_experts.append(chosen[idx].cpu())
 

@@ -7,7 +7,7 @@ import re
 from torch import nn
 
 from comoe.config import CoMoEConfig
-from comoe.layer import ADAPTABLE_TYPES
+from comoe.frozen import ADAPTABLE_TYPES
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 

@@ -8,7 +8,7 @@ The auxiliary losses are added by forward hooks on the wrapped transformers mode
 of the tuner: PEFT's plain ``PeftModel`` calls that model directly, its task classes
 (``PeftModelForCausalLM``) call the tuner, ``generate`` calls neither; hooks see every path. The pre-hook
 prepares the layers' shared context from the batch (padding mask, optional ``task_ids`` for routing
-records); the post-hook computes the losses from what the layers left pending, adds them to a training
+records); the post-hook forms the losses from the traces the layers left (``comoe.auxiliary``), adds them to a training
 ``loss`` and sets the output fields ``aux_loss`` (weighted sum), ``contrastive_loss`` and
 ``balance_loss``, as transformers' own MoE models return theirs. Wrappers that rebuild the output
 (accelerate's mixed precision, DDP, ``torch.compile``) keep mapping fields, where an attribute would be
@@ -33,11 +33,14 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import register_peft_method
 from torch import Tensor, nn
 
+from comoe.auxiliary import losses_from_traces
 from comoe.config import CoMoEConfig
 from comoe.ffn import CoMoEFFNLayer, ffn_targets, shared_lora_config
-from comoe.layer import MERGE_REFUSED, ONE_ADAPTER, CoMoELayer, ForwardContext, MixtureLayer
+from comoe.layer import CoMoELayer
+from comoe.mixture import MERGE_REFUSED, ONE_ADAPTER, MixtureLayer
 from comoe.records import RoutingRecorder
 from comoe.targets import find_targets
+from comoe.trace import ForwardContext
 from comoe.utils.modeling import replace_module
 
 ADAPTER_PREFIX = "comoe_"
@@ -175,7 +178,7 @@ class CoMoETuner(BaseTuner):
         recording = ctx.recorder is not None and getattr(ctx.recorder, "contrastive", False)
         ctx.compute_contrastive = (module.training and cfg.contrastive_weight > 0) or recording
         ctx.compute_balance = module.training and cfg.balance_weight > 0
-        ctx.aux, ctx.pending, ctx.active = [], [], True
+        ctx.aux, ctx.traces, ctx.active = [], [], True
         return args, kwargs
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
@@ -190,7 +193,8 @@ class CoMoETuner(BaseTuner):
         try:
             if outputs is None:  # the forward raised
                 return None
-            ctx.collect()  # after the base forward: checkpointed layers never re-run the loss computation
+            # after the base forward: checkpointed layers never re-run the loss computation
+            ctx.aux = losses_from_traces(ctx, module.training)
             self.last_aux = self._collect_aux()
             if module.training and torch.is_grad_enabled():
                 self.training_aux = (
@@ -207,7 +211,7 @@ class CoMoETuner(BaseTuner):
         finally:
             ctx.token_mask = ctx.task_ids = None
             ctx.compute_contrastive = ctx.compute_balance = ctx.active = False
-            ctx.pending = []
+            ctx.traces = []
 
     def _collect_aux(self) -> AuxLosses | None:
         aux = self.context.aux

@@ -12,7 +12,7 @@ from torch import nn
 
 from comoe.config import DAMAGED, WEIGHTS_NAME, CoMoEConfig, read_adapter_config
 from comoe.ffn import ffn_parameter_count, ffn_targets, shared_lora_config
-from comoe.layer import layer_features
+from comoe.frozen import layer_features
 from comoe.model import AdapterLoadError, CoMoEModel, find_targets, get_comoe_model
 from comoe.training.run_config import RunConfig
 from comoe.utils.files import atomic_dir

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
-from comoe.layer import layer_features
+from comoe.frozen import layer_features
 from comoe.model import CoMoEModel, find_targets
 from comoe.utils.modeling import replace_module
 

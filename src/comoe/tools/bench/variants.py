@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from comoe.config import CoMoEConfig
-from comoe.layer import CoMoELayer, layer_features
+from comoe.frozen import layer_features
+from comoe.layer import CoMoELayer
 from comoe.model import find_targets, get_comoe_model
 from comoe.tools.bench.naive import inject_naive
 
@@ -164,7 +165,7 @@ def auto_path(
 ) -> str:
     """Which paths ``expert_path='auto'`` picks here (under ``autocast``, as the forward runs): asks a real
     ``CoMoELayer`` per distinct target shape."""
-    from comoe.layer import ForwardContext
+    from comoe.trace import ForwardContext
 
     cfg = comoe_config(experts, rank, top_k, targets)
     chosen, seen = set(), set()

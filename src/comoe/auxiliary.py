@@ -1,0 +1,169 @@
+"""The auxiliary losses of one forward, formed from the layers' traces after the model's forward.
+
+``losses_from_traces`` is the only place the contrastive and balance losses are composed. It reads
+activations only (``comoe.trace``): each layer formed what needs its weights (the Gram matrices, DoRA's
+and FFN experts' materialised outputs) inside its own forward. The Gram-form losses of calls with the same
+token count and settings are computed together, one batched computation per group: the loss is ~100 small
+ops, paid once per group instead of once per module.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from comoe.losses import (
+    ContrastiveOutput,
+    anchor_mask,
+    draw_anchors,
+    load_balancing_loss,
+    materialized_cosines,
+    negatives_among,
+    stacked_cosines,
+    stacked_info_nce,
+)
+from comoe.recompute import recomputed
+from comoe.trace import ForwardContext, LayerTrace, ModuleAux
+
+
+def losses_from_traces(ctx: ForwardContext, training: bool) -> list[ModuleAux]:
+    """Each traced call's losses (as ``ctx`` asks for them), handed with its routing to ``ctx.recorder``.
+
+    fp32 whatever the model's autocast, on every device the traces sit on (cpu and cuda under
+    device_map). ``training``: the model is in training mode (then a loss without autograd history is an
+    error)."""
+    traces = ctx.traces
+    if not traces:
+        return []
+    kinds = sorted({trace.routing.gates.device.type for trace in traces})
+    with torch.autocast(kinds[0], enabled=False), torch.autocast(kinds[-1], enabled=False):
+        stacked = stacked_contrastive(traces, ctx) if ctx.compute_contrastive else {}
+        aux = []
+        for index, trace in enumerate(traces):
+            mask = ctx.mask_for(trace.routing.gates.shape[0])
+            con = stacked.get(index)
+            if con is None and ctx.compute_contrastive and trace.contrastive is not None:
+                con = contrastive_of(trace, mask)
+            bal = None
+            if ctx.compute_balance:
+                bal = load_balancing_loss(trace.routing.probs, trace.routing.share(), mask)
+            if training and torch.is_grad_enabled():
+                check_differentiable(trace, con, bal)
+            if con is not None or bal is not None:
+                aux.append(ModuleAux(trace.name, con, bal))
+            if ctx.recorder is not None:
+                ctx.recorder.observe(trace, mask, ctx.task_ids, con)
+    return aux
+
+
+def contrastive_of(trace: LayerTrace, token_mask: Tensor | None) -> ContrastiveOutput:
+    """One call's contrastive loss on its own, drawing its anchors and negatives."""
+    cfg, routing, inputs = trace.config, trace.routing, trace.contrastive
+    n_exp = routing.gates.shape[1]
+    anchors = draw_anchors(routing.selected, cfg.anchor, routing.slot_mask)
+    valid = anchor_mask(anchors, cfg.anchor, routing.slot_mask)
+    active = routing.active(n_exp)
+    negatives = negatives_among(~active, cfg.num_negatives)
+    if inputs.outputs is not None:
+        cos = materialized_cosines(inputs.outputs, anchors, cfg.norm_eps)[None]
+    else:
+        codes = inputs.codes.to(torch.promote_types(inputs.codes.dtype, torch.float32))
+        cos = stacked_cosines(codes[None], None, anchors[None], cfg.norm_eps, gram=inputs.gram[None])
+    out = stacked_info_nce(
+        cos,
+        anchors[None],
+        active[None],
+        negatives[None],
+        cfg.temperature,
+        cfg.epsilon,
+        token_mask,
+        None if valid is None else valid[None],
+    )
+    return ContrastiveOutput(*(t[0] for t in out))
+
+
+def stacked_contrastive(traces: list[LayerTrace], ctx: ForwardContext) -> dict[int, ContrastiveOutput]:
+    """The Gram-form contrastive losses of the traced calls that share token count, E, r and settings, by
+    their index in ``traces``: one batched computation per group of two or more, its anchors and negatives
+    drawn at once. Calls that stand alone are left to ``contrastive_of``."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, trace in enumerate(traces):
+        inputs = trace.contrastive
+        if inputs is not None and inputs.gram is not None:
+            codes = inputs.codes
+            groups[(id(trace.config), codes.shape, codes.dtype, codes.device)].append(index)
+    results = {}
+    for indices in groups.values():
+        if len(indices) > 1:
+            results.update(_group_contrastive([traces[i] for i in indices], indices, ctx))
+    return results
+
+
+def _group_contrastive(
+    group: list[LayerTrace], indices: list[int], ctx: ForwardContext
+) -> dict[int, ContrastiveOutput]:
+    """One group's losses. Where a module asks for it (E·r ≥ d_in/4, where the cosines' N × E·r
+    intermediates weigh as much as what the layers keep) only the cosines' inputs are kept (the codes, which
+    the layers keep anyway, and the Gram matrices) and the cosines are recomputed in backward; below that
+    recomputing costs ~4 % of a SmolLM2 step for little memory (``benchmarks/memory_lean.py``). The InfoNCE
+    part works on (N, A, E) cosines and keeps its own."""
+    cfg = group[0].config
+    routings = [trace.routing for trace in group]
+    selected = torch.stack([r.selected for r in routings])  # (M, N, k)
+    n_mod, n_tokens, _ = selected.shape
+    n_exp = routings[0].gates.shape[1]
+    flat_selected = selected.view(n_mod * n_tokens, -1)
+    slot_mask = None
+    if routings[0].slot_mask is not None:
+        slot_mask = torch.stack([r.slot_mask for r in routings]).view(n_mod * n_tokens, -1)
+    flat_anchors = draw_anchors(flat_selected, cfg.anchor, slot_mask)
+    valid = anchor_mask(flat_anchors, cfg.anchor, slot_mask)
+    anchors = flat_anchors.view(n_mod, n_tokens, -1)
+    active = torch.stack([r.active(n_exp) for r in routings])  # (M, N, E)
+    negatives = negatives_among(~active.view(n_mod * n_tokens, n_exp), cfg.num_negatives).view_as(active)
+    codes = [trace.contrastive.codes for trace in group]  # (N, E, r) each
+    grams = [trace.contrastive.gram for trace in group]  # (E·r, E·r) each
+    cosines_of = partial(_group_cosines, cfg.norm_eps)
+    recompute = any(trace.contrastive.recompute for trace in group)
+    if recompute and not torch.compiler.is_compiling():  # a compiler decides what to keep itself
+        (cos,) = recomputed(cosines_of, anchors, *codes, *grams)
+    else:
+        (cos,) = cosines_of(anchors, *codes, *grams)
+    mask = ctx.mask_for(n_tokens)
+    valid = None if valid is None else valid.view(n_mod, n_tokens, -1)
+    out = stacked_info_nce(cos, anchors, active, negatives, cfg.temperature, cfg.epsilon, mask, valid)
+    return {
+        index: ContrastiveOutput(out.loss[slot], out.pos_cos[slot], out.neg_cos[slot])
+        for slot, index in enumerate(indices)
+    }
+
+
+def _group_cosines(norm_eps: float, anchors: Tensor, *codes_and_grams: Tensor) -> tuple[Tensor]:
+    """``stacked_cosines`` of a group from its M codes (N, E, r) followed by their M Gram matrices."""
+    n_mod = anchors.shape[0]
+    codes = torch.stack(codes_and_grams[:n_mod])
+    gram = torch.stack(codes_and_grams[n_mod:])
+    return (stacked_cosines(codes, None, anchors, norm_eps, gram=gram),)
+
+
+def check_differentiable(trace: LayerTrace, con: ContrastiveOutput | None, bal: Tensor | None) -> None:
+    """A weighted aux loss computed from tensors without autograd history would silently add nothing to
+    the gradient: that is what reentrant activation checkpointing does (its forward runs under no_grad).
+    Refuse it loudly."""
+    cfg, probs = trace.config, trace.routing.probs
+    no_autograd = trace.router_trains and not probs.requires_grad
+    lost_contrastive = (
+        con is not None
+        and cfg.contrastive_weight > 0
+        and trace.adapter_trains
+        and (no_autograd or not trace.contrastive.has_grad)
+    )
+    if lost_contrastive or (bal is not None and cfg.balance_weight > 0 and no_autograd):
+        raise RuntimeError(
+            f"{trace.name}: the auxiliary losses were computed without autograd history, so they "
+            "would add nothing to the gradient. Reentrant activation checkpointing does this; enable it "
+            "with gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
+        )

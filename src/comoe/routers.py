@@ -1,0 +1,150 @@
+"""Routers: how a token's router logits become the experts it uses and their gates.
+
+A router is a module from the ``ROUTERS`` registry, named by ``CoMoEConfig.routing``. It takes the fp32
+logits (N, E) that the layer computes with its ``comoe_router`` weight (the weight stays on the layer, so
+saved adapters keep their tensor names) and returns a ``Routing``. Everything downstream reads the
+``Routing`` only: the expert paths use ``gates``, the contrastive loss takes ``active()`` experts as
+positives and the rest as negatives, the balance loss and the routing records take ``share()``.
+
+Adding a router is one class here, registered with ``@register``, plus any field it needs in
+``CoMoEConfig``; ``check_config`` says which settings it cannot work with.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class Routing(NamedTuple):
+    """One layer call's routing of N tokens among E experts."""
+
+    gates: Tensor  # (N, E): each expert's weight in the token's output (0 where unselected)
+    probs: Tensor | None  # (N, E): the router's softmax; None without autograd where nothing reads it
+    selected: Tensor | None  # (N, k): the selected experts, best first; None when every expert is used
+    slot_mask: Tensor | None = None  # (N, k) bool: which slots hold a selected expert; None: every slot
+
+    @property
+    def uses_every_expert(self) -> bool:
+        return self.selected is None
+
+    def active(self, num_experts: int) -> Tensor:
+        """(N, E) bool: each token's selected experts (every expert under soft routing)."""
+        if self.selected is None:
+            return torch.ones(self.gates.shape, dtype=torch.bool, device=self.gates.device)
+        mask = torch.zeros(self.selected.shape[0], num_experts, dtype=torch.bool, device=self.selected.device)
+        src = True if self.slot_mask is None else self.slot_mask
+        return mask.scatter_(1, self.selected, src)
+
+    def share(self) -> Tensor:
+        """(N, E): each token's unit of assignment spread over its experts (1/|set| on each selected
+        expert; the probabilities themselves when every expert is used). The f_e of the balance loss."""
+        if self.selected is None:
+            return self.probs
+        active = self.active(self.probs.shape[1]).to(self.probs.dtype)
+        if self.slot_mask is None:
+            return active / self.selected.shape[1]
+        return active / active.sum(-1, keepdim=True)
+
+
+class Router(nn.Module):
+    """Turns router logits (N, E) into a ``Routing``. Holds no tensors."""
+
+    name: ClassVar[str]
+
+    def __init__(self, num_experts: int, config) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = config.top_k
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise ValueError, naming the fields, for settings this router cannot work with."""
+
+    @classmethod
+    def contrastive_problem(cls, config) -> str | None:
+        """Why the contrastive loss has no positives or negatives under this routing, or None."""
+        return None
+
+    @property
+    def max_selected(self) -> int:
+        """The most experts a token uses (its slots): k, or E when every expert is used."""
+        return self.top_k
+
+    @property
+    def uses_every_expert(self) -> bool:
+        return self.max_selected == self.num_experts
+
+    def forward(self, logits: Tensor, want_probs: bool = True) -> Routing:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_k={self.top_k}"
+
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register(cls: type[Router]) -> type[Router]:
+    """Class decorator: make ``cls`` a ``routing`` choice under its ``name``."""
+    ROUTERS[cls.name] = cls
+    return cls
+
+
+@register
+class TopKRouter(Router):
+    """The paper's: the k experts of highest probability, their probabilities renormalised."""
+
+    name = "topk"
+
+    @classmethod
+    def contrastive_problem(cls, config) -> str | None:
+        if config.top_k < 2:
+            return f"the contrastive loss needs at least one positive: top_k must be >= 2, got {config.top_k}"
+        if config.top_k >= config.num_experts:
+            return (
+                f"the contrastive loss needs at least one negative: top_k ({config.top_k}) must be < "
+                f"num_experts ({config.num_experts})"
+            )
+        return None
+
+    def forward(self, logits: Tensor, want_probs: bool = True) -> Routing:
+        # the top-k of the softmax renormalised = the softmax of the top-k logits: fewer ops, forward and
+        # backward (the full softmax feeds only the balance loss and the records)
+        top_logits, top_idx = logits.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(logits).scatter(1, top_idx, top_logits.softmax(dim=-1))
+        probs = logits.softmax(dim=-1) if want_probs else None
+        return Routing(gates, probs, top_idx)
+
+
+@register
+class SoftRouter(Router):
+    """LoRAMoE-style: every expert, gated by its probability."""
+
+    name = "soft"
+
+    @classmethod
+    def contrastive_problem(cls, config) -> str | None:
+        return "the contrastive loss needs inactive experts as negatives, but routing='soft' activates all"
+
+    @property
+    def max_selected(self) -> int:
+        return self.num_experts
+
+    def forward(self, logits: Tensor, want_probs: bool = True) -> Routing:
+        probs = logits.softmax(dim=-1)
+        return Routing(probs, probs, None)
+
+
+def single_expert_routing(n_tokens: int, device: torch.device, every_expert: bool) -> Routing:
+    """The routing of a layer with one expert (plain LoRA): every token's gate is 1."""
+    ones = torch.ones(n_tokens, 1, device=device, dtype=torch.float32)
+    selected = None if every_expert else torch.zeros_like(ones, dtype=torch.long)
+    return Routing(ones, ones, selected)
+
+
+def build_router(config, num_experts: int) -> Router | None:
+    """The router ``config.routing`` names, for a layer of ``num_experts`` experts (None for one expert)."""
+    return ROUTERS[config.routing](num_experts, config) if num_experts > 1 else None

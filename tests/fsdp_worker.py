@@ -1,0 +1,72 @@
+"""One rank of the FSDP2 check (``tests/test_fsdp.py``): torch's ``fully_shard`` on every decoder layer and
+the root of a comoe model, 2 CPU processes over gloo, one training forward and backward with the contrastive
+term on. Rank 0 also runs the unsharded model on the same inputs and writes both sets of adapter gradients."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def run(rank: int, world_size: int, port: int, out_path: str, case: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        _run(rank, out_path, case)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(rank: int, out_path: str, case: dict) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from comoe import get_comoe_model
+    from tests.tiny_models import batch, build, randomize_adapters, tiny_comoe_config
+
+    torch.set_num_threads(1)
+    base = build("llama", num_layers=2)
+    if case["base_dtype"] == "bfloat16":
+        base = base.to(torch.bfloat16)  # adapters and routers stay fp32
+    config = tiny_comoe_config("llama", **case["config"])
+    model = get_comoe_model(base, config)
+    randomize_adapters(model, seed=7)
+    model.train()
+    reference = copy.deepcopy(model) if rank == 0 else None
+    inputs = batch("llama", seed=3, batch_size=2, seq_len=12, pad=3)  # the same on every rank
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+    inner = model.base_model.model  # the transformers model
+    for layer in inner.model.layers:
+        fully_shard(layer)
+    fully_shard(inner)
+    torch.manual_seed(11)
+    out = model(**inputs, labels=labels)
+    out.loss.backward()
+    sharded = {
+        name: param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        for name, param in model.named_parameters()
+        if param.grad is not None
+    }
+    contrastive = out["contrastive_loss"].detach()
+    if rank != 0:
+        return
+    torch.manual_seed(11)
+    ref_out = reference(**inputs, labels=labels)
+    ref_out.loss.backward()
+    single = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    torch.save(
+        {
+            "sharded": sharded,
+            "single": single,
+            "contrastive": (contrastive, ref_out["contrastive_loss"].detach()),
+        },
+        out_path,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover - started by tests/test_fsdp.py
+    sys.exit("run through tests/test_fsdp.py")
