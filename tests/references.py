@@ -32,12 +32,22 @@ def reference_contrastive(outputs, topk_idx, anchors, negatives, *, temperature,
     return torch.stack(per_token).mean()
 
 
-def reference_route(router, x, *, num_experts, top_k, routing="topk"):
+def reference_route(router, x, *, num_experts, top_k, routing="topk", top_p=None):
     """One token's experts and gate weights: an fp32 (fp64 if asked) softmax, then top-k renormalised
-    ("topk") or every expert with its probability ("soft")."""
+    ("topk"), every expert with its probability ("soft"), or experts taken best first until their
+    probabilities reach ``top_p``, at most ``top_k`` of them, renormalised ("topp")."""
     dtype = torch.promote_types(router.dtype, torch.float32)
     probs = torch.softmax(router.to(dtype) @ x.to(dtype), dim=0)
     if routing == "soft":
         return list(range(num_experts)), probs
+    if routing == "topp":
+        chosen, mass = [], 0.0
+        for expert in probs.argsort(descending=True).tolist()[:top_k]:
+            if mass >= top_p:
+                break
+            chosen.append(expert)
+            mass += probs[expert].item()
+        weights = probs[chosen]
+        return chosen, weights / weights.sum()
     top_w, top_i = torch.topk(probs, top_k)
     return top_i.tolist(), top_w / top_w.sum()

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 CASES = {
     "lora-fp32": dict(base_dtype="float32", config=dict(anchor="all", balance_weight=0.01)),
     "lora-bf16": dict(base_dtype="bfloat16", config=dict(anchor="all", balance_weight=0.01)),
+    "topp-fp32": dict(base_dtype="float32", config=dict(anchor="all", routing="topp", top_p=0.6, top_k=3)),
     "dora-fp32": dict(base_dtype="float32", config=dict(anchor="all", use_dora=True)),
     "ffn-fp32": dict(
         base_dtype="float32",

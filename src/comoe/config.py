@@ -90,8 +90,13 @@ class CoMoEConfig(PeftConfig):
         metadata={
             "choices": tuple(ROUTERS),
             "help": "'topk': softmax, keep top-k, renormalise (paper). 'soft': all experts, LoRAMoE-style. "
+            "'topp': dynamic, the fewest experts whose probabilities reach top_p (1 to top_k of them). "
             "(comoe.routers.ROUTERS holds the choices.)",
         },
+    )
+    top_p: float = field(
+        default=0.75,
+        metadata={"help": "routing='topp': the probability mass each token's experts reach, in (0, 1]."},
     )
     contrastive_weight: float = field(
         default=0.01, metadata={"help": "lambda: weight of the contrastive loss."}
@@ -159,6 +164,7 @@ class CoMoEConfig(PeftConfig):
             f"top_k must be an integer in 1..num_experts={self.num_experts}, got {self.top_k!r}",
         )
         _check(self.routing in ROUTERS, f"routing must be one of {tuple(ROUTERS)}, got {self.routing!r}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
         _check(self.placement in PLACEMENTS, f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         _check(
             not (self.placement == "ffn" and self.use_dora),

@@ -138,6 +138,40 @@ class SoftRouter(Router):
         return Routing(probs, probs, None)
 
 
+@register
+class TopPRouter(Router):
+    """Dynamic routing (MoLA's and DynMoLE's): each token takes the smallest set of experts, best first,
+    whose probabilities reach ``top_p``, at least one and at most ``top_k``; their probabilities
+    renormalised are the gates. A confident token uses one expert, an uncertain one several."""
+
+    name = "topp"
+
+    def __init__(self, num_experts: int, config) -> None:
+        super().__init__(num_experts, config)
+        self.top_p = config.top_p
+
+    @classmethod
+    def contrastive_problem(cls, config) -> str | None:
+        if config.top_k < 2:
+            return (
+                "the contrastive loss needs tokens with at least two experts: under routing='topp' top_k (the "
+                f"most experts a token takes) must be >= 2, got {config.top_k}"
+            )
+        return TopKRouter.contrastive_problem(config)
+
+    def forward(self, logits: Tensor, want_probs: bool = True) -> Routing:
+        probs = logits.softmax(dim=-1)
+        top_logits, top_idx = logits.topk(self.top_k, dim=-1)
+        top_probs = probs.gather(1, top_idx)
+        slot_mask = (top_probs.cumsum(-1) - top_probs) < self.top_p  # the mass before each slot; slot 0 kept
+        kept = top_logits.masked_fill(~slot_mask, float("-inf")).softmax(dim=-1)
+        gates = torch.zeros_like(logits).scatter(1, top_idx, kept)
+        return Routing(gates, probs, top_idx, slot_mask)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_p={self.top_p}, at most {self.top_k}"
+
+
 def single_expert_routing(n_tokens: int, device: torch.device, every_expert: bool) -> Routing:
     """The routing of a layer with one expert (plain LoRA): every token's gate is 1."""
     ones = torch.ones(n_tokens, 1, device=device, dtype=torch.float32)
