@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from safetensors.torch import load_file, save_file
 import comoe.training.job as job
 from comoe import CoMoEConfig, CoMoEModel, get_comoe_model
 from comoe.cli.app import build_parser, main
-from comoe.cli.train import requested_fields, run_config_from_args
+from comoe.cli.train import refuse_method_overrides, requested_fields, run_config_from_args
 from comoe.data.jsonl import DataError
 from comoe.data.registry import load_task
 from comoe.layer import CoMoELayer
@@ -844,6 +845,43 @@ CLI_CASES = [
         ["eval", "{run}", "--eval-batch-size", "0"],
         ["eval_batch_size must be >= 1"],
     ),
+    # --- flags a method overrides, abbreviations, config sources --------------------------------------
+    cli(
+        "method-moe-lora-contrastive-weight",
+        train("--method", "moe-lora", "--contrastive-weight", "0.5"),
+        [
+            "--contrastive-weight 0.5: method 'moe-lora' sets contrastive_weight itself (to 0.0)",
+            "the flag would not apply",
+            "drop the flag",
+        ],
+    ),
+    cli(
+        "method-soft-moe-routing-topk",
+        train("--method", "soft-moe", "--routing", "topk"),
+        ["--routing topk: method 'soft-moe' sets routing itself (to 'soft')"],
+    ),
+    cli(
+        "method-lora-num-negatives",
+        train("--method", "lora", "--num-negatives", "1"),
+        ["--num-negatives 1: method 'lora' sets num_negatives itself (to None)"],
+    ),
+    cli(
+        "yaml-method-moe-lora-contrastive-weight",
+        [*YAML, "--model", "{model}"],
+        ["{tmp}/c.yaml: contrastive_weight: 0.5: method 'moe-lora' sets contrastive_weight itself (to 0.0)"],
+        yaml_file("method: moe-lora\nadapter:\n  contrastive_weight: 0.5\n"),
+    ),
+    cli(
+        "abbreviation-of-two-flags",
+        train("--eval", "4"),
+        ["ambiguous option: --eval could match --eval-batch-size, --eval-base"],
+    ),
+    cli(
+        "yaml-config-is-a-directory",
+        [*YAML[:2], "{tmp}/confs", *YAML[3:]],
+        ["config file {tmp}/confs is a directory", "give a YAML file"],
+        files({"confs/c.yaml": "r: 4\n"}),
+    ),
 ]
 
 
@@ -959,6 +997,61 @@ def test_resume_may_change_the_eval_batch_size(finished_run, capsys):
     assert config.output_dir == str(finished_run)
     assert "eval_batch_size = 4 (was 16)" in capsys.readouterr().out
     assert snapshot(finished_run) == before
+
+
+def test_an_abbreviated_flag_with_two_spellings_is_that_flag():
+    """--output-dir and --output_dir are one flag: --output names it, as argparse abbreviations do."""
+    assert build_parser().parse_args(["train", "--output", "x"]).output_dir == "x"
+    assert build_parser().parse_args(["train", "--learning", "0.5"]).learning_rate == 0.5
+
+
+def test_config_from_a_pipe_is_read_once(tmp_path):
+    """``--config <(...)`` is a pipe: readable once, and every reading of the command sees its fields."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("method: moe-lora\nlearning_rate: 0.005\n"))
+    writer.start()
+    args = build_parser().parse_args(["train", "--config", str(fifo), "--seed", "3"])
+    run = run_config_from_args(args)
+    writer.join(timeout=10)
+    assert (run.method, run.learning_rate, run.seed) == ("moe-lora", 0.005, 3)
+    assert requested_fields(args)["learning_rate"] == 0.005  # read again: the same text
+    refuse_method_overrides(args, run.method)
+
+
+def test_a_runs_own_run_config_yaml_passes_the_method_check(tmp_path):
+    """A moe-lora run's run_config.yaml holds every adapter field at its default (λ 0.01): given back as
+    --config, it trains moe-lora again; only a value that differs from the default is refused."""
+    RunConfig(method="moe-lora").to_yaml(tmp_path / "run_config.yaml")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run_config.yaml")])
+    refuse_method_overrides(args, run_config_from_args(args).method)
+    args = build_parser().parse_args(["train", "--method", "moe-lora", "--contrastive-weight", "0"])
+    refuse_method_overrides(args, "moe-lora")  # the value the method trains with
+
+
+@pytest.mark.slow
+def test_config_from_stdin_in_a_real_process(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "comoe",
+            "train",
+            "--config",
+            "/dev/stdin",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+        input="max_steps: 0\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "/dev/stdin: max_steps must be >= 1" in proc.stderr, proc.stderr
+    assert "no such config file" not in proc.stderr and not (tmp_path / "o").exists()
 
 
 # --- the command line in real subprocesses: no traceback reaches the terminal ---------------------------

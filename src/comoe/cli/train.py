@@ -13,6 +13,7 @@ from comoe.training.run_config import (
     RunConfig,
     load_yaml,
     merge_fields,
+    method_overrides,
     nest_fields,
     parse_field_value,
 )
@@ -34,8 +35,35 @@ def run_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         run_job(resumed_run(run_dir, requested_fields(args)), run_dir, resume=True)
         return 0
-    run_job(run_config_from_args(args))
+    run = run_config_from_args(args)
+    refuse_method_overrides(args, run.method)
+    run_job(run)
     return 0
+
+
+def refuse_method_overrides(args: argparse.Namespace, method: str) -> None:
+    """Refuse an adapter flag (or ``--config`` value) that ``method`` replaces, which would silently not
+    apply (``--method moe-lora --contrastive-weight 0.5`` trains with 0). A ``--config`` value equal to the
+    field's default passes: a run's own ``run_config.yaml`` holds every field."""
+    flags = given_fields(args).get("adapter", {})
+    for name, (value, fixed) in method_overrides(method, flags).items():
+        raise ValueError(
+            f"{_flag(name)} {value}: method {method!r} sets {name} itself (to {fixed!r}), so the flag would "
+            f"not apply to it; drop the flag, or choose a method that uses it (--method comoe)"
+        )
+    if args.config:
+        data = load_yaml(args.config) or {}
+        from_file = nest_fields(data, str(args.config)).get("adapter", {}) if isinstance(data, dict) else {}
+        for name, (value, fixed) in method_overrides(method, from_file).items():
+            if value != CoMoEConfig.__dataclass_fields__[name].default:
+                raise ValueError(
+                    f"{args.config}: {name}: {value!r}: method {method!r} sets {name} itself (to {fixed!r}), so "
+                    f"the value would not apply to it; remove it from the file, or choose a method that uses it"
+                )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def run_eval(args: argparse.Namespace) -> int:
