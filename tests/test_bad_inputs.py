@@ -40,6 +40,7 @@ from comoe.layer import CoMoELayer
 from comoe.model import AdapterLoadError
 from comoe.training.adapters import load_adapted_model
 from comoe.training.run_config import RunConfig
+from tests import cli_runs
 from tests.tiny_models import build, tiny_comoe_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -1027,6 +1028,20 @@ def test_a_runs_own_run_config_yaml_passes_the_method_check(tmp_path):
     refuse_method_overrides(args, run_config_from_args(args).method)
     args = build_parser().parse_args(["train", "--method", "moe-lora", "--contrastive-weight", "0"])
     refuse_method_overrides(args, "moe-lora")  # the value the method trains with
+
+
+@pytest.mark.slow
+def test_one_step_moves_the_adapter_and_the_log_gives_the_rate_it_used(tiny_model_dir, tmp_path):
+    """--max-steps 1: its one step is the warm-up, run at half the learning rate (not at 0); a stale
+    checkpoint write that a killed process left in the output directory is removed."""
+    stale = tmp_path / "run" / "checkpoints" / ".step-000050.4242-1.tmp"
+    (stale / "adapter").mkdir(parents=True)
+    run_dir = _finished(tiny_model_dir, tmp_path / "run", "--max-steps", "1", "--learning-rate", "0.002")
+    weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    b = [tensor for name, tensor in weights.items() if name.endswith("comoe_B")]
+    assert b and any(tensor.abs().max() > 0 for tensor in b), "the adapter's B matrices are still zero"
+    assert [(row["step"], row["lr"]) for row in cli_runs.read_log(run_dir)] == [(1, pytest.approx(0.001))]
+    assert not stale.exists() and not any((run_dir / "checkpoints").iterdir())
 
 
 @pytest.mark.slow
