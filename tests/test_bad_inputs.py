@@ -15,6 +15,7 @@ these wherever it can.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -195,6 +196,23 @@ def saved_adapter(
             then(c.tmp / rel)
 
     return setup
+
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def save_gpt2_with_real_tokenizer(directory: Path) -> None:
+    """A 2-layer random GPT-2 with 64 learned positions (n_positions) and SmolLM2's tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from comoe.training.base_models import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64, **ids)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 # --- the command line: in-process cases --------------------------------------------------------------
@@ -873,6 +891,34 @@ CLI_CASES = [
         yaml_file("method: moe-lora\nadapter:\n  contrastive_weight: 0.5\n"),
     ),
     cli(
+        "quantize-nf4-narrow-layers",
+        train("--quantize", "nf4"),
+        [
+            "--quantize nf4: layer model.layers.0.self_attn.q_proj is 32 wide",
+            "multiples of its block size 64",
+            "at least 64 wide",
+        ],
+        model=True,
+        marks=pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes"),
+    ),
+    cli(
+        "max-length-beyond-learned-positions",
+        train("--model", "{tmp}/gpt2", "--target-modules", "c_attn,c_proj", "--max-length", "128"),
+        [
+            "--max-length 128 is longer than the model's 64 positions (n_positions=64)",
+            "--max-length 64 or less",
+        ],
+        lambda c: save_gpt2_with_real_tokenizer(c.tmp / "gpt2"),
+        model=True,
+    ),
+    cli(
+        "eval-max-length-beyond-learned-positions",
+        ["eval", "--base-only", "--model", "{tmp}/gpt2", "--tasks", "strategyqa", "--test-per-task", "4"],
+        ["--max-length 256 is longer than the model's 64 positions", "--max-length 64 or less"],
+        lambda c: save_gpt2_with_real_tokenizer(c.tmp / "gpt2"),
+        model=True,
+    ),
+    cli(
         "abbreviation-of-two-flags",
         train("--eval", "4"),
         ["ambiguous option: --eval could match --eval-batch-size, --eval-base"],
@@ -1042,6 +1088,15 @@ def test_one_step_moves_the_adapter_and_the_log_gives_the_rate_it_used(tiny_mode
     assert b and any(tensor.abs().max() > 0 for tensor in b), "the adapter's B matrices are still zero"
     assert [(row["step"], row["lr"]) for row in cli_runs.read_log(run_dir)] == [(1, pytest.approx(0.001))]
     assert not stale.exists() and not any((run_dir / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_max_length_beyond_rotary_positions_warns_and_runs(tiny_model_dir, tmp_path, capsys):
+    """The tiny Llama has max_position_embeddings=512 and rotary positions: a longer limit runs, warned."""
+    capsys.readouterr()
+    _finished(tiny_model_dir, tmp_path / "run", "--max-length", "1024")
+    err = capsys.readouterr().err
+    assert "warning: --max-length 1024 is beyond the model's max_position_embeddings=512" in err, err
 
 
 @pytest.mark.slow

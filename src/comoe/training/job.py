@@ -28,7 +28,7 @@ from comoe.evaluation.scoring import evaluate_tasks, majority_baseline, summaris
 from comoe.ffn import ffn_targets
 from comoe.model import find_targets
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
-from comoe.training.base_models import load_base_model
+from comoe.training.base_models import check_max_length, load_base_model
 from comoe.training.loop import make_accelerator, plan_steps, train_adapter
 from comoe.training.run_config import (
     ADAPTER_DIR,
@@ -163,6 +163,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         plan_steps(len(examples), run, accelerator.num_processes)
     base, tokenizer = load_base_model(run.model, dtype=base_dtype(run), quantize=run.quantize)
     check_adapter_fits(base, run)
+    check_max_length(base, run.max_length, report=accelerator.is_main_process)
     check_lengths(
         [ex for examples in train.values() for ex in examples],
         tokenizer,
@@ -344,6 +345,7 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
                 f"with `comoe train --resume {run_dir}`), or that task was not trained in this run"
             )
     base, tokenizer = load_base_model(run.model, quantize=run.quantize)
+    check_max_length(base, run.max_length)
     kwargs = dict(protocol=run.protocol, batch_size=run.eval_batch_size, max_length=run.max_length)
     if base_only:
         metrics = {"base": evaluate_tasks(base, tokenizer, test, **kwargs), "protocol": run.protocol}
