@@ -36,7 +36,7 @@ from comoe import CoMoEConfig, CoMoEModel, get_comoe_model
 from comoe.cli.app import build_parser, main
 from comoe.cli.train import refuse_method_overrides, requested_fields, run_config_from_args
 from comoe.data.jsonl import DataError
-from comoe.data.registry import load_task
+from comoe.data.registry import load_run_data, load_task
 from comoe.layer import CoMoELayer
 from comoe.model import AdapterLoadError
 from comoe.training.adapters import load_adapted_model
@@ -919,6 +919,30 @@ CLI_CASES = [
         model=True,
     ),
     cli(
+        "jsonl-invalid-line-offers-skipping",
+        JSONL,
+        ["{tmp}/d.jsonl:2: choice 'a' appears twice", "give --skip-invalid-rows"],
+        jsonl_file(mc(1), {"question": "q", "choices": ["a", "a"], "answer": 0}, mc(3)),
+    ),
+    cli(
+        "jsonl-skip-invalid-rows-every-line-invalid",
+        [*JSONL, "--skip-invalid-rows"],
+        ["{tmp}/d.jsonl: every line is invalid (2 skipped; the first: {tmp}/d.jsonl:1: 'choices'"],
+        jsonl_file({"question": "q", "choices": "a,b", "answer": 0}, {"text": "hello"}),
+    ),
+    cli(
+        "jsonl-skip-invalid-rows-partial-splits",
+        [*JSONL, "--skip-invalid-rows"],
+        ['{tmp}/d.jsonl:2: this line has no "split" but line 1 has one'],
+        jsonl_file(mc(1, split="train"), mc(2), mc(3, split="test")),
+    ),  # a problem of the whole file is not a line to skip
+    cli(
+        "jsonl-drop-test-overlap-leaves-nothing",
+        [*JSONL, "--drop-test-overlap"],
+        ["task 'd' of 'jsonl:{tmp}/d.jsonl': every training example is also a test example"],
+        jsonl_file(*(mc(i, split="train") for i in range(4)), *(mc(i, split="test") for i in range(4))),
+    ),
+    cli(
         "abbreviation-of-two-flags",
         train("--eval", "4"),
         ["ambiguous option: --eval could match --eval-batch-size, --eval-base"],
@@ -1097,6 +1121,64 @@ def test_max_length_beyond_rotary_positions_warns_and_runs(tiny_model_dir, tmp_p
     _finished(tiny_model_dir, tmp_path / "run", "--max-length", "1024")
     err = capsys.readouterr().err
     assert "warning: --max-length 1024 is beyond the model's max_position_embeddings=512" in err, err
+
+
+def test_train_examples_that_are_test_examples_are_found_with_their_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        rows(*(mc(i, split="train") for i in range(6)), *(mc(i, split="test") for i in (4, 5, 9)))
+    )
+    data = load_run_data([f"jsonl:{path}"], None, None, 0)
+    assert [(a.line, b.line) for a, b in data.overlap["d"]] == [(5, 7), (6, 8)]
+    dropped = load_run_data([f"jsonl:{path}"], None, None, 0, drop_test_overlap=True)
+    assert [ex.line for ex in dropped.train["d"]] == [1, 2, 3, 4] and len(dropped.overlap["d"]) == 2
+    assert len(dropped.test["d"]) == 3
+
+
+@pytest.mark.slow
+def test_flawed_rows_are_skipped_on_request_listed_and_recorded(tiny_model_dir, tmp_path, capsys):
+    """--skip-invalid-rows: the run goes on without the flawed lines, each printed with its line number
+    and recorded (with their count) in metrics.json."""
+    lines = [mc(i) for i in range(10)]
+    lines[2] = {"question": "q", "choices": ["a", "a"], "answer": 0}
+    lines[7] = '{"question": "q", "choices": ["a", "b"]'
+    (tmp_path / "d.jsonl").write_text(rows(*lines))
+    capsys.readouterr()
+    run_dir = _finished(
+        tiny_model_dir, tmp_path / "run", "--tasks", f"jsonl:{tmp_path / 'd.jsonl'}", "--skip-invalid-rows"
+    )
+    err = capsys.readouterr().err
+    assert "warning: skipped 2 invalid lines (--skip-invalid-rows)" in err, err
+    assert f"{tmp_path / 'd.jsonl'}:3: choice 'a' appears twice" in err
+    assert f"{tmp_path / 'd.jsonl'}:8: invalid JSON" in err
+    skipped = json.loads((run_dir / "metrics.json").read_text())["data"]["skipped_rows"]
+    assert skipped["count"] == 2 and [line.split(": ")[0] for line in skipped["lines"]] == [
+        f"{tmp_path / 'd.jsonl'}:3",
+        f"{tmp_path / 'd.jsonl'}:8",
+    ]
+
+
+@pytest.mark.slow
+def test_train_test_duplicates_warn_with_counts_and_drop_on_request(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        rows(*(mc(i, split="train") for i in range(8)), *(mc(i, split="test") for i in (6, 7, 20, 21)))
+    )
+    flags = ("--tasks", f"jsonl:{path}", "--test-per-task", "none")
+    capsys.readouterr()
+    kept = _finished(tiny_model_dir, tmp_path / "kept", *flags)
+    err = capsys.readouterr().err
+    assert "warning: task 'd': 2 of 8 training examples are also test examples" in err, err
+    assert "train lines 7 (test line 9), 8 (test line 10)" in err and "--drop-test-overlap" in err
+    data = json.loads((kept / "metrics.json").read_text())["data"]
+    assert data["train_test_overlap"] == {"d": 2} and not data["test_overlap_dropped"]
+
+    dropped = _finished(tiny_model_dir, tmp_path / "dropped", *flags, "--drop-test-overlap")
+    out = capsys.readouterr()
+    assert "note: task 'd': dropped 2 training examples that are also test examples" in out.err
+    assert "d (6 train / 4 test)" in out.out
+    data = json.loads((dropped / "metrics.json").read_text())["data"]
+    assert data["train_test_overlap"] == {"d": 2} and data["test_overlap_dropped"]
 
 
 @pytest.mark.slow

@@ -62,6 +62,20 @@ class RunConfig:
     test_per_task: int | None = field(
         default=100, metadata=doc("Test examples per task (the first ones); none = all.")
     )
+    skip_invalid_rows: bool = field(
+        default=False,
+        metadata=doc(
+            "Leave out the invalid lines of JSONL files (each printed with its line number, counted in "
+            "metrics.json) instead of stopping at the first file that has one."
+        ),
+    )
+    drop_test_overlap: bool = field(
+        default=False,
+        metadata=doc(
+            "Drop the training examples whose input (task, question, options) is also a test example's; "
+            "without it they are kept, with a warning that counts them."
+        ),
+    )
     method: str = field(
         default="comoe",
         metadata=doc(
