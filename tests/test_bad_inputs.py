@@ -1228,6 +1228,27 @@ SUBPROCESS_CASES = {
         ["eval", "{tmp}/r"],
         ["{tmp}/r/adapter/adapter_config.json is not valid JSON"],
     ),
+    "max-length-beyond-learned-positions": (
+        lambda c: save_gpt2_with_real_tokenizer(c.tmp / "gpt2"),
+        train("--model", "{tmp}/gpt2", "--target-modules", "c_attn,c_proj", "--max-length", "128"),
+        ["--max-length 128 is longer than the model's 64 positions"],
+    ),
+    "method-moe-lora-contrastive-weight": (
+        None,
+        train("--method", "moe-lora", "--contrastive-weight", "0.5"),
+        ["method 'moe-lora' sets contrastive_weight itself"],
+    ),
+    **(
+        {
+            "quantize-nf4-narrow-layers": (
+                None,
+                train("--quantize", "nf4"),
+                ["--quantize nf4: layer model.layers.0.self_attn.q_proj is 32 wide"],
+            )
+        }
+        if HAS_BNB
+        else {}
+    ),
 }
 
 
