@@ -117,7 +117,11 @@ class RunConfig:
         metadata=doc("Micro-batches per optimiser step; the step's loss is normalised by all its tokens."),
     )
     warmup_ratio: float = field(
-        default=0.05, metadata=doc("Share of the steps spent warming the learning rate up.")
+        default=0.05,
+        metadata=doc(
+            "Share of the steps (rounded up) spent warming the learning rate up; warm-up step i of w runs "
+            "at lr·(i+1)/(w+1), so no step runs at 0."
+        ),
     )
     scheduler: str = field(
         default="linear",
