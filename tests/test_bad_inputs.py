@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 import comoe.training.job as job
 from comoe import CoMoEConfig, CoMoEModel, get_comoe_model
 from comoe.cli.app import build_parser, main
-from comoe.cli.train import refuse_method_overrides, requested_fields, run_config_from_args
+from comoe.cli.train import check_method_overrides, requested_fields, run_config_from_args
 from comoe.data.jsonl import DataError
 from comoe.data.registry import load_run_data, load_task
 from comoe.layer import CoMoELayer
@@ -885,12 +885,6 @@ CLI_CASES = [
         ["--num-negatives 1: method 'lora' sets num_negatives itself (to None)"],
     ),
     cli(
-        "yaml-method-moe-lora-contrastive-weight",
-        [*YAML, "--model", "{model}"],
-        ["{tmp}/c.yaml: contrastive_weight: 0.5: method 'moe-lora' sets contrastive_weight itself (to 0.0)"],
-        yaml_file("method: moe-lora\nadapter:\n  contrastive_weight: 0.5\n"),
-    ),
-    cli(
         "quantize-nf4-narrow-layers",
         train("--quantize", "nf4"),
         [
@@ -1087,17 +1081,27 @@ def test_config_from_a_pipe_is_read_once(tmp_path):
     writer.join(timeout=10)
     assert (run.method, run.learning_rate, run.seed) == ("moe-lora", 0.005, 3)
     assert requested_fields(args)["learning_rate"] == 0.005  # read again: the same text
-    refuse_method_overrides(args, run.method)
+    check_method_overrides(args, run.method)
 
 
-def test_a_runs_own_run_config_yaml_passes_the_method_check(tmp_path):
-    """A moe-lora run's run_config.yaml holds every adapter field at its default (λ 0.01): given back as
-    --config, it trains moe-lora again; only a value that differs from the default is refused."""
-    RunConfig(method="moe-lora").to_yaml(tmp_path / "run_config.yaml")
-    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run_config.yaml")])
-    refuse_method_overrides(args, run_config_from_args(args).method)
+def test_a_config_file_value_that_the_method_replaces_is_named_in_a_warning(tmp_path, capsys):
+    """A --config file keeps its settings as given, so one file trains every method (a run's run_config.yaml,
+    `comoe compare`'s cells): a value the method replaces is a warning, not a refusal; defaults pass quietly."""
+    RunConfig(method="comoe", adapter={"contrastive_weight": 0.5}).to_yaml(tmp_path / "run_config.yaml")
+    args = build_parser().parse_args(
+        ["train", "--config", str(tmp_path / "run_config.yaml"), "--method", "moe-lora"]
+    )
+    check_method_overrides(args, run_config_from_args(args).method)
+    assert (
+        f"warning: {tmp_path / 'run_config.yaml'} sets contrastive_weight: 0.5, which method 'moe-lora' "
+        "replaces with 0.0" in capsys.readouterr().err
+    )
+    RunConfig(method="moe-lora").to_yaml(tmp_path / "moe.yaml")  # every adapter field, at its default
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "moe.yaml")])
+    check_method_overrides(args, run_config_from_args(args).method)
     args = build_parser().parse_args(["train", "--method", "moe-lora", "--contrastive-weight", "0"])
-    refuse_method_overrides(args, "moe-lora")  # the value the method trains with
+    check_method_overrides(args, "moe-lora")  # the value the method trains with
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,29 +37,31 @@ def run_train(args: argparse.Namespace) -> int:
         run_job(resumed_run(run_dir, requested_fields(args)), run_dir, resume=True)
         return 0
     run = run_config_from_args(args)
-    refuse_method_overrides(args, run.method)
+    check_method_overrides(args, run.method)
     run_job(run)
     return 0
 
 
-def refuse_method_overrides(args: argparse.Namespace, method: str) -> None:
-    """Refuse an adapter flag (or ``--config`` value) that ``method`` replaces, which would silently not
-    apply (``--method moe-lora --contrastive-weight 0.5`` trains with 0). A ``--config`` value equal to the
-    field's default passes: a run's own ``run_config.yaml`` holds every field."""
+def check_method_overrides(args: argparse.Namespace, method: str) -> None:
+    """Refuse an adapter flag that ``method`` replaces, which would silently not apply (``--method moe-lora
+    --contrastive-weight 0.5`` trains with 0). A ``--config`` file keeps its settings as given, so that one
+    file trains every method (a run's ``run_config.yaml``, `comoe compare`'s cells): a value of it that the
+    method replaces, other than the field's default, is named in a warning."""
     flags = given_fields(args).get("adapter", {})
     for name, (value, fixed) in method_overrides(method, flags).items():
         raise ValueError(
             f"{_flag(name)} {value}: method {method!r} sets {name} itself (to {fixed!r}), so the flag would "
             f"not apply to it; drop the flag, or choose a method that uses it (--method comoe)"
         )
-    if args.config:
-        data = load_yaml(args.config) or {}
-        from_file = nest_fields(data, str(args.config)).get("adapter", {}) if isinstance(data, dict) else {}
+    data = load_yaml(args.config) if args.config else None
+    if isinstance(data, dict):
+        from_file = nest_fields(data, str(args.config)).get("adapter", {})
         for name, (value, fixed) in method_overrides(method, from_file).items():
             if value != CoMoEConfig.__dataclass_fields__[name].default:
-                raise ValueError(
-                    f"{args.config}: {name}: {value!r}: method {method!r} sets {name} itself (to {fixed!r}), so "
-                    f"the value would not apply to it; remove it from the file, or choose a method that uses it"
+                print(
+                    f"warning: {args.config} sets {name}: {value!r}, which method {method!r} replaces with "
+                    f"{fixed!r}; the run trains with {fixed!r} (run_config.yaml keeps {value!r} for other methods)",
+                    file=sys.stderr,
                 )
 
 
