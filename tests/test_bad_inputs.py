@@ -1104,6 +1104,21 @@ def test_a_config_file_value_that_the_method_replaces_is_named_in_a_warning(tmp_
     assert capsys.readouterr().err == ""
 
 
+def test_stale_checkpoint_writes_are_removed_and_nothing_else(tmp_path):
+    from comoe.training.checkpoint import list_checkpoints, remove_stale_writes
+
+    for name in ("step-000002/adapter", ".step-000004.4242-1.tmp/adapter", "notes"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / ".train_log.jsonl.4242-1.tmp").write_text("x")  # another writer's: not a checkpoint
+    assert [p.name for p in remove_stale_writes(tmp_path)] == [".step-000004.4242-1.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".train_log.jsonl.4242-1.tmp",
+        "notes",
+        "step-000002",
+    ]
+    assert list_checkpoints(tmp_path) == [tmp_path / "step-000002"]
+
+
 @pytest.mark.slow
 def test_one_step_moves_the_adapter_and_the_log_gives_the_rate_it_used(tiny_model_dir, tmp_path):
     """--max-steps 1: its one step is the warm-up, run at half the learning rate (not at 0); a stale
