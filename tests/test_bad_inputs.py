@@ -15,11 +15,13 @@ these wherever it can.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +34,14 @@ from safetensors.torch import load_file, save_file
 import comoe.training.job as job
 from comoe import CoMoEConfig, CoMoEModel, get_comoe_model
 from comoe.cli.app import build_parser, main
-from comoe.cli.train import requested_fields, run_config_from_args
+from comoe.cli.train import check_method_overrides, requested_fields, run_config_from_args
 from comoe.data.jsonl import DataError
-from comoe.data.registry import load_task
+from comoe.data.registry import load_run_data, load_task
 from comoe.layer import CoMoELayer
 from comoe.model import AdapterLoadError
 from comoe.training.adapters import load_adapted_model
 from comoe.training.run_config import RunConfig
+from tests import cli_runs
 from tests.tiny_models import build, tiny_comoe_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -193,6 +196,23 @@ def saved_adapter(
             then(c.tmp / rel)
 
     return setup
+
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def save_gpt2_with_real_tokenizer(directory: Path) -> None:
+    """A 2-layer random GPT-2 with 64 learned positions (n_positions) and SmolLM2's tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from comoe.training.base_models import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64, **ids)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 # --- the command line: in-process cases --------------------------------------------------------------
@@ -844,6 +864,89 @@ CLI_CASES = [
         ["eval", "{run}", "--eval-batch-size", "0"],
         ["eval_batch_size must be >= 1"],
     ),
+    # --- flags a method overrides, abbreviations, config sources --------------------------------------
+    cli(
+        "method-moe-lora-contrastive-weight",
+        train("--method", "moe-lora", "--contrastive-weight", "0.5"),
+        [
+            "--contrastive-weight 0.5: method 'moe-lora' sets contrastive_weight itself (to 0.0)",
+            "the flag would not apply",
+            "drop the flag",
+        ],
+    ),
+    cli(
+        "method-soft-moe-routing-topk",
+        train("--method", "soft-moe", "--routing", "topk"),
+        ["--routing topk: method 'soft-moe' sets routing itself (to 'soft')"],
+    ),
+    cli(
+        "method-lora-num-negatives",
+        train("--method", "lora", "--num-negatives", "1"),
+        ["--num-negatives 1: method 'lora' sets num_negatives itself (to None)"],
+    ),
+    cli(
+        "quantize-nf4-narrow-layers",
+        train("--quantize", "nf4"),
+        [
+            "--quantize nf4: layer model.layers.0.self_attn.q_proj is 32 wide",
+            "multiples of its block size 64",
+            "at least 64 wide",
+        ],
+        model=True,
+        marks=pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes"),
+    ),
+    cli(
+        "max-length-beyond-learned-positions",
+        train("--model", "{tmp}/gpt2", "--target-modules", "c_attn,c_proj", "--max-length", "128"),
+        [
+            "--max-length 128 is longer than the model's 64 positions (n_positions=64)",
+            "--max-length 64 or less",
+        ],
+        lambda c: save_gpt2_with_real_tokenizer(c.tmp / "gpt2"),
+        model=True,
+    ),
+    cli(
+        "eval-max-length-beyond-learned-positions",
+        ["eval", "--base-only", "--model", "{tmp}/gpt2", "--tasks", "strategyqa", "--test-per-task", "4"],
+        ["--max-length 256 is longer than the model's 64 positions", "--max-length 64 or less"],
+        lambda c: save_gpt2_with_real_tokenizer(c.tmp / "gpt2"),
+        model=True,
+    ),
+    cli(
+        "jsonl-invalid-line-offers-skipping",
+        JSONL,
+        ["{tmp}/d.jsonl:2: choice 'a' appears twice", "give --skip-invalid-rows"],
+        jsonl_file(mc(1), {"question": "q", "choices": ["a", "a"], "answer": 0}, mc(3)),
+    ),
+    cli(
+        "jsonl-skip-invalid-rows-every-line-invalid",
+        [*JSONL, "--skip-invalid-rows"],
+        ["{tmp}/d.jsonl: every line is invalid (2 skipped; the first: {tmp}/d.jsonl:1: 'choices'"],
+        jsonl_file({"question": "q", "choices": "a,b", "answer": 0}, {"text": "hello"}),
+    ),
+    cli(
+        "jsonl-skip-invalid-rows-partial-splits",
+        [*JSONL, "--skip-invalid-rows"],
+        ['{tmp}/d.jsonl:2: this line has no "split" but line 1 has one'],
+        jsonl_file(mc(1, split="train"), mc(2), mc(3, split="test")),
+    ),  # a problem of the whole file is not a line to skip
+    cli(
+        "jsonl-drop-test-overlap-leaves-nothing",
+        [*JSONL, "--drop-test-overlap"],
+        ["task 'd' of 'jsonl:{tmp}/d.jsonl': every training example is also a test example"],
+        jsonl_file(*(mc(i, split="train") for i in range(4)), *(mc(i, split="test") for i in range(4))),
+    ),
+    cli(
+        "abbreviation-of-two-flags",
+        train("--eval", "4"),
+        ["ambiguous option: --eval could match --eval-batch-size, --eval-base"],
+    ),
+    cli(
+        "yaml-config-is-a-directory",
+        [*YAML[:2], "{tmp}/confs", *YAML[3:]],
+        ["config file {tmp}/confs is a directory", "give a YAML file"],
+        files({"confs/c.yaml": "r: 4\n"}),
+    ),
 ]
 
 
@@ -961,6 +1064,167 @@ def test_resume_may_change_the_eval_batch_size(finished_run, capsys):
     assert snapshot(finished_run) == before
 
 
+def test_an_abbreviated_flag_with_two_spellings_is_that_flag():
+    """--output-dir and --output_dir are one flag: --output names it, as argparse abbreviations do."""
+    assert build_parser().parse_args(["train", "--output", "x"]).output_dir == "x"
+    assert build_parser().parse_args(["train", "--learning", "0.5"]).learning_rate == 0.5
+
+
+def test_config_from_a_pipe_is_read_once(tmp_path):
+    """``--config <(...)`` is a pipe: readable once, and every reading of the command sees its fields."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("method: moe-lora\nlearning_rate: 0.005\n"))
+    writer.start()
+    args = build_parser().parse_args(["train", "--config", str(fifo), "--seed", "3"])
+    run = run_config_from_args(args)
+    writer.join(timeout=10)
+    assert (run.method, run.learning_rate, run.seed) == ("moe-lora", 0.005, 3)
+    assert requested_fields(args)["learning_rate"] == 0.005  # read again: the same text
+    check_method_overrides(args, run.method)
+
+
+def test_a_config_file_value_that_the_method_replaces_is_named_in_a_warning(tmp_path, capsys):
+    """A --config file keeps its settings as given, so one file trains every method (a run's run_config.yaml,
+    `comoe compare`'s cells): a value the method replaces is a warning, not a refusal; defaults pass quietly."""
+    RunConfig(method="comoe", adapter={"contrastive_weight": 0.5}).to_yaml(tmp_path / "run_config.yaml")
+    args = build_parser().parse_args(
+        ["train", "--config", str(tmp_path / "run_config.yaml"), "--method", "moe-lora"]
+    )
+    check_method_overrides(args, run_config_from_args(args).method)
+    assert (
+        f"warning: {tmp_path / 'run_config.yaml'} sets contrastive_weight: 0.5, which method 'moe-lora' "
+        "replaces with 0.0" in capsys.readouterr().err
+    )
+    RunConfig(method="moe-lora").to_yaml(tmp_path / "moe.yaml")  # every adapter field, at its default
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "moe.yaml")])
+    check_method_overrides(args, run_config_from_args(args).method)
+    args = build_parser().parse_args(["train", "--method", "moe-lora", "--contrastive-weight", "0"])
+    check_method_overrides(args, "moe-lora")  # the value the method trains with
+    assert capsys.readouterr().err == ""
+
+
+def test_stale_checkpoint_writes_are_removed_and_nothing_else(tmp_path):
+    from comoe.training.checkpoint import list_checkpoints, remove_stale_writes
+
+    for name in ("step-000002/adapter", ".step-000004.4242-1.tmp/adapter", "notes"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / ".train_log.jsonl.4242-1.tmp").write_text("x")  # another writer's: not a checkpoint
+    assert [p.name for p in remove_stale_writes(tmp_path)] == [".step-000004.4242-1.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".train_log.jsonl.4242-1.tmp",
+        "notes",
+        "step-000002",
+    ]
+    assert list_checkpoints(tmp_path) == [tmp_path / "step-000002"]
+
+
+@pytest.mark.slow
+def test_one_step_moves_the_adapter_and_the_log_gives_the_rate_it_used(tiny_model_dir, tmp_path):
+    """--max-steps 1: its one step is the warm-up, run at half the learning rate (not at 0); a stale
+    checkpoint write that a killed process left in the output directory is removed."""
+    stale = tmp_path / "run" / "checkpoints" / ".step-000050.4242-1.tmp"
+    (stale / "adapter").mkdir(parents=True)
+    run_dir = _finished(tiny_model_dir, tmp_path / "run", "--max-steps", "1", "--learning-rate", "0.002")
+    weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    b = [tensor for name, tensor in weights.items() if name.endswith("comoe_B")]
+    assert b and any(tensor.abs().max() > 0 for tensor in b), "the adapter's B matrices are still zero"
+    assert [(row["step"], row["lr"]) for row in cli_runs.read_log(run_dir)] == [(1, pytest.approx(0.001))]
+    assert not stale.exists() and not any((run_dir / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_max_length_beyond_rotary_positions_warns_and_runs(tiny_model_dir, tmp_path, capsys):
+    """The tiny Llama has max_position_embeddings=512 and rotary positions: a longer limit runs, warned."""
+    capsys.readouterr()
+    _finished(tiny_model_dir, tmp_path / "run", "--max-length", "1024")
+    err = capsys.readouterr().err
+    assert "warning: --max-length 1024 is beyond the model's max_position_embeddings=512" in err, err
+
+
+def test_train_examples_that_are_test_examples_are_found_with_their_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        rows(*(mc(i, split="train") for i in range(6)), *(mc(i, split="test") for i in (4, 5, 9)))
+    )
+    data = load_run_data([f"jsonl:{path}"], None, None, 0)
+    assert [(a.line, b.line) for a, b in data.overlap["d"]] == [(5, 7), (6, 8)]
+    dropped = load_run_data([f"jsonl:{path}"], None, None, 0, drop_test_overlap=True)
+    assert [ex.line for ex in dropped.train["d"]] == [1, 2, 3, 4] and len(dropped.overlap["d"]) == 2
+    assert len(dropped.test["d"]) == 3
+
+
+@pytest.mark.slow
+def test_flawed_rows_are_skipped_on_request_listed_and_recorded(tiny_model_dir, tmp_path, capsys):
+    """--skip-invalid-rows: the run goes on without the flawed lines, each printed with its line number
+    and recorded (with their count) in metrics.json."""
+    lines = [mc(i) for i in range(10)]
+    lines[2] = {"question": "q", "choices": ["a", "a"], "answer": 0}
+    lines[7] = '{"question": "q", "choices": ["a", "b"]'
+    (tmp_path / "d.jsonl").write_text(rows(*lines))
+    capsys.readouterr()
+    run_dir = _finished(
+        tiny_model_dir, tmp_path / "run", "--tasks", f"jsonl:{tmp_path / 'd.jsonl'}", "--skip-invalid-rows"
+    )
+    err = capsys.readouterr().err
+    assert "warning: skipped 2 invalid lines (--skip-invalid-rows)" in err, err
+    assert f"{tmp_path / 'd.jsonl'}:3: choice 'a' appears twice" in err
+    assert f"{tmp_path / 'd.jsonl'}:8: invalid JSON" in err
+    skipped = json.loads((run_dir / "metrics.json").read_text())["data"]["skipped_rows"]
+    assert skipped["count"] == 2 and [line.split(": ")[0] for line in skipped["lines"]] == [
+        f"{tmp_path / 'd.jsonl'}:3",
+        f"{tmp_path / 'd.jsonl'}:8",
+    ]
+
+
+@pytest.mark.slow
+def test_train_test_duplicates_warn_with_counts_and_drop_on_request(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        rows(*(mc(i, split="train") for i in range(8)), *(mc(i, split="test") for i in (6, 7, 20, 21)))
+    )
+    flags = ("--tasks", f"jsonl:{path}", "--test-per-task", "none")
+    capsys.readouterr()
+    kept = _finished(tiny_model_dir, tmp_path / "kept", *flags)
+    err = capsys.readouterr().err
+    assert "warning: task 'd': 2 of 8 training examples are also test examples" in err, err
+    assert "train lines 7 (test line 9), 8 (test line 10)" in err and "--drop-test-overlap" in err
+    data = json.loads((kept / "metrics.json").read_text())["data"]
+    assert data["train_test_overlap"] == {"d": 2} and not data["test_overlap_dropped"]
+
+    dropped = _finished(tiny_model_dir, tmp_path / "dropped", *flags, "--drop-test-overlap")
+    out = capsys.readouterr()
+    assert "note: task 'd': dropped 2 training examples that are also test examples" in out.err
+    assert "d (6 train / 4 test)" in out.out
+    data = json.loads((dropped / "metrics.json").read_text())["data"]
+    assert data["train_test_overlap"] == {"d": 2} and data["test_overlap_dropped"]
+
+
+@pytest.mark.slow
+def test_config_from_stdin_in_a_real_process(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "comoe",
+            "train",
+            "--config",
+            "/dev/stdin",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+        input="max_steps: 0\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "/dev/stdin: max_steps must be >= 1" in proc.stderr, proc.stderr
+    assert "no such config file" not in proc.stderr and not (tmp_path / "o").exists()
+
+
 # --- the command line in real subprocesses: no traceback reaches the terminal ---------------------------
 SUBPROCESS_CASES = {
     "yaml-invalid-syntax": (
@@ -982,6 +1246,27 @@ SUBPROCESS_CASES = {
         copied_run("r", lambda r: (r / "adapter" / "adapter_config.json").write_text("{")),
         ["eval", "{tmp}/r"],
         ["{tmp}/r/adapter/adapter_config.json is not valid JSON"],
+    ),
+    "max-length-beyond-learned-positions": (
+        lambda c: save_gpt2_with_real_tokenizer(c.tmp / "gpt2"),
+        train("--model", "{tmp}/gpt2", "--target-modules", "c_attn,c_proj", "--max-length", "128"),
+        ["--max-length 128 is longer than the model's 64 positions"],
+    ),
+    "method-moe-lora-contrastive-weight": (
+        None,
+        train("--method", "moe-lora", "--contrastive-weight", "0.5"),
+        ["method 'moe-lora' sets contrastive_weight itself"],
+    ),
+    **(
+        {
+            "quantize-nf4-narrow-layers": (
+                None,
+                train("--quantize", "nf4"),
+                ["--quantize nf4: layer model.layers.0.self_attn.q_proj is 32 wide"],
+            )
+        }
+        if HAS_BNB
+        else {}
     ),
 }
 

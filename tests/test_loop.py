@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from comoe.data.schema import Example
 from comoe.training.adapters import build_adapted_model
 from comoe.training.base_models import load_base_model
-from comoe.training.loop import TrainingRecipe
+from comoe.training.loop import TrainingRecipe, make_scheduler
 from comoe.training.run_config import RunConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -95,3 +95,25 @@ def test_a_mean_of_micro_batch_means_would_differ(tiny_model_dir, tmp_path):
         assert part["task"] > 0
     halves = [p.grad / 2 for p in recipe.params]
     assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(halves, whole, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("name", "warmup", "total", "expected"),
+    [
+        ("linear", 1, 1, [0.5]),  # --max-steps 1: its one step is the warm-up, at half the rate, not 0
+        ("linear", 2, 5, [1 / 3, 2 / 3, 1.0, 2 / 3, 1 / 3]),
+        ("cosine", 1, 3, [0.5, 1.0, 0.5]),
+        ("constant", 0, 3, [1.0, 1.0, 1.0]),
+        ("linear", 0, 2, [1.0, 0.5]),
+    ],
+)
+def test_no_step_runs_at_rate_zero(name, warmup, total, expected):
+    """Warm-up step i of w uses lr·(i+1)/(w+1); after it, transformers' schedule as it is."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(name, optimizer, warmup, total)
+    rates = []
+    for _ in range(total):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx(expected)

@@ -214,7 +214,9 @@ def analyse_run(run_dir: Path, options: AnalyzeOptions) -> tuple[dict, dict | No
 
     started = time.time()
     run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME, test_per_task=options.test_per_task)
-    _, test = load_splits(run.tasks, run.train_per_task, run.test_per_task, run.seed)
+    _, test = load_splits(
+        run.tasks, run.train_per_task, run.test_per_task, run.seed, skip_invalid_rows=run.skip_invalid_rows
+    )
     base, tokenizer = load_base_model(run.model, quantize=run.quantize)
     if torch.cuda.is_available():
         base.to("cuda")

@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 
+from comoe.cli.flags import ArgumentParser
 from comoe.cli.train import EVAL_FIELDS, run_config_flags, run_eval, run_train
 
 
@@ -19,7 +20,7 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="comoe", description=__doc__)
+    parser = ArgumentParser(prog="comoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(

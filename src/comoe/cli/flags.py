@@ -31,6 +31,19 @@ from comoe.utils.validation import did_you_mean, parse_text
 KEEP = object()  # a default shown as "the run's own": the flag changes a saved setting only when given
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose abbreviations are counted by flag, not by spelling: ``--output`` is
+    ``--output-dir``, although ``--output_dir`` starts with it too; ``--eval`` still matches two flags."""
+
+    def _get_option_tuples(self, option_string: str) -> list[tuple]:
+        matches, seen = [], set()
+        for match in super()._get_option_tuples(option_string):
+            if id(match[0]) not in seen:  # match[0] is the action: one per flag, whatever its spellings
+                seen.add(id(match[0]))
+                matches.append(match)
+        return matches
+
+
 def field_flags(
     settings: type,
     *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from comoe.training.run_config import (
     RunConfig,
     load_yaml,
     merge_fields,
+    method_overrides,
     nest_fields,
     parse_field_value,
 )
@@ -34,8 +36,37 @@ def run_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         run_job(resumed_run(run_dir, requested_fields(args)), run_dir, resume=True)
         return 0
-    run_job(run_config_from_args(args))
+    run = run_config_from_args(args)
+    check_method_overrides(args, run.method)
+    run_job(run)
     return 0
+
+
+def check_method_overrides(args: argparse.Namespace, method: str) -> None:
+    """Refuse an adapter flag that ``method`` replaces, which would silently not apply (``--method moe-lora
+    --contrastive-weight 0.5`` trains with 0). A ``--config`` file keeps its settings as given, so that one
+    file trains every method (a run's ``run_config.yaml``, `comoe compare`'s cells): a value of it that the
+    method replaces, other than the field's default, is named in a warning."""
+    flags = given_fields(args).get("adapter", {})
+    for name, (value, fixed) in method_overrides(method, flags).items():
+        raise ValueError(
+            f"{_flag(name)} {value}: method {method!r} sets {name} itself (to {fixed!r}), so the flag would "
+            f"not apply to it; drop the flag, or choose a method that uses it (--method comoe)"
+        )
+    data = load_yaml(args.config) if args.config else None
+    if isinstance(data, dict):
+        from_file = nest_fields(data, str(args.config)).get("adapter", {})
+        for name, (value, fixed) in method_overrides(method, from_file).items():
+            if value != CoMoEConfig.__dataclass_fields__[name].default:
+                print(
+                    f"warning: {args.config} sets {name}: {value!r}, which method {method!r} replaces with "
+                    f"{fixed!r}; the run trains with {fixed!r} (run_config.yaml keeps {value!r} for other methods)",
+                    file=sys.stderr,
+                )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def run_eval(args: argparse.Namespace) -> int:

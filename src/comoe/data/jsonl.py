@@ -31,13 +31,16 @@ Optional in both kinds:
 
 The whole file is checked before anything is returned. Every problem is reported as
 ``"{path}:{line}: {what is wrong}"`` in a :class:`DataError` (a ``ValueError``), one line per
-problem (at most 20 are listed).
+problem (at most 20 are listed). Given a list as ``skipped``, invalid lines are skipped instead and
+their messages appended to it (``--skip-invalid-rows``); problems of the file as a whole (lines with and
+without "split") still stop it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from comoe.data.prompts import LETTERS
@@ -48,35 +51,46 @@ _KNOWN = {"question", "prompt", "choices", "answer", "target", "task", "split", 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a "task" value names a directory of a run
 
 
+SKIP_HINT = "(to leave the invalid lines out instead, listing them, give --skip-invalid-rows)"
+
+
 class DataError(ValueError):
     """A data file or row that does not follow its schema; ``errors`` holds one message per problem."""
 
-    def __init__(self, errors: list[str]):
+    def __init__(self, errors: list[str], hint: str | None = None):
         self.errors = list(errors)
         shown = self.errors[:MAX_REPORTED]
         if len(self.errors) > MAX_REPORTED:
             shown.append(f"... and {len(self.errors) - MAX_REPORTED} more problems")
-        super().__init__("\n".join(shown))
+        super().__init__("\n".join(shown + ([hint] if hint else [])))
 
 
 class _RowError(Exception):
     pass
 
 
-def read_jsonl(path: str | Path, default_task: str | None = None) -> list[Example]:
-    """Read and validate a whole JSONL file (see the module docstring for the schema)."""
+def read_jsonl(
+    path: str | Path, default_task: str | None = None, *, skipped: list[str] | None = None
+) -> list[Example]:
+    """Read and validate a whole JSONL file (see the module docstring for the schema and ``skipped``)."""
     path = Path(path)
-    return parse_jsonl(path.read_bytes(), source=str(path), default_task=default_task or _stem(path.name))
+    return parse_jsonl(
+        path.read_bytes(), source=str(path), default_task=default_task or _stem(path.name), skipped=skipped
+    )
 
 
-def parse_jsonl(data: bytes | str, source: str, default_task: str) -> list[Example]:
-    """Validate and convert JSONL content; ``source`` names it in error messages."""
+def parse_jsonl(
+    data: bytes | str, source: str, default_task: str, *, skipped: list[str] | None = None
+) -> list[Example]:
+    """Validate and convert JSONL content; ``source`` names it in error messages. With a list as
+    ``skipped``, invalid lines are left out and their messages appended to it."""
     if isinstance(data, bytes):
         data = data.decode("utf-8", errors="surrogateescape")
     if data.startswith("\ufeff"):
         data = data[1:]
     examples: list[Example] = []
     errors: list[str] = []
+    invalid = errors if skipped is None else []  # the lines that are wrong on their own
     first_of_task: dict[str, tuple[int, bool]] = {}  # task -> (line, is multiple choice) of its first line
     has_split: list[tuple[int, bool]] = []  # (line, has a "split") of every valid line
     # Split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which JSON strings may hold.
@@ -84,14 +98,14 @@ def parse_jsonl(data: bytes | str, source: str, default_task: str) -> list[Examp
         if not line.strip():
             continue
         try:
-            example = parse_record(_load_line(line), default_task)
+            example = replace(parse_record(_load_line(line), default_task), line=lineno)
         except _RowError as exc:
-            errors.append(f"{source}:{lineno}: {exc}")
+            invalid.append(f"{source}:{lineno}: {exc}")
             continue
         first_line, first_mc = first_of_task.setdefault(example.task, (lineno, example.is_multiple_choice))
         if example.is_multiple_choice != first_mc:
             kinds = {True: "multiple choice", False: "generation"}
-            errors.append(
+            invalid.append(
                 f"{source}:{lineno}: task {example.task!r} mixes {kinds[first_mc]} (line {first_line}) and "
                 f"{kinds[example.is_multiple_choice]} lines; a task holds one kind: put each kind in its own "
                 f'file, or give these lines another "task"'
@@ -99,14 +113,23 @@ def parse_jsonl(data: bytes | str, source: str, default_task: str) -> list[Examp
             continue
         has_split.append((lineno, "split" in example.meta))
         examples.append(example)
+    line_errors = len(invalid)
     errors += _partial_splits(has_split, source)
+    if skipped is not None:
+        skipped += invalid
+        if invalid and not examples:
+            errors.append(
+                f"{source}: every line is invalid ({len(invalid)} skipped; the first: {invalid[0]}); "
+                "fix the file (see comoe.data.jsonl for the schema)"
+            )
     if not errors and not examples:
         errors.append(
             f"{source}:1: empty file: no JSON records; write one JSON object per line "
             "(see comoe.data.jsonl for the schema)"
         )
     if errors:
-        raise DataError(errors)
+        only_lines = skipped is None and line_errors == len(errors)  # no problem of the whole file
+        raise DataError(errors, SKIP_HINT if only_lines else None)
     return examples
 
 

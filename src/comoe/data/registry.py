@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def load_task(
     seed: int = 0,
     *,
     data_files: str | Path | list | dict | None = None,
+    skipped: list[str] | None = None,
 ) -> list[Example]:
     """Load one split of a task as a list of :class:`Example`.
 
@@ -71,14 +73,15 @@ def load_task(
     (``PAPER_BENCHMARKS``, splits train/validation/test, from the Hugging Face hub or from
     ``data_files`` in the hub's schema), or a JSONL file as ``jsonl:PATH`` or a path ending in
     ``.jsonl`` (see :func:`held_out_split` for a file without ``split`` fields). ``limit`` keeps a
-    seeded random subset of that many examples, in file order.
+    seeded random subset of that many examples, in file order. Given a list as ``skipped``, the invalid
+    lines of a JSONL file are left out and their messages appended to it, instead of refused.
     """
     split = _SPLIT_ALIASES.get(split, split)
     suite = suite_name(name)
     if suite is not None:
         return [e for task in SUITE_NAMES[suite] for e in load_task(task, split, limit, seed)]
     if is_jsonl_spec(name):
-        examples = _load_user_file(jsonl_path(name), split)
+        examples = _load_user_file(jsonl_path(name), split, skipped)
     else:
         key = name.strip().lower().replace("-", "_")
         key = _NAME_ALIASES.get(key, key)
@@ -94,36 +97,86 @@ def load_task(
 
 
 def load_splits(
-    specs: list[str], train_per_task: int | None, test_per_task: int | None, seed: int
+    specs: list[str],
+    train_per_task: int | None,
+    test_per_task: int | None,
+    seed: int,
+    **options: bool,
 ) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
-    """Train and test examples per task name: a seeded subset of train, the first test examples by a fixed
+    """Train and test examples per task name (see `load_run_data`, which takes the same ``options``)."""
+    data = load_run_data(specs, train_per_task, test_per_task, seed, **options)
+    return data.train, data.test
+
+
+@dataclass
+class RunData:
+    """A run's examples per task, and what was noticed loading them."""
+
+    train: dict[str, list[Example]]
+    test: dict[str, list[Example]]
+    origin: dict[str, str]  # task -> the --tasks spec that holds it
+    skipped: list[str] = field(default_factory=list)  # "path:line: what is wrong" of each skipped line
+    # task -> (training example, the test example with the same input): in training, or dropped from it
+    overlap: dict[str, list[tuple[Example, Example]]] = field(default_factory=dict)
+    dropped_overlap: bool = False
+
+
+def load_run_data(
+    specs: list[str],
+    train_per_task: int | None,
+    test_per_task: int | None,
+    seed: int,
+    *,
+    skip_invalid_rows: bool = False,
+    drop_test_overlap: bool = False,
+) -> RunData:
+    """Train and test examples per task name: a seeded subset of train, the test examples by a fixed
     seed; every file is validated before any model is loaded.
 
     A task's name is its built-in name, or for a JSONL file the ``task`` field of its lines or else the
     file name without ``.jsonl``; one file may hold several tasks, and two specs may not share a name.
+    ``skip_invalid_rows`` leaves out a JSONL file's invalid lines (listed in ``skipped``) instead of
+    refusing the file. Training examples whose input (task, question, options) is also a chosen test
+    example's are listed in ``overlap``; ``drop_test_overlap`` drops them before the training subset is
+    drawn.
     """
-    train: dict[str, list[Example]] = {}
-    test: dict[str, list[Example]] = {}
+    found: dict[str, dict[str, list[Example]]] = {"train": {}, "test": {}}
     origin: dict[str, str] = {}
+    skipped: list[str] | None = [] if skip_invalid_rows else None
     for spec in specs:
-        for split, into, limit, subset_seed in (
-            ("train", train, train_per_task, seed),
-            ("test", test, test_per_task, 0),
-        ):
-            for name, examples in _by_task(load_task(spec, split)).items():
+        for split in ("train", "test"):
+            for name, examples in _by_task(load_task(spec, split, skipped=skipped)).items():
                 if origin.setdefault(name, spec) != spec:
                     raise ValueError(
                         f"tasks {origin[name]!r} and {spec!r} both hold a task named {name!r} (a JSONL task is named "
                         'by its lines\' "task" field, else by its file name): rename a file or set "task"'
                     )
-                into[name] = subset(examples, limit, subset_seed)
-    for name in set(train) ^ set(test):
-        has, lacks = ("train", "test") if name in train else ("test", "train")
+                found[split][name] = examples
+    for name in set(found["train"]) ^ set(found["test"]):
+        has, lacks = ("train", "test") if name in found["train"] else ("test", "train")
         raise ValueError(
             f"task {name!r} of {origin[name]!r} has {has} examples but no {lacks} examples; "
             f'give some of its lines "split": "{lacks}"'
         )
-    return train, test
+    data = RunData({}, {}, origin, list(dict.fromkeys(skipped or [])), dropped_overlap=drop_test_overlap)
+    for name, examples in found["train"].items():
+        test = data.test[name] = subset(found["test"][name], test_per_task, 0)
+        tested = {_input_key(ex): ex for ex in test}
+        if drop_test_overlap:
+            kept = [ex for ex in examples if _input_key(ex) not in tested]
+            if not kept:
+                raise ValueError(
+                    f"task {name!r} of {origin[name]!r}: every training example is also a test example, so "
+                    "--drop-test-overlap leaves none; give it training examples of its own"
+                )
+            pairs = [(ex, tested[_input_key(ex)]) for ex in examples if _input_key(ex) in tested]
+            examples = kept
+        data.train[name] = subset(examples, train_per_task, seed)
+        if not drop_test_overlap:
+            pairs = [(ex, tested[_input_key(ex)]) for ex in data.train[name] if _input_key(ex) in tested]
+        if pairs:
+            data.overlap[name] = pairs
+    return data
 
 
 def _by_task(examples: list[Example]) -> dict[str, list[Example]]:
@@ -222,14 +275,14 @@ def _input_key(example: Example) -> str:
     return "\x1f".join((example.task, example.question, *example.choices))
 
 
-def _load_user_file(path: Path, split: str) -> list[Example]:
+def _load_user_file(path: Path, split: str, skipped: list[str] | None = None) -> list[Example]:
     if path.is_dir():
         raise ValueError(
             f"{path} is a directory; name a JSONL file in it, e.g. jsonl:{path / 'my_task.jsonl'}"
         )
     if not path.is_file():
         raise FileNotFoundError(f"no such JSONL file: {path} (relative paths start at {Path.cwd()})")
-    examples = read_jsonl(path)  # refuses a file where only some lines have a "split"
+    examples = read_jsonl(path, skipped=skipped)  # refuses a file where only some lines have a "split"
     splits = {e.meta.get("split") for e in examples} - {None}
     if not splits:
         return held_out_split(examples, split, str(path))

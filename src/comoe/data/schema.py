@@ -20,6 +20,7 @@ class Example:
     answer: int | None = None
     target: str | None = None
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    line: int | None = field(default=None, compare=False, hash=False)  # its line in a JSONL file
 
     @property
     def is_multiple_choice(self) -> bool:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +149,67 @@ def load_base_model(
                 f"built-in {', '.join(map(repr, ALIASES))}, or a Hugging Face hub id (needs network)"
             ) from None
     model.eval()
+    check_quantized_widths(model, quantize)
     return model, prepare_tokenizer(tokenizer)
+
+
+def check_quantized_widths(model: torch.nn.Module, quantize: str | None) -> None:
+    """Refuse an nf4 base that bitsandbytes cannot run on the CPU: its CPU nf4 path packs each layer's
+    weights in blocks of 64 inputs (its block size) and fails, during the first evaluation, on a layer
+    whose input width is not a multiple of that (tiny test models; no real model)."""
+    if quantize != "nf4" or torch.cuda.is_available():
+        return
+    from bitsandbytes.nn import Linear4bit
+
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            block = getattr(module.weight, "blocksize", None) or 64
+            if module.in_features % block:
+                raise ValueError(
+                    f"--quantize nf4: layer {name} is {module.in_features} wide (input features), but "
+                    f"bitsandbytes' CPU nf4 path needs layer widths that are multiples of its block size "
+                    f"{block}; use a base whose layers are at least {block} wide, or --quantize int8, or no "
+                    "--quantize"
+                )
+
+
+_POSITION_EMBEDDING = re.compile(r"(^|_)(wpe|pos|position|positions)(_|$)")
+
+
+def position_limit(model: torch.nn.Module) -> tuple[int | None, str, bool]:
+    """(the longest sequence the model has positions for, the config field that says it, whether its
+    positions are learned embeddings); None when the config names no limit. Learned absolute positions
+    (GPT-2's ``wpe``, BERT's and OPT's position embeddings) have no row beyond the limit; rotary ones
+    (Llama, Qwen2, ...) compute any position but were trained up to it."""
+    config = model.config
+    for key in ("n_positions", "max_position_embeddings"):
+        limit = getattr(config, key, None)
+        if isinstance(limit, int):
+            learned = any(
+                isinstance(module, torch.nn.Embedding) and _POSITION_EMBEDDING.search(name.rsplit(".", 1)[-1])
+                for name, module in model.named_modules()
+            )
+            return limit, key, learned
+    return None, "", False
+
+
+def check_max_length(model: torch.nn.Module, max_length: int, report: bool = True) -> None:
+    """Refuse a ``max_length`` beyond a model's learned position embeddings (it would fail on the first
+    long sequence); warn, and go on, beyond a rotary model's trained context."""
+    limit, key, learned = position_limit(model)
+    if limit is None or max_length <= limit:
+        return
+    if learned:
+        raise ValueError(
+            f"--max-length {max_length} is longer than the model's {limit} positions ({key}={limit}): its "
+            f"position embeddings are learned and have no row beyond that; give --max-length {limit} or less"
+        )
+    if report:
+        print(
+            f"warning: --max-length {max_length} is beyond the model's {key}={limit}: its rotary positions "
+            f"run, but sequences longer than {limit} tokens are beyond the context it was trained on",
+            file=sys.stderr,
+        )
 
 
 def check_model_name(name: str) -> None:

@@ -1,8 +1,9 @@
 """Atomic training checkpoints: adapter, optimizer, scheduler, RNG and position, with no pickles.
 
-A checkpoint is a directory ``checkpoints/step-000050`` written first as ``step-000050.tmp`` and renamed
-when complete, so a run killed at any moment leaves either the previous checkpoint or the new one, never
-a half-written one. Tensors go to safetensors files, everything else to JSON.
+A checkpoint is a directory ``checkpoints/step-000050`` written first as a hidden ``.step-000050.*.tmp``
+and renamed when complete, so a run killed at any moment leaves either the previous checkpoint or the new
+one, never a half-written one; the hidden directory a killed write leaves is removed when the run starts
+again (`remove_stale_writes`). Tensors go to safetensors files, everything else to JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from comoe.training.run_config import ADAPTER_DIR
 from comoe.utils.files import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STEP_TMP = re.compile(r"^\.step-\d+\..*\.tmp$")  # utils.files' temporary name of a checkpoint being written
 
 
 def optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -101,6 +103,16 @@ def list_checkpoints(root: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def remove_stale_writes(root: str | Path) -> list[Path]:
+    """Remove the hidden ``.step-*.tmp`` directories that checkpoint writes killed part-way left under
+    ``root``; call it before this run writes any checkpoint. Returns what was removed."""
+    root = Path(root)
+    stale = [p for p in root.iterdir() if _STEP_TMP.match(p.name)] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, Any]:

@@ -4,7 +4,7 @@ write a run directory:
     RUN_DIR/run_config.yaml     the resolved RunConfig
     RUN_DIR/adapter/            adapter_config.json + adapter_model.safetensors (multi-task)
     RUN_DIR/adapters/TASK/      one adapter per task (single-task setting)
-    RUN_DIR/train_log.jsonl     one line per optimiser step: loss, task, con, bal, lr (per task dir if single)
+    RUN_DIR/train_log.jsonl     one line per optimiser step: loss, task, con, bal, lr (the rate it used; per task dir if single)
     RUN_DIR/metrics.json        per-task accuracy of the adapter, the zero-shot base and the majority class
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,14 +22,14 @@ import torch
 from accelerate.utils import set_seed
 
 from comoe.data.batching import check_lengths
-from comoe.data.registry import load_splits
+from comoe.data.registry import RunData, load_run_data, load_splits
 from comoe.data.schema import Example
 from comoe.evaluation.report import print_accuracy_table
 from comoe.evaluation.scoring import evaluate_tasks, majority_baseline, summarise
 from comoe.ffn import ffn_targets
 from comoe.model import find_targets
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
-from comoe.training.base_models import load_base_model
+from comoe.training.base_models import check_max_length, load_base_model
 from comoe.training.loop import make_accelerator, plan_steps, train_adapter
 from comoe.training.run_config import (
     ADAPTER_DIR,
@@ -158,17 +159,28 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         )
     accelerator = make_accelerator(run)
     check_output_dir(run_dir, resume)
-    train, test = load_splits(run.tasks, run.train_per_task, run.test_per_task, run.seed)
+    data = load_run_data(
+        run.tasks,
+        run.train_per_task,
+        run.test_per_task,
+        run.seed,
+        skip_invalid_rows=run.skip_invalid_rows,
+        drop_test_overlap=run.drop_test_overlap,
+    )
+    train, test = data.train, data.test
     for examples in ([ex for t in train for ex in train[t]],) if run.setting == "multi" else train.values():
         plan_steps(len(examples), run, accelerator.num_processes)
     base, tokenizer = load_base_model(run.model, dtype=base_dtype(run), quantize=run.quantize)
     check_adapter_fits(base, run)
+    check_max_length(base, run.max_length, report=accelerator.is_main_process)
     check_lengths(
         [ex for examples in train.values() for ex in examples],
         tokenizer,
         run.max_length,
         report=accelerator.is_main_process,
     )
+    if accelerator.is_main_process:
+        report_data(data)
     accelerator.wait_for_everyone()  # every process has passed every check before anything is written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +199,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     base.to(accelerator.device)
-    results: dict = {"majority": majority_baseline(train, test)}
+    results: dict = {"majority": majority_baseline(train, test), "data": data_summary(data)}
     if run.eval_base and accelerator.is_main_process:
         results["base"] = _cached_base_eval(run, run_dir, base, tokenizer, test)
 
@@ -233,6 +245,47 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         print_accuracy_table(metrics, title=f"{run.method} ({run.setting}-task) — {run_dir}")
         return metrics
     return {}
+
+
+SHOWN = 5  # line numbers shown per warning
+
+
+def report_data(data: RunData) -> None:
+    """Print the skipped lines and the training examples that are also test examples (see `load_run_data`)."""
+    if data.skipped:
+        print(f"warning: skipped {len(data.skipped)} invalid lines (--skip-invalid-rows):", file=sys.stderr)
+        for message in data.skipped:
+            print(f"  {message}", file=sys.stderr)
+    for task, pairs in data.overlap.items():
+        lines = ", ".join(f"{_line(ex)} (test line {_line(same)})" for ex, same in pairs[:SHOWN])
+        more = f", ... ({len(pairs) - SHOWN} more)" if len(pairs) > SHOWN else ""
+        where = f"train lines {lines}{more} of {data.origin[task]}"
+        if data.dropped_overlap:
+            print(
+                f"note: task {task!r}: dropped {len(pairs)} training examples that are also test examples "
+                f"(same question and options: {where}) (--drop-test-overlap)",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"warning: task {task!r}: {len(pairs)} of {len(data.train[task])} training examples are also "
+                f"test examples (same question and options: {where}); its test score counts examples the "
+                "adapter trained on: --drop-test-overlap drops them from training",
+                file=sys.stderr,
+            )
+
+
+def data_summary(data: RunData) -> dict:
+    """What ``metrics.json`` records of the data: the skipped lines, the train/test overlap per task."""
+    return {
+        "skipped_rows": {"count": len(data.skipped), "lines": data.skipped},
+        "train_test_overlap": {task: len(pairs) for task, pairs in data.overlap.items()},
+        "test_overlap_dropped": data.dropped_overlap,
+    }
+
+
+def _line(example: Example) -> str:
+    return "?" if example.line is None else str(example.line)
 
 
 def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer):
@@ -330,7 +383,9 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
         run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME, **(overrides or {}))
     else:
         run = RunConfig.from_dict(overrides or {}, source="command line")
-    test = load_splits(run.tasks, run.train_per_task, run.test_per_task, run.seed)[1]
+    test = load_splits(
+        run.tasks, run.train_per_task, run.test_per_task, run.seed, skip_invalid_rows=run.skip_invalid_rows
+    )[1]
     if run_dir is not None and not base_only:
         adapters = (
             [run_dir / ADAPTER_DIR]
@@ -344,6 +399,7 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
                 f"with `comoe train --resume {run_dir}`), or that task was not trained in this run"
             )
     base, tokenizer = load_base_model(run.model, quantize=run.quantize)
+    check_max_length(base, run.max_length)
     kwargs = dict(protocol=run.protocol, batch_size=run.eval_batch_size, max_length=run.max_length)
     if base_only:
         metrics = {"base": evaluate_tasks(base, tokenizer, test, **kwargs), "protocol": run.protocol}

@@ -33,7 +33,12 @@ from transformers import get_scheduler
 from comoe.data.batching import IGNORE_INDEX, EncodedExample, collate, encode_example
 from comoe.data.schema import Example
 from comoe.model import CoMoEModel
-from comoe.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from comoe.training.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_writes,
+    save_checkpoint,
+)
 from comoe.training.run_config import CHECKPOINTS_DIR, TRAIN_LOG_NAME, RunConfig
 from comoe.utils.files import write_text_atomic
 from comoe.utils.modeling import accepts_logits_to_keep, pad_token_id
@@ -105,11 +110,8 @@ class TrainingRecipe:
         self.steps_per_epoch, self.total_steps = plan_steps(len(self.encoded), run, accelerator.num_processes)
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=run.learning_rate, weight_decay=run.weight_decay)
-        self.scheduler = get_scheduler(
-            run.scheduler,
-            optimizer,
-            num_warmup_steps=math.ceil(run.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps,
+        self.scheduler = make_scheduler(
+            run.scheduler, optimizer, math.ceil(run.warmup_ratio * self.total_steps), self.total_steps
         )
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.core = accelerator.unwrap_model(self.model)
@@ -134,6 +136,7 @@ class TrainingRecipe:
             accelerator.is_main_process
         ):  # the steps a killed process logged after its last checkpoint are redone
             truncate_log(self.log_path, self.start_step)
+            remove_stale_writes(self.checkpoint_dir)  # what a process killed inside a checkpoint write left
         self.model.train()
         recent: list[dict[str, float]] = []
         began = time.time() - self.earlier_seconds
@@ -158,11 +161,12 @@ class TrainingRecipe:
                 )
                 cached_epoch = epoch
             micro_batches = batches[slot * run.grad_accum : (slot + 1) * run.grad_accum]
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler then moves on)
             parts = self.step([[self.encoded[i] for i in b] for b in micro_batches])
             parts.update(
                 step=step + 1,
                 epoch=epoch,
-                lr=self.scheduler.get_last_lr()[0],
+                lr=lr,
                 elapsed_s=round(time.time() - began, 2),
             )
             self._check_finite(parts, step)
@@ -342,6 +346,21 @@ def plan_steps(num_examples: int, run: RunConfig, world: int) -> tuple[int, int]
             f"grad_accum={run.grad_accum} × {world} processes: lower them or add data (train_per_task)"
         )
     return steps_per_epoch, run.max_steps or math.ceil(run.epochs * steps_per_epoch)
+
+
+def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
+    """transformers' schedule ``name``, whose warm-up never runs a step at rate 0.
+
+    Warm-up step ``i`` (0-based) of ``w`` uses ``lr·(i+1)/(w+1)``, so even a one-step run (``--max-steps
+    1``, whose warm-up is that step) moves the adapter; after the warm-up the schedule is transformers'
+    own (linear and cosine decay reach 0 only after the last step)."""
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    if warmup_steps == 0 or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return scheduler
+    after = scheduler.lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (step + 1) / (warmup_steps + 1) if step < warmup_steps else after(step)
+    )
 
 
 def replicas_identical(params: list[torch.Tensor], accelerator: Accelerator) -> bool:

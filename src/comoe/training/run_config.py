@@ -62,6 +62,20 @@ class RunConfig:
     test_per_task: int | None = field(
         default=100, metadata=doc("Test examples per task (the first ones); none = all.")
     )
+    skip_invalid_rows: bool = field(
+        default=False,
+        metadata=doc(
+            "Leave out the invalid lines of JSONL files (each printed with its line number, counted in "
+            "metrics.json) instead of stopping at the first file that has one."
+        ),
+    )
+    drop_test_overlap: bool = field(
+        default=False,
+        metadata=doc(
+            "Drop the training examples whose input (task, question, options) is also a test example's; "
+            "without it they are kept, with a warning that counts them."
+        ),
+    )
     method: str = field(
         default="comoe",
         metadata=doc(
@@ -103,7 +117,11 @@ class RunConfig:
         metadata=doc("Micro-batches per optimiser step; the step's loss is normalised by all its tokens."),
     )
     warmup_ratio: float = field(
-        default=0.05, metadata=doc("Share of the steps spent warming the learning rate up.")
+        default=0.05,
+        metadata=doc(
+            "Share of the steps (rounded up) spent warming the learning rate up; warm-up step i of w runs "
+            "at lr·(i+1)/(w+1), so no step runs at 0."
+        ),
     )
     scheduler: str = field(
         default="linear",
@@ -362,6 +380,22 @@ def method_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoM
         raise ValueError(f"adapter.{message}" if starts_with_field else f"adapter: {message}") from None
 
 
+METHOD_FIXED = ("contrastive_weight", "num_negatives", "placement", "routing", "top_k")  # what methods set
+
+
+def method_overrides(method: str, given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The adapter settings in ``given`` that ``method`` replaces with another value, as
+    ``{name: (given value, the value the method trains with)}``: moe-lora's contrastive_weight, soft-moe's
+    routing, ... (see `method_adapter`). Empty for comoe, which trains the settings as given."""
+    settings = _settings_of(given)
+    trained = method_adapter(method, settings)
+    return {
+        name: (settings[name], getattr(trained, name))
+        for name in METHOD_FIXED
+        if name in settings and settings[name] != getattr(trained, name)
+    }
+
+
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that also reads exponent forms without a dot (``1e-3``, ``5E+4``) as floats, not strings."""
 
@@ -381,13 +415,17 @@ for _cls in (_YamlLoader, _YamlDumper):
 def load_yaml(path: str | Path) -> Any:
     """Parse a YAML file safely, reading ``1e-3`` as a float (YAML 1.2) rather than a string (YAML 1.1).
 
-    A missing file is a FileNotFoundError and invalid YAML a ValueError, both naming the file (and the line).
+    A pipe, FIFO or character device (``--config /dev/stdin``, ``--config <(...)``) is read once and its text
+    kept, so the command's later readings see the same fields. A missing file is a FileNotFoundError and
+    invalid YAML a ValueError, both naming the file (and the line).
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory; give a YAML file of fields")
+    if not path.exists():
         raise FileNotFoundError(f"no such config file: {path}")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
+        return yaml.load(_config_text(path), Loader=_YamlLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -396,6 +434,18 @@ def load_yaml(path: str | Path) -> Any:
         if context and context_mark is not None:
             problem = f"{problem}, {context} at line {context_mark.line + 1}"
         raise ValueError(f"{path} is not valid YAML{where}: {problem}; fix the file there") from None
+
+
+_STREAMS: dict[str, str] = {}  # the text of each pipe or device read so far: it can be read only once
+
+
+def _config_text(path: Path) -> str:
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    key = str(path)
+    if key not in _STREAMS:
+        _STREAMS[key] = path.read_text(encoding="utf-8")
+    return _STREAMS[key]
 
 
 def split_names(name: str, value: Any) -> Any:
