@@ -7,6 +7,7 @@ import os
 import statistics
 from pathlib import Path
 
+from comoe.tools.bench.measure import paired_ratio
 from comoe.tools.bench.run import SCHEMA_VERSION, evaluate_targets
 from comoe.tools.bench.sizes import SIZES
 from comoe.tools.bench.variants import VARIANT_HELP
@@ -233,6 +234,83 @@ def _render_case(case: dict, device: str) -> list[str]:
     return lines
 
 
+# --- the summary ---------------------------------------------------------------------------------------------
+NOTES_SPLIT = "<!-- targets -->"  # in NOTES.md: what comes before it is printed above the target list
+
+
+def _summary_pair(rows: dict, auto_path: str) -> tuple[str, str, str]:
+    """(expert kind, our variant, the same with the contrastive term) of one case."""
+    if "ours-ffn" in rows:
+        return "FFN", "ours-ffn", "ours-ffn-con"
+    if "ours-dora" in rows and "ours-con-gram" not in rows:
+        return "DoRA", "ours-dora", "ours-dora-con"
+    ours = {"dense": "ours-dense", "grouped": "ours-grouped"}.get(auto_path, "ours-dense")
+    return "LoRA", ours, "ours-con-gram"
+
+
+def _overhead(rows: dict, ours: str, con: str) -> float | None:
+    """The contrastive term's step overhead: median of the per-round ratios con / ours, minus 1."""
+    if rows.get(con, {}).get("x_ours_same_path") is not None:
+        return rows[con]["x_ours_same_path"] - 1.0
+    if con in rows and ours in rows and rows[con].get("times_ms") and rows[ours].get("times_ms"):
+        return paired_ratio(rows[con]["times_ms"], rows[ours]["times_ms"]) - 1.0
+    return None
+
+
+def _setting(result: dict) -> str:
+    s, spec = result["settings"], result["spec"]
+    where = "GPU" if s["device"] == "cuda" else "CPU"
+    return f"hidden {spec['hidden']}, {where}" + (f", {s['autocast']} autocast" if s.get("autocast") else "")
+
+
+def render_summary(results: list[dict]) -> list[str]:
+    """One table of every run and case: our step time, activation memory, the contrastive term's overhead and
+    generation speed, as ratios to PEFT LoRA measured in the same process."""
+    head = [
+        "run",
+        "setting",
+        "tokens/step",
+        "experts",
+        "step × LoRA",
+        "saved activations × LoRA",
+        "contrastive adds to the step",
+        "saved activations with contrastive × LoRA",
+        "generate tokens/s × LoRA",
+    ]
+    lines = [
+        "## Summary",
+        "",
+        "Every run and case below, as ratios to PEFT LoRA of the same rank on the same modules, measured in the "
+        "same process (top-2, the default dense path; DoRA and FFN rows compare their own expert kind). "
+        "'contrastive adds' is the contrastive term's extra step time over the same layers without it; "
+        "'–' where the run did not measure it.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in results:
+        for case in r["cases"]:
+            rows = case.get("variants")
+            if not rows:
+                continue
+            kind, ours, con = _summary_pair(rows, case.get("auto_path", "dense"))
+            o = _overhead(rows, ours, con)
+            gen = case.get("generate", {}).get("variants", {}).get(ours, {})
+            cells = [
+                f"`{r['name']}`",
+                _setting(r),
+                f"{r['settings']['tokens_per_step']:,}",
+                f"{kind}, E = {case['experts']}, r = {case['rank']}",
+                _x(rows.get(ours, {}).get("x_lora")),
+                _x(rows.get(ours, {}).get("mem_x_lora")),
+                "–" if o is None else f"{100 * o:+.1f} %",
+                _x(rows.get(con, {}).get("mem_x_lora")),
+                _x(gen.get("tps_x_lora")),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 # --- peers ---------------------------------------------------------------------------------------------------
 PEER_TITLES = {"moe-peft": "MoE-PEFT"}
 PEER_HEADLINE = {
@@ -425,7 +503,8 @@ def _render_peer(p: dict, results: list[dict], shown: set[str]) -> list[str]:
 
 
 def render_all(results: list[dict], notes: str | None = None, peers: list[dict] | None = None) -> str:
-    """BENCHMARKS.md: machine, noise warning, target summary, notes, the peers, then every run."""
+    """BENCHMARKS.md: machine, noise warning, the summary table, the notes' reading of it, the targets, the rest
+    of the notes, the peers, then every run."""
     results = sorted(
         results, key=lambda r: (list(SIZES).index(r["size"]), r["name"] != r["size"], r.get("date", ""))
     )
@@ -473,11 +552,21 @@ def render_all(results: list[dict], notes: str | None = None, peers: list[dict] 
             "Absolute times (ms, tokens/s) move from run to run; the ratios, measured round-robin inside one "
             "process, are the numbers to read, and even they carry a few per cent of noise.",
         ]
+    notes = notes or ""
+    before, split, after = notes.partition(NOTES_SPLIT)
+    if not split:  # no marker: every note after the targets
+        before, after = "", notes
+    if any(c.get("variants") for r in results for c in r["cases"]):
+        lines += ["", *render_summary(results)]
+    if before.strip():
+        lines += ["", before.strip()]
     all_targets = [(r, t) for r in results for t in evaluate_targets(r)]
     if all_targets:
         lines += [
             "",
             "## Targets",
+            "",
+            "Each measured figure judged once, against its threshold.",
             "",
             "| target | where | measured | threshold | result |",
             "|---|---|---|---|---|",
@@ -486,8 +575,8 @@ def render_all(results: list[dict], notes: str | None = None, peers: list[dict] 
             lines.append(
                 f"| {t['target']} | {t['where']} | {_target_value(t)} | {_target_threshold(t)} | {_met(t['met'])} |"
             )
-    if notes:
-        lines += ["", notes.strip()]
+    if after.strip():
+        lines += ["", after.strip()]
     if peers:
         lines += ["", *render_peers(peers, results)]
     lines += ["", "## Runs", ""]
