@@ -23,7 +23,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument(
         "--markdown", help="write markdown here: every result in --output-dir when given, else this run"
     )
-    p.add_argument("--notes", help="markdown file appended after the target summary (with --markdown)")
+    p.add_argument(
+        "--notes",
+        help="hand-written markdown (with --markdown): the part before a line <!-- targets --> goes above the "
+        "target list, the rest after it",
+    )
     p.add_argument(
         "--render", action="store_true", help="run nothing: render the results in --output-dir to --markdown"
     )

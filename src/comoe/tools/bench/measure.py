@@ -17,7 +17,7 @@ from comoe.tools.bench.naive import copy_comoe_to_naive
 from comoe.tools.bench.sizes import SizeSpec
 from comoe.tools.bench.variants import Variant
 
-MIN_STEPS = 20  # the floor for committed numbers; fewer is allowed (tests) but flagged
+MIN_STEPS = 20  # the floor for committed numbers; fewer is allowed (tests) but flagged
 
 
 # --- one training step --------------------------------------------------------------------------------
