@@ -236,13 +236,13 @@ def test_dora_adapters_save_and_reload_exactly_through_comoe_and_peft(tmp_path):
 
 
 def test_the_parameter_count_includes_the_magnitudes():
-    from comoe.training.adapters import comoe_parameter_count
+    from comoe.placement import adapter_parameter_count
 
     config = tiny_comoe_config("llama", use_dora=True)
-    expected = comoe_parameter_count(build("llama"), config)
+    expected = adapter_parameter_count(build("llama"), config)
     model = get_comoe_model(build("llama"), config)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
-    lora_only = comoe_parameter_count(build("llama"), tiny_comoe_config("llama"))
+    lora_only = adapter_parameter_count(build("llama"), tiny_comoe_config("llama"))
     assert expected - lora_only == sum(p.numel() for n, p in model.named_parameters() if "magnitude" in n)
 
 

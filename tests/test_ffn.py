@@ -17,7 +17,7 @@ from comoe.layer import CoMoELayer
 from comoe.losses import contrastive_loss_materialized, draw_anchors, draw_negatives
 from comoe.model import AdapterLoadError, CoMoEModel, get_comoe_model
 from comoe.trace import ForwardContext
-from comoe.training.adapters import comoe_parameter_count
+from comoe.placement import adapter_parameter_count
 from comoe.training.job import check_adapter_fits
 from comoe.training.run_config import RunConfig
 from tests.references import reference_route
@@ -181,7 +181,7 @@ def test_placement_ffn_wraps_each_mlp_block_and_plain_lora_on_attention(family, 
     }
     assert sorted(model.routed_modules) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert all(m.comoe_router is None for n, m in model.adapted_modules.items() if "self_attn" in n)
-    assert model.get_nb_trainable_parameters()[0] == comoe_parameter_count(build(family), config)
+    assert model.get_nb_trainable_parameters()[0] == adapter_parameter_count(build(family), config)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, before, **TOL)  # B = 0: every expert is the FFN
 
@@ -271,4 +271,4 @@ def test_a_misspelled_target_and_an_mlp_that_does_not_fit_fail_before_training()
 def test_one_expert_per_block_counts_no_router():
     config = ffn_config(num_experts=1, top_k=1, target_modules=["q_proj"])
     model = get_comoe_model(build("llama"), config)
-    assert model.get_nb_trainable_parameters()[0] == comoe_parameter_count(build("llama"), config)
+    assert model.get_nb_trainable_parameters()[0] == adapter_parameter_count(build("llama"), config)

@@ -21,6 +21,7 @@ CORE_MODULES = {
     "config",
     "layer",
     "mixture",
+    "placement",
     "routers",
     "trace",
     "auxiliary",

@@ -101,16 +101,6 @@ def shared_lora_config(config: CoMoEConfig) -> CoMoEConfig:
     )
 
 
-def ffn_parameter_count(mlp: nn.Module, config: CoMoEConfig) -> int:
-    """Trainable parameters of one block's FFN experts: E·r·(d_in + d_out) per projection + E·d_model router
-    (none for one expert)."""
-    total = config.num_experts * mlp.gate_proj.in_features if config.num_experts > 1 else 0  # the router
-    for proj in PROJECTIONS:
-        linear = getattr(mlp, f"{proj}_proj")
-        total += config.num_experts * config.r * (linear.in_features + linear.out_features)
-    return total
-
-
 class CoMoEFFNLayer(MixtureLayer):
     """Wraps a gated MLP block (``base_layer``) as a routed mixture of whole-FFN experts.
 

@@ -35,11 +35,9 @@ from torch import Tensor, nn
 
 from comoe.auxiliary import losses_from_traces
 from comoe.config import CoMoEConfig
-from comoe.ffn import CoMoEFFNLayer, ffn_targets, shared_lora_config
-from comoe.layer import CoMoELayer
 from comoe.mixture import MERGE_REFUSED, ONE_ADAPTER, MixtureLayer
+from comoe.placement import AdapterTargets, build_layer
 from comoe.records import RoutingRecorder
-from comoe.targets import find_targets
 from comoe.trace import ForwardContext
 from comoe.utils.modeling import replace_module
 
@@ -103,11 +101,7 @@ class CoMoETuner(BaseTuner):
         self.adapted_modules: dict[str, MixtureLayer] = {}
         # comoe's matching ('all-linear', layer groups, MLP blocks), resolved before any module changes: a
         # refused config leaves the model as it was given.
-        if config.placement == "ffn":
-            blocks, linears = ffn_targets(model, config)
-            self._ffn_blocks, self._targets = set(blocks), set(blocks) | set(linears)
-        else:
-            self._ffn_blocks, self._targets = set(), set(find_targets(model, config))
+        self._targets = AdapterTargets(model, config)
 
     def _check_new_adapter_config(self, config: CoMoEConfig) -> None:
         if len(self.peft_config) > 1:
@@ -123,7 +117,7 @@ class CoMoETuner(BaseTuner):
         return copy.copy(peft_config)
 
     def _check_target_module_exists(self, peft_config: CoMoEConfig, key: str) -> bool:
-        return key in self._targets
+        return key in self._targets.names
 
     def _create_and_replace(
         self,
@@ -136,12 +130,7 @@ class CoMoETuner(BaseTuner):
         **_: Any,
     ) -> None:
         config = self.peft_config[adapter_name]  # the user's object, not PEFT's working copy
-        if current_key in self._ffn_blocks:
-            layer = CoMoEFFNLayer(target, config, self.context, current_key, adapter_name)
-        elif config.placement == "ffn":  # MixLoRA's layout: one plain LoRA on the other target linears
-            layer = CoMoELayer(target, shared_lora_config(config), self.context, current_key, adapter_name)
-        else:
-            layer = CoMoELayer(target, config, self.context, current_key, adapter_name)
+        layer = build_layer(target, current_key, config, self._targets, self.context, adapter_name)
         setattr(parent, target_name, layer)
         self.adapted_modules[current_key] = layer
 

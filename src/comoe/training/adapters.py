@@ -11,37 +11,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 from comoe.config import DAMAGED, WEIGHTS_NAME, CoMoEConfig, read_adapter_config
-from comoe.ffn import ffn_parameter_count, ffn_targets, shared_lora_config
 from comoe.frozen import layer_features
 from comoe.model import AdapterLoadError, CoMoEModel, find_targets, get_comoe_model
+from comoe.placement import adapter_parameter_count
 from comoe.training.run_config import RunConfig
 from comoe.utils.files import atomic_dir
 from comoe.utils.modeling import replace_module
 
 
-def comoe_parameter_count(base: nn.Module, config: CoMoEConfig) -> int:
-    """Trainable parameters CoMoE would add: per linear E·r·(d_in + d_out) experts + E·d_in router (none for
-    one expert) + E·d_out magnitudes for DoRA experts; with placement='ffn', each MLP block's FFN experts
-    and router plus one plain LoRA per other target linear."""
-    if config.placement == "ffn":
-        blocks, linears = ffn_targets(base, config)
-        experts = sum(ffn_parameter_count(base.get_submodule(name), config) for name in blocks)
-        shared = shared_lora_config(config)
-        return experts + sum(_linear_parameter_count(base.get_submodule(n), shared) for n in linears)
-    return sum(_linear_parameter_count(base.get_submodule(n), config) for n in find_targets(base, config))
-
-
-def _linear_parameter_count(linear: nn.Module, config: CoMoEConfig) -> int:
-    d_in, d_out = layer_features(linear)
-    total = config.num_experts * config.r * (d_in + d_out)
-    total += config.num_experts * d_in if config.num_experts > 1 else 0
-    return total + (config.num_experts * d_out if config.use_dora else 0)
-
-
 def matched_lora_rank(base: nn.Module, config: CoMoEConfig) -> int:
     """The LoRA rank whose parameter count is closest to the CoMoE adapter's (the paper's r = 80 idea)."""
     per_rank = sum(sum(layer_features(base.get_submodule(n))) for n in find_targets(base, config))
-    return max(1, round(comoe_parameter_count(base, config) / per_rank))
+    return max(1, round(adapter_parameter_count(base, config) / per_rank))
 
 
 def build_adapted_model(base: nn.Module, run: RunConfig) -> nn.Module:
