@@ -16,8 +16,8 @@ from comoe.ffn import CoMoEFFNLayer, is_gated_mlp
 from comoe.layer import CoMoELayer
 from comoe.losses import contrastive_loss_materialized, draw_anchors, draw_negatives
 from comoe.model import AdapterLoadError, CoMoEModel, get_comoe_model
-from comoe.trace import ForwardContext
 from comoe.placement import adapter_parameter_count
+from comoe.trace import ForwardContext
 from comoe.training.job import check_adapter_fits
 from comoe.training.run_config import RunConfig
 from tests.references import reference_route
