@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from comoe.config import CoMoEConfig
 from comoe.dense import dropout_keep
-from comoe.dora import dora_row_norms
+from comoe.dora import DoraState, dora_row_norms
 from comoe.layer import CoMoELayer
 from comoe.losses import contrastive_loss_materialized, draw_anchors, draw_negatives
 from comoe.model import CoMoEModel, get_comoe_model
@@ -186,7 +186,7 @@ def test_the_contrastive_loss_of_dora_experts_is_that_of_their_materialised_outp
     top_idx = routing.selected
     scale = layer.dora_scale()
     w0x = x @ base.weight.t()
-    mine = contrastive_of_call(layer, routing, layer._contrastive_inputs(codes, (scale, w0x)))
+    mine = contrastive_of_call(layer, routing, layer._contrastive_inputs(codes, DoraState(scale, w0x)))
     # the outputs the reference loop adds up, one expert at a time, without the layer's code
     outputs = torch.stack(
         [

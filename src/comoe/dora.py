@@ -11,8 +11,20 @@ tensor.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+
+
+class DoraState(NamedTuple):
+    """What one call of DoRA experts adds beside the codes: their scales and the base output."""
+
+    scale: Tensor  # (E, d_out): c_i = m_i / ||W0 + s B_i A_i||
+    base_out: Tensor  # (N, d_out): W0 x̃ without bias
+
+    def detached(self) -> DoraState:
+        return DoraState(self.scale.detach().float(), self.base_out.detach().float())
 
 
 def dora_row_norms(
@@ -43,13 +55,11 @@ def scaled_B(lora_B: Tensor, scale: Tensor, num_experts: int) -> Tensor:
     return (b * scale.t()[:, :, None]).view(d_out, -1)
 
 
-def expert_outputs(
-    codes: Tensor, lora_B: Tensor, scaling: float, dora: tuple[Tensor, Tensor] | None = None
-) -> Tensor:
+def expert_outputs(codes: Tensor, lora_B: Tensor, scaling: float, dora: DoraState | None = None) -> Tensor:
     """Every expert's output E_i(x), (N, E, d_out), from its codes (N, E, r).
 
-    LoRA experts: B_i h_i (the scaling s left out: cosines do not see it). DoRA experts (``dora`` =
-    (c (E, d_out), W0 x̃ (N, d_out))): s c_i ⊙ B_i h_i + (c_i − 1) ⊙ W0 x̃, the expert's whole update.
+    LoRA experts: B_i h_i (the scaling s left out: cosines do not see it). DoRA experts (``dora``):
+    s c_i ⊙ B_i h_i + (c_i − 1) ⊙ W0 x̃, the expert's whole update.
     """
 
     n_exp, rank = codes.shape[1], codes.shape[2]
@@ -57,5 +67,4 @@ def expert_outputs(
     lora = torch.einsum("ner,der->ned", codes.to(b.dtype), b)  # codes are bf16 under autocast
     if dora is None:
         return lora
-    scale, base_out = dora
-    return lora * (scaling * scale) + (scale - 1) * base_out[:, None, :]
+    return lora * (scaling * dora.scale) + (dora.scale - 1) * dora.base_out[:, None, :]

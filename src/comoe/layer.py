@@ -30,10 +30,11 @@ from comoe.dense import (
     plain_dense_experts,
     product_dtype,
 )
-from comoe.dora import dora_row_norms, expert_outputs, scaled_B
+from comoe.dora import DoraState, dora_row_norms, expert_outputs, scaled_B
 from comoe.frozen import base_weight, layer_features
 from comoe.grouped import grouped_delta
 from comoe.mixture import MixtureLayer
+from comoe.routers import Routing
 from comoe.trace import ContrastiveInputs, ForwardContext
 
 
@@ -137,7 +138,7 @@ class CoMoELayer(MixtureLayer):
         if scale is not None:
             base_out = self._base_output(result, x_drop)
             delta = delta + (gates.to(scale.dtype) @ (scale - 1)) * base_out
-            dora = (scale, base_out)
+            dora = DoraState(scale, base_out)
         contrastive = self._contrastive_inputs(codes, dora) if with_contrastive else None
         if self._wants_aux():
             self._trace(routing, x_drop, codes, dora, contrastive)
@@ -145,10 +146,10 @@ class CoMoELayer(MixtureLayer):
 
     def _trace(
         self,
-        routing,
+        routing: Routing,
         x_drop: Tensor | None,
         codes: Tensor | None,
-        dora,
+        dora: DoraState | None,
         contrastive: ContrastiveInputs | None,
     ) -> None:
         """Leave this call's trace, forming without autograd what only an evaluation or a record needs."""
@@ -160,12 +161,12 @@ class CoMoELayer(MixtureLayer):
                 contrastive = self._contrastive_inputs(codes, dora)
             samples = None
             if wants_samples:
-                picked = None if dora is None else (dora[0].detach().float(), dora[1].detach().float())
+                picked = None if dora is None else dora.detached()
                 codes = codes.detach().view(codes.shape[0], self.num_experts, self.r).float()
                 samples = self.expert_outputs(codes, picked).float()
         self._leave_trace(routing, contrastive, samples)
 
-    def _contrastive_inputs(self, codes: Tensor, dora: tuple | None) -> ContrastiveInputs:
+    def _contrastive_inputs(self, codes: Tensor, dora: DoraState | None) -> ContrastiveInputs:
         """What the contrastive loss needs from this call, formed while the weights are whole: the codes
         and G = BᵀB (Gram form), or every expert's output (DoRA experts, the materialised form). fp32 (fp64
         if the adapter is) whatever the autocast."""
@@ -178,7 +179,7 @@ class CoMoELayer(MixtureLayer):
                 return ContrastiveInputs(codes=codes, gram=lora_B.t() @ lora_B, recompute=recompute)
             return ContrastiveInputs(outputs=self.expert_outputs(codes, dora))
 
-    def expert_outputs(self, codes: Tensor, dora: tuple | None = None) -> Tensor:
+    def expert_outputs(self, codes: Tensor, dora: DoraState | None = None) -> Tensor:
         """Every expert's output E_i(x) (N, E, d_out) from the codes (N, E, r): see ``comoe.dora``."""
         return expert_outputs(codes, self.comoe_B, self.scaling, dora)
 
