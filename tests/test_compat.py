@@ -1,0 +1,26 @@
+"""Adapters comoe 0.1 saved, one of every kind (``tests/compat_fixtures.py`` wrote them with that version's
+code), load through both entry points and give the logits they gave then."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from comoe import CoMoEModel
+from tests.compat_fixtures import FIXTURES, KINDS, inputs
+from tests.tiny_models import build
+
+
+@pytest.mark.parametrize("loader", ["comoe", "peft"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_an_adapter_comoe_0_1_saved_loads_with_its_logits(kind, loader):
+    directory = FIXTURES / kind
+    load = CoMoEModel.from_pretrained if loader == "comoe" else PeftModel.from_pretrained
+    model = load(build("llama"), directory).eval()
+    with torch.no_grad():
+        logits = model(**inputs()).logits
+    torch.testing.assert_close(
+        logits, load_file(str(directory / "logits.safetensors"))["logits"], rtol=0, atol=1e-6
+    )
