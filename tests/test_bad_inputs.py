@@ -1366,3 +1366,38 @@ def test_sharded_launches_are_refused_before_any_work(kind, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "one process or with DDP" in err and "torchrun" in err
     assert not run_dir.exists()
+
+
+# --- adapters: what reaches the terminal ----------------------------------------------------------------
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(ROOT)]), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+
+@pytest.mark.slow
+def test_bitsandbytes_kernel_notice_is_not_printed():
+    pytest.importorskip("bitsandbytes")
+    notice = "Failed to load CPU gemm_4bit_forward"
+    plain = _python("import bitsandbytes", ROOT)
+    if notice not in plain.stderr:
+        pytest.skip("this machine's bitsandbytes prints no kernel notice (no AVX512-BF16 CPU kernel path)")
+    cli = subprocess.run(
+        [sys.executable, "-m", "comoe", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    assert cli.returncode == 0 and notice not in cli.stdout + cli.stderr
+    quant = _python(
+        "import torch, comoe\n"
+        "from comoe.training.base_models import quantization_config\n"
+        "import bitsandbytes\n"
+        "print(type(quantization_config('nf4', torch.float32)).__name__)\n",
+        ROOT,
+    )
+    assert quant.returncode == 0 and quant.stdout.strip() == "BitsAndBytesConfig", quant.stderr
+    assert notice not in quant.stdout + quant.stderr

@@ -2,10 +2,18 @@
 
 import logging
 
-# bitsandbytes (when installed; PEFT imports it) warns at import that it cannot download a CPU kernel
-# from the Hugging Face hub. comoe never downloads at run time, so that warning is only noise in every
-# command; other bitsandbytes messages are kept.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+class _NoKernelDownloadNotice(logging.Filter):
+    """Drops bitsandbytes' import-time notice that it could not fetch a CPU kernel from the Hugging Face
+    hub ("Failed to load CPU gemm_4bit_forward from kernels-community ..."). comoe never downloads at run
+    time, so the notice is only noise in every command; the logger's other messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# bitsandbytes (when installed) logs it while PEFT imports it, so the filter goes on before any import below.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelDownloadNotice())
 
 from comoe.config import CoMoEConfig  # noqa: E402
 from comoe.layer import CoMoELayer  # noqa: E402
