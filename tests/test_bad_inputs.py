@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import comoe.training.job as job
@@ -1057,6 +1057,20 @@ def _unset_layers(directory: Path) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), "layers": None}))
 
 
+def _non_finite(directory: Path) -> None:
+    """Two NaN and one Inf in two of the adapter's tensors (written back as valid safetensors)."""
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors[f"{PEFT_PREFIX}{Q_A}"][0, :2] = float("nan")
+    tensors[f"{PEFT_PREFIX}{V_B}"][1, 0] = float("inf")
+    save_file(tensors, path)
+
+
+Q_A = "model.layers.0.self_attn.q_proj.comoe_A"
+V_B = "model.layers.1.self_attn.v_proj.comoe_B"
+PEFT_PREFIX = "base_model.model."
+
+
 API_CASES = [
     api(
         "config-weight-quoted",
@@ -1302,6 +1316,34 @@ API_CASES = [
         ValueError,
         ["unknown fields ['learning_rat']", "did you mean 'learning_rate'"],
     ),
+    # adapters: values that cannot be right, a second method on top, a newer comoe's file
+    api(
+        "load-adapter-non-finite",
+        lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
+        AdapterLoadError,
+        [
+            "{tmp}/adapter/adapter_model.safetensors: 3 non-finite values (NaN or Inf) in 2 tensors",
+            f"{Q_A} (2)",
+            f"{V_B} (1)",
+            "nothing was loaded",
+            "load an earlier checkpoint",
+        ],
+        saved_adapter("adapter", then=_non_finite),
+    ),
+    api(
+        "load-adapted-model-non-finite",
+        lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        AdapterLoadError,
+        ["3 non-finite values (NaN or Inf) in 2 tensors", f"{Q_A} (2)", "nothing was loaded"],
+        saved_adapter("adapter", then=_non_finite),
+    ),
+    api(
+        "peft-load-non-finite",
+        lambda c: PeftModel.from_pretrained(build("llama"), str(c.tmp / "adapter")),
+        AdapterLoadError,
+        ["the adapter checkpoint: 3 non-finite values (NaN or Inf) in 2 tensors", f"{Q_A} (2)"],
+        saved_adapter("adapter", then=_non_finite),
+    ),  # PEFT's own loader goes through the tuner's check too (on a base of its own: PEFT does not undo)
 ]
 
 
@@ -1313,6 +1355,7 @@ def test_api_refuses_bad_input(call, exc, fragments, setup, tmp_path, monkeypatc
         setup(ctx)
     weights = {name: tensor.clone() for name, tensor in ctx.base.state_dict().items()}
     kinds = [type(m) for m in ctx.base.modules()]
+    attributes = model_facts(ctx.base)
     before = snapshot(tmp_path)
 
     with pytest.raises(exc) as info:
@@ -1328,6 +1371,20 @@ def test_api_refuses_bad_input(call, exc, fragments, setup, tmp_path, monkeypatc
     )
     assert [type(m) for m in ctx.base.modules()] == kinds
     assert not any(isinstance(m, CoMoELayer) for m in ctx.base.modules())
+    assert model_facts(ctx.base) == attributes, "the base model's attributes, flags or hooks changed"
+
+
+def model_facts(model: torch.nn.Module) -> dict:
+    """What a refused call must leave as it was: every module's attribute names and hooks, every
+    parameter's requires_grad, the training flag."""
+    return {
+        "attributes": {name: sorted(vars(m)) for name, m in model.named_modules()},
+        "hooks": {
+            name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()
+        },
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "training": model.training,
+    }
 
 
 @pytest.mark.parametrize(

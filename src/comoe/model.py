@@ -214,11 +214,14 @@ class CoMoEModel(PeftModel):
         config = config or CoMoEConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        attributes = set(vars(model))
         wrapped = cls(model, config, adapter_name)
         try:
             wrapped.load_adapter_weights(model_id)
         except BaseException:
             wrapped.base_model.unload()
+            for name in set(vars(model)) - attributes:  # what PEFT set on it (peft_config)
+                delattr(model, name)
             for name, param in model.named_parameters():
                 param.requires_grad_(requires_grad.get(name, param.requires_grad))
             raise

@@ -271,6 +271,8 @@ class CoMoETuner(BaseTuner):
         for name, layer in self.adapted_modules.items():
             replace_module(self.model, name, layer.base_layer)
         self.adapted_modules = {}
+        if self.model.__dict__.get("peft_config") is self.peft_config:  # PEFT put it there on injection
+            del self.model.peft_config
         return self.model
 
     # --- PEFT's save/load key mapping --------------------------------------------------------------------
@@ -305,7 +307,8 @@ def without_single_expert_routers(tensors: dict[str, Tensor], expected: dict) ->
 
 
 def check_adapter_tensors(tensors: dict[str, Tensor], expected: dict[str, torch.Size], source: str) -> None:
-    """Raise AdapterLoadError unless ``tensors`` has exactly the ``expected`` names and shapes."""
+    """Raise AdapterLoadError unless ``tensors`` has exactly the ``expected`` names and shapes, and every
+    value is finite."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -319,6 +322,25 @@ def check_adapter_tensors(tensors: dict[str, Tensor], expected: dict[str, torch.
                 f"{source}: tensor {name} has shape {tuple(tensors[name].shape)} but this model expects "
                 f"{tuple(shape)} (an adapter for a base of another shape?); nothing was loaded"
             )
+    check_finite(tensors, source)
+
+
+def check_finite(tensors: dict[str, Tensor], source: str) -> None:
+    """Raise AdapterLoadError if any tensor holds NaN or Inf, naming the tensors and counting the values."""
+    bad = {}
+    for name, value in tensors.items():
+        if value.is_floating_point() or value.is_complex():
+            count = int((~torch.isfinite(value)).sum())
+            if count:
+                bad[name] = count
+    if bad:
+        names = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise AdapterLoadError(
+            f"{source}: {sum(bad.values())} non-finite values (NaN or Inf) in {len(bad)} tensors: {names}{more}; "
+            "nothing was loaded. The adapter was saved from a diverged run: load an earlier checkpoint, or "
+            "retrain with a lower learning rate"
+        )
 
 
 def token_share(labels: Tensor | None, num_items_in_batch: Tensor | int | None) -> Tensor | float:
