@@ -1344,6 +1344,20 @@ API_CASES = [
         ["the adapter checkpoint: 3 non-finite values (NaN or Inf) in 2 tensors", f"{Q_A} (2)"],
         saved_adapter("adapter", then=_non_finite),
     ),  # PEFT's own loader goes through the tuner's check too (on a base of its own: PEFT does not undo)
+    api(
+        "peft-lora-on-a-comoe-model",
+        lambda c: get_peft_model(
+            get_comoe_model(build("llama"), tiny_comoe_config("llama")),
+            LoraConfig(r=2, target_modules=["q_proj"]),
+        ),
+        ValueError,
+        [
+            "this model holds a CoMoE adapter",
+            "PEFT cannot add a LORA adapter (LoraConfig) on top of it",
+            "Apply LoraConfig to the original base model",
+            "unload()",
+        ],
+    ),
 ]
 
 
@@ -1425,7 +1439,28 @@ def test_sharded_launches_are_refused_before_any_work(kind, tmp_path, monkeypatc
     assert not run_dir.exists()
 
 
-# --- adapters: what reaches the terminal ----------------------------------------------------------------
+# --- adapters: stacking, the auxiliary loss left out, old names, a process without `import comoe` -----------
+def _batch() -> dict[str, torch.Tensor]:
+    ids = torch.arange(1, 25).reshape(2, 12) % 97
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_a_refused_lora_leaves_the_comoe_model_working():
+    model = get_comoe_model(build("llama"), tiny_comoe_config("llama"))
+    model.eval()
+    with torch.no_grad():
+        before = model(**_batch()).logits
+    kinds = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="holds a CoMoE adapter"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert [type(m) for m in model.modules()] == kinds
+    assert {name: type(c).__name__ for name, c in model.peft_config.items()} == {"default": "CoMoEConfig"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**_batch()).logits, before, rtol=0, atol=0)
+    model.train()
+    assert model(**_batch()).contrastive_loss > 0  # the hooks still read a CoMoEConfig
+
+
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(ROOT)]), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env)

@@ -68,6 +68,31 @@ class AuxLosses:
         return fields
 
 
+class AdapterConfigs(dict):
+    """The tuner's ``peft_config`` (adapter name → ``CoMoEConfig``): it refuses another method's config.
+
+    ``peft.get_peft_model(comoe_model, LoraConfig(...))`` builds a second tuner on top, and PEFT's
+    ``BaseTuner`` adds its config to the ``peft_config`` it finds on the model it wraps, which is this dict;
+    the CoMoE hooks would then read a ``LoraConfig`` at the next forward. Refusing the assignment stops
+    PEFT before it changes any module.
+    """
+
+    def __setitem__(self, name: str, config: object) -> None:
+        if not isinstance(config, CoMoEConfig):
+            method = getattr(getattr(config, "peft_type", None), "value", None) or type(config).__name__
+            raise ValueError(
+                f"this model holds a CoMoE adapter; PEFT cannot add a {method} adapter ({type(config).__name__}) "
+                f"on top of it ({ONE_ADAPTER}, and the other method would wrap CoMoE's layers). Apply "
+                f"{type(config).__name__} to the original base model instead, or take the base back from the "
+                "CoMoE model with unload() first"
+            )
+        super().__setitem__(name, config)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for name, config in dict(*args, **kwargs).items():
+            self[name] = config
+
+
 def refuse_stacking(model: nn.Module) -> None:
     """A clear error for a model that already carries adapters (comoe's or another PEFT method's)."""
     if any(isinstance(m, MixtureLayer) for m in model.modules()):
@@ -94,6 +119,9 @@ class CoMoETuner(BaseTuner):
         if not isinstance(config, CoMoEConfig):
             raise TypeError(f"CoMoETuner needs a CoMoEConfig, got {type(config).__name__}")
         refuse_stacking(model)
+        # PEFT copies this dict onto the wrapped model (model.peft_config), where another method's tuner
+        # finds it and adds its config: the dict refuses that before any module changes.
+        self.peft_config = AdapterConfigs(self.peft_config)
         self.context = ForwardContext()
         self.last_aux: AuxLosses | None = None
         self.training_aux: AuxLosses | None = None
