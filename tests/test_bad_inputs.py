@@ -29,6 +29,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+import comoe
 import comoe.training.job as job
 from comoe import CoMoEConfig, CoMoEModel, get_comoe_model
 from comoe.cli.app import build_parser, main
@@ -1358,6 +1359,24 @@ API_CASES = [
             "unload()",
         ],
     ),
+    api(
+        "config-json-newer-comoe",
+        lambda c: CoMoEConfig.from_pretrained(c.tmp / "a"),
+        ValueError,
+        [
+            "{tmp}/a/adapter_config.json",
+            f"saved by comoe 9.0.0, newer than this comoe ({comoe.__version__})",
+            "['expert_groups']",
+            "pip install 'comoe>=9.0.0'",
+        ],
+        files(
+            {
+                "a/adapter_config.json": json.dumps(
+                    {"peft_type": "COMOE", "comoe_version": "9.0.0", "expert_groups": 2}
+                )
+            }
+        ),
+    ),
 ]
 
 
@@ -1468,6 +1487,32 @@ def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
+
+
+@pytest.mark.slow
+def test_a_process_without_import_comoe_meets_comoe_in_the_adapter_directory(tmp_path):
+    """PEFT has no hook that finds a method from outside its source tree, so a process that has not
+    imported comoe meets PEFT's own KeyError; what comoe controls is what the user then opens: the
+    adapter's files name comoe and its README says to import it first."""
+    saved_adapter("adapter")(Ctx(tmp_path, Path(), Path()))
+    adapter = tmp_path / "adapter"
+    load = (
+        "from peft import PeftConfig, PeftModel\n"
+        "from tests.tiny_models import build\n"
+        f"print(type(PeftConfig.from_pretrained({str(adapter)!r})).__name__)\n"
+        f"print(type(PeftModel.from_pretrained(build('llama'), {str(adapter)!r}).base_model).__name__)\n"
+    )
+    without = _python(load, ROOT)
+    assert without.returncode != 0 and "KeyError: 'COMOE'" in without.stderr
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "COMOE" and config["comoe_version"] == comoe.__version__
+    first_screen = (adapter / "README.md").read_text().splitlines()[:8]
+    assert any("`import comoe` first" in line and "KeyError: 'COMOE'" in line for line in first_screen)
+    assert any(line.startswith("import comoe") for line in first_screen)
+
+    with_import = _python("import comoe\n" + load, ROOT)
+    assert with_import.returncode == 0, with_import.stderr
+    assert with_import.stdout.split() == ["CoMoEConfig", "CoMoETuner"]
 
 
 @pytest.mark.slow

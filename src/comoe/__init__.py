@@ -2,6 +2,8 @@
 
 import logging
 
+__version__ = "0.1.0"  # first: comoe.config writes it into every adapter_config.json
+
 
 class _NoKernelDownloadNotice(logging.Filter):
     """Drops bitsandbytes' import-time notice that it could not fetch a CPU kernel from the Hugging Face
@@ -35,4 +37,3 @@ __all__ = [
     "get_comoe_model",
     "load_balancing_loss",
 ]
-__version__ = "0.1.0"
