@@ -15,6 +15,7 @@ these wherever it can.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -1478,6 +1479,45 @@ def test_a_refused_lora_leaves_the_comoe_model_working():
         torch.testing.assert_close(model(**_batch()).logits, before, rtol=0, atol=0)
     model.train()
     assert model(**_batch()).contrastive_loss > 0  # the hooks still read a CoMoEConfig
+
+
+@pytest.mark.parametrize(
+    "old, name, new",
+    [
+        ("comoe.adapters", "load_adapted_model", "comoe.training.adapters"),
+        ("comoe.train", "train_adapter", "comoe.training.loop"),
+        ("comoe.runconfig", "RunConfig", "comoe.training.run_config"),
+        ("comoe.models", "load_base_model", "comoe.training.base_models"),
+        ("comoe.job", "run_job", "comoe.training.job"),
+        ("comoe.checkpoint", "save_checkpoint", "comoe.training.checkpoint"),
+        ("comoe.evaluate", "evaluate_tasks", "comoe.evaluation.scoring"),
+        ("comoe.batching", "collate", "comoe.data.batching"),
+        ("comoe.compare", "paired_bootstrap", "comoe.experiments.stats"),
+        ("comoe.data.bigbench", "SuiteTask", "comoe.data.suites"),
+        ("comoe.analysis", "entropy", "comoe.analysis.metrics"),
+        ("comoe.validation", "did_you_mean", "comoe.utils.validation"),
+        ("comoe.files", "write_json_atomic", "comoe.utils.files"),
+    ],
+)
+def test_old_module_paths_still_import_with_a_warning_naming_the_new_one(old, name, new):
+    module = importlib.import_module(old)
+    with pytest.warns(FutureWarning, match=f"{old}.{name} is deprecated .* use {new}.{name}"):
+        value = getattr(module, name)
+    assert value is getattr(importlib.import_module(new), name)
+
+
+def test_outputs_aux_losses_still_reads_with_a_warning_naming_the_fields():
+    model = get_comoe_model(build("llama"), tiny_comoe_config("llama"))
+    model.train()
+    out = model(**_batch())
+    with pytest.warns(
+        FutureWarning, match="read outputs.contrastive_loss instead of outputs.aux_losses.contrastive"
+    ):
+        contrastive = out.aux_losses.contrastive
+    assert contrastive is out.contrastive_loss
+    with pytest.warns(FutureWarning, match="outputs.aux_loss"):
+        assert out.aux_losses.total is out.aux_loss
+    assert "aux_losses" not in out  # an attribute only: wrappers that rebuild outputs drop it
 
 
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:

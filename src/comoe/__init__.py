@@ -21,8 +21,11 @@ from comoe.config import CoMoEConfig  # noqa: E402
 from comoe.layer import CoMoELayer  # noqa: E402
 from comoe.losses import contrastive_loss, contrastive_loss_materialized, load_balancing_loss  # noqa: E402
 from comoe.model import AdapterLoadError, AuxLosses, CoMoEModel, get_comoe_model  # noqa: E402
+from comoe.moved import install as _install_moved_modules  # noqa: E402
 from comoe.records import RoutingRecorder  # noqa: E402
 from comoe.tuner import CoMoETuner  # noqa: E402  (importing it registers CoMoE with PEFT)
+
+_install_moved_modules()  # old module paths (comoe.adapters, comoe.train, ...) import with a warning
 
 __all__ = [
     "AdapterLoadError",

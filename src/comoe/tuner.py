@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,6 +67,28 @@ class AuxLosses:
         if self.balance is not None:
             fields["balance_loss"] = self.balance
         return fields
+
+
+class DeprecatedAuxLosses:
+    """``outputs.aux_losses``, the ``AuxLosses`` of the forward as earlier comoe returned it: each read warns
+    and names the output fields that replace it (``aux_loss``, ``contrastive_loss``, ``balance_loss``)."""
+
+    def __init__(self, aux: AuxLosses):
+        self._aux = aux
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        replacement = {"total": "outputs.aux_loss", "contrastive": "outputs.contrastive_loss"}.get(
+            name, "outputs.balance_loss" if name == "balance" else f"model.last_aux.{name}"
+        )
+        warnings.warn(
+            f"outputs.aux_losses is deprecated and goes in the next release: read {replacement} instead of "
+            f"outputs.aux_losses.{name}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return getattr(self._aux, name)
 
 
 class AdapterConfigs(dict):
@@ -177,6 +200,7 @@ class CoMoETuner(BaseTuner):
         self._hook_handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
+            model.register_forward_hook(self._after_aux),  # after _after_forward: sees its fields
         ]
 
     @property
@@ -236,6 +260,13 @@ class CoMoETuner(BaseTuner):
             ctx.token_mask = ctx.task_ids = None
             ctx.compute_contrastive = ctx.compute_balance = ctx.active = False
             ctx.pending = []
+
+    def _after_aux(self, module: nn.Module, args: tuple, outputs: Any) -> None:
+        """What follows the auxiliary losses: the deprecated ``outputs.aux_losses``."""
+        if torch.compiler.is_compiling():
+            return
+        if self.last_aux is not None and isinstance(outputs, dict):
+            outputs.__dict__["aux_losses"] = DeprecatedAuxLosses(self.last_aux)  # an attribute, not a field
 
     def _collect_aux(self) -> AuxLosses | None:
         aux = self.context.aux
