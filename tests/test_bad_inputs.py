@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -1479,6 +1480,76 @@ def test_a_refused_lora_leaves_the_comoe_model_working():
         torch.testing.assert_close(model(**_batch()).logits, before, rtol=0, atol=0)
     model.train()
     assert model(**_batch()).contrastive_loss > 0  # the hooks still read a CoMoEConfig
+
+
+def _train_steps(model, loss_of, steps: int = 3) -> list[str]:
+    """``steps`` optimiser-free training steps with ``loss_of(outputs)`` as the loss; comoe's warnings."""
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            loss_of(model(**_batch())).backward()
+    return [str(w.message) for w in caught if str(w.message).startswith("comoe:")]
+
+
+@pytest.mark.parametrize(
+    "loss_of, weight, warns",
+    [
+        pytest.param(
+            lambda out: out.logits.float().logsumexp(-1).mean(), 0.5, True, id="own-loss-without-aux"
+        ),
+        pytest.param(lambda out: out.loss, 0.5, False, id="outputs-loss"),
+        pytest.param(
+            lambda out: out.logits.float().logsumexp(-1).mean() + out.aux_loss, 0.5, False, id="own+aux"
+        ),
+        pytest.param(lambda out: out.logits.float().logsumexp(-1).mean(), 0.0, False, id="lambda-0"),
+    ],
+)
+def test_a_training_loss_without_the_aux_loss_warns_once(loss_of, weight, warns):
+    model = get_comoe_model(build("llama"), tiny_comoe_config("llama", contrastive_weight=weight))
+    caught = _train_steps(model, loss_of)
+    assert len(caught) == (1 if warns else 0), caught
+    if warns:
+        assert "contrastive_weight=0.5" in caught[0] and "comoe.sft.CoMoESFTTrainer" in caught[0]
+        assert "model.get_aux_loss()" in caught[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "trainer, weight, warns", [("SFTTrainer", 0.5, True), ("CoMoESFTTrainer", 0.5, False)]
+)
+def test_plain_sft_trainer_warns_that_it_trains_without_the_contrastive_term(
+    tiny_model_dir, tmp_path, trainer, weight, warns
+):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from comoe.sft import CoMoESFTTrainer
+
+    cls = {"SFTTrainer": SFTTrainer, "CoMoESFTTrainer": CoMoESFTTrainer}[trainer]
+    run = cls(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "out"),
+            max_steps=3,
+            per_device_train_batch_size=2,
+            max_length=16,
+            report_to="none",
+            save_strategy="no",
+            bf16=False,
+        ),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        train_dataset=Dataset.from_dict({"text": ["the cat sat on the mat", "bees make honey"] * 3}),
+        peft_config=tiny_comoe_config("llama", contrastive_weight=weight),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.train()
+    ours = [str(w.message) for w in caught if str(w.message).startswith("comoe:")]
+    assert len(ours) == (1 if warns else 0), ours
+    if warns:
+        assert "CoMoESFTTrainer" in ours[0]
 
 
 @pytest.mark.parametrize(

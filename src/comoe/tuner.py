@@ -202,6 +202,8 @@ class CoMoETuner(BaseTuner):
             model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
             model.register_forward_hook(self._after_aux),  # after _after_forward: sees its fields
         ]
+        self._aux_use: dict[str, bool] | None = None
+        self._aux_unused_warned = False
 
     @property
     def routed_modules(self) -> dict[str, MixtureLayer]:
@@ -262,11 +264,64 @@ class CoMoETuner(BaseTuner):
             ctx.pending = []
 
     def _after_aux(self, module: nn.Module, args: tuple, outputs: Any) -> None:
-        """What follows the auxiliary losses: the deprecated ``outputs.aux_losses``."""
+        """What follows the auxiliary losses: the deprecated ``outputs.aux_losses``, the check that a
+        training loss uses them."""
         if torch.compiler.is_compiling():
             return
         if self.last_aux is not None and isinstance(outputs, dict):
             outputs.__dict__["aux_losses"] = DeprecatedAuxLosses(self.last_aux)  # an attribute, not a field
+        self._watch_aux_use(module, outputs)
+
+    def _watch_aux_use(self, module: nn.Module, outputs: Any) -> None:
+        """Warn once when a training step's loss left out the auxiliary loss.
+
+        A trainer that optimises its own loss instead of ``outputs.loss`` (TRL's ``SFTTrainer``, a custom
+        loop) trains as if λ were 0, silently. The signal is autograd's: gradient hooks note whether the
+        backward of a training forward reached its outputs and whether it reached ``aux_loss``; the next
+        training forward reads the notes, so the warning comes one step after the first such step.
+        """
+        used = self._aux_use
+        if self._aux_unused_warned or not (module.training and torch.is_grad_enabled()):
+            return
+        if used is not None and used["outputs"] and not used["aux"]:
+            self._aux_unused_warned = True
+            cfg = self.comoe_config
+            warnings.warn(
+                f"comoe: a training step's backward reached the model's outputs but not its auxiliary loss "
+                f"(contrastive_weight={cfg.contrastive_weight}, balance_weight={cfg.balance_weight}): the loss "
+                "being optimised leaves it out, so training runs as with both weights 0. comoe adds it to "
+                "outputs.loss, which transformers.Trainer optimises; TRL's SFTTrainer computes its own loss: use "
+                "comoe.sft.CoMoESFTTrainer. A custom loop adds model.get_aux_loss() (or outputs.aux_loss) to "
+                "its loss",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        self._aux_use = None
+        aux, cfg = self.last_aux, self.comoe_config
+        if aux is None or not aux.total.requires_grad or not isinstance(outputs, dict):
+            return
+        if cfg.contrastive_weight == 0 and cfg.balance_weight == 0:  # computed for routing records only
+            return
+        tensors = [
+            value
+            for key, value in outputs.items()
+            if key not in aux.output_fields() and isinstance(value, Tensor) and value.requires_grad
+        ]
+        if not tensors:
+            return
+        notes = {"outputs": False, "aux": False}
+
+        def noting(key: str):
+            def hook(grad: Tensor) -> None:
+                notes[key] = True
+
+            return hook
+
+        for tensor in tensors:
+            tensor.register_hook(noting("outputs"))
+        aux.total.register_hook(noting("aux"))
+        self._aux_use = notes
 
     def _collect_aux(self) -> AuxLosses | None:
         aux = self.context.aux
