@@ -1601,17 +1601,24 @@ SRC = ROOT / "src"
 
 
 @pytest.mark.slow
-def test_a_process_without_import_comoe_meets_comoe_in_the_adapter_directory(tmp_path):
+def test_a_process_without_import_comoe_meets_comoe_in_the_adapter_directory(tiny_model_dir, tmp_path):
     """PEFT has no hook that finds a method from outside its source tree, so a process that has not
     imported comoe meets PEFT's own KeyError; what comoe controls is what the user then opens: the
-    adapter's files name comoe and its README says to import it first."""
-    saved_adapter("adapter")(Ctx(tmp_path, Path(), Path()))
+    adapter's files name comoe and its README says to import it first. After ``import comoe`` the three
+    ways PEFT loads an adapter work, AutoPeftModelForCausalLM included (from the base class comoe records)."""
+    from transformers import AutoModelForCausalLM
+
     adapter = tmp_path / "adapter"
+    get_comoe_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_comoe_config("llama")
+    ).save_pretrained(adapter)
     load = (
-        "from peft import PeftConfig, PeftModel\n"
-        "from tests.tiny_models import build\n"
+        "from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n"
         f"print(type(PeftConfig.from_pretrained({str(adapter)!r})).__name__)\n"
-        f"print(type(PeftModel.from_pretrained(build('llama'), {str(adapter)!r}).base_model).__name__)\n"
+        f"base = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})\n"
+        f"print(type(PeftModel.from_pretrained(base, {str(adapter)!r}).base_model).__name__)\n"
+        f"print(type(AutoPeftModelForCausalLM.from_pretrained({str(adapter)!r}).base_model).__name__)\n"
     )
     without = _python(load, ROOT)
     assert without.returncode != 0 and "KeyError: 'COMOE'" in without.stderr
@@ -1623,7 +1630,7 @@ def test_a_process_without_import_comoe_meets_comoe_in_the_adapter_directory(tmp
 
     with_import = _python("import comoe\n" + load, ROOT)
     assert with_import.returncode == 0, with_import.stderr
-    assert with_import.stdout.split() == ["CoMoEConfig", "CoMoETuner"]
+    assert with_import.stdout.split() == ["CoMoEConfig", "CoMoETuner", "CoMoETuner"]
 
 
 @pytest.mark.slow

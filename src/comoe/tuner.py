@@ -197,6 +197,10 @@ class CoMoETuner(BaseTuner):
         name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
         if config.base_model_name_or_path is None and name_or_path:
             config.base_model_name_or_path = name_or_path
+        if config.task_type is None and config.auto_mapping is None:
+            # as PEFT saves a config without task_type: AutoPeftModelForCausalLM rebuilds the base from it
+            base = type(model)
+            config.auto_mapping = {"base_model_class": base.__name__, "parent_library": base.__module__}
         self._hook_handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
