@@ -1069,6 +1069,15 @@ def _non_finite(directory: Path) -> None:
     save_file(tensors, path)
 
 
+def _non_finite_lora(directory: Path) -> None:
+    """One NaN in a PEFT LoRA adapter's first A matrix."""
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    name = next(n for n in sorted(tensors) if "q_proj.lora_A" in n)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, path)
+
+
 Q_A = "model.layers.0.self_attn.q_proj.comoe_A"
 V_B = "model.layers.1.self_attn.v_proj.comoe_B"
 PEFT_PREFIX = "base_model.model."
@@ -1339,6 +1348,17 @@ API_CASES = [
         AdapterLoadError,
         ["3 non-finite values (NaN or Inf) in 2 tensors", f"{Q_A} (2)", "nothing was loaded"],
         saved_adapter("adapter", then=_non_finite),
+    ),
+    api(
+        "load-adapted-model-lora-non-finite",
+        lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        AdapterLoadError,
+        [
+            "{tmp}/adapter/adapter_model.safetensors: 1 non-finite value (NaN or Inf) in 1 tensor:",
+            "q_proj.lora_A.weight (1)",
+            "nothing was loaded",
+        ],
+        saved_lora_adapter("adapter", then=_non_finite_lora),
     ),
     api(
         "peft-load-non-finite",

@@ -443,6 +443,10 @@ def check_adapter_tensors(tensors: dict[str, Tensor], expected: dict[str, torch.
     check_finite(tensors, source)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def check_finite(tensors: dict[str, Tensor], source: str) -> None:
     """Raise AdapterLoadError if any tensor holds NaN or Inf, naming the tensors and counting the values."""
     bad = {}
@@ -455,9 +459,10 @@ def check_finite(tensors: dict[str, Tensor], source: str) -> None:
         names = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise AdapterLoadError(
-            f"{source}: {sum(bad.values())} non-finite values (NaN or Inf) in {len(bad)} tensors: {names}{more}; "
-            "nothing was loaded. The adapter was saved from a diverged run: load an earlier checkpoint, or "
-            "retrain with a lower learning rate"
+            f"{source}: {_count(sum(bad.values()), 'non-finite value')} (NaN or Inf) in "
+            f"{_count(len(bad), 'tensor')}: {names}{more}; "
+            "nothing was loaded. A diverged run saved it, or the file is damaged: load an earlier checkpoint, "
+            "or retrain with a lower learning rate"
         )
 
 
