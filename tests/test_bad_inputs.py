@@ -1362,11 +1362,18 @@ API_CASES = [
     ),
     api(
         "peft-load-non-finite",
-        lambda c: PeftModel.from_pretrained(build("llama"), str(c.tmp / "adapter")),
+        lambda c: PeftModel.from_pretrained(c.base, str(c.tmp / "adapter")),
         AdapterLoadError,
         ["the adapter checkpoint: 3 non-finite values (NaN or Inf) in 2 tensors", f"{Q_A} (2)"],
         saved_adapter("adapter", then=_non_finite),
-    ),  # PEFT's own loader goes through the tuner's check too (on a base of its own: PEFT does not undo)
+    ),  # PEFT's own loader goes through the tuner's check, which gives the base back as it was
+    api(
+        "peft-load-shape-mismatch",
+        lambda c: PeftModel.from_pretrained(c.base, str(c.tmp / "adapter"), is_trainable=True),
+        AdapterLoadError,
+        ["the adapter checkpoint: tensor", "has shape (16, 64) but this model expects (16, 32)"],
+        saved_adapter("adapter", hidden=64),
+    ),
     api(
         "peft-lora-on-a-comoe-model",
         lambda c: get_peft_model(

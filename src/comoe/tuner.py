@@ -142,6 +142,7 @@ class CoMoETuner(BaseTuner):
         if not isinstance(config, CoMoEConfig):
             raise TypeError(f"CoMoETuner needs a CoMoEConfig, got {type(config).__name__}")
         refuse_stacking(model)
+        self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
         # PEFT copies this dict onto the wrapped model (model.peft_config), where another method's tuner
         # finds it and adds its config: the dict refuses that before any module changes.
         self.peft_config = AdapterConfigs(self.peft_config)
@@ -393,6 +394,15 @@ class CoMoETuner(BaseTuner):
             del self.model.peft_config
         return self.model
 
+    def restore_base(self) -> nn.Module:
+        """``unload()``, and every base parameter's ``requires_grad`` as it was before the wrap: the model
+        as it was given, after a refused load."""
+        model = self.unload()
+        before = getattr(self, "_requires_grad_before", {})
+        for name, param in model.named_parameters():
+            param.requires_grad_(before.get(name, param.requires_grad))
+        return model
+
     # --- PEFT's save/load key mapping --------------------------------------------------------------------
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -410,7 +420,13 @@ class CoMoETuner(BaseTuner):
         model_prefix = PEFT_PREFIX if any(k.startswith(PEFT_PREFIX) for k in expected) else ""
         remapped = {model_prefix + key.removeprefix(PEFT_PREFIX): value for key, value in state_dict.items()}
         remapped = without_single_expert_routers(remapped, expected)
-        check_adapter_tensors(remapped, expected, "the adapter checkpoint")
+        try:
+            check_adapter_tensors(remapped, expected, "the adapter checkpoint")
+        except AdapterLoadError:
+            tuner = getattr(model, "base_model", None)
+            if isinstance(tuner, cls) and _called_from(PeftModel.from_pretrained):
+                tuner.restore_base()  # PEFT wrapped the caller's model for this load alone: give it back
+            raise
         return remapped
 
 
@@ -464,6 +480,17 @@ def check_finite(tensors: dict[str, Tensor], source: str) -> None:
             "nothing was loaded. A diverged run saved it, or the file is damaged: load an earlier checkpoint, "
             "or retrain with a lower learning rate"
         )
+
+
+def _called_from(function: Any) -> bool:
+    """Whether ``function`` (a method, classmethods included) is on the call stack."""
+    code = getattr(function, "__func__", function).__code__
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def token_share(labels: Tensor | None, num_items_in_batch: Tensor | int | None) -> Tensor | float:
