@@ -1604,6 +1604,19 @@ def test_old_module_paths_still_import_with_a_warning_naming_the_new_one(old, na
     assert value is getattr(importlib.import_module(new), name)
 
 
+def test_every_old_module_path_imports_and_its_homes_exist():
+    from comoe.moved import ANALYSIS_MODULES, MOVED
+
+    for old, homes in MOVED.items():
+        assert importlib.import_module(old).__name__ == old
+        for home in homes:
+            importlib.import_module(home)
+    for home in ANALYSIS_MODULES:
+        importlib.import_module(home)
+    with pytest.raises(AttributeError, match="comoe.training.adapters"):
+        importlib.import_module("comoe.adapters").no_such_name  # noqa: B018
+
+
 def test_outputs_aux_losses_still_reads_with_a_warning_naming_the_fields():
     model = get_comoe_model(build("llama"), tiny_comoe_config("llama"))
     model.train()
