@@ -15,6 +15,7 @@ these wherever it can.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -22,15 +23,17 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+import comoe
 import comoe.training.job as job
 from comoe import CoMoEConfig, CoMoEModel, get_comoe_model
 from comoe.cli.app import build_parser, main
@@ -1342,6 +1345,29 @@ def _unset_layers(directory: Path) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), "layers": None}))
 
 
+def _non_finite(directory: Path) -> None:
+    """Two NaN and one Inf in two of the adapter's tensors (written back as valid safetensors)."""
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors[f"{PEFT_PREFIX}{Q_A}"][0, :2] = float("nan")
+    tensors[f"{PEFT_PREFIX}{V_B}"][1, 0] = float("inf")
+    save_file(tensors, path)
+
+
+def _non_finite_lora(directory: Path) -> None:
+    """One NaN in a PEFT LoRA adapter's first A matrix."""
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    name = next(n for n in sorted(tensors) if "q_proj.lora_A" in n)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, path)
+
+
+Q_A = "model.layers.0.self_attn.q_proj.comoe_A"
+V_B = "model.layers.1.self_attn.v_proj.comoe_B"
+PEFT_PREFIX = "base_model.model."
+
+
 API_CASES = [
     api(
         "config-weight-quoted",
@@ -1587,6 +1613,84 @@ API_CASES = [
         ValueError,
         ["unknown fields ['learning_rat']", "did you mean 'learning_rate'"],
     ),
+    # adapters: values that cannot be right, a second method on top, a newer comoe's file
+    api(
+        "load-adapter-non-finite",
+        lambda c: CoMoEModel.from_pretrained(c.base, c.tmp / "adapter"),
+        AdapterLoadError,
+        [
+            "{tmp}/adapter/adapter_model.safetensors: 3 non-finite values (NaN or Inf) in 2 tensors",
+            f"{Q_A} (2)",
+            f"{V_B} (1)",
+            "nothing was loaded",
+            "load an earlier checkpoint",
+        ],
+        saved_adapter("adapter", then=_non_finite),
+    ),
+    api(
+        "load-adapted-model-non-finite",
+        lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        AdapterLoadError,
+        ["3 non-finite values (NaN or Inf) in 2 tensors", f"{Q_A} (2)", "nothing was loaded"],
+        saved_adapter("adapter", then=_non_finite),
+    ),
+    api(
+        "load-adapted-model-lora-non-finite",
+        lambda c: load_adapted_model(c.base, c.tmp / "adapter"),
+        AdapterLoadError,
+        [
+            "{tmp}/adapter/adapter_model.safetensors: 1 non-finite value (NaN or Inf) in 1 tensor:",
+            "q_proj.lora_A.weight (1)",
+            "nothing was loaded",
+        ],
+        saved_lora_adapter("adapter", then=_non_finite_lora),
+    ),
+    api(
+        "peft-load-non-finite",
+        lambda c: PeftModel.from_pretrained(c.base, str(c.tmp / "adapter")),
+        AdapterLoadError,
+        ["the adapter checkpoint: 3 non-finite values (NaN or Inf) in 2 tensors", f"{Q_A} (2)"],
+        saved_adapter("adapter", then=_non_finite),
+    ),  # PEFT's own loader goes through the tuner's check, which gives the base back as it was
+    api(
+        "peft-load-shape-mismatch",
+        lambda c: PeftModel.from_pretrained(c.base, str(c.tmp / "adapter"), is_trainable=True),
+        AdapterLoadError,
+        ["the adapter checkpoint: tensor", "has shape (16, 64) but this model expects (16, 32)"],
+        saved_adapter("adapter", hidden=64),
+    ),
+    api(
+        "peft-lora-on-a-comoe-model",
+        lambda c: get_peft_model(
+            get_comoe_model(build("llama"), tiny_comoe_config("llama")),
+            LoraConfig(r=2, target_modules=["q_proj"]),
+        ),
+        ValueError,
+        [
+            "this model holds a CoMoE adapter",
+            "PEFT cannot add a LORA adapter (LoraConfig) on top of it",
+            "Apply LoraConfig to the original base model",
+            "unload()",
+        ],
+    ),
+    api(
+        "config-json-newer-comoe",
+        lambda c: CoMoEConfig.from_pretrained(c.tmp / "a"),
+        ValueError,
+        [
+            "{tmp}/a/adapter_config.json",
+            f"saved by comoe 9.0.0, newer than this comoe ({comoe.__version__})",
+            "['expert_groups']",
+            "pip install 'comoe>=9.0.0'",
+        ],
+        files(
+            {
+                "a/adapter_config.json": json.dumps(
+                    {"peft_type": "COMOE", "comoe_version": "9.0.0", "expert_groups": 2}
+                )
+            }
+        ),
+    ),
 ]
 
 
@@ -1598,6 +1702,7 @@ def test_api_refuses_bad_input(call, exc, fragments, setup, tmp_path, monkeypatc
         setup(ctx)
     weights = {name: tensor.clone() for name, tensor in ctx.base.state_dict().items()}
     kinds = [type(m) for m in ctx.base.modules()]
+    attributes = model_facts(ctx.base)
     before = snapshot(tmp_path)
 
     with pytest.raises(exc) as info:
@@ -1613,6 +1718,20 @@ def test_api_refuses_bad_input(call, exc, fragments, setup, tmp_path, monkeypatc
     )
     assert [type(m) for m in ctx.base.modules()] == kinds
     assert not any(isinstance(m, CoMoELayer) for m in ctx.base.modules())
+    assert model_facts(ctx.base) == attributes, "the base model's attributes, flags or hooks changed"
+
+
+def model_facts(model: torch.nn.Module) -> dict:
+    """What a refused call must leave as it was: every module's attribute names and hooks, every
+    parameter's requires_grad, the training flag."""
+    return {
+        "attributes": {name: sorted(vars(m)) for name, m in model.named_modules()},
+        "hooks": {
+            name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()
+        },
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "training": model.training,
+    }
 
 
 @pytest.mark.parametrize(
@@ -1651,3 +1770,214 @@ def test_sharded_launches_are_refused_before_any_work(kind, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "one process or with DDP" in err and "torchrun" in err
     assert not run_dir.exists()
+
+
+# --- adapters: stacking, the auxiliary loss left out, old names, a process without `import comoe` -----------
+def _batch() -> dict[str, torch.Tensor]:
+    ids = torch.arange(1, 25).reshape(2, 12) % 97
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_a_refused_lora_leaves_the_comoe_model_working():
+    model = get_comoe_model(build("llama"), tiny_comoe_config("llama"))
+    model.eval()
+    with torch.no_grad():
+        before = model(**_batch()).logits
+    kinds = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="holds a CoMoE adapter"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert [type(m) for m in model.modules()] == kinds
+    assert {name: type(c).__name__ for name, c in model.peft_config.items()} == {"default": "CoMoEConfig"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**_batch()).logits, before, rtol=0, atol=0)
+    model.train()
+    assert model(**_batch()).contrastive_loss > 0  # the hooks still read a CoMoEConfig
+
+
+def _train_steps(model, loss_of, steps: int = 3) -> list[str]:
+    """``steps`` optimiser-free training steps with ``loss_of(outputs)`` as the loss; comoe's warnings."""
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            loss_of(model(**_batch())).backward()
+    return [str(w.message) for w in caught if str(w.message).startswith("comoe:")]
+
+
+@pytest.mark.parametrize(
+    "loss_of, weight, warns",
+    [
+        pytest.param(
+            lambda out: out.logits.float().logsumexp(-1).mean(), 0.5, True, id="own-loss-without-aux"
+        ),
+        pytest.param(lambda out: out.loss, 0.5, False, id="outputs-loss"),
+        pytest.param(
+            lambda out: out.logits.float().logsumexp(-1).mean() + out.aux_loss, 0.5, False, id="own+aux"
+        ),
+        pytest.param(lambda out: out.logits.float().logsumexp(-1).mean(), 0.0, False, id="lambda-0"),
+    ],
+)
+def test_a_training_loss_without_the_aux_loss_warns_once(loss_of, weight, warns):
+    model = get_comoe_model(build("llama"), tiny_comoe_config("llama", contrastive_weight=weight))
+    caught = _train_steps(model, loss_of)
+    assert len(caught) == (1 if warns else 0), caught
+    if warns:
+        assert "contrastive_weight=0.5" in caught[0] and "comoe.sft.CoMoESFTTrainer" in caught[0]
+        assert "model.get_aux_loss()" in caught[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "trainer, weight, warns", [("SFTTrainer", 0.5, True), ("CoMoESFTTrainer", 0.5, False)]
+)
+def test_plain_sft_trainer_warns_that_it_trains_without_the_contrastive_term(
+    tiny_model_dir, tmp_path, trainer, weight, warns
+):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from comoe.sft import CoMoESFTTrainer
+
+    cls = {"SFTTrainer": SFTTrainer, "CoMoESFTTrainer": CoMoESFTTrainer}[trainer]
+    run = cls(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "out"),
+            max_steps=3,
+            per_device_train_batch_size=2,
+            max_length=16,
+            report_to="none",
+            save_strategy="no",
+            bf16=False,
+        ),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        train_dataset=Dataset.from_dict({"text": ["the cat sat on the mat", "bees make honey"] * 3}),
+        peft_config=tiny_comoe_config("llama", contrastive_weight=weight),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.train()
+    ours = [str(w.message) for w in caught if str(w.message).startswith("comoe:")]
+    assert len(ours) == (1 if warns else 0), ours
+    if warns:
+        assert "CoMoESFTTrainer" in ours[0]
+
+
+@pytest.mark.parametrize(
+    "old, name, new",
+    [
+        ("comoe.adapters", "load_adapted_model", "comoe.training.adapters"),
+        ("comoe.train", "train_adapter", "comoe.training.loop"),
+        ("comoe.runconfig", "RunConfig", "comoe.training.run_config"),
+        ("comoe.models", "load_base_model", "comoe.training.base_models"),
+        ("comoe.job", "run_job", "comoe.training.job"),
+        ("comoe.checkpoint", "save_checkpoint", "comoe.training.checkpoint"),
+        ("comoe.evaluate", "evaluate_tasks", "comoe.evaluation.scoring"),
+        ("comoe.batching", "collate", "comoe.data.batching"),
+        ("comoe.compare", "paired_bootstrap", "comoe.experiments.stats"),
+        ("comoe.data.bigbench", "SuiteTask", "comoe.data.suites"),
+        ("comoe.analysis", "entropy", "comoe.analysis.metrics"),
+        ("comoe.validation", "did_you_mean", "comoe.utils.validation"),
+        ("comoe.files", "write_json_atomic", "comoe.utils.files"),
+    ],
+)
+def test_old_module_paths_still_import_with_a_warning_naming_the_new_one(old, name, new):
+    module = importlib.import_module(old)
+    with pytest.warns(FutureWarning, match=f"{old}.{name} is deprecated .* use {new}.{name}"):
+        value = getattr(module, name)
+    assert value is getattr(importlib.import_module(new), name)
+
+
+def test_every_old_module_path_imports_and_its_homes_exist():
+    from comoe.moved import ANALYSIS_MODULES, MOVED
+
+    for old, homes in MOVED.items():
+        assert importlib.import_module(old).__name__ == old
+        for home in homes:
+            importlib.import_module(home)
+    for home in ANALYSIS_MODULES:
+        importlib.import_module(home)
+    with pytest.raises(AttributeError, match="comoe.training.adapters"):
+        importlib.import_module("comoe.adapters").no_such_name  # noqa: B018
+
+
+def test_outputs_aux_losses_still_reads_with_a_warning_naming_the_fields():
+    model = get_comoe_model(build("llama"), tiny_comoe_config("llama"))
+    model.train()
+    out = model(**_batch())
+    with pytest.warns(
+        FutureWarning, match="read outputs.contrastive_loss instead of outputs.aux_losses.contrastive"
+    ):
+        contrastive = out.aux_losses.contrastive
+    assert contrastive is out.contrastive_loss
+    with pytest.warns(FutureWarning, match="outputs.aux_loss"):
+        assert out.aux_losses.total is out.aux_loss
+    assert "aux_losses" not in out  # an attribute only: wrappers that rebuild outputs drop it
+
+
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(ROOT)]), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+
+@pytest.mark.slow
+def test_a_process_without_import_comoe_meets_comoe_in_the_adapter_directory(tiny_model_dir, tmp_path):
+    """PEFT has no hook that finds a method from outside its source tree, so a process that has not
+    imported comoe meets PEFT's own KeyError; what comoe controls is what the user then opens: the
+    adapter's files name comoe and its README says to import it first. After ``import comoe`` the three
+    ways PEFT loads an adapter work, AutoPeftModelForCausalLM included (from the base class comoe records)."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    get_comoe_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_comoe_config("llama")
+    ).save_pretrained(adapter)
+    load = (
+        "from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"print(type(PeftConfig.from_pretrained({str(adapter)!r})).__name__)\n"
+        f"base = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})\n"
+        f"print(type(PeftModel.from_pretrained(base, {str(adapter)!r}).base_model).__name__)\n"
+        f"print(type(AutoPeftModelForCausalLM.from_pretrained({str(adapter)!r}).base_model).__name__)\n"
+    )
+    without = _python(load, ROOT)
+    assert without.returncode != 0 and "KeyError: 'COMOE'" in without.stderr
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "COMOE" and config["comoe_version"] == comoe.__version__
+    first_screen = (adapter / "README.md").read_text().splitlines()[:8]
+    assert any("`import comoe` first" in line and "KeyError: 'COMOE'" in line for line in first_screen)
+    assert any(line.startswith("import comoe") for line in first_screen)
+
+    with_import = _python("import comoe\n" + load, ROOT)
+    assert with_import.returncode == 0, with_import.stderr
+    assert with_import.stdout.split() == ["CoMoEConfig", "CoMoETuner", "CoMoETuner"]
+
+
+@pytest.mark.slow
+def test_bitsandbytes_kernel_notice_is_not_printed():
+    pytest.importorskip("bitsandbytes")
+    notice = "Failed to load CPU gemm_4bit_forward"
+    plain = _python("import bitsandbytes", ROOT)
+    if notice not in plain.stderr:
+        pytest.skip("this machine's bitsandbytes prints no kernel notice (no AVX512-BF16 CPU kernel path)")
+    cli = subprocess.run(
+        [sys.executable, "-m", "comoe", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    assert cli.returncode == 0 and notice not in cli.stdout + cli.stderr
+    quant = _python(
+        "import torch, comoe\n"
+        "from comoe.training.base_models import quantization_config\n"
+        "import bitsandbytes\n"
+        "print(type(quantization_config('nf4', torch.float32)).__name__)\n",
+        ROOT,
+    )
+    assert quant.returncode == 0 and quant.stdout.strip() == "BitsAndBytesConfig", quant.stderr
+    assert notice not in quant.stdout + quant.stderr

@@ -38,6 +38,7 @@ CORE_MODULES = {
     "records",
     "peft_type",
     "sft",
+    "moved",  # the old module paths: their targets are strings, imported only when an old path is
 }
 
 

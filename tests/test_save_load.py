@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from comoe import AdapterLoadError, CoMoEConfig, CoMoELayer, CoMoEModel, get_comoe_model
-from comoe.config import CONFIG_NAME, WEIGHTS_NAME
+from comoe.config import CONFIG_NAME, README_NAME, WEIGHTS_NAME
 from tests.tiny_models import TARGETS, batch, build, randomize_adapters, tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -90,10 +90,14 @@ def test_fresh_process_reload_gives_identical_logits(reloaded, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_saved_files_are_config_and_safetensors_only(reloaded, family):
+def test_saved_files_are_config_safetensors_and_readme_only(reloaded, family):
     _, _, _, dirs = reloaded
     directory = dirs[family]
-    assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]  # no pickles, no leftovers
+    assert sorted(os.listdir(directory)) == [
+        README_NAME,
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+    ]  # no pickles, no leftovers
     model = adapted(family)  # the same seeds: the same adapter as the one saved
     expected = {"base_model.model." + k: v for k, v in model.adapter_state_dict().items()}  # PEFT's layout
     with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as fh:
@@ -120,7 +124,7 @@ def test_in_process_reload_and_trainable_flag(tmp_path):
     assert trainable.trainable_parameters()[0] == sum(p.numel() for p in model.adapter_state_dict().values())
     # saving again overwrites atomically and leaves no temporary file
     trainable.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(os.listdir(tmp_path)) == [README_NAME, CONFIG_NAME, WEIGHTS_NAME]
 
 
 # --- failures that change nothing ------------------------------------------------------------------

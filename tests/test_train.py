@@ -54,6 +54,7 @@ def test_train_writes_a_complete_run_directory_and_eval_reproduces_it(tiny_model
     assert {p.name for p in (run_dir / "adapter").iterdir()} == {
         "adapter_config.json",
         "adapter_model.safetensors",
+        "README.md",
     }
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["adapter"]["tasks"]) == set(TASKS.split(","))

@@ -2,17 +2,30 @@
 
 import logging
 
-# bitsandbytes (when installed; PEFT imports it) warns at import that it cannot download a CPU kernel
-# from the Hugging Face hub. comoe never downloads at run time, so that warning is only noise in every
-# command; other bitsandbytes messages are kept.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+__version__ = "0.1.0"  # first: comoe.config writes it into every adapter_config.json
+
+
+class _NoKernelDownloadNotice(logging.Filter):
+    """Drops bitsandbytes' import-time notice that it could not fetch a CPU kernel from the Hugging Face
+    hub ("Failed to load CPU gemm_4bit_forward from kernels-community ..."). comoe never downloads at run
+    time, so the notice is only noise in every command; the logger's other messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# bitsandbytes (when installed) logs it while PEFT imports it, so the filter goes on before any import below.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelDownloadNotice())
 
 from comoe.config import CoMoEConfig  # noqa: E402
 from comoe.layer import CoMoELayer  # noqa: E402
 from comoe.losses import contrastive_loss, contrastive_loss_materialized, load_balancing_loss  # noqa: E402
 from comoe.model import AdapterLoadError, AuxLosses, CoMoEModel, get_comoe_model  # noqa: E402
+from comoe.moved import install as _install_moved_modules  # noqa: E402
 from comoe.records import RoutingRecorder  # noqa: E402
 from comoe.tuner import CoMoETuner  # noqa: E402  (importing it registers CoMoE with PEFT)
+
+_install_moved_modules()  # old module paths (comoe.adapters, comoe.train, ...) import with a warning
 
 __all__ = [
     "AdapterLoadError",
@@ -27,4 +40,3 @@ __all__ = [
     "get_comoe_model",
     "load_balancing_loss",
 ]
-__version__ = "0.1.0"

@@ -26,6 +26,7 @@ from comoe.utils.validation import check_field_types, did_you_mean
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+README_NAME = "README.md"
 
 ANCHORS = ("random", "all")
 EXPERT_PATHS = ("auto", "dense", "grouped")
@@ -146,10 +147,20 @@ class CoMoEConfig(PeftConfig):
             "help": "Floor on expert-output norms in the cosine; keeps the first steps from B=0 finite."
         },
     )
+    # Bookkeeping, as PEFT's peft_version: the comoe version that made this config, or that saved the
+    # adapter_config.json it was read from (this version for a file saved before comoe wrote it). Not a
+    # setting: left out of equality, method_dict and RunConfig.
+    comoe_version: str | None = field(
+        default=None,
+        compare=False,
+        metadata={"help": "The comoe version that made or saved this config (bookkeeping)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()  # PEFT's: checks task_type, records peft_version
         self.peft_type = COMOE
+        if self.comoe_version is None:
+            self.comoe_version = current_version()
         # first: the range checks below may then compare numbers safely
         check_field_types(self, own_fields() | {"base_model_name_or_path"})
         _check(self.r > 0, f"r must be a positive integer, got {self.r!r}")
@@ -258,14 +269,25 @@ class CoMoEConfig(PeftConfig):
         known = {f.name for f in fields(cls)}
         unknown = sorted(map(str, set(data) - known))
         if unknown:
+            writer = data.get("comoe_version")
+            if _is_newer(writer):
+                raise ValueError(
+                    f"this adapter was saved by comoe {writer}, newer than this comoe ({current_version()}), "
+                    f"with fields {unknown} that this version does not know; upgrade to load it: "
+                    f"pip install 'comoe>={writer}'"
+                )
+            saved_by = f" (saved by comoe {writer})" if isinstance(writer, str) else ""
             raise ValueError(
-                f"unknown CoMoEConfig fields {unknown}{did_you_mean(unknown, known)}; known fields: {sorted(known)}"
+                f"unknown CoMoEConfig fields {unknown}{saved_by}{did_you_mean(unknown, known)}; "
+                f"known fields: {sorted(known)}"
             )
         return cls(**{k: v for k, v in data.items() if k in known and k != "peft_type"})
 
     def save_pretrained(self, directory: str | os.PathLike, **_: object) -> None:
-        """Write ``adapter_config.json`` atomically (PEFT's keyword arguments are accepted and ignored)."""
-        write_json_atomic(os.path.join(directory, CONFIG_NAME), self.to_dict(), sort_keys=True)
+        """Write ``adapter_config.json`` atomically, with the comoe version that writes it (PEFT's keyword
+        arguments are accepted and ignored)."""
+        data = {**self.to_dict(), "comoe_version": current_version()}
+        write_json_atomic(os.path.join(directory, CONFIG_NAME), data, sort_keys=True)
 
     @classmethod
     def from_pretrained(
@@ -317,8 +339,42 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def own_fields() -> frozenset[str]:
-    """The fields CoMoEConfig declares itself (not those it inherits from ``peft.PeftConfig``)."""
-    return frozenset(CoMoEConfig.__annotations__)
+    """The settings CoMoEConfig declares itself (not those it inherits from ``peft.PeftConfig``, nor its
+    bookkeeping ``comoe_version``)."""
+    return frozenset(CoMoEConfig.__annotations__) - {"comoe_version"}
+
+
+def current_version() -> str:
+    from comoe import __version__
+
+    return __version__
+
+
+def _is_newer(version: object) -> bool:
+    """Whether ``version`` (from a file) names a comoe release after this one."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return isinstance(version, str) and Version(version) > Version(current_version())
+    except InvalidVersion:
+        return False
+
+
+def adapter_readme(config: CoMoEConfig) -> str:
+    """The README.md saved beside a CoMoE adapter: what it is and how PEFT loads it (after ``import comoe``:
+    PEFT knows the COMOE method only once comoe has registered it, and says ``KeyError: 'COMOE'`` before)."""
+    base = config.base_model_name_or_path or "the base model it was trained on"
+    return (
+        "# CoMoE adapter\n\n"
+        f"A comoe adapter (a mixture of LoRA experts) for {base}, saved by comoe {current_version()}. PEFT "
+        "loads it once comoe is installed and imported: **`import comoe` first** (without it PEFT stops "
+        "with `KeyError: 'COMOE'`).\n\n"
+        "```python\n"
+        "import comoe  # registers the COMOE method with PEFT\n"
+        "from peft import PeftModel\n\n"
+        'model = PeftModel.from_pretrained(base_model, "path/to/this/directory")\n'
+        "```\n"
+    )
 
 
 def _check(ok: bool, message: str) -> None:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from comoe.config import CONFIG_NAME, WEIGHTS_NAME, CoMoEConfig
+from comoe.config import CONFIG_NAME, README_NAME, WEIGHTS_NAME, CoMoEConfig, adapter_readme
 from comoe.mixture import ONE_ADAPTER, MixtureLayer
 from comoe.records import RoutingRecorder
 from comoe.targets import adaptable_module_names, find_targets, layer_index, num_hidden_layers, resolve_layers
@@ -38,7 +38,7 @@ from comoe.tuner import (
     check_adapter_tensors,
     without_single_expert_routers,
 )
-from comoe.utils.files import atomic_path
+from comoe.utils.files import atomic_path, write_text_atomic
 
 __all__ = [
     "ADAPTER_PREFIX",
@@ -137,7 +137,8 @@ class CoMoEModel(PeftModel):
         is_main_process: bool = True,
         **_: object,
     ) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's layout, each atomically.
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's layout, each atomically,
+        and a README.md that says how to load them (unless the directory has a README.md already).
 
         ``state_dict`` (the full state dict of this model, possibly under a DDP or compile prefix, as
         Trainer passes it under FSDP/DeepSpeed) replaces the live parameters as the source of the adapter
@@ -150,6 +151,9 @@ class CoMoEModel(PeftModel):
             adapter = _adapter_tensors_from(state_dict, list(adapter))
         os.makedirs(directory, exist_ok=True)
         self.comoe_config.save_pretrained(directory)
+        readme = os.path.join(directory, README_NAME)
+        if not os.path.exists(readme):  # how to load it, for whoever opens the directory (not a user's own)
+            write_text_atomic(readme, adapter_readme(self.comoe_config))
         tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter.items()}
         with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt", "adapter": "comoe"})
@@ -214,11 +218,14 @@ class CoMoEModel(PeftModel):
         config = config or CoMoEConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        attributes = set(vars(model))
         wrapped = cls(model, config, adapter_name)
         try:
             wrapped.load_adapter_weights(model_id)
         except BaseException:
             wrapped.base_model.unload()
+            for name in set(vars(model)) - attributes:  # what PEFT set on it (peft_config)
+                delattr(model, name)
             for name, param in model.named_parameters():
                 param.requires_grad_(requires_grad.get(name, param.requires_grad))
             raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,6 +70,53 @@ class AuxLosses:
         return fields
 
 
+class DeprecatedAuxLosses:
+    """``outputs.aux_losses``, the ``AuxLosses`` of the forward as earlier comoe returned it: each read warns
+    and names the output fields that replace it (``aux_loss``, ``contrastive_loss``, ``balance_loss``)."""
+
+    def __init__(self, aux: AuxLosses):
+        self._aux = aux
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        replacement = {"total": "outputs.aux_loss", "contrastive": "outputs.contrastive_loss"}.get(
+            name, "outputs.balance_loss" if name == "balance" else f"model.last_aux.{name}"
+        )
+        warnings.warn(
+            f"outputs.aux_losses is deprecated and goes in the next release: read {replacement} instead of "
+            f"outputs.aux_losses.{name}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return getattr(self._aux, name)
+
+
+class AdapterConfigs(dict):
+    """The tuner's ``peft_config`` (adapter name → ``CoMoEConfig``): it refuses another method's config.
+
+    ``peft.get_peft_model(comoe_model, LoraConfig(...))`` builds a second tuner on top, and PEFT's
+    ``BaseTuner`` adds its config to the ``peft_config`` it finds on the model it wraps, which is this dict;
+    the CoMoE hooks would then read a ``LoraConfig`` at the next forward. Refusing the assignment stops
+    PEFT before it changes any module.
+    """
+
+    def __setitem__(self, name: str, config: object) -> None:
+        if not isinstance(config, CoMoEConfig):
+            method = getattr(getattr(config, "peft_type", None), "value", None) or type(config).__name__
+            raise ValueError(
+                f"this model holds a CoMoE adapter; PEFT cannot add a {method} adapter ({type(config).__name__}) "
+                f"on top of it ({ONE_ADAPTER}, and the other method would wrap CoMoE's layers). Apply "
+                f"{type(config).__name__} to the original base model instead, or take the base back from the "
+                "CoMoE model with unload() first"
+            )
+        super().__setitem__(name, config)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for name, config in dict(*args, **kwargs).items():
+            self[name] = config
+
+
 def refuse_stacking(model: nn.Module) -> None:
     """A clear error for a model that already carries adapters (comoe's or another PEFT method's)."""
     if any(isinstance(m, MixtureLayer) for m in model.modules()):
@@ -95,6 +143,10 @@ class CoMoETuner(BaseTuner):
         if not isinstance(config, CoMoEConfig):
             raise TypeError(f"CoMoETuner needs a CoMoEConfig, got {type(config).__name__}")
         refuse_stacking(model)
+        self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
+        # PEFT copies this dict onto the wrapped model (model.peft_config), where another method's tuner
+        # finds it and adds its config: the dict refuses that before any module changes.
+        self.peft_config = AdapterConfigs(self.peft_config)
         self.context = ForwardContext()
         self.last_aux: AuxLosses | None = None
         self.training_aux: AuxLosses | None = None
@@ -138,10 +190,17 @@ class CoMoETuner(BaseTuner):
         name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
         if config.base_model_name_or_path is None and name_or_path:
             config.base_model_name_or_path = name_or_path
+        if config.task_type is None and config.auto_mapping is None:
+            # as PEFT saves a config without task_type: AutoPeftModelForCausalLM rebuilds the base from it
+            base = type(model)
+            config.auto_mapping = {"base_model_class": base.__name__, "parent_library": base.__module__}
         self._hook_handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
+            model.register_forward_hook(self._after_aux),  # after _after_forward: sees its fields
         ]
+        self._aux_use: dict[str, bool] | None = None
+        self._aux_unused_warned = False
 
     @property
     def routed_modules(self) -> dict[str, MixtureLayer]:
@@ -201,6 +260,66 @@ class CoMoETuner(BaseTuner):
             ctx.token_mask = ctx.task_ids = None
             ctx.compute_contrastive = ctx.compute_balance = ctx.active = False
             ctx.traces = []
+
+    def _after_aux(self, module: nn.Module, args: tuple, outputs: Any) -> None:
+        """What follows the auxiliary losses: the deprecated ``outputs.aux_losses``, the check that a
+        training loss uses them."""
+        if torch.compiler.is_compiling():
+            return
+        if self.last_aux is not None and isinstance(outputs, dict):
+            outputs.__dict__["aux_losses"] = DeprecatedAuxLosses(self.last_aux)  # an attribute, not a field
+        self._watch_aux_use(module, outputs)
+
+    def _watch_aux_use(self, module: nn.Module, outputs: Any) -> None:
+        """Warn once when a training step's loss left out the auxiliary loss.
+
+        A trainer that optimises its own loss instead of ``outputs.loss`` (TRL's ``SFTTrainer``, a custom
+        loop) trains as if λ were 0, silently. The signal is autograd's: gradient hooks note whether the
+        backward of a training forward reached its outputs and whether it reached ``aux_loss``; the next
+        training forward reads the notes, so the warning comes one step after the first such step.
+        """
+        used = self._aux_use
+        if self._aux_unused_warned or not (module.training and torch.is_grad_enabled()):
+            return
+        if used is not None and used["outputs"] and not used["aux"]:
+            self._aux_unused_warned = True
+            cfg = self.comoe_config
+            warnings.warn(
+                f"comoe: a training step's backward reached the model's outputs but not its auxiliary loss "
+                f"(contrastive_weight={cfg.contrastive_weight}, balance_weight={cfg.balance_weight}): the loss "
+                "being optimised leaves it out, so training runs as with both weights 0. comoe adds it to "
+                "outputs.loss, which transformers.Trainer optimises; TRL's SFTTrainer computes its own loss: use "
+                "comoe.sft.CoMoESFTTrainer. A custom loop adds model.get_aux_loss() (or outputs.aux_loss) to "
+                "its loss",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        self._aux_use = None
+        aux, cfg = self.last_aux, self.comoe_config
+        if aux is None or not aux.total.requires_grad or not isinstance(outputs, dict):
+            return
+        if cfg.contrastive_weight == 0 and cfg.balance_weight == 0:  # computed for routing records only
+            return
+        tensors = [
+            value
+            for key, value in outputs.items()
+            if key not in aux.output_fields() and isinstance(value, Tensor) and value.requires_grad
+        ]
+        if not tensors:
+            return
+        notes = {"outputs": False, "aux": False}
+
+        def noting(key: str):
+            def hook(grad: Tensor) -> None:
+                notes[key] = True
+
+            return hook
+
+        for tensor in tensors:
+            tensor.register_hook(noting("outputs"))
+        aux.total.register_hook(noting("aux"))
+        self._aux_use = notes
 
     def _collect_aux(self) -> AuxLosses | None:
         aux = self.context.aux
@@ -264,7 +383,18 @@ class CoMoETuner(BaseTuner):
         for name, layer in self.adapted_modules.items():
             replace_module(self.model, name, layer.base_layer)
         self.adapted_modules = {}
+        if self.model.__dict__.get("peft_config") is self.peft_config:  # PEFT put it there on injection
+            del self.model.peft_config
         return self.model
+
+    def restore_base(self) -> nn.Module:
+        """``unload()``, and every base parameter's ``requires_grad`` as it was before the wrap: the model
+        as it was given, after a refused load."""
+        model = self.unload()
+        before = getattr(self, "_requires_grad_before", {})
+        for name, param in model.named_parameters():
+            param.requires_grad_(before.get(name, param.requires_grad))
+        return model
 
     # --- PEFT's save/load key mapping --------------------------------------------------------------------
     @classmethod
@@ -283,7 +413,13 @@ class CoMoETuner(BaseTuner):
         model_prefix = PEFT_PREFIX if any(k.startswith(PEFT_PREFIX) for k in expected) else ""
         remapped = {model_prefix + key.removeprefix(PEFT_PREFIX): value for key, value in state_dict.items()}
         remapped = without_single_expert_routers(remapped, expected)
-        check_adapter_tensors(remapped, expected, "the adapter checkpoint")
+        try:
+            check_adapter_tensors(remapped, expected, "the adapter checkpoint")
+        except AdapterLoadError:
+            tuner = getattr(model, "base_model", None)
+            if isinstance(tuner, cls) and _called_from(PeftModel.from_pretrained):
+                tuner.restore_base()  # PEFT wrapped the caller's model for this load alone: give it back
+            raise
         return remapped
 
 
@@ -298,7 +434,8 @@ def without_single_expert_routers(tensors: dict[str, Tensor], expected: dict) ->
 
 
 def check_adapter_tensors(tensors: dict[str, Tensor], expected: dict[str, torch.Size], source: str) -> None:
-    """Raise AdapterLoadError unless ``tensors`` has exactly the ``expected`` names and shapes."""
+    """Raise AdapterLoadError unless ``tensors`` has exactly the ``expected`` names and shapes, and every
+    value is finite."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -312,6 +449,41 @@ def check_adapter_tensors(tensors: dict[str, Tensor], expected: dict[str, torch.
                 f"{source}: tensor {name} has shape {tuple(tensors[name].shape)} but this model expects "
                 f"{tuple(shape)} (an adapter for a base of another shape?); nothing was loaded"
             )
+    check_finite(tensors, source)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def check_finite(tensors: dict[str, Tensor], source: str) -> None:
+    """Raise AdapterLoadError if any tensor holds NaN or Inf, naming the tensors and counting the values."""
+    bad = {}
+    for name, value in tensors.items():
+        if value.is_floating_point() or value.is_complex():
+            count = int((~torch.isfinite(value)).sum())
+            if count:
+                bad[name] = count
+    if bad:
+        names = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise AdapterLoadError(
+            f"{source}: {_count(sum(bad.values()), 'non-finite value')} (NaN or Inf) in "
+            f"{_count(len(bad), 'tensor')}: {names}{more}; "
+            "nothing was loaded. A diverged run saved it, or the file is damaged: load an earlier checkpoint, "
+            "or retrain with a lower learning rate"
+        )
+
+
+def _called_from(function: Any) -> bool:
+    """Whether ``function`` (a method, classmethods included) is on the call stack."""
+    code = getattr(function, "__func__", function).__code__
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def token_share(labels: Tensor | None, num_items_in_batch: Tensor | int | None) -> Tensor | float:

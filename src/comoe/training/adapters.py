@@ -15,6 +15,7 @@ from comoe.frozen import layer_features
 from comoe.model import AdapterLoadError, CoMoEModel, find_targets, get_comoe_model
 from comoe.placement import adapter_parameter_count
 from comoe.training.run_config import RunConfig
+from comoe.tuner import check_finite
 from comoe.utils.files import atomic_dir
 from comoe.utils.modeling import replace_module
 
@@ -58,6 +59,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
         raise AdapterLoadError(
             f"{path}: not a readable safetensors file ({err}); nothing was loaded"
         ) from err
+    check_finite(weights, str(path))
     result = set_peft_model_state_dict(model, weights)
     if result.unexpected_keys:
         raise ValueError(f"{directory}: unexpected LoRA tensors {result.unexpected_keys[:5]}")
@@ -76,14 +78,16 @@ def load_adapted_model(base: nn.Module, directory: str | Path) -> nn.Module:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file() and not (directory / "adapter_model.bin").is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}: {DAMAGED}")
-    if weights.is_file():  # its header, before PEFT changes the base model
+    if weights.is_file():  # readable and finite, before PEFT changes the base model
         try:
             with safe_open(weights, framework="pt"):
                 pass
+            tensors = load_file(weights)
         except (SafetensorError, OSError) as err:
             raise AdapterLoadError(
                 f"{weights}: not a readable safetensors file ({err}); nothing was loaded"
             ) from err
+        check_finite(tensors, str(weights))
     attributes, requires_grad = (
         set(vars(base)),
         {name: p.requires_grad for name, p in base.named_parameters()},
