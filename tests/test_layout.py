@@ -21,6 +21,8 @@ CORE_MODULES = {
     "config",
     "layer",
     "mixture",
+    "loading",
+    "compat",
     "placement",
     "routers",
     "trace",

@@ -278,3 +278,14 @@ def test_positional_inputs_are_read_by_name_whatever_the_model_orders_them():
             )  # (input_ids, past_key_values, attention_mask)
         assert torch.equal(masks[0], inputs["attention_mask"].reshape(-1).bool())
         assert by_name.contrastive_loss is not None
+
+
+def test_peft_status_reports_the_comoe_layers():
+    """PEFT's own reports (``get_model_status``, ``get_layer_status``) read comoe's declared adapter layers."""
+
+    model = get_comoe_model(build("llama"), tiny_comoe_config("llama"))
+    status = model.get_model_status()
+    assert status.peft_types == {"default": "COMOE"} and status.num_adapter_layers == 8
+    assert status.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layers = model.get_layer_status()
+    assert {layer.module_type for layer in layers} == {"CoMoELayer"} and len(layers) == 8

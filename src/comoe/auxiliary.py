@@ -10,6 +10,7 @@ ops, paid once per group instead of once per module.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -167,3 +168,51 @@ def check_differentiable(trace: LayerTrace, con: ContrastiveOutput | None, bal: 
             "would add nothing to the gradient. Reentrant activation checkpointing does this; enable it "
             "with gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
         )
+
+
+@dataclass
+class AuxLosses:
+    """The auxiliary losses of the last forward, averaged over adapted modules."""
+
+    contrastive: Tensor | None
+    balance: Tensor | None
+    pos_cos: Tensor | None
+    neg_cos: Tensor | None
+    total: Tensor  # contrastive_weight · contrastive + balance_weight · balance
+
+    def output_fields(self) -> dict[str, Tensor]:
+        """The tensors a model output carries: ``aux_loss`` (weighted total) and the unweighted parts."""
+        fields = {"aux_loss": self.total}
+        if self.contrastive is not None:
+            fields["contrastive_loss"] = self.contrastive
+        if self.balance is not None:
+            fields["balance_loss"] = self.balance
+        return fields
+
+
+def combined_aux(aux: list[ModuleAux], config) -> AuxLosses | None:
+    """The forward's auxiliary losses, each averaged over the modules, and their weighted total."""
+    if not aux:
+        return None
+    cons = [a.contrastive for a in aux if a.contrastive is not None]
+    bals = [a.balance for a in aux if a.balance is not None]
+    mean = lambda xs: torch.stack(xs).mean() if xs else None  # noqa: E731
+    contrastive = mean([c.loss for c in cons])
+    balance = mean(bals)
+    device = (contrastive if contrastive is not None else balance).device
+    total = torch.zeros((), device=device)
+    if contrastive is not None:
+        total = total + config.contrastive_weight * contrastive
+    if balance is not None:
+        total = total + config.balance_weight * balance
+    return AuxLosses(
+        contrastive, balance, mean([c.pos_cos for c in cons]), mean([c.neg_cos for c in cons]), total
+    )
+
+
+def token_share(labels: Tensor | None, num_items_in_batch: Tensor | int | None) -> Tensor | float:
+    """This micro-batch's labelled (predicted) tokens over ``num_items_in_batch``; 1 when that is not given."""
+    if num_items_in_batch is None or labels is None:
+        return 1.0
+    predicted = labels[..., 1:] if labels.dim() >= 2 else labels  # causal LMs predict labels[1:]
+    return (predicted != -100).sum() / num_items_in_batch

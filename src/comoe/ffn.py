@@ -108,6 +108,8 @@ class CoMoEFFNLayer(MixtureLayer):
     and ``comoe_{p}_B`` (d_out, E·r), the experts stacked as in ``CoMoELayer``.
     """
 
+    adapter_layer_names = tuple(f"comoe_{p}_{ab}" for p in PROJECTIONS for ab in "AB") + ("comoe_router",)
+
     def __init__(
         self,
         base_layer: nn.Module,

@@ -46,6 +46,8 @@ class CoMoELayer(MixtureLayer):
     A single expert (``num_experts=1``) is plain LoRA (or DoRA): no router.
     """
 
+    adapter_layer_names = ("comoe_A", "comoe_B", "comoe_router", "comoe_magnitude")  # PEFT's list
+
     def __init__(
         self,
         base_layer: nn.Module,

@@ -25,19 +25,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from comoe.auxiliary import AuxLosses
 from comoe.config import CONFIG_NAME, README_NAME, WEIGHTS_NAME, CoMoEConfig, adapter_readme
+from comoe.loading import ADAPTER_PREFIX, PEFT_PREFIX, AdapterLoadError, fit_adapter_tensors
 from comoe.mixture import ONE_ADAPTER, MixtureLayer
 from comoe.records import RoutingRecorder
 from comoe.targets import adaptable_module_names, find_targets, layer_index, num_hidden_layers, resolve_layers
-from comoe.tuner import (
-    ADAPTER_PREFIX,
-    PEFT_PREFIX,
-    AdapterLoadError,
-    AuxLosses,
-    CoMoETuner,
-    check_adapter_tensors,
-    without_single_expert_routers,
-)
+from comoe.tuner import CoMoETuner
 from comoe.utils.files import atomic_path, write_text_atomic
 
 __all__ = [
@@ -169,10 +163,8 @@ class CoMoEModel(PeftModel):
             raise AdapterLoadError(
                 f"{path}: not a readable safetensors file ({err}); nothing was loaded"
             ) from err
-        loaded = {key.removeprefix(PEFT_PREFIX): value for key, value in loaded.items()}
         expected = self.adapter_state_dict()
-        loaded = without_single_expert_routers(loaded, expected)
-        check_adapter_tensors(loaded, {name: p.shape for name, p in expected.items()}, path)
+        loaded = fit_adapter_tensors(loaded, {name: p.shape for name, p in expected.items()}, path)
         with torch.no_grad():
             for name, param in expected.items():
                 param.copy_(loaded[name])

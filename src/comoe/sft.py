@@ -21,7 +21,8 @@ try:
 except ImportError as err:  # an optional extra
     raise ImportError("comoe.sft needs TRL, which is not installed: pip install 'comoe[trl]'") from err
 
-from comoe.tuner import CoMoETuner, token_share
+from comoe.auxiliary import token_share
+from comoe.tuner import CoMoETuner
 
 
 class CoMoESFTTrainer(SFTTrainer):

@@ -25,7 +25,6 @@ import inspect
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,62 +33,15 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import register_peft_method
 from torch import Tensor, nn
 
-from comoe.auxiliary import losses_from_traces
+from comoe.auxiliary import AuxLosses, combined_aux, losses_from_traces, token_share
+from comoe.compat import DeprecatedAuxLosses
 from comoe.config import CoMoEConfig
+from comoe.loading import ADAPTER_PREFIX, AdapterLoadError, fit_adapter_tensors
 from comoe.mixture import MERGE_REFUSED, ONE_ADAPTER, MixtureLayer
 from comoe.placement import AdapterTargets, build_layer
 from comoe.records import RoutingRecorder
 from comoe.trace import ForwardContext
-from comoe.utils.modeling import replace_module
-
-ADAPTER_PREFIX = "comoe_"
-PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's parameter names
-
-
-class AdapterLoadError(ValueError):
-    """An adapter file that cannot be loaded into this base model; nothing was changed."""
-
-
-@dataclass
-class AuxLosses:
-    """The auxiliary losses of the last forward, averaged over adapted modules."""
-
-    contrastive: Tensor | None
-    balance: Tensor | None
-    pos_cos: Tensor | None
-    neg_cos: Tensor | None
-    total: Tensor  # contrastive_weight · contrastive + balance_weight · balance
-
-    def output_fields(self) -> dict[str, Tensor]:
-        """The tensors a model output carries: ``aux_loss`` (weighted total) and the unweighted parts."""
-        fields = {"aux_loss": self.total}
-        if self.contrastive is not None:
-            fields["contrastive_loss"] = self.contrastive
-        if self.balance is not None:
-            fields["balance_loss"] = self.balance
-        return fields
-
-
-class DeprecatedAuxLosses:
-    """``outputs.aux_losses``, the ``AuxLosses`` of the forward as earlier comoe returned it: each read warns
-    and names the output fields that replace it (``aux_loss``, ``contrastive_loss``, ``balance_loss``)."""
-
-    def __init__(self, aux: AuxLosses):
-        self._aux = aux
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        replacement = {"total": "outputs.aux_loss", "contrastive": "outputs.contrastive_loss"}.get(
-            name, "outputs.balance_loss" if name == "balance" else f"model.last_aux.{name}"
-        )
-        warnings.warn(
-            f"outputs.aux_losses is deprecated and goes in the next release: read {replacement} instead of "
-            f"outputs.aux_losses.{name}",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return getattr(self._aux, name)
+from comoe.utils.modeling import named_arguments, replace_module, token_shape
 
 
 class AdapterConfigs(dict):
@@ -215,12 +167,12 @@ class CoMoETuner(BaseTuner):
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Prepare the layers' context for this forward; ``task_ids`` (batch,) is taken out of the inputs."""
         task_ids = kwargs.pop("task_ids", None)
-        named = _named_arguments(module, args, kwargs)
+        named = named_arguments(module, args, kwargs)
         input_ids, mask = named.get("input_ids"), named.get("attention_mask")
         cfg, ctx = self.comoe_config, self.context
         ctx.token_mask = mask.reshape(-1).bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
         if task_ids is not None:
-            shape = _token_shape(mask, input_ids)
+            shape = token_shape(mask, input_ids)
             if shape is not None:  # (batch, seq): every token of a sequence gets its sequence's task id
                 ctx.task_ids = task_ids.reshape(-1, 1).expand(shape).reshape(-1)
         recording = ctx.recorder is not None and getattr(ctx.recorder, "contrastive", False)
@@ -243,7 +195,7 @@ class CoMoETuner(BaseTuner):
                 return None
             # after the base forward: checkpointed layers never re-run the loss computation
             ctx.aux = losses_from_traces(ctx, module.training)
-            self.last_aux = self._collect_aux()
+            self.last_aux = combined_aux(ctx.aux, self.comoe_config)
             if module.training and torch.is_grad_enabled():
                 self.training_aux = (
                     self.last_aux
@@ -321,26 +273,6 @@ class CoMoETuner(BaseTuner):
         aux.total.register_hook(noting("aux"))
         self._aux_use = notes
 
-    def _collect_aux(self) -> AuxLosses | None:
-        aux = self.context.aux
-        if not aux:
-            return None
-        cfg = self.comoe_config
-        cons = [a.contrastive for a in aux if a.contrastive is not None]
-        bals = [a.balance for a in aux if a.balance is not None]
-        mean = lambda xs: torch.stack(xs).mean() if xs else None  # noqa: E731
-        contrastive = mean([c.loss for c in cons])
-        balance = mean(bals)
-        device = (contrastive if contrastive is not None else balance).device
-        total = torch.zeros((), device=device)
-        if contrastive is not None:
-            total = total + cfg.contrastive_weight * contrastive
-        if balance is not None:
-            total = total + cfg.balance_weight * balance
-        return AuxLosses(
-            contrastive, balance, mean([c.pos_cos for c in cons]), mean([c.neg_cos for c in cons]), total
-        )
-
     def get_aux_loss(self) -> Tensor:
         """Weighted auxiliary loss of the last forward, for custom training loops (add it to your loss)."""
         if self.last_aux is None:
@@ -405,74 +337,18 @@ class CoMoETuner(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: CoMoEConfig, adapter_name: str, state_dict: dict[str, Tensor]
     ) -> dict[str, Tensor]:
-        """Checkpoint keys → model keys, after checking that the checkpoint fits exactly (every tensor
-        present, nothing extra, same shapes); adapters saved by comoe 0.1 (keys without PEFT's prefix) load."""
+        """Checkpoint keys → model keys, after every check (``comoe.loading.fit_adapter_tensors``: the
+        load path of both ``PeftModel.from_pretrained`` and ``CoMoEModel``'s loaders)."""
         expected = {
             k: v.shape for k, v in model.state_dict().items() if ADAPTER_PREFIX in k.rsplit(".", 1)[-1]
         }
-        model_prefix = PEFT_PREFIX if any(k.startswith(PEFT_PREFIX) for k in expected) else ""
-        remapped = {model_prefix + key.removeprefix(PEFT_PREFIX): value for key, value in state_dict.items()}
-        remapped = without_single_expert_routers(remapped, expected)
         try:
-            check_adapter_tensors(remapped, expected, "the adapter checkpoint")
+            return fit_adapter_tensors(state_dict, expected, "the adapter checkpoint")
         except AdapterLoadError:
             tuner = getattr(model, "base_model", None)
             if isinstance(tuner, cls) and _called_from(PeftModel.from_pretrained):
                 tuner.restore_base()  # PEFT wrapped the caller's model for this load alone: give it back
             raise
-        return remapped
-
-
-def without_single_expert_routers(tensors: dict[str, Tensor], expected: dict) -> dict[str, Tensor]:
-    """``tensors`` without the (1, d_in) routers that comoe < 0.2 saved for single-expert layers (plain
-    LoRA); such a layer now has no router, since its one gate is always 1."""
-    return {
-        name: value
-        for name, value in tensors.items()
-        if name in expected or not (name.endswith(f"{ADAPTER_PREFIX}router") and value.shape[0] == 1)
-    }
-
-
-def check_adapter_tensors(tensors: dict[str, Tensor], expected: dict[str, torch.Size], source: str) -> None:
-    """Raise AdapterLoadError unless ``tensors`` has exactly the ``expected`` names and shapes, and every
-    value is finite."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise AdapterLoadError(
-            f"{source} does not fit this model: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; nothing was loaded"
-        )
-    for name, shape in expected.items():
-        if tensors[name].shape != shape:
-            raise AdapterLoadError(
-                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)} but this model expects "
-                f"{tuple(shape)} (an adapter for a base of another shape?); nothing was loaded"
-            )
-    check_finite(tensors, source)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def check_finite(tensors: dict[str, Tensor], source: str) -> None:
-    """Raise AdapterLoadError if any tensor holds NaN or Inf, naming the tensors and counting the values."""
-    bad = {}
-    for name, value in tensors.items():
-        if value.is_floating_point() or value.is_complex():
-            count = int((~torch.isfinite(value)).sum())
-            if count:
-                bad[name] = count
-    if bad:
-        names = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:5])
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise AdapterLoadError(
-            f"{source}: {_count(sum(bad.values()), 'non-finite value')} (NaN or Inf) in "
-            f"{_count(len(bad), 'tensor')}: {names}{more}; "
-            "nothing was loaded. A diverged run saved it, or the file is damaged: load an earlier checkpoint, "
-            "or retrain with a lower learning rate"
-        )
 
 
 def _called_from(function: Any) -> bool:
@@ -484,34 +360,6 @@ def _called_from(function: Any) -> bool:
             return True
         frame = frame.f_back
     return False
-
-
-def token_share(labels: Tensor | None, num_items_in_batch: Tensor | int | None) -> Tensor | float:
-    """This micro-batch's labelled (predicted) tokens over ``num_items_in_batch``; 1 when that is not given."""
-    if num_items_in_batch is None or labels is None:
-        return 1.0
-    predicted = labels[..., 1:] if labels.dim() >= 2 else labels  # causal LMs predict labels[1:]
-    return (predicted != -100).sum() / num_items_in_batch
-
-
-def _named_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The forward's arguments by name (positional ones bound through the signature, which models order
-    differently: GPT-2's second parameter is past_key_values)."""
-    if not args:
-        return kwargs
-    try:
-        return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-    except TypeError:
-        return kwargs
-
-
-def _token_shape(mask: Tensor | None, ids: Tensor | None) -> torch.Size | None:
-    """(batch, seq) of this forward, from the attention mask or else from the token ids."""
-    if isinstance(mask, Tensor) and mask.dim() == 2:
-        return mask.shape
-    if isinstance(ids, Tensor) and ids.dim() == 2:
-        return ids.shape
-    return None
 
 
 def register() -> None:

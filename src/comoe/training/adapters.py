@@ -12,10 +12,10 @@ from torch import nn
 
 from comoe.config import DAMAGED, WEIGHTS_NAME, CoMoEConfig, read_adapter_config
 from comoe.frozen import layer_features
+from comoe.loading import check_finite
 from comoe.model import AdapterLoadError, CoMoEModel, find_targets, get_comoe_model
 from comoe.placement import adapter_parameter_count
 from comoe.training.run_config import RunConfig
-from comoe.tuner import check_finite
 from comoe.utils.files import atomic_dir
 from comoe.utils.modeling import replace_module
 

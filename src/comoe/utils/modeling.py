@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -43,3 +43,23 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
+
+
+def named_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The forward's arguments by name (positional ones bound through the signature, which models order
+    differently: GPT-2's second parameter is past_key_values)."""
+    if not args:
+        return kwargs
+    try:
+        return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return kwargs
+
+
+def token_shape(mask: Tensor | None, ids: Tensor | None) -> torch.Size | None:
+    """(batch, seq) of this forward, from the attention mask or else from the token ids."""
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        return mask.shape
+    if isinstance(ids, Tensor) and ids.dim() == 2:
+        return ids.shape
+    return None
