@@ -24,7 +24,7 @@ from comoe.data.schema import Example
 from comoe.evaluation.batches import encode, eval_mode, forward_batches, special_prefix, truncate_left
 from comoe.utils.modeling import pad_token_id
 
-PROTOCOLS = ("label", "loglik")
+MULTIPLE_CHOICE_PROTOCOLS = ("label", "loglik")
 
 # Every label-protocol prompt ends with this; label tokens are read after it.
 _PROMPT_END = "\nAnswer:"

@@ -13,7 +13,12 @@ from transformers import PreTrainedTokenizerBase
 
 from comoe.data.schema import Example
 from comoe.evaluation.generation import generate_answers, generation_result, normalise_answer
-from comoe.evaluation.multiple_choice import PROTOCOLS, check_multiple_choice, score_label, score_loglik
+from comoe.evaluation.multiple_choice import (
+    MULTIPLE_CHOICE_PROTOCOLS,
+    check_multiple_choice,
+    score_label,
+    score_loglik,
+)
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -26,7 +31,7 @@ def _task_result(predictions: list[int], examples: Sequence[Example]) -> dict[st
     return {"accuracy": correct / len(examples), "n": len(examples), "correct": correct}
 
 
-def summarise(protocol: str, per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def with_macro_average(protocol: str, per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per-task results and their macro average, in the shape ``evaluate_tasks`` returns."""
     macro: dict[str, Any] = {"accuracy": sum(r["accuracy"] for r in per_task.values()) / len(per_task)}
     if all("acc_norm" in r for r in per_task.values()):
@@ -72,8 +77,8 @@ def evaluate_tasks(
     predicted indices (``"predictions"``, and ``"predictions_norm"`` for loglik).
     All tasks are scored in one pass, so batches mix tasks.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+    if protocol not in MULTIPLE_CHOICE_PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {MULTIPLE_CHOICE_PROTOCOLS}")
     _check_tasks(tasks)
     per_task: dict[str, dict[str, Any]] = {}
     for name, examples in tasks.items():
@@ -82,7 +87,7 @@ def evaluate_tasks(
             per_task[name] = generation_result(answers, examples, return_predictions)
     names = [name for name in tasks if name not in per_task]
     if not names:
-        return summarise(protocol, per_task)
+        return with_macro_average(protocol, per_task)
     flat = [ex for name in names for ex in tasks[name]]
     scorer = score_label if protocol == "label" else score_loglik
     scores = scorer(model, tokenizer, flat, batch_size=batch_size, max_length=max_length, progress=progress)
@@ -106,7 +111,7 @@ def evaluate_tasks(
             result["predictions"] = predictions
             result["answers"] = [ex.answer for ex in examples]
         per_task[name] = result
-    return summarise(protocol, {name: per_task[name] for name in tasks})
+    return with_macro_average(protocol, {name: per_task[name] for name in tasks})
 
 
 def majority_baseline(train: dict[str, list[Example]], test: dict[str, list[Example]]) -> dict[str, Any]:
@@ -125,4 +130,4 @@ def majority_baseline(train: dict[str, list[Example]], test: dict[str, list[Exam
         top = max(answers.values())
         majority = min(a for a, count in answers.items() if count == top)
         per_task[name] = _task_result([majority] * len(examples), examples) | {"majority": majority}
-    return summarise("majority", per_task)
+    return with_macro_average("majority", per_task)

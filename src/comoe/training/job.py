@@ -24,8 +24,8 @@ from accelerate.utils import set_seed
 from comoe.data.batching import check_lengths
 from comoe.data.registry import RunData, load_run_data, load_splits
 from comoe.data.schema import Example
-from comoe.evaluation.report import print_accuracy_table
-from comoe.evaluation.scoring import evaluate_tasks, majority_baseline, summarise
+from comoe.evaluation.accuracy_table import print_accuracy_table
+from comoe.evaluation.scoring import evaluate_tasks, majority_baseline, with_macro_average
 from comoe.ffn import ffn_targets
 from comoe.model import find_targets
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
@@ -318,7 +318,7 @@ def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer
                     max_length=run.max_length,
                 )["tasks"]
             )
-    return summarise(run.protocol, scores), {"per_task": logs, "params": params}
+    return with_macro_average(run.protocol, scores), {"per_task": logs, "params": params}
 
 
 def _seconds_before_resume(train: dict) -> float:
@@ -413,7 +413,7 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
                 base, tokenizer = load_base_model(run.model, quantize=run.quantize)
             model = load_adapted_model(base, Path(run_dir) / ADAPTERS_DIR / task / ADAPTER_DIR)
             scores.update(evaluate_tasks(model, tokenizer, {task: test[task]}, **kwargs)["tasks"])
-        metrics = {"adapter": summarise(run.protocol, scores), "protocol": run.protocol}
+        metrics = {"adapter": with_macro_average(run.protocol, scores), "protocol": run.protocol}
     if run_dir is not None:
         write_json_atomic(Path(run_dir) / f"eval_{run.protocol}.json", metrics)
     print_accuracy_table(metrics, title=f"{'base model' if base_only else run_dir} — {run.protocol} protocol")
