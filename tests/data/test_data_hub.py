@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from comoe.data import BUILTIN_SUITE, hub, hub_access, load_task
+from comoe.data import DEFAULT_SUITE_TASKS, hub, hub_access, load_task
 from comoe.data.benchmark_rows import (
     convert_arc,
     convert_boolq,
@@ -245,7 +245,7 @@ def test_offline_flag_without_a_cached_copy_names_the_alternatives(tmp_path, var
     assert proc.returncode != 0 and "HubUnavailableError" in proc.stderr, proc.stderr[-3000:]
     message = proc.stderr[proc.stderr.index("HubUnavailableError") :]
     assert f"{var}=1" in message and "holds no copy" in message and "jsonl:PATH" in message
-    assert all(name in message for name in BUILTIN_SUITE), message
+    assert all(name in message for name in DEFAULT_SUITE_TASKS), message
 
 
 def test_unreachable_hub_fails_within_the_timeout(monkeypatch):

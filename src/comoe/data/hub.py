@@ -43,7 +43,7 @@ from comoe.data.benchmark_rows import (
 from comoe.data.hub_access import HubUnavailableError, hub_unavailable_reason, offline_flag
 from comoe.data.jsonl import DataError
 from comoe.data.schema import Example
-from comoe.data.suites import BUILTIN_SUITE
+from comoe.data.suites import DEFAULT_SUITE_TASKS
 
 # ---------------------------------------------------------------- the benchmarks
 
@@ -230,7 +230,7 @@ def offline_message(name: str, reason: str) -> str:
     sources = " or ".join(str(s) for s in BENCHMARKS[name].sources)
     return (
         f"paper benchmark {name!r} is read from the Hugging Face hub ({sources}), which cannot be used: "
-        f"{reason}.\nOffline alternatives: the built-in suite tasks {', '.join(BUILTIN_SUITE)} "
-        f"(e.g. load_task({BUILTIN_SUITE[0]!r})), your own file as 'jsonl:PATH' (see comoe.data.jsonl), "
+        f"{reason}.\nOffline alternatives: the built-in suite tasks {', '.join(DEFAULT_SUITE_TASKS)} "
+        f"(e.g. load_task({DEFAULT_SUITE_TASKS[0]!r})), your own file as 'jsonl:PATH' (see comoe.data.jsonl), "
         f"or a local copy of {name} in the hub's schema via load_benchmark({name!r}, data_files=...)."
     )

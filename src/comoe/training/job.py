@@ -177,7 +177,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         [ex for examples in train.values() for ex in examples],
         tokenizer,
         run.max_length,
-        report=accelerator.is_main_process,
+        note_truncation=accelerator.is_main_process,
     )
     if accelerator.is_main_process:
         report_data(data)
