@@ -18,9 +18,9 @@ from comoe.tools.bench.variants import (
     FFN_VARIANTS,
     GENERATE_VARIANTS,
     auto_path,
-    comoe_config,
     expert_paths,
     shared_copy,
+    variant_config,
 )
 
 
@@ -130,7 +130,7 @@ def test_naive_layer_computes_the_same_function():
     spec = SIZES["tiny"]
     base = build_random_llama(spec, torch.device("cpu"), torch.float32, seed=0)
     targets = ["q_proj", "v_proj"]
-    cfg = comoe_config(4, 8, 2, targets, path="dense", dropout=0.0)
+    cfg = variant_config(4, 8, 2, targets, path="dense", dropout=0.0)
     ours = get_comoe_model(shared_copy(base), cfg)
     with torch.no_grad():
         for name, p in ours.adapter_state_dict().items():
@@ -175,7 +175,7 @@ def test_auto_path_is_what_the_layers_pick(experts, rank):
     spec = SIZES["tiny"]
     base = build_random_llama(spec, torch.device("cpu"), torch.float32, seed=0)
     expected = auto_path(base, experts, rank, 2, ["q_proj", "o_proj"])
-    model = get_comoe_model(shared_copy(base), comoe_config(experts, rank, 2, ["q_proj", "o_proj"]))
+    model = get_comoe_model(shared_copy(base), variant_config(experts, rank, 2, ["q_proj", "o_proj"]))
     assert expert_paths(model) == expected
 
 
