@@ -4,7 +4,7 @@ write a run directory:
     RUN_DIR/run_config.yaml     the resolved RunConfig
     RUN_DIR/adapter/            adapter_config.json + adapter_model.safetensors (multi-task)
     RUN_DIR/adapters/TASK/      one adapter per task (single-task setting)
-    RUN_DIR/train_log.jsonl     one line per optimiser step: loss, task, con, bal, lr (the rate it used; per task dir if single)
+    RUN_DIR/train_log.jsonl     one line per optimiser step: loss, task, contrastive, balance, lr (the rate it used; per task dir if single)
     RUN_DIR/metrics.json        per-task accuracy of the adapter, the zero-shot base and the majority class
 """
 
