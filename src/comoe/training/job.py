@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from accelerate.utils import set_seed
 
 from comoe.data.batching import check_lengths
-from comoe.data.registry import RunData, load_run_data, load_splits
+from comoe.data.registry import load_run_data, load_splits
 from comoe.data.schema import Example
 from comoe.evaluation.accuracy_table import print_accuracy_table
 from comoe.evaluation.scoring import evaluate_tasks, majority_baseline, with_macro_average
@@ -30,6 +29,7 @@ from comoe.ffn import ffn_targets
 from comoe.model import find_targets
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
 from comoe.training.base_models import check_max_length, load_base_model
+from comoe.training.data_notes import data_summary, print_data_warnings
 from comoe.training.loop import make_accelerator, plan_steps, train_adapter
 from comoe.training.run_config import (
     ADAPTER_DIR,
@@ -180,7 +180,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         note_truncation=accelerator.is_main_process,
     )
     if accelerator.is_main_process:
-        report_data(data)
+        print_data_warnings(data)
     accelerator.wait_for_everyone()  # every process has passed every check before anything is written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -245,47 +245,6 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         print_accuracy_table(metrics, title=f"{run.method} ({run.setting}-task) — {run_dir}")
         return metrics
     return {}
-
-
-SHOWN = 5  # line numbers shown per warning
-
-
-def report_data(data: RunData) -> None:
-    """Print the skipped lines and the training examples that are also test examples (see `load_run_data`)."""
-    if data.skipped:
-        print(f"warning: skipped {len(data.skipped)} invalid lines (--skip-invalid-rows):", file=sys.stderr)
-        for message in data.skipped:
-            print(f"  {message}", file=sys.stderr)
-    for task, pairs in data.overlap.items():
-        lines = ", ".join(f"{_line(ex)} (test line {_line(same)})" for ex, same in pairs[:SHOWN])
-        more = f", ... ({len(pairs) - SHOWN} more)" if len(pairs) > SHOWN else ""
-        where = f"train lines {lines}{more} of {data.origin[task]}"
-        if data.dropped_overlap:
-            print(
-                f"note: task {task!r}: dropped {len(pairs)} training examples that are also test examples "
-                f"(same question and options: {where}) (--drop-test-overlap)",
-                file=sys.stderr,
-            )
-        else:
-            print(
-                f"warning: task {task!r}: {len(pairs)} of {len(data.train[task])} training examples are also "
-                f"test examples (same question and options: {where}); its test score counts examples the "
-                "adapter trained on: --drop-test-overlap drops them from training",
-                file=sys.stderr,
-            )
-
-
-def data_summary(data: RunData) -> dict:
-    """What ``metrics.json`` records of the data: the skipped lines, the train/test overlap per task."""
-    return {
-        "skipped_rows": {"count": len(data.skipped), "lines": data.skipped},
-        "train_test_overlap": {task: len(pairs) for task, pairs in data.overlap.items()},
-        "test_overlap_dropped": data.dropped_overlap,
-    }
-
-
-def _line(example: Example) -> str:
-    return "?" if example.line is None else str(example.line)
 
 
 def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer):
