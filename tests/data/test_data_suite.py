@@ -147,5 +147,5 @@ def test_suite_rejects_unknown_split():
 def test_the_old_name_of_the_default_suite_tasks_warns_and_still_reads():
     import comoe.data
 
-    with pytest.warns(DeprecationWarning, match="comoe.data.DEFAULT_SUITE_TASKS"):
+    with pytest.warns(FutureWarning, match="comoe.data.DEFAULT_SUITE_TASKS"):
         assert comoe.data.BUILTIN_SUITE == DEFAULT_SUITE_TASKS

@@ -24,7 +24,7 @@ def __getattr__(name: str):
         new = _RENAMED[name]
         warnings.warn(
             f"comoe.data.{name} is deprecated and goes in the next minor release: use comoe.data.{new}",
-            DeprecationWarning,
+            FutureWarning,
             stacklevel=2,
         )
         return globals()[new]

@@ -33,7 +33,7 @@ __all__ = [
     "suite_specs",
 ]
 
-# The old name of DEFAULT_SUITE_TASKS, read by comoe.training.run_config; comoe.data.BUILTIN_SUITE warns.
+# The old name of DEFAULT_SUITE_TASKS, read by comoe.training.run_config; comoe.data.BUILTIN_SUITE warns
 BUILTIN_SUITE = DEFAULT_SUITE_TASKS
 SUITE_SPLITS = ("train", "test")
 JSONL_PREFIX = "jsonl:"
