@@ -28,7 +28,7 @@ from comoe.analysis.metrics import (
     mutual_information,
     normalized_mutual_information,
 )
-from comoe.analysis.routing import projection_data
+from comoe.analysis.run_metrics import projection_data
 from comoe.cli.analyze import add_analyze_arguments, analyze_flags, run_analyze
 from comoe.config import CoMoEConfig
 from comoe.routers import Routing

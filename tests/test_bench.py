@@ -18,9 +18,9 @@ from comoe.tools.bench.variants import (
     FFN_VARIANTS,
     GENERATE_VARIANTS,
     auto_path,
-    comoe_config,
     expert_paths,
     shared_copy,
+    variant_config,
 )
 
 
@@ -130,7 +130,7 @@ def test_naive_layer_computes_the_same_function():
     spec = SIZES["tiny"]
     base = build_random_llama(spec, torch.device("cpu"), torch.float32, seed=0)
     targets = ["q_proj", "v_proj"]
-    cfg = comoe_config(4, 8, 2, targets, path="dense", dropout=0.0)
+    cfg = variant_config(4, 8, 2, targets, path="dense", dropout=0.0)
     ours = get_comoe_model(shared_copy(base), cfg)
     with torch.no_grad():
         for name, p in ours.adapter_state_dict().items():
@@ -175,15 +175,15 @@ def test_auto_path_is_what_the_layers_pick(experts, rank):
     spec = SIZES["tiny"]
     base = build_random_llama(spec, torch.device("cpu"), torch.float32, seed=0)
     expected = auto_path(base, experts, rank, 2, ["q_proj", "o_proj"])
-    model = get_comoe_model(shared_copy(base), comoe_config(experts, rank, 2, ["q_proj", "o_proj"]))
+    model = get_comoe_model(shared_copy(base), variant_config(experts, rank, 2, ["q_proj", "o_proj"]))
     assert expert_paths(model) == expected
 
 
 def test_targets_are_judged_once_with_their_thresholds_and_directions():
     """The contrastive overhead (≤ 15 % tiny, ≤ 5 % elsewhere), activation memory (ours ≤ 1.3×, with the
     contrastive term ≤ 1.2×) and generate (≥ 0.9×): one target per measured figure, named by what it measures."""
-    from comoe.tools.bench.render import _target_threshold, _target_value
-    from comoe.tools.bench.run import evaluate_targets
+    from comoe.tools.bench.cells import target_threshold, target_value
+    from comoe.tools.bench.thresholds import evaluate_targets
 
     def result(size, hidden, overhead, memory, generate):
         rows = {
@@ -201,9 +201,9 @@ def test_targets_are_judged_once_with_their_thresholds_and_directions():
     assert [t["met"] for t in smollm2.values()] == [False, True, True, True]
     overhead, memory, con_memory, generate = smollm2.values()
     assert overhead["target"] == "contrastive term (Gram form) adds ≤ 5 % to our step"
-    assert _target_value(overhead) == "+6.0 %" and _target_threshold(overhead) == "≤ 5 %"
-    assert _target_threshold(memory) == "≤ 1.3×" and _target_threshold(con_memory) == "≤ 1.2×"
-    assert _target_threshold(generate) == "≥ 0.9×"
+    assert target_value(overhead) == "+6.0 %" and target_threshold(overhead) == "≤ 5 %"
+    assert target_threshold(memory) == "≤ 1.3×" and target_threshold(con_memory) == "≤ 1.2×"
+    assert target_threshold(generate) == "≥ 0.9×"
     assert not any("#" in name for name in smollm2)
 
 
@@ -228,7 +228,7 @@ def test_autocast_run_writes_each_finished_case_at_once(tmp_path, monkeypatch):
         assert "skipped" not in case and list(case["variants"]) == variants.split(",")
     assert data["cases"][0]["parity"]["ok"]  # the first case checks that naive and grouped equal dense
     assert "under bfloat16 autocast" in (tmp_path / "results" / "amp.md").read_text()
-    from comoe.tools.bench.render import render_result
+    from comoe.tools.bench.run_page import render_result
 
     assert "**Stopped early**: this result holds the first 1 of 2 cases" in render_result(
         {**data, "partial": "1 of 2 cases"}

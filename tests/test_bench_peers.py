@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from comoe.tools.bench.render import load_peer_results, load_results, render_all, render_peers
+from comoe.tools.bench.peers_page import render_peers
+from comoe.tools.bench.render import render_all
+from comoe.tools.bench.results_files import load_peer_results, load_results
 
 
 def _row(ms: float, x: float, mem: float, adapts: str, like: str, params: int) -> dict:

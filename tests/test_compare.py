@@ -9,7 +9,7 @@ import pytest
 
 from comoe.experiments.grid import PRESETS, REFERENCE, Grid
 from comoe.experiments.stats import paired_bootstrap
-from comoe.experiments.summary import MAJORITY, SPECIALISATION, modal_share, references, summarise
+from comoe.experiments.summary import MAJORITY, SPECIALISATION, modal_share, references, summarise_grid
 from tests.cli_runs import TASKS, comoe_cli, tiny_run_flags
 
 
@@ -57,7 +57,7 @@ def test_presets_build_valid_run_configs():
 
 
 def fake_run(variant: str, seed: int, correct: dict[str, list[bool]]) -> dict:
-    """The parts of a finished run's metrics that `summarise` reads."""
+    """The parts of a finished run's metrics that `summarise_grid` reads."""
     tasks = {
         t: {
             "accuracy": float(np.mean(c)),
@@ -88,7 +88,7 @@ def test_summarise_takes_each_pair_once_against_every_reference():
         for v, p in (("lora", 0.4), ("moe-lora", 0.5), ("comoe", 0.9))
         for s in (0, 1, 2)
     ]
-    summary = summarise(finished, ["moe-lora", "lora"])
+    summary = summarise_grid(finished, ["moe-lora", "lora"])
     pairs = [(d["variant"], d["reference"]) for d in summary["differences"]]
     assert pairs == [
         ("lora", "moe-lora"),
@@ -112,8 +112,8 @@ def test_summarise_takes_each_pair_once_against_every_reference():
     assert comoe_row["train_minutes"] == (0.5, 0.0) and comoe_row["run_minutes"] == (1.0, 0.0)
     assert comoe_row["majority_average"] == (0.0, 0.0) and comoe_row["specialisation"] == {}
     assert 0.5 <= comoe_row["modal_share"][0] <= 1.0
-    assert summarise(finished, "comoe")["differences"][0]["reference"] == "comoe"
-    assert [d["reference"] for d in summarise(finished, None)["differences"]] == [MAJORITY] * 3
+    assert summarise_grid(finished, "comoe")["differences"][0]["reference"] == "comoe"
+    assert [d["reference"] for d in summarise_grid(finished, None)["differences"]] == [MAJORITY] * 3
 
 
 def test_summarise_pairs_each_variants_single_task_setting_with_its_multi_task_one():
@@ -124,9 +124,11 @@ def test_summarise_pairs_each_variants_single_task_setting_with_its_multi_task_o
             run = fake_run("comoe", seed, {"a": list(rng.random(80) < p), "b": list(rng.random(80) < p)})
             finished.append({**run, "setting": setting})
     finished.append(fake_run("lora", 0, {"a": [True] * 80, "b": [True] * 80}))  # multi only: no pair
-    pairs = [(d["variant"], d["reference"], d["setting"]) for d in summarise(finished, None)["differences"]]
+    pairs = [
+        (d["variant"], d["reference"], d["setting"]) for d in summarise_grid(finished, None)["differences"]
+    ]
     assert pairs[0] == ("comoe", "comoe (multi)", "single") and [p[1] for p in pairs[1:]] == [MAJORITY] * 3
-    single_vs_multi = summarise(finished, None)["differences"][0]
+    single_vs_multi = summarise_grid(finished, None)["differences"][0]
     assert (
         single_vs_multi["significant"]
         and single_vs_multi["ci95"][0] > 0.2

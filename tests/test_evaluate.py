@@ -12,15 +12,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from comoe.data.prompts import LETTERS, format_prompt
 from comoe.data.schema import Example
-from comoe.evaluation.scoring import (
-    evaluate_tasks,
-    label_token_ids,
-    loglik_context,
-    majority_baseline,
-    score_label,
-    score_loglik,
-    special_prefix,
-)
+from comoe.evaluation.batches import special_prefix
+from comoe.evaluation.multiple_choice import label_token_ids, loglik_context, score_label, score_loglik
+from comoe.evaluation.scoring import evaluate_tasks, majority_baseline
 from comoe.training.base_models import load_tokenizer, prepare_tokenizer
 
 ATOL = 1e-5
@@ -404,7 +398,7 @@ def test_majority_baseline_hand_case():
 
 
 def test_generation_batched_equals_greedy_decoding_one_by_one(smol_tokenizer):
-    from comoe.evaluation.scoring import generate_answers, normalise_answer
+    from comoe.evaluation.generation import generate_answers, normalise_answer
 
     model = tiny_llama(len(smol_tokenizer))
     examples = [

@@ -77,22 +77,22 @@ def test_is_number(text, number):
 
 def test_a_generation_task_with_numeric_references_is_scored_by_number():
     from comoe.data.schema import Example
-    from comoe.evaluation.scoring import _generation_result
+    from comoe.evaluation.generation import generation_result
 
     numeric = [Example("m", "q", target=t) for t in ("1200", "12", "3")]
-    result = _generation_result(["$1,200.", "12 apples", "4"], numeric, keep=False)
+    result = generation_result(["$1,200.", "12 apples", "4"], numeric, keep=False)
     assert (result["metric"], result["correct"]) == ("numeric_match", 2)
     words = [Example("w", "q", target=t) for t in ("chat", "12")]
-    result = _generation_result(["Chat.", "12 apples"], words, keep=False)
+    result = generation_result(["Chat.", "12 apples"], words, keep=False)
     assert (result["metric"], result["correct"]) == ("exact_match", 1)  # a mixed task stays exact match
 
 
 def test_the_paired_statistics_judge_generated_answers_as_the_accuracy_does():
     from comoe.data.schema import Example
-    from comoe.evaluation.scoring import _generation_result
+    from comoe.evaluation.generation import generation_result
     from comoe.experiments.stats import correct_vectors
 
     examples = [Example("m", "q", target=t) for t in ("109", "12")]
-    scores = _generation_result(["109.", "The answer is 13"], examples, keep=True)
+    scores = generation_result(["109.", "The answer is 13"], examples, keep=True)
     vectors = correct_vectors({"adapter": {"tasks": {"m": scores}}}, ["m"])
     assert vectors["m"].tolist() == [True, False] and scores["correct"] == 1

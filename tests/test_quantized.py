@@ -103,7 +103,7 @@ def test_cli_quantize_trains_and_evaluates_on_the_quantised_base(model_dir, tmp_
         str(run_dir),
     )
     assert RunConfig.from_yaml(run_dir / "run_config.yaml").quantize == "nf4"
-    assert all(row["con"] > 0 for row in read_log(run_dir))
+    assert all(row["contrastive"] > 0 for row in read_log(run_dir))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     comoe_cli("eval", str(run_dir))  # reloads the adapter onto a freshly quantised base
     again = json.loads((run_dir / "eval_label.json").read_text())

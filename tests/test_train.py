@@ -61,7 +61,7 @@ def test_train_writes_a_complete_run_directory_and_eval_reproduces_it(tiny_model
     assert {"majority", "base", "adapter", "trainable", "train"} <= set(metrics)
     log = read_log(run_dir)
     assert [row["step"] for row in log] == list(range(1, 7))
-    assert all({"loss", "task", "con"} <= set(row) for row in log)
+    assert all({"loss", "task", "contrastive"} <= set(row) for row in log)
     assert RunConfig.from_yaml(run_dir / "run_config.yaml").adapter.contrastive_weight == 0.1
 
     comoe_cli("eval", str(run_dir))
@@ -203,7 +203,7 @@ def test_use_dora_trains_dora_experts_and_eval_and_analyze_read_them(tiny_model_
     )
     tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert any("comoe_magnitude" in name for name in tensors), sorted(tensors)[:5]
-    assert all(row["con"] > 0 for row in read_log(run_dir))  # the materialised loss of DoRA experts
+    assert all(row["contrastive"] > 0 for row in read_log(run_dir))  # the materialised loss of DoRA experts
     # the analysis materialises DoRA expert outputs (magnitude term included) for its redundancy numbers
     comoe_cli("analyze", str(run_dir), "--test-per-task", "4", "--no-tsne", "--no-progress")
     summary = json.loads((run_dir / "analysis" / "metrics.json").read_text())["runs"][0]["summary"]
@@ -223,7 +223,7 @@ def test_placement_ffn_trains_whole_ffn_experts_and_analyze_reads_their_blocks(t
     tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert any(name.endswith("mlp.comoe_down_B") for name in tensors), sorted(tensors)[:5]
     assert not any("self_attn" in name and "router" in name for name in tensors)  # plain LoRA there
-    assert all(row["con"] > 0 for row in read_log(run_dir))
+    assert all(row["contrastive"] > 0 for row in read_log(run_dir))
     comoe_cli("analyze", str(run_dir), "--test-per-task", "4", "--no-tsne", "--no-progress")
     report = json.loads((run_dir / "analysis" / "metrics.json").read_text())["runs"][0]
     assert set(report["modules"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
@@ -241,7 +241,7 @@ def test_method_mixlora_takes_mixloras_defaults_unless_given(tiny_model_dir, tmp
     trained = run.trained_adapter
     assert (trained.placement, trained.num_experts, trained.top_k) == ("ffn", 8, 2)
     assert (trained.balance_weight, trained.contrastive_weight) == (0.01, 0.0)
-    assert all(row["bal"] > 0 and row.get("con") in (None, 0) for row in read_log(run_dir))
+    assert all(row["balance"] > 0 and row.get("contrastive") in (None, 0) for row in read_log(run_dir))
     tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     router = next(v for k, v in tensors.items() if k.endswith("mlp.comoe_router"))
     assert router.shape[0] == 8

@@ -61,7 +61,7 @@ def test_two_user_files_train_eval_analyze(tiny_model_dir, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert list(metrics["adapter"]["tasks"]) == ["sentiment", "capitals"]
     assert metrics["adapter"]["tasks"]["capitals"]["n"] == 6
-    assert all("con" in row for row in read_log(run_dir))
+    assert all("contrastive" in row for row in read_log(run_dir))
 
     comoe_cli("eval", str(run_dir))
     again = json.loads((run_dir / "eval_label.json").read_text())
@@ -101,8 +101,8 @@ def test_bf16_keeps_the_contrastive_term_in_the_optimised_loss(tiny_model_dir, t
     log = read_log(run_dir)
     assert len(log) == 3
     for row in log:
-        assert row["con"] > 0, "bf16 dropped the contrastive term"
-        assert row["loss"] == pytest.approx(row["task"] + 0.5 * row["con"], rel=1e-4, abs=1e-4)
+        assert row["contrastive"] > 0, "bf16 dropped the contrastive term"
+        assert row["loss"] == pytest.approx(row["task"] + 0.5 * row["contrastive"], rel=1e-4, abs=1e-4)
     assert RunConfig.from_yaml(run_dir / "run_config.yaml").bf16 is True
 
 
@@ -131,7 +131,7 @@ def test_readme_config_file_with_flags_and_the_moe_lora_ablation(tiny_model_dir,
         "moe-lora",
         4,
     )
-    assert all("con" not in row for row in read_log(tmp_path / "run"))  # λ = 0: no contrastive term
+    assert all("contrastive" not in row for row in read_log(tmp_path / "run"))  # λ = 0: no contrastive term
 
 
 def test_readme_tasks_and_base_only_eval(tiny_model_dir):

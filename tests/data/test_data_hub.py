@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from comoe.data import BUILTIN_SUITE, hub, load_task
-from comoe.data.hub import (
-    PAPER_BENCHMARKS,
-    HubUnavailableError,
+from comoe.data import DEFAULT_SUITE_TASKS, hub, hub_access, load_task
+from comoe.data.benchmark_rows import (
     convert_arc,
     convert_boolq,
     convert_hellaswag,
@@ -23,8 +21,9 @@ from comoe.data.hub import (
     convert_piqa,
     convert_siqa,
     convert_winogrande,
-    load_benchmark,
 )
+from comoe.data.hub import PAPER_BENCHMARKS, load_benchmark
+from comoe.data.hub_access import HubUnavailableError
 from comoe.data.jsonl import DataError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hub"
@@ -140,7 +139,7 @@ def test_load_fixture_through_datasets(name, tmp_path):
 
 
 def test_math_converters_read_every_published_layout_and_name_bad_answers():
-    from comoe.data.hub import convert_aqua, convert_gsm8k, convert_mawps
+    from comoe.data.benchmark_rows import convert_aqua, convert_gsm8k, convert_mawps
 
     gsm = convert_gsm8k({"question": "Q?", "answer": "2 + 2 = 4\n#### 4"})
     assert (gsm.question, gsm.target, gsm.meta["rationale"]) == ("Q?", "4", "2 + 2 = 4")
@@ -246,7 +245,7 @@ def test_offline_flag_without_a_cached_copy_names_the_alternatives(tmp_path, var
     assert proc.returncode != 0 and "HubUnavailableError" in proc.stderr, proc.stderr[-3000:]
     message = proc.stderr[proc.stderr.index("HubUnavailableError") :]
     assert f"{var}=1" in message and "holds no copy" in message and "jsonl:PATH" in message
-    assert all(name in message for name in BUILTIN_SUITE), message
+    assert all(name in message for name in DEFAULT_SUITE_TASKS), message
 
 
 def test_unreachable_hub_fails_within_the_timeout(monkeypatch):
@@ -260,11 +259,11 @@ def test_unreachable_hub_fails_within_the_timeout(monkeypatch):
     ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    monkeypatch.setattr(hub, "_probe_cache", {})
+    monkeypatch.setattr(hub_access, "_probe_cache", {})
     start = time.monotonic()
     with pytest.raises(HubUnavailableError, match="no connection to http://127.0.0.1:9"):
         load_task("winogrande", "validation")
-    assert time.monotonic() - start < hub.CONNECT_TIMEOUT_S + 1.0
+    assert time.monotonic() - start < hub_access.CONNECT_TIMEOUT_S + 1.0
 
 
 def test_unknown_benchmark_and_split():

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from comoe.data import PAPER_BENCHMARKS, list_tasks, load_task
-from comoe.data.hub import HubUnavailableError
+from comoe.data.hub_access import HubUnavailableError
 from comoe.data.registry import subset
 from comoe.data.suites import BUILTIN_TASKS
 

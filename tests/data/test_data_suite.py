@@ -8,7 +8,7 @@ from importlib.resources import files
 
 import pytest
 
-from comoe.data import BUILTIN_SUITE, load_task
+from comoe.data import DEFAULT_SUITE_TASKS, load_task
 from comoe.data.prompts import format_prompt
 from comoe.data.suites import (
     BUILTIN_TASKS,
@@ -51,7 +51,7 @@ def test_suite_files_match_the_task_list():
 
 
 def test_the_suites():
-    assert DEFAULT_SUITE == "learnable" and SUITE_NAMES["learnable"] == BUILTIN_SUITE
+    assert DEFAULT_SUITE == "learnable" and SUITE_NAMES["learnable"] == DEFAULT_SUITE_TASKS
     assert list(SUITE_NAMES) == ["learnable", "hard", "math"]  # the default suite first
     assert SUITE_NAMES["hard"] == HARD  # the first suite keeps its tasks, names and order
     assert tuple(task.name for task in HARD_TASKS) == HARD
@@ -142,3 +142,10 @@ def test_winowhy_keeps_each_winograd_sentence_in_one_split():
 def test_suite_rejects_unknown_split():
     with pytest.raises(ValueError, match="train, test"):
         load_task("strategyqa", "validation")
+
+
+def test_the_old_name_of_the_default_suite_tasks_warns_and_still_reads():
+    import comoe.data
+
+    with pytest.warns(FutureWarning, match="comoe.data.DEFAULT_SUITE_TASKS"):
+        assert comoe.data.BUILTIN_SUITE == DEFAULT_SUITE_TASKS

@@ -1,11 +1,14 @@
 """`comoe analyze`: do the experts specialise? Routing records, metrics, figures and a report.
 
-``metrics`` holds the pure numbers, ``routing`` runs an adapter with records on, ``report`` and ``plots``
-write the figures and ``report.md``, ``analyze`` ties them together.
+``options`` holds what `comoe analyze` does, ``record`` runs a trained adapter over its test sets with
+routing records on, ``metrics`` holds the pure numbers, ``run_metrics`` computes them for one run,
+``figures`` (with ``plots``) and ``report_md`` write the PNGs and ``report.md``, ``analyze`` ties them
+together.
 """
 
 from comoe.analysis.analyze import analyze
-from comoe.analysis.routing import AnalyzeOptions, NotAnalysable
+from comoe.analysis.options import AnalyzeOptions
+from comoe.analysis.run_metrics import NotAnalysable
 
 __all__ = ["AnalyzeOptions", "NotAnalysable", "analyze"]
 

@@ -11,13 +11,15 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from comoe.analysis.figures import make_figures
 from comoe.analysis.metrics import DEFINITIONS
-from comoe.analysis.report import make_figures, report_markdown
-from comoe.analysis.routing import AnalyzeOptions, NotAnalysable, analyse_run, analysis_threads, skip_reason
+from comoe.analysis.options import AnalyzeOptions, analysis_threads
+from comoe.analysis.report_md import report_markdown
+from comoe.analysis.run_metrics import NotAnalysable, analyse_run, skip_reason
 from comoe.utils.files import write_json_atomic, write_text_atomic
 
 REPORT_NAME = "report.md"
-METRICS_NAME = "metrics.json"
+ANALYSIS_METRICS_NAME = "metrics.json"
 
 
 # --- the command --------------------------------------------------------------------------------------
@@ -63,10 +65,10 @@ def analyze(
         "figures": files,
         "seconds": time.time() - started,
     }
-    write_json_atomic(out / METRICS_NAME, payload, indent=1)
+    write_json_atomic(out / ANALYSIS_METRICS_NAME, payload, indent=1)
     write_text_atomic(out / REPORT_NAME, report_markdown(payload, files))
     print(
-        f"analysis written to {out}/ ({REPORT_NAME}, {METRICS_NAME}, {sum(map(len, files.values()))} figures) "
+        f"analysis written to {out}/ ({REPORT_NAME}, {ANALYSIS_METRICS_NAME}, {sum(map(len, files.values()))} figures) "
         f"in {payload['seconds']:.0f} s"
     )
     return payload

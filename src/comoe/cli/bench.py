@@ -6,8 +6,10 @@ import argparse
 from pathlib import Path
 
 from comoe.cli.flags import field_flags, settings_from
-from comoe.tools.bench.render import load_peer_results, load_results, render_all, render_result, write_json
+from comoe.tools.bench.render import render_all
+from comoe.tools.bench.results_files import load_peer_results, load_results, write_json
 from comoe.tools.bench.run import BenchOptions, run_benchmark
+from comoe.tools.bench.run_page import render_result
 from comoe.utils.files import write_text_atomic
 
 

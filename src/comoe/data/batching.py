@@ -53,7 +53,7 @@ def collate(batch: list[EncodedExample], pad_token_id: int) -> dict[str, Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
 
 
-def check_lengths(examples: list[Example], tokenizer, max_length: int, report: bool = True) -> None:
+def check_lengths(examples: list[Example], tokenizer, max_length: int, note_truncation: bool = True) -> None:
     """Refuse a ``max_length`` that leaves some example no prompt token before its answer; note truncation.
 
     With too short a limit the answer fills the whole window (or is cut), the loss has nothing to predict
@@ -76,7 +76,7 @@ def check_lengths(examples: list[Example], tokenizer, max_length: int, report: b
         for ex, a in zip(examples, answers, strict=True)
     ]
     cut = sum(total > max_length for total in totals)
-    if cut and report:
+    if cut and note_truncation:
         print(
             f"note: {cut} of {len(examples)} training examples are longer than max_length={max_length} tokens "
             f"and lose the start of their prompt (the longest needs {max(totals)})"

@@ -18,11 +18,11 @@ from pathlib import Path
 from comoe.data.hub import BENCHMARKS, PAPER_BENCHMARKS, load_benchmark
 from comoe.data.jsonl import parse_jsonl, read_jsonl
 from comoe.data.schema import Example
-from comoe.data.suites import BUILTIN_SUITE, BUILTIN_TASKS, DEFAULT_SUITE, SUITE_NAMES
+from comoe.data.suites import BUILTIN_TASKS, DEFAULT_SUITE, DEFAULT_SUITE_TASKS, SUITE_NAMES
 
 __all__ = [
-    "BUILTIN_SUITE",
     "BUILTIN_TASKS",
+    "DEFAULT_SUITE_TASKS",
     "PAPER_BENCHMARKS",
     "SUITE_NAMES",
     "SUITE_PREFIX",
@@ -33,6 +33,8 @@ __all__ = [
     "suite_specs",
 ]
 
+# The old name of DEFAULT_SUITE_TASKS, read by comoe.training.run_config; comoe.data.BUILTIN_SUITE warns
+BUILTIN_SUITE = DEFAULT_SUITE_TASKS
 SUITE_SPLITS = ("train", "test")
 JSONL_PREFIX = "jsonl:"
 SUITE_PREFIX = "suite:"  # "suite:hard" names every task of a built-in suite
@@ -68,7 +70,7 @@ def load_task(
     """Load one split of a task as a list of :class:`Example`.
 
     ``name``: a built-in task (``BUILTIN_TASKS``, splits train/test, offline), a whole built-in suite as
-    ``suite:NAME`` (``SUITE_NAMES``: "learnable", the default tasks ``BUILTIN_SUITE``, "hard" and "math"; its
+    ``suite:NAME`` (``SUITE_NAMES``: "learnable", the default tasks ``DEFAULT_SUITE_TASKS``, "hard" and "math"; its
     tasks' examples one after another, ``limit`` applied per task), a paper benchmark
     (``PAPER_BENCHMARKS``, splits train/validation/test, from the Hugging Face hub or from
     ``data_files`` in the hub's schema), or a JSONL file as ``jsonl:PATH`` or a path ending in

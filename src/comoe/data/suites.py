@@ -326,7 +326,7 @@ SUITES: dict[str, tuple[SuiteTask, ...]] = {
 SUITE_TASKS: tuple[SuiteTask, ...] = tuple(
     {task.name: task for tasks in SUITES.values() for task in tasks}.values()
 )  # every shipped task, once (a task may be in two suites)
-BUILTIN_SUITE: tuple[str, ...] = tuple(task.name for task in SUITES[DEFAULT_SUITE])  # the default tasks
+DEFAULT_SUITE_TASKS: tuple[str, ...] = tuple(task.name for task in SUITES[DEFAULT_SUITE])  # the default tasks
 BUILTIN_TASKS: tuple[str, ...] = tuple(
     task.name for task in SUITE_TASKS
 )  # every task load_task knows offline

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from comoe.experiments.grid import PRESETS, Grid, preset_grid, run_grid
-from comoe.experiments.summary import summarise, to_markdown
+from comoe.experiments.summary import summarise_grid, to_markdown
 from comoe.utils.files import write_json_atomic, write_text_atomic
 from comoe.utils.machine import machine_summary
 from comoe.utils.validation import check_field_types, doc
@@ -84,7 +84,7 @@ def compare(
     started = time.time()
     command = recorded_command(out, command, summary_only)
     finished = run_grid(grid, out, dry_run=summary_only, analyse=analyse, jobs=jobs)
-    summary = summarise(finished, grid.reference)
+    summary = summarise_grid(finished, grid.reference)
     summary["grid_seconds"] = time.time() - started
     write_json_atomic(out / "summary.json", summary)
     markdown = to_markdown(summary, command, machine_summary())

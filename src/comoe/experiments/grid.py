@@ -223,7 +223,8 @@ def specialisation(run_dir: Path) -> dict[str, float | None] | None:
 
     Computed once (routing recorded over the run's test sets) and kept in ``RUN_DIR/analysis.json``.
     """
-    from comoe.analysis.routing import AnalyzeOptions, analyse_run, analysis_threads, skip_reason
+    from comoe.analysis.options import AnalyzeOptions, analysis_threads
+    from comoe.analysis.run_metrics import analyse_run, skip_reason
 
     path = run_dir / ANALYSIS_NAME
     if path.is_file():

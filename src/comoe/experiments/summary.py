@@ -82,7 +82,7 @@ def paired_difference(runs: list[dict[str, Any]], ref_runs: list[dict[str, Any]]
     }
 
 
-def summarise(finished: list[dict[str, Any]], reference: str | list[str] | None) -> dict[str, Any]:
+def summarise_grid(finished: list[dict[str, Any]], reference: str | list[str] | None) -> dict[str, Any]:
     """Mean ± std per variant and task, parameters, time, and paired differences against each reference
     variant (a pair already taken the other way round is not repeated), of each variant's single-task
     setting against its multi-task one, and against the majority class."""

@@ -9,7 +9,7 @@ equal the GGUF model's, and caches it as safetensors with the tokenizer under
 Tokenizers are returned with ``padding_side="right"`` and a pad token (the EOS token when the tokenizer
 has none). Right padding keeps every real token at the same position ids as when unpadded, which
 matters for models with absolute position embeddings (GPT-2) because only ``input_ids`` and
-``attention_mask`` are passed to the model; the scorers in :mod:`comoe.evaluation.scoring` pad on the right
+``attention_mask`` are passed to the model; the scorers in :mod:`comoe.evaluation.batches` pad on the right
 themselves and gather the positions they need.
 """
 

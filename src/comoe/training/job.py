@@ -4,7 +4,7 @@ write a run directory:
     RUN_DIR/run_config.yaml     the resolved RunConfig
     RUN_DIR/adapter/            adapter_config.json + adapter_model.safetensors + README.md (multi-task)
     RUN_DIR/adapters/TASK/      one adapter per task (single-task setting)
-    RUN_DIR/train_log.jsonl     one line per optimiser step: loss, task, con, bal, lr (the rate it used; per task dir if single)
+    RUN_DIR/train_log.jsonl     one line per optimiser step: loss, task, contrastive, balance, lr (the rate it used; per task dir if single)
     RUN_DIR/metrics.json        per-task accuracy of the adapter, the zero-shot base and the majority class
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,14 +21,15 @@ import torch
 from accelerate.utils import set_seed
 
 from comoe.data.batching import check_lengths
-from comoe.data.registry import RunData, load_run_data, load_splits
+from comoe.data.registry import load_run_data, load_splits
 from comoe.data.schema import Example
-from comoe.evaluation.report import print_accuracy_table
-from comoe.evaluation.scoring import evaluate_tasks, majority_baseline, summarise
+from comoe.evaluation.accuracy_table import print_accuracy_table
+from comoe.evaluation.scoring import evaluate_tasks, majority_baseline, with_macro_average
 from comoe.ffn import ffn_targets
 from comoe.model import find_targets
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
 from comoe.training.base_models import check_max_length, load_base_model
+from comoe.training.data_notes import data_summary, print_data_warnings
 from comoe.training.loop import make_accelerator, plan_steps, train_adapter
 from comoe.training.run_config import (
     ADAPTER_DIR,
@@ -177,10 +177,10 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         [ex for examples in train.values() for ex in examples],
         tokenizer,
         run.max_length,
-        report=accelerator.is_main_process,
+        note_truncation=accelerator.is_main_process,
     )
     if accelerator.is_main_process:
-        report_data(data)
+        print_data_warnings(data)
     accelerator.wait_for_everyone()  # every process has passed every check before anything is written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -247,47 +247,6 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     return {}
 
 
-SHOWN = 5  # line numbers shown per warning
-
-
-def report_data(data: RunData) -> None:
-    """Print the skipped lines and the training examples that are also test examples (see `load_run_data`)."""
-    if data.skipped:
-        print(f"warning: skipped {len(data.skipped)} invalid lines (--skip-invalid-rows):", file=sys.stderr)
-        for message in data.skipped:
-            print(f"  {message}", file=sys.stderr)
-    for task, pairs in data.overlap.items():
-        lines = ", ".join(f"{_line(ex)} (test line {_line(same)})" for ex, same in pairs[:SHOWN])
-        more = f", ... ({len(pairs) - SHOWN} more)" if len(pairs) > SHOWN else ""
-        where = f"train lines {lines}{more} of {data.origin[task]}"
-        if data.dropped_overlap:
-            print(
-                f"note: task {task!r}: dropped {len(pairs)} training examples that are also test examples "
-                f"(same question and options: {where}) (--drop-test-overlap)",
-                file=sys.stderr,
-            )
-        else:
-            print(
-                f"warning: task {task!r}: {len(pairs)} of {len(data.train[task])} training examples are also "
-                f"test examples (same question and options: {where}); its test score counts examples the "
-                "adapter trained on: --drop-test-overlap drops them from training",
-                file=sys.stderr,
-            )
-
-
-def data_summary(data: RunData) -> dict:
-    """What ``metrics.json`` records of the data: the skipped lines, the train/test overlap per task."""
-    return {
-        "skipped_rows": {"count": len(data.skipped), "lines": data.skipped},
-        "train_test_overlap": {task: len(pairs) for task, pairs in data.overlap.items()},
-        "test_overlap_dropped": data.dropped_overlap,
-    }
-
-
-def _line(example: Example) -> str:
-    return "?" if example.line is None else str(example.line)
-
-
 def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer):
     """One adapter per task, each on a fresh copy of the base, evaluated on its own task."""
     scores, logs, params = {}, {}, (0, 0)
@@ -318,7 +277,7 @@ def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer
                     max_length=run.max_length,
                 )["tasks"]
             )
-    return summarise(run.protocol, scores), {"per_task": logs, "params": params}
+    return with_macro_average(run.protocol, scores), {"per_task": logs, "params": params}
 
 
 def _seconds_before_resume(train: dict) -> float:
@@ -413,7 +372,7 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
                 base, tokenizer = load_base_model(run.model, quantize=run.quantize)
             model = load_adapted_model(base, Path(run_dir) / ADAPTERS_DIR / task / ADAPTER_DIR)
             scores.update(evaluate_tasks(model, tokenizer, {task: test[task]}, **kwargs)["tasks"])
-        metrics = {"adapter": summarise(run.protocol, scores), "protocol": run.protocol}
+        metrics = {"adapter": with_macro_average(run.protocol, scores), "protocol": run.protocol}
     if run_dir is not None:
         write_json_atomic(Path(run_dir) / f"eval_{run.protocol}.json", metrics)
     print_accuracy_table(metrics, title=f"{'base model' if base_only else run_dir} — {run.protocol} protocol")

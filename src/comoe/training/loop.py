@@ -172,7 +172,9 @@ class TrainingRecipe:
             self._check_finite(parts, step)
             recent = (recent + [parts])[-10:]
             bar.update(1)
-            bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "task", "con", "bal") if k in parts})
+            bar.set_postfix(
+                {k: f"{parts[k]:.3f}" for k in ("loss", "task", "contrastive", "balance") if k in parts}
+            )
             if accelerator.is_main_process:
                 with open(self.log_path, "a") as fh:
                     fh.write(json.dumps(parts) + "\n")
@@ -184,7 +186,7 @@ class TrainingRecipe:
             recent = read_log(self.log_path)[-10:]  # across a resume, not only the steps of this process
         final = {
             k: sum(p[k] for p in recent) / len(recent)
-            for k in ("loss", "task", "con", "bal")
+            for k in ("loss", "task", "contrastive", "balance")
             if recent and k in recent[0]
         }
         return TrainResult(
@@ -263,7 +265,7 @@ class TrainingRecipe:
 
     def _check_finite(self, parts: dict[str, float], step: int) -> None:
         if not math.isfinite(parts["loss"]):
-            shown = ", ".join(f"{k} {parts[k]:.4g}" for k in ("task", "con", "bal") if k in parts)
+            shown = ", ".join(f"{k} {parts[k]:.4g}" for k in ("task", "contrastive", "balance") if k in parts)
             raise TrainingDiverged(
                 f"{self.desc}: the loss is {parts['loss']} at step {step + 1} ({shown}); no adapter was saved. "
                 f"Check the model and the data, or start a new run (another --output-dir) with a lower --learning-rate"
@@ -296,7 +298,7 @@ def _label_tokens(labels: torch.Tensor) -> int:
 def _add_parts(sums: dict[str, float], task_sum: torch.Tensor, out, real_tokens: float) -> None:
     """Accumulate the step's loss parts: task as a sum over label tokens, aux parts weighted by real tokens."""
     sums["task"] = sums.get("task", 0.0) + task_sum.item()
-    for field, key in (("aux_loss", "aux"), ("contrastive_loss", "con"), ("balance_loss", "bal")):
+    for field, key in (("aux_loss", "aux"), ("contrastive_loss", "contrastive"), ("balance_loss", "balance")):
         if out.get(field) is not None:
             sums[key] = sums.get(key, 0.0) + out[field].item() * real_tokens
 
@@ -305,23 +307,30 @@ def _mean_parts(sums: dict[str, float], tokens: torch.Tensor) -> dict[str, float
     """Token-weighted means of the step's loss parts; ``loss`` is what the step optimised."""
     labels, real = max(float(tokens[0]), 1.0), max(float(tokens[1]), 1.0)
     parts = {"task": sums["task"] / labels}
-    parts.update({key: sums[key] / real for key in ("con", "bal") if key in sums})
+    parts.update({key: sums[key] / real for key in ("contrastive", "balance") if key in sums})
     parts["loss"] = parts["task"] + sums.get("aux", 0.0) / real
     return {"loss": parts.pop("loss"), **parts}
 
 
+# train_log.jsonl keys of earlier versions -> their names now; read_log renames them
+OLD_LOG_KEYS = {"con": "contrastive", "bal": "balance"}
+
+
 def read_log(path: Path) -> list[dict]:
-    """The rows of a ``train_log.jsonl``; a last line cut short by a killed process is skipped."""
+    """The rows of a ``train_log.jsonl``, with the loss parts under their current names (``OLD_LOG_KEYS``);
+    a last line cut short by a killed process is skipped."""
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     rows = []
     for number, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if number < len(lines):
                 raise ValueError(
                     f"{path}:{number}: not a JSON row; the log is damaged (delete the line)"
                 ) from None
+            continue
+        rows.append({OLD_LOG_KEYS.get(key, key): value for key, value in row.items()})
     return rows
 
 

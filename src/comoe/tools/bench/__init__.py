@@ -33,7 +33,10 @@ Command line (``comoe bench ...`` or ``python -m comoe bench ...``)::
     comoe bench --render --out benchmarks/results --markdown BENCHMARKS.md
 
 Modules: ``sizes`` (model and batch presets), ``naive`` (the per-expert-loop baseline), ``variants``,
-``measure`` (one step, memory, host syncs, generation, parity), ``compile_check``, ``run`` (a case, the
-targets, the whole run from ``BenchOptions``), ``render`` (Markdown). The flags are in ``comoe.cli.bench``;
+``measure`` (one step, memory, host syncs, generation, parity), ``compile_check``, ``case`` (one (E, r)
+point, every variant round-robin), ``thresholds`` (the targets and judging a result against them), ``run``
+(``BenchOptions`` and the whole run), ``results_files`` (reading and writing the JSON); the Markdown:
+``cells`` (table cells), ``run_page`` (one result), ``summary_table``, ``peers_page`` and ``render``
+(BENCHMARKS.md from them all). The flags are in ``comoe.cli.bench``;
 ``run_benchmark(BenchOptions(...))`` returns the plain dict that is written as JSON.
 """

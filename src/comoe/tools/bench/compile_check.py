@@ -18,7 +18,7 @@ from comoe.tools.bench.measure import (
     train_step,
 )
 from comoe.tools.bench.sizes import SIZES, build_random_llama
-from comoe.tools.bench.variants import Variant, build_variant, comoe_config, shared_copy
+from comoe.tools.bench.variants import Variant, build_variant, shared_copy, variant_config
 
 
 # --- torch.compile check ---------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def compile_check(
             out["paths"][path] = entry
             log(f"  torch.compile check: path {path}")
             torch.manual_seed(seed)
-            cfg = comoe_config(4, 16, 2, targets, path=path, contrastive="gram", dropout=0.0)
+            cfg = variant_config(4, 16, 2, targets, path=path, contrastive="gram", dropout=0.0)
             cfg.anchor = "all"  # deterministic: no random anchor draw to compare across eager and compiled
             model = get_comoe_model(shared_copy(base), cfg).train()
             gen = torch.Generator().manual_seed(seed + 1)
@@ -135,7 +135,7 @@ def compile_check(
                 "naive", base, experts=4, rank=16, top_k=2, targets=targets, con_path=path, seed=seed
             )
             plain = get_comoe_model(
-                shared_copy(base), comoe_config(4, 16, 2, targets, path=path, dropout=0.0)
+                shared_copy(base), variant_config(4, 16, 2, targets, path=path, dropout=0.0)
             ).train()
             for m in naive.model.modules():
                 if isinstance(m, nn.Dropout):

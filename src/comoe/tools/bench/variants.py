@@ -60,7 +60,7 @@ class Variant:
     naive_layers: dict | None = None
 
 
-def comoe_config(
+def variant_config(
     experts: int,
     rank: int,
     top_k: int,
@@ -72,6 +72,7 @@ def comoe_config(
     dora: bool = False,
     placement: str = "linear",
 ) -> CoMoEConfig:
+    """The adapter config of a bench variant: rank r, alpha 2r, λ = 0.01 with a contrastive form, else 0."""
     return CoMoEConfig(
         r=rank,
         lora_alpha=2.0 * rank,
@@ -125,20 +126,20 @@ def build_variant(
         )
         wrapped = get_peft_model(model, cfg)
     elif name == "naive":
-        naive_layers = inject_naive(model, comoe_config(experts, rank, top_k, targets))
+        naive_layers = inject_naive(model, variant_config(experts, rank, top_k, targets))
         wrapped = model
     elif name in OURS:
         path = {"ours-dense": "dense", "ours-grouped": "grouped"}.get(name, con_path)
         form = {"ours-con-gram": "gram", "ours-con-mat": "materialized", "ours-dora-con": "materialized"}.get(
             name
         )
-        config = comoe_config(
+        config = variant_config(
             experts, rank, top_k, targets, path=path, contrastive=form, dora=name.startswith("ours-dora")
         )
         wrapped = get_comoe_model(model, config)
     elif name in FFN_VARIANTS:
         form = "materialized" if name == "ours-ffn-con" else None
-        config = comoe_config(experts, rank, top_k, targets, contrastive=form, placement="ffn")
+        config = variant_config(experts, rank, top_k, targets, contrastive=form, placement="ffn")
         wrapped = get_comoe_model(model, config)
     else:
         raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
@@ -167,7 +168,7 @@ def auto_path(
     ``CoMoELayer`` per distinct target shape."""
     from comoe.trace import ForwardContext
 
-    cfg = comoe_config(experts, rank, top_k, targets)
+    cfg = variant_config(experts, rank, top_k, targets)
     chosen, seen = set(), set()
     for name in find_targets(base, cfg):
         module = base.get_submodule(name)

@@ -1,13 +1,11 @@
-"""Runs a trained adapter over its test sets with routing records on, and computes its metrics."""
+"""One run's specialisation metrics: which runs can be analysed, loading a run's adapter and test sets,
+recording its routing (:mod:`comoe.analysis.record`), and every metric of :mod:`comoe.analysis.metrics`."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,79 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from comoe.analysis.metrics import SCALARS, _mean, layer_rows, load_tables, module_metrics, pca_2d, tsne_2d
+from comoe.analysis.options import AnalyzeOptions
+from comoe.analysis.record import record_routing
 from comoe.data.registry import load_splits
 from comoe.model import layer_index
-from comoe.records import RoutingRecorder
 from comoe.training.run_config import ADAPTER_DIR, METRICS_NAME, RUN_CONFIG_NAME, RunConfig
-from comoe.utils.modeling import accepts_logits_to_keep, model_device, pad_token_id
-from comoe.utils.validation import check_field_types, doc
-
-DEFAULT_TEST_PER_TASK = 32
-
-
-@dataclass
-class AnalyzeOptions:
-    """What `comoe analyze` does; every field is a command-line flag (and a key of its ``--config`` file)."""
-
-    test_per_task: int | None = field(
-        default=DEFAULT_TEST_PER_TASK, metadata=doc("Test examples per task routed; none = all.")
-    )
-    batch_size: int = field(default=16, metadata=doc("Sequences per forward pass."))
-    max_length: int | None = field(default=None, metadata=doc("Token limit per example; none = the run's."))
-    samples: int = field(
-        default=128, metadata=doc("Tokens per module whose expert outputs are kept (redundancy metrics).")
-    )
-    projection_samples: int = field(default=400, metadata=doc("Tokens kept for the 2-D projection."))
-    layer: int | None = field(
-        default=None, metadata=doc("Layer of the 2-D projection; none = the middle adapted layer.")
-    )
-    module: str | None = field(
-        default=None,
-        metadata=doc(
-            "Module of the 2-D projection; none = q_proj, or the routed module of an FFN run (mlp)."
-        ),
-    )
-    seed: int = field(default=0, metadata=doc("Seeds the token samples and t-SNE."))
-    progress: bool = field(default=True, metadata=doc("Progress bars."))
-    tsne: bool = field(default=True, metadata=doc("A t-SNE projection too, when scikit-learn is installed."))
-    threads: int | None = field(
-        default=None,
-        metadata=doc("CPU threads for torch; none = torch's, or 1 when the machine is already busy."),
-    )
-
-    def __post_init__(self) -> None:
-        check_field_types(self)
-        for name in ("test_per_task", "batch_size", "samples", "projection_samples", "threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def cpu_threads(requested: int | None) -> int:
-    """``requested``, or torch's default unless the machine is busy (1-minute load ≥ cores − ½): then 1.
-
-    On a shared CPU, OpenMP threads that find no free core spin at every barrier; measured here on 2 busy
-    cores, one thread ran the pass 1.6× faster than two.
-    """
-    if requested is not None:
-        return requested
-    try:
-        busy = os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5
-    except OSError:
-        busy = False
-    return 1 if busy else torch.get_num_threads()
-
-
-@contextmanager
-def analysis_threads(requested: int | None) -> Iterator[int]:
-    """Run the block with ``cpu_threads(requested)`` torch threads (unchanged on CUDA); yields the count."""
-    previous = torch.get_num_threads()
-    threads = previous if torch.cuda.is_available() else cpu_threads(requested)
-    torch.set_num_threads(threads)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(previous)
 
 
 class NotAnalysable(ValueError):
@@ -114,61 +44,6 @@ def skip_reason(run_dir: Path) -> str | None:
 def run_label(run: RunConfig) -> str:
     """method, contrastive weight and seed, e.g. ``comoe λ=0.01 s0``."""
     return f"{run.method} λ={run.trained_adapter.contrastive_weight:g} s{run.seed}"
-
-
-def _encoded_batches(test: dict, tasks: list[str], tokenizer, max_length: int, batch_size: int) -> list[list]:
-    """Test examples encoded as in training, sorted by length (less padding) and cut into batches."""
-    from comoe.data.batching import encode_example
-
-    encoded = [
-        encode_example(ex, tokenizer, task_id, max_length)
-        for task_id, task in enumerate(tasks)
-        for ex in test[task]
-    ]
-    encoded.sort(key=lambda item: -len(item.input_ids))
-    return [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
-
-
-def record_routing(
-    model,
-    tokenizer,
-    test: dict,
-    tasks: list[str],
-    options: AnalyzeOptions,
-    max_length: int,
-    projection_module: str | None,
-    desc: str = "analyze",
-) -> RoutingRecorder:
-    """One pass over the test sets with routing records on; returns the filled recorder."""
-    from comoe.data.batching import collate
-
-    batches = _encoded_batches(test, tasks, tokenizer, max_length, options.batch_size)
-    limits = (
-        {projection_module: max(options.projection_samples, options.samples)} if projection_module else {}
-    )
-    recorder = RoutingRecorder(
-        num_tasks=len(tasks),
-        sample_outputs=options.samples,
-        contrastive=True,
-        sample_limits=limits,
-        spread_over=len(batches),
-        seed=options.seed,
-    )
-    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # no vocabulary-sized logits
-    device = model_device(model)
-    pad = pad_token_id(tokenizer)
-    torch.manual_seed(options.seed)  # the contrastive loss draws random anchors
-    model.eval()
-    with torch.no_grad(), model.recording(recorder):
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not options.progress):
-            tensors = collate(batch, pad)
-            model(
-                input_ids=tensors["input_ids"].to(device),
-                attention_mask=tensors["attention_mask"].to(device),
-                task_ids=tensors["task_ids"].to(device),
-                **extra,
-            )
-    return recorder
 
 
 def _chosen_module(names: Sequence[str], layer: int | None, module: str | None) -> str:

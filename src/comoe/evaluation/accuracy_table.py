@@ -1,4 +1,4 @@
-"""Terminal tables for run metrics (rich)."""
+"""The accuracy table printed in the terminal after `comoe train` and `comoe eval` (rich)."""
 
 from __future__ import annotations
 
