@@ -31,8 +31,13 @@ MOVED: dict[str, tuple[str, ...]] = {
     "comoe.files": ("comoe.utils.files",),
     "comoe.batching": ("comoe.data.batching",),
     "comoe.data.bigbench": ("comoe.data.suites", "comoe.tools.suite_builder"),
-    "comoe.evaluate": ("comoe.evaluation.scoring",),
-    "comoe.report": ("comoe.evaluation.report",),
+    "comoe.evaluate": (
+        "comoe.evaluation.scoring",
+        "comoe.evaluation.multiple_choice",
+        "comoe.evaluation.generation",
+        "comoe.evaluation.batches",
+    ),
+    "comoe.report": ("comoe.evaluation.accuracy_table",),
     "comoe.plots": ("comoe.analysis.plots",),
     "comoe.compare": (
         "comoe.experiments.compare",
@@ -49,6 +54,13 @@ MOVED: dict[str, tuple[str, ...]] = {
         "comoe.tools.bench.sizes",
         "comoe.tools.bench.naive",
         "comoe.tools.bench.render",
+        "comoe.tools.bench.case",
+        "comoe.tools.bench.thresholds",
+        "comoe.tools.bench.results_files",
+        "comoe.tools.bench.cells",
+        "comoe.tools.bench.run_page",
+        "comoe.tools.bench.summary_table",
+        "comoe.tools.bench.peers_page",
         "comoe.tools.bench.compile_check",
         "comoe.utils.machine",
         "comoe.cli.bench",
@@ -58,26 +70,37 @@ MOVED: dict[str, tuple[str, ...]] = {
 # ``comoe.analysis`` was one module and is now a package: its old names, looked up by the package
 ANALYSIS_MODULES = (
     "comoe.analysis.metrics",
-    "comoe.analysis.routing",
-    "comoe.analysis.report",
+    "comoe.analysis.options",
+    "comoe.analysis.record",
+    "comoe.analysis.run_metrics",
+    "comoe.analysis.figures",
+    "comoe.analysis.report_md",
     "comoe.analysis.plots",
     "comoe.analysis.analyze",
 )
+
+# (old module, old name) -> the name it has now, where it was renamed as well as moved
+RENAMED: dict[tuple[str, str], str] = {
+    ("comoe.compare", "summarise"): "summarise_grid",
+    ("comoe.evaluate", "summarise"): "with_macro_average",
+    ("comoe.evaluate", "PROTOCOLS"): "MULTIPLE_CHOICE_PROTOCOLS",
+}
 
 
 def moved_attribute(old: str, name: str, homes: tuple[str, ...]) -> Any:
     """``name`` as the first of ``homes`` that defines it, with a FutureWarning naming where it lives now."""
     if name.startswith("__"):
         raise AttributeError(name)
+    new_name = RENAMED.get((old, name), name)
     for home in homes:
         module = importlib.import_module(home)
-        if hasattr(module, name):
+        if hasattr(module, new_name):
             warnings.warn(
-                f"{old}.{name} is deprecated and goes in the next release: use {home}.{name}",
+                f"{old}.{name} is deprecated and goes in the next release: use {home}.{new_name}",
                 FutureWarning,
                 stacklevel=3,
             )
-            return getattr(module, name)
+            return getattr(module, new_name)
     raise AttributeError(
         f"module {old!r} has no attribute {name!r} (its names now live in {', '.join(homes)})"
     )
