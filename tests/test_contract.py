@@ -12,7 +12,9 @@ row here; a new promise is a test here, parametrized over ``KINDS``.
 5. ``torch.compile`` gives the same loss and gradients as eager;
 6. bf16 autocast trains, with gradients within bf16 tolerance of fp32 and fp32 auxiliary losses;
 7. FSDP2 (2 CPU processes) gives one process's gradients;
-8. the trainable parameter count equals ``comoe_parameter_count``, the estimate parameter-matched LoRA uses.
+8. the trainable parameter count equals ``comoe_parameter_count``, the estimate parameter-matched LoRA uses;
+9. a fresh adapter (B = 0) leaves the base's logits as they are, and its first steps give finite losses and
+   gradients.
 """
 
 from __future__ import annotations
@@ -324,3 +326,19 @@ def test_the_trainable_count_is_the_parameter_count_estimate(kind):
     assert all(is_adapter(name) for name in trainable(model))
     assert model.get_nb_trainable_parameters()[0] == counted
     assert comoe_parameter_count(build("llama"), config_of(kind)) == counted
+
+
+# --- 9. from a fresh init ----------------------------------------------------------------------------------
+def test_a_fresh_adapter_is_the_base_and_its_first_steps_are_finite(kind):
+    """B = 0 at init: every expert's update is zero (the cosines' norms are floored, so the contrastive loss
+    is finite there), and training moves off it with finite losses and gradients."""
+    model = get_comoe_model(build("llama"), config_of(kind))
+    # to fp32 rounding: DoRA's scale and FFN experts' shared FFN form the base output in another order
+    torch.testing.assert_close(eval_logits(model), eval_logits(build("llama")), rtol=0, atol=1e-6)
+    optimizer = torch.optim.AdamW(trainable(model).values(), lr=1e-2)
+    for step in range(3):
+        losses, grads = training_step(model, seed=step)
+        assert all(torch.isfinite(value) for value in losses.values()), (step, losses)
+        assert all(torch.isfinite(grad).all() for grad in grads.values() if grad is not None), step
+        optimizer.step()
+    assert not torch.allclose(eval_logits(model), eval_logits(build("llama")), atol=1e-4)  # it trained
