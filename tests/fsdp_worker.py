@@ -1,6 +1,7 @@
 """One rank of the FSDP2 check (``tests/test_contract.py``): torch's ``fully_shard`` on every decoder layer and
 the root of a comoe model, 2 CPU processes over gloo, one training forward and backward with the auxiliary
-terms on. Rank 0 also runs the unsharded model on the same inputs and writes both sets of adapter gradients."""
+terms on, for each of several cases in one launch. Rank 0 also runs the unsharded model on the same inputs
+and writes both sets of adapter gradients of every case."""
 
 from __future__ import annotations
 
@@ -12,16 +13,18 @@ import torch
 import torch.distributed as dist
 
 
-def run(rank: int, world_size: int, port: int, out_path: str, case: dict) -> None:
+def run(rank: int, world_size: int, port: int, out_path: str, cases: dict[str, dict]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        _run(rank, out_path, case)
+        results = {name: _run(rank, case) for name, case in cases.items()}
+        if rank == 0:
+            torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
 
 
-def _run(rank: int, out_path: str, case: dict) -> None:
+def _run(rank: int, case: dict) -> dict | None:
     from torch.distributed.fsdp import fully_shard
 
     from comoe import get_comoe_model
@@ -53,19 +56,16 @@ def _run(rank: int, out_path: str, case: dict) -> None:
     }
     contrastive = _detached(out.get("contrastive_loss"))
     if rank != 0:
-        return
+        return None
     torch.manual_seed(11)
     ref_out = reference(**inputs, labels=labels)
     ref_out.loss.backward()
     single = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
-    torch.save(
-        {
-            "sharded": sharded,
-            "single": single,
-            "contrastive": (contrastive, _detached(ref_out.get("contrastive_loss"))),
-        },
-        out_path,
-    )
+    return {
+        "sharded": sharded,
+        "single": single,
+        "contrastive": (contrastive, _detached(ref_out.get("contrastive_loss"))),
+    }
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:

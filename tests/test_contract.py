@@ -12,7 +12,8 @@ row here; a new promise is a test here, parametrized over ``KINDS``.
 5. ``torch.compile`` gives the same loss and gradients as eager;
 6. bf16 autocast trains, with gradients within bf16 tolerance of fp32 and fp32 auxiliary losses;
 7. FSDP2 (2 CPU processes) gives one process's gradients;
-8. the trainable parameter count equals ``comoe_parameter_count``, the estimate parameter-matched LoRA uses;
+8. the trainable parameter count equals ``adapter_parameter_count`` (layers built on the meta device), the
+   count parameter-matched LoRA uses;
 9. a fresh adapter (B = 0) leaves the base's logits as they are, and its first steps give finite losses and
    gradients.
 """
@@ -27,7 +28,7 @@ import torch.multiprocessing as mp
 from peft import PeftModel
 
 from comoe import CoMoEModel, get_comoe_model
-from comoe.training.adapters import comoe_parameter_count
+from comoe.placement import adapter_parameter_count
 from tests import fsdp_worker
 from tests.tiny_models import batch, build, is_adapter, randomize_adapters, tiny_comoe_config
 
@@ -281,10 +282,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _fsdp_gradients(tmp_path, base_dtype: str, config: dict) -> dict:
-    out_path = str(tmp_path / "grads.pt")
-    case = dict(base_dtype=base_dtype, config=config)
-    mp.spawn(fsdp_worker.run, args=(2, _free_port(), out_path, case), nprocs=2, join=True)
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory) -> dict:
+    """Every kind's FSDP2 and one-process gradients (fp32 base), and LoRA experts' on a bf16 base: one
+    launch of 2 processes for all of them."""
+    cases = {
+        kind: dict(base_dtype="float32", config={"balance_weight": BALANCE, **KINDS[kind]}) for kind in KINDS
+    }
+    cases["bf16 base"] = dict(base_dtype="bfloat16", config={"balance_weight": BALANCE})
+    out_path = str(tmp_path_factory.mktemp("fsdp") / "grads.pt")
+    mp.spawn(fsdp_worker.run, args=(2, _free_port(), out_path, cases), nprocs=2, join=True)
     return torch.load(out_path)
 
 
@@ -305,27 +312,26 @@ def _check_fsdp(result: dict, with_contrastive: bool) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_gives_one_process_gradients(kind, tmp_path):
+def test_fsdp2_gives_one_process_gradients(kind, fsdp_results):
     """torch's ``fully_shard`` per decoder layer and the root, 2 CPU processes over gloo: what the losses need
     from the adapter weights (BᵀB, materialised expert outputs) is formed inside each layer's forward, while
     FSDP holds the layer's weights whole."""
-    config = {"balance_weight": BALANCE, **KINDS[kind]}
-    _check_fsdp(_fsdp_gradients(tmp_path, "float32", config), contrastive_on(kind))
+    _check_fsdp(fsdp_results[kind], contrastive_on(kind))
 
 
 @pytest.mark.slow
-def test_fsdp2_with_a_bf16_base_gives_one_process_gradients(tmp_path):
+def test_fsdp2_with_a_bf16_base_gives_one_process_gradients(fsdp_results):
     """A bf16 base (adapters and routers fp32), as `comoe train --bf16 true` trains."""
-    _check_fsdp(_fsdp_gradients(tmp_path, "bfloat16", {"balance_weight": BALANCE}), with_contrastive=True)
+    _check_fsdp(fsdp_results["bf16 base"], with_contrastive=True)
 
 
 # --- 8. parameter count ------------------------------------------------------------------------------------
-def test_the_trainable_count_is_the_parameter_count_estimate(kind):
+def test_the_trainable_count_is_the_counted_parameters(kind):
     model = get_comoe_model(build("llama"), config_of(kind))
     counted = sum(p.numel() for p in trainable(model).values())
     assert all(is_adapter(name) for name in trainable(model))
     assert model.get_nb_trainable_parameters()[0] == counted
-    assert comoe_parameter_count(build("llama"), config_of(kind)) == counted
+    assert adapter_parameter_count(build("llama"), config_of(kind)) == counted
 
 
 # --- 9. from a fresh init ----------------------------------------------------------------------------------
