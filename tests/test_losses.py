@@ -230,8 +230,13 @@ def test_draw_negatives_samples_only_inactive_experts():
 
 # --- the balance loss ------------------------------------------------------------------------------
 def balance(probs, topk_idx, mask=None):
-    """The balance loss of a top-k routing (each token's share 1/k on each of its k experts)."""
-    return load_balancing_loss(probs, Routing(probs, probs, topk_idx).share(), mask)
+    """The balance loss of a top-k routing, from its ids and from the routing's share (1/k on each of a
+    token's k experts): the same."""
+    loss = load_balancing_loss(probs, topk_idx, mask)
+    torch.testing.assert_close(
+        loss, load_balancing_loss(probs, token_mask=mask, share=Routing(probs, probs, topk_idx).share())
+    )
+    return loss
 
 
 def test_balance_loss_is_one_for_uniform_routing():

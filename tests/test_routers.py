@@ -155,7 +155,7 @@ def test_topp_balance_loss_and_records_take_sets_of_every_size():
     share = routing.share()
     torch.testing.assert_close(share.sum(-1), torch.ones(3))
     f = torch.tensor([0.5, 1.0, 1.5]) / 3
-    torch.testing.assert_close(load_balancing_loss(probs, share), 3 * (f * probs.mean(0)).sum())
+    torch.testing.assert_close(load_balancing_loss(probs, share=share), 3 * (f * probs.mean(0)).sum())
 
     recorder = RoutingRecorder(num_tasks=1, contrastive=False)
     recorder.observe(LayerTrace("probe", None, routing, None, None, False, False), None, None, None)

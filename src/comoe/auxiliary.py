@@ -50,7 +50,7 @@ def losses_from_traces(ctx: ForwardContext, training: bool) -> list[ModuleAux]:
                 con = contrastive_of(trace, mask)
             bal = None
             if ctx.compute_balance:
-                bal = load_balancing_loss(trace.routing.probs, trace.routing.share(), mask)
+                bal = load_balancing_loss(trace.routing.probs, token_mask=mask, share=trace.routing.share())
             if training and torch.is_grad_enabled():
                 check_differentiable(trace, con, bal)
             if con is not None or bal is not None:
@@ -68,7 +68,10 @@ def contrastive_of(trace: LayerTrace, token_mask: Tensor | None) -> ContrastiveO
     valid = anchor_mask(anchors, cfg.anchor, routing.slot_mask)
     active = routing.active(n_exp)
     negatives = negatives_among(~active, cfg.num_negatives)
-    if inputs.outputs is not None:
+    if inputs.cosines is not None:
+        rows = anchors[..., None].expand(-1, -1, n_exp)
+        cos = inputs.cosines.gather(1, rows)[None]
+    elif inputs.outputs is not None:
         cos = materialized_cosines(inputs.outputs, anchors, cfg.norm_eps)[None]
     else:
         codes = inputs.codes.to(torch.promote_types(inputs.codes.dtype, torch.float32))

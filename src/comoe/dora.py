@@ -23,9 +23,6 @@ class DoraState(NamedTuple):
     scale: Tensor  # (E, d_out): c_i = m_i / ||W0 + s B_i A_i||
     base_out: Tensor  # (N, d_out): W0 x̃ without bias
 
-    def detached(self) -> DoraState:
-        return DoraState(self.scale.detach().float(), self.base_out.detach().float())
-
 
 def dora_row_norms(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, num_experts: int

@@ -28,7 +28,7 @@ from comoe.config import CoMoEConfig
 from comoe.frozen import base_weight
 from comoe.mixture import MixtureLayer
 from comoe.targets import find_targets, layer_index, matching_modules, num_hidden_layers, resolve_layers
-from comoe.trace import ContrastiveInputs, ForwardContext
+from comoe.trace import ContrastiveInputs, ForwardContext, Samples
 
 PROJECTIONS = ("gate", "up", "down")
 SUPPORTED = (
@@ -185,16 +185,18 @@ class CoMoEFFNLayer(MixtureLayer):
         contrastive = None
         if self._contrastive_in_training():  # formed here, while the weights are whole
             contrastive = self._contrastive_inputs(x_flat, x_drop)
-        if self._wants_aux():
+        if self._wants_aux() and not self._recomputing():
+            idx = self._sample_tokens(x_flat.shape[0])
             with torch.no_grad():
                 if contrastive is None and self._wants_contrastive_record():
-                    contrastive = self._contrastive_inputs(x_flat, x_drop)
+                    contrastive = self._contrastive_inputs(x_flat, x_drop).compact(self.config.norm_eps)
                 samples = None
-                if self._wants_samples():
-                    outputs = (
-                        contrastive.outputs if contrastive is not None else self._outputs(x_flat, x_drop)
-                    )
-                    samples = outputs.detach().float()
+                if idx is not None:
+                    if contrastive is not None and contrastive.outputs is not None:
+                        outputs = contrastive.outputs[idx]
+                    else:
+                        outputs = self._outputs(x_flat[idx], x_drop[idx])
+                    samples = Samples(idx, outputs.detach().float())
             self._leave_trace(routing, contrastive, samples)
         return out.view(*lead_shape, -1).to(x.dtype)
 

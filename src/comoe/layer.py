@@ -35,7 +35,7 @@ from comoe.frozen import base_weight, layer_features
 from comoe.grouped import grouped_delta
 from comoe.mixture import MixtureLayer
 from comoe.routers import Routing
-from comoe.trace import ContrastiveInputs, ForwardContext
+from comoe.trace import ContrastiveInputs, ForwardContext, Samples
 
 
 class CoMoELayer(MixtureLayer):
@@ -142,7 +142,7 @@ class CoMoELayer(MixtureLayer):
             delta = delta + (gates.to(scale.dtype) @ (scale - 1)) * base_out
             dora = DoraState(scale, base_out)
         contrastive = self._contrastive_inputs(codes, dora) if with_contrastive else None
-        if self._wants_aux():
+        if self._wants_aux() and not self._recomputing():
             self._trace(routing, x_drop, codes, dora, contrastive)
         return result + delta.view(*lead_shape, self.out_features).to(result.dtype)
 
@@ -154,18 +154,20 @@ class CoMoELayer(MixtureLayer):
         dora: DoraState | None,
         contrastive: ContrastiveInputs | None,
     ) -> None:
-        """Leave this call's trace, forming without autograd what only an evaluation or a record needs."""
-        wants_samples = self._wants_samples()
+        """Leave this call's trace, forming without autograd what only an evaluation or a record needs: the
+        contrastive inputs (their cosines, not the materialised outputs) and the sampled tokens' outputs."""
+        idx = self._sample_tokens(routing.gates.shape[0])
+        recording = self._wants_contrastive_record()
         with torch.no_grad():
-            if codes is None and (self._wants_contrastive_record() or wants_samples):
+            if codes is None and (recording or idx is not None):
                 codes = x_drop @ self.comoe_A.t()  # the grouped path skips them; nothing saved for backward
-            if contrastive is None and self._wants_contrastive_record():
-                contrastive = self._contrastive_inputs(codes, dora)
+            if contrastive is None and recording:
+                contrastive = self._contrastive_inputs(codes, dora).compact(self.config.norm_eps)
             samples = None
-            if wants_samples:
-                picked = None if dora is None else dora.detached()
-                codes = codes.detach().view(codes.shape[0], self.num_experts, self.r).float()
-                samples = self.expert_outputs(codes, picked).float()
+            if idx is not None:
+                picked = None if dora is None else DoraState(dora.scale.detach(), dora.base_out[idx].detach())
+                sampled = codes[idx].detach().view(idx.numel(), self.num_experts, self.r).float()
+                samples = Samples(idx, self.expert_outputs(sampled, picked).float())
         self._leave_trace(routing, contrastive, samples)
 
     def _contrastive_inputs(self, codes: Tensor, dora: DoraState | None) -> ContrastiveInputs:
@@ -246,3 +248,10 @@ def adapter_input(x: Tensor, adapter_dtype: torch.dtype) -> Tensor:
     copy is made, and none is kept for backward."""
     autocast = adapter_dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
     return x if autocast and product_dtype(x) == x.dtype else x.to(adapter_dtype)
+
+
+def __getattr__(name: str):
+    """Names this module held in comoe 0.1, from their new modules, with a FutureWarning."""
+    from comoe.moved import moved_name
+
+    return moved_name(__name__, name)

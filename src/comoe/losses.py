@@ -262,6 +262,9 @@ def stacked_info_nce(
         per_token = per_anchor.sum(-1) / counted.clamp_min(1)
         weights = _token_weights(token_mask, per_token, counted > 0)
     loss = (per_token * weights).sum(-1)
+    if anchor_mask is not None:  # the logged cosines: anchors that are selected experts only
+        positive = positive & anchor_mask[..., None]
+        negative = negative & anchor_mask[..., None]
     with torch.no_grad():
         cos = cosines.detach()
         pos_cos = (_mean_where(cos, positive) * weights).sum(-1)
@@ -348,14 +351,25 @@ def contrastive_loss_materialized(
     return info_nce(cos, anchors, active, negatives, temperature, epsilon, token_mask)
 
 
-def load_balancing_loss(probs: Tensor, share: Tensor | None, token_mask: Tensor | None = None) -> Tensor:
+def load_balancing_loss(
+    probs: Tensor,
+    topk_idx: Tensor | None = None,
+    token_mask: Tensor | None = None,
+    *,
+    share: Tensor | None = None,
+) -> Tensor:
     """Switch/Mixtral balance loss E · Σ_e f_e · P_e over unmasked tokens.
 
-    probs: (N, E) router softmax; share: (N, E) each token's assignment spread over its experts
-    (``Routing.share``: 1/k on each of its top-k, the softmax itself under soft routing), whose mean is f_e;
-    P_e the mean router probability. Equals 1 when uniform.
+    probs: (N, E) router softmax; f_e is the share of the assignments that go to expert e: of the top-k
+    assignments ``topk_idx`` (N, k), or of the soft routing's probabilities when it is None, or given as
+    ``share`` (N, E), each token's assignment spread over its experts (``Routing.share``, for sets that vary
+    in size); P_e the mean router probability. Equals 1 when uniform.
     """
     n_exp = probs.shape[1]
+    if share is None:
+        share = (
+            probs if topk_idx is None else active_mask(topk_idx, n_exp).to(probs.dtype) / topk_idx.shape[1]
+        )
     fraction = _masked_token_mean(share, token_mask)
     mean_prob = _masked_token_mean(probs, token_mask)
     return n_exp * (fraction * mean_prob).sum()

@@ -121,10 +121,16 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         """Whether an evaluation forward should form the contrastive inputs (without autograd) for records."""
         return self.contrastive_capable and self.context.active and self.context.compute_contrastive
 
-    def _wants_samples(self) -> bool:
-        """Whether the recorder keeps expert outputs of this module's tokens."""
+    def _sample_tokens(self, n_tokens: int) -> Tensor | None:
+        """The tokens of this call whose expert outputs the recorder keeps, or None."""
         recorder = self.context.recorder
-        return recorder is not None and recorder.wants_codes(self.module_name)
+        if recorder is None or not recorder.wants_codes(self.module_name):
+            return None
+        return recorder.sample_tokens(self.module_name, self.context.mask_for(n_tokens), n_tokens)
+
+    def _recomputing(self) -> bool:
+        """Whether this call is an activation-checkpointing recompute (inside backward): already traced."""
+        return not self.context.active and self.training and torch.is_grad_enabled()
 
     def _leave_trace(self, routing: Routing, contrastive: ContrastiveInputs | None, samples: Tensor | None):
         """Hand this call's trace to the context (``comoe.auxiliary`` forms the losses after the forward).

@@ -170,8 +170,8 @@ class RoutingRecorder:
             rec.neg_cos_sum += contrastive.neg_cos.double() * real
             rec.contrastive_tokens += real
             rec.contrastive_calls += 1
-        if trace.samples is not None and self.wants_codes(trace.name):
-            self._sample(rec, trace, keep, tasks)
+        if trace.samples is not None:
+            self._sample(rec, trace, tasks)
 
     @staticmethod
     def _count_combinations(
@@ -184,20 +184,33 @@ class RoutingRecorder:
         n_combos = rec.combination_counts.shape[1]
         rec.combination_counts.view(-1).index_add_(0, tasks * n_combos + combo, weight)
 
-    def _sample(self, rec: ModuleRecord, trace: LayerTrace, keep: Tensor, tasks: Tensor) -> None:
-        limit = self.sample_limit(trace.name)
-        room = limit - rec.sampled
-        real = keep.nonzero().squeeze(1)
+    def sample_tokens(self, module_name: str, token_mask: Tensor | None, n_tokens: int) -> Tensor | None:
+        """The tokens of this call whose expert outputs the module should form for the record (asked by the
+        layer in its forward, so that it forms them for these tokens only), or None."""
+        limit = self.sample_limit(module_name)
+        rec = self.records.get(module_name)
+        room = limit - (rec.sampled if rec is not None else 0)
+        if room <= 0:
+            return None
+        real = token_mask.nonzero().squeeze(1) if token_mask is not None else torch.arange(n_tokens)
         per_call = math.ceil(limit / self.spread_over) if self.spread_over else None
         if per_call is not None and real.numel() > per_call:
             pick = torch.randperm(real.numel(), generator=self._generator)[:per_call]
             real = real[pick.sort().values.to(real.device)]
         idx = real[:room]
-        if idx.numel() == 0:
-            return
+        return idx if idx.numel() else None
+
+    def _sample(self, rec: ModuleRecord, trace: LayerTrace, tasks: Tensor) -> None:
+        idx, outputs = trace.samples
         routing = trace.routing
-        chosen = routing.selected if routing.selected is not None else routing.probs.argmax(-1, keepdim=True)
-        rec.sampled_outputs.append(trace.samples[idx].float().cpu())
+        if routing.selected is None:
+            chosen = routing.probs.argmax(-1, keepdim=True)
+        elif routing.slot_mask is None:
+            chosen = routing.selected
+        else:  # slots that hold no selected expert repeat the first, which always does
+            chosen = torch.where(routing.slot_mask, routing.selected, routing.selected[:, :1])
+        idx = idx.to(tasks.device)
+        rec.sampled_outputs.append(outputs.float().cpu())
         rec.sampled_tasks.append(tasks[idx].cpu())
         rec.sampled_experts.append(chosen[idx].cpu())
 

@@ -26,10 +26,6 @@ class Routing(NamedTuple):
     selected: Tensor | None  # (N, k): the selected experts, best first; None when every expert is used
     slot_mask: Tensor | None = None  # (N, k) bool: which slots hold a selected expert; None: every slot
 
-    @property
-    def uses_every_expert(self) -> bool:
-        return self.selected is None
-
     def active(self, num_experts: int) -> Tensor:
         """(N, E) bool: each token's selected experts (every expert under soft routing)."""
         if self.selected is None:

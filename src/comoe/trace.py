@@ -13,28 +13,45 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
-from comoe.losses import ContrastiveOutput
+from comoe.losses import ContrastiveOutput, materialized_cosines
 from comoe.routers import Routing
 
 
 class ContrastiveInputs(NamedTuple):
-    """What one layer call leaves for its contrastive loss: the Gram form (``codes`` and ``gram``) or the
-    materialised form (``outputs``)."""
+    """What one layer call leaves for its contrastive loss: the Gram form (``codes`` and ``gram``), the
+    materialised form (``outputs``), or, in an evaluation forward, the materialised outputs' cosines."""
 
     codes: Tensor | None = None  # (N, E, r): every expert's code h_i = A_i x̃ (LoRA experts)
     gram: Tensor | None = None  # (E·r, E·r): G = B_catᵀ B_cat, formed in the forward
-    outputs: Tensor | None = (
-        None  # (N, E, D): every expert's output (DoRA and FFN experts, materialised form)
-    )
+    outputs: Tensor | None = None  # (N, E, D): every expert's output (DoRA, FFN experts; materialised form)
+    cosines: Tensor | None = None  # (N, E, E): the outputs' cosines, kept instead where no gradient flows
     recompute: bool = False  # keep only the inputs of the cosines and recompute them in backward
 
     @property
     def has_grad(self) -> bool:
         """Whether a loss formed from these inputs reaches the adapter through autograd."""
-        tensor = self.codes if self.codes is not None else self.outputs
+        tensor = next(t for t in (self.codes, self.outputs, self.cosines) if t is not None)
         return tensor.requires_grad
+
+    def compact(self, norm_eps: float) -> ContrastiveInputs:
+        """The same inputs with the (N, E, D) outputs replaced by their (N, E, E) cosines: what an
+        evaluation forward keeps for its records (no gradient flows; every layer's outputs would otherwise
+        be held until the model's forward ends)."""
+        if self.outputs is None:
+            return self
+        n_tokens, n_exp, _ = self.outputs.shape
+        every = torch.arange(n_exp, device=self.outputs.device).expand(n_tokens, n_exp)
+        return ContrastiveInputs(cosines=materialized_cosines(self.outputs, every, norm_eps))
+
+
+class Samples(NamedTuple):
+    """Expert outputs of a few of a call's tokens, for routing records (formed without autograd)."""
+
+    idx: Tensor  # (n,): the tokens, chosen by the recorder
+    outputs: Tensor  # (n, E, D) fp32
 
 
 class LayerTrace(NamedTuple):
@@ -44,7 +61,7 @@ class LayerTrace(NamedTuple):
     config: object  # the layer's CoMoEConfig (temperature, anchors, negatives, weights)
     routing: Routing
     contrastive: ContrastiveInputs | None  # None: no contrastive loss from this call
-    samples: Tensor | None  # (N, E, D): expert outputs without autograd, for routing records
+    samples: Samples | None  # expert outputs of the tokens the recorder samples
     router_trains: bool  # the router's weight requires grad: its losses must carry autograd history
     adapter_trains: bool  # some adapter tensor of the layer requires grad
 

@@ -375,3 +375,10 @@ def register() -> None:
 
 
 register()
+
+
+def __getattr__(name: str):
+    """Names this module held in comoe 0.1, from their new modules, with a FutureWarning."""
+    from comoe.moved import moved_name
+
+    return moved_name(__name__, name)
