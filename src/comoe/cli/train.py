@@ -12,12 +12,12 @@ from comoe.config import CoMoEConfig
 from comoe.training.run_config import (
     ADAPTER_FIELDS,
     RunConfig,
-    load_yaml,
     merge_fields,
     method_overrides,
     nest_fields,
     parse_field_value,
 )
+from comoe.utils.yaml_files import load_yaml_mapping
 
 RUN_FIELDS = tuple(name for name in RunConfig.__dataclass_fields__ if name != "adapter")
 EVAL_FIELDS = (
@@ -53,8 +53,8 @@ def check_method_overrides(args: argparse.Namespace, method: str) -> None:
             f"{_flag(name)} {value}: method {method!r} sets {name} itself (to {fixed!r}), so the flag would "
             f"not apply to it; drop the flag, or choose a method that uses it (--method comoe)"
         )
-    data = load_yaml(args.config) if args.config else None
-    if isinstance(data, dict):
+    data = load_yaml_mapping(args.config, "RunConfig fields") if args.config else {}
+    if data:
         from_file = nest_fields(data, str(args.config)).get("adapter", {})
         for name, (value, fixed) in method_overrides(method, from_file).items():
             if value != CoMoEConfig.__dataclass_fields__[name].default:
@@ -117,12 +117,7 @@ def requested_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The fields that the --config file and the flags set (the flags win), the adapter's nested."""
     from_file = {}
     if args.config:
-        data = load_yaml(args.config) or {}
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"{args.config}: expected a mapping of RunConfig fields, got {type(data).__name__}"
-            )
-        from_file = nest_fields(data, str(args.config))
+        from_file = nest_fields(load_yaml_mapping(args.config, "RunConfig fields"), str(args.config))
     return merge_fields(from_file, given_fields(args))
 
 

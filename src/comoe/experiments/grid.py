@@ -18,17 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from comoe.training.run_config import (
     METRICS_NAME,
     RUN_CONFIG_NAME,
     RunConfig,
-    load_yaml,
     merge_fields,
     nest_fields,
 )
-from comoe.utils.files import write_json_atomic, write_text_atomic
+from comoe.utils.files import write_json_atomic
+from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {"lora": {"method": "lora"}, "moe-lora": {"method": "moe-lora"}, "comoe": {"method": "comoe"}},
@@ -120,9 +118,7 @@ class Grid:
 
 
 def load_grid(path: str | Path) -> Grid:
-    data = load_yaml(path) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping (variants, seeds, settings, base, reference)")
+    data = load_yaml_mapping(path, "grid keys (variants, seeds, settings, base, reference)")
     if "preset" in data:
         preset = data.pop("preset")
         if preset not in PRESETS:
@@ -161,7 +157,7 @@ def run_grid(
     ``specialisation``) under the key ``"specialisation"``.
     """
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "grid.yaml", yaml.safe_dump(asdict(grid), sort_keys=False))
+    write_yaml(out / "grid.yaml", asdict(grid))
     cells = grid.runs()
     todo = []
     for i, (name, setting, seed, config) in enumerate(cells, 1):

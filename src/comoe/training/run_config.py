@@ -7,20 +7,17 @@ written to the run directory as ``run_config.yaml`` and is enough to reproduce o
 
 from __future__ import annotations
 
-import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from comoe.config import ALL_LINEAR, CoMoEConfig, own_fields
 from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
 from comoe.training.base_models import QUANTIZATIONS, check_quantization_available
-from comoe.utils.files import write_text_atomic
 from comoe.utils.validation import check_field_types, describe_value, did_you_mean, doc, parse_text
+from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
 METHODS = ("comoe", "moe-lora", "soft-moe", "mixlora", "lora")
 # MixLoRA's published defaults (Li et al. 2024; its README's top-k routing block): used by --method mixlora
@@ -234,14 +231,12 @@ class RunConfig:
         return {**data, "tasks": list(self.tasks), "adapter": self.adapter.method_dict()}
 
     def to_yaml(self, path: str | Path) -> None:
-        write_text_atomic(path, yaml.dump(self.to_dict(), Dumper=_YamlDumper, sort_keys=False))
+        write_yaml(path, self.to_dict())
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
-        """Read a YAML file of fields (see `load_yaml`); ``overrides`` (fields, flat or nested) win over it."""
-        data = load_yaml(path) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of RunConfig fields, got {type(data).__name__}")
+        """Read a YAML file of fields; ``overrides`` (fields, flat or nested) win over it."""
+        data = load_yaml_mapping(path, "RunConfig fields")
         fields_ = merge_fields(nest_fields(data, str(path)), nest_fields(overrides, "overrides"))
         return cls.from_dict(fields_, source=str(path))
 
@@ -394,58 +389,6 @@ def method_overrides(method: str, given: Mapping[str, Any]) -> dict[str, tuple[A
         for name in METHOD_FIXED
         if name in settings and settings[name] != getattr(trained, name)
     }
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads exponent forms without a dot (``1e-3``, ``5E+4``) as floats, not strings."""
-
-
-class _YamlDumper(yaml.SafeDumper):
-    """SafeDumper that quotes strings such as '1e5', so that `_YamlLoader` reads them back as strings."""
-
-
-for _cls in (_YamlLoader, _YamlDumper):
-    _cls.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-        list("-+.0123456789"),
-    )
-
-
-def load_yaml(path: str | Path) -> Any:
-    """Parse a YAML file safely, reading ``1e-3`` as a float (YAML 1.2) rather than a string (YAML 1.1).
-
-    A pipe, FIFO or character device (``--config /dev/stdin``, ``--config <(...)``) is read once and its text
-    kept, so the command's later readings see the same fields. A missing file is a FileNotFoundError and
-    invalid YAML a ValueError, both naming the file (and the line).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"config file {path} is a directory; give a YAML file of fields")
-    if not path.exists():
-        raise FileNotFoundError(f"no such config file: {path}")
-    try:
-        return yaml.load(_config_text(path), Loader=_YamlLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or err
-        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
-        if context and context_mark is not None:
-            problem = f"{problem}, {context} at line {context_mark.line + 1}"
-        raise ValueError(f"{path} is not valid YAML{where}: {problem}; fix the file there") from None
-
-
-_STREAMS: dict[str, str] = {}  # the text of each pipe or device read so far: it can be read only once
-
-
-def _config_text(path: Path) -> str:
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    key = str(path)
-    if key not in _STREAMS:
-        _STREAMS[key] = path.read_text(encoding="utf-8")
-    return _STREAMS[key]
 
 
 def split_names(name: str, value: Any) -> Any:
