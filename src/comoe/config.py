@@ -22,7 +22,7 @@ from peft import PeftConfig
 from comoe.peft_type import COMOE
 from comoe.routers import ROUTERS
 from comoe.utils.files import write_json_atomic
-from comoe.utils.validation import check_field_types, did_you_mean
+from comoe.utils.validation import check_field_types, unknown_fields
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -258,9 +258,7 @@ class CoMoEConfig(PeftConfig):
         known = {f.name for f in fields(cls)}
         unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise ValueError(
-                f"unknown CoMoEConfig fields {unknown}{did_you_mean(unknown, known)}; known fields: {sorted(known)}"
-            )
+            raise ValueError(unknown_fields(unknown, known, kind="CoMoEConfig"))
         return cls(**{k: v for k, v in data.items() if k in known and k != "peft_type"})
 
     def save_pretrained(self, directory: str | os.PathLike, **_: object) -> None:

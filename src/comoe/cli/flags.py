@@ -25,7 +25,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from comoe.utils.validation import did_you_mean, parse_text
+from comoe.utils.validation import parse_text, unknown_fields
 from comoe.utils.yaml_files import load_yaml_mapping
 
 KEEP = object()  # a default shown as "the run's own": the flag changes a saved setting only when given
@@ -105,11 +105,9 @@ def config_file(path: str | Path, known: Iterable[str], what: str) -> dict[str, 
     """The mapping of fields in YAML file ``path`` (``--config``); unknown keys name the closest field."""
     data = load_yaml_mapping(path, f"{what} fields")
     known = list(known)
-    unknown = sorted(map(str, set(data) - set(known)))
+    unknown = set(data) - set(known)
     if unknown:
-        raise ValueError(
-            f"{path}: unknown fields {unknown}{did_you_mean(unknown, known)}; known fields: {sorted(known)}"
-        )
+        raise ValueError(f"{path}: {unknown_fields(unknown, known)}")
     return data
 
 

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from comoe.training.run_config import (
     nest_fields,
 )
 from comoe.utils.files import write_json_atomic
+from comoe.utils.validation import unknown_fields
 from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -88,6 +89,9 @@ ANALYSIS_NAME = "analysis.json"
 
 @dataclass
 class Grid:
+    """What a grid file holds (``preset`` aside): variants (name → RunConfig fields), seeds, settings, base
+    (RunConfig fields shared by every run), reference."""
+
     variants: dict[str, dict[str, Any]]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     settings: list[str] = field(default_factory=lambda: ["multi"])
@@ -117,6 +121,9 @@ class Grid:
         return cells
 
 
+GRID_KEYS = {f.name for f in fields(Grid)}
+
+
 def load_grid(path: str | Path) -> Grid:
     data = load_yaml_mapping(path, "grid keys (variants, seeds, settings, base, reference)")
     if "preset" in data:
@@ -128,11 +135,9 @@ def load_grid(path: str | Path) -> Grid:
         data.setdefault("reference", defaults.reference)
         data.setdefault("settings", defaults.settings)
         data["base"] = {**defaults.base, **(data.get("base") or {})}
-    unknown = sorted(set(data) - {"variants", "seeds", "settings", "base", "reference"})
+    unknown = set(data) - GRID_KEYS
     if unknown:
-        raise ValueError(
-            f"{path}: unknown keys {unknown}; expected variants, seeds, settings, base, reference, preset"
-        )
+        raise ValueError(f"{path}: {unknown_fields(unknown, [*GRID_KEYS, 'preset'], kind='grid')}")
     return Grid(**data)
 
 

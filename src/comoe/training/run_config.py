@@ -16,7 +16,7 @@ from typing import Any
 from comoe.config import ALL_LINEAR, CoMoEConfig, own_fields
 from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
 from comoe.training.base_models import QUANTIZATIONS, check_quantization_available
-from comoe.utils.validation import check_field_types, describe_value, did_you_mean, doc, parse_text
+from comoe.utils.validation import check_field_types, describe_value, doc, parse_text, unknown_fields
 from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
 METHODS = ("comoe", "moe-lora", "soft-moe", "mixlora", "lora")
@@ -293,11 +293,7 @@ def nest_fields(data: Mapping[str, Any], source: str = "config") -> dict[str, An
             unknown.append(str(key))
     if unknown:
         known = [*_RUN_FIELDS, *(f"adapter.{name}" for name in ADAPTER_FIELDS)]
-        bare = [name.removeprefix("adapter.") for name in unknown]
-        raise ValueError(
-            f"{source}: unknown fields {sorted(unknown)}{did_you_mean(bare, [*_RUN_FIELDS, *ADAPTER_FIELDS])}; "
-            f"known fields: {known}"
-        )
+        raise ValueError(f"{source}: {unknown_fields(unknown, known)}")
     if adapter or "adapter" in data:
         out["adapter"] = adapter
     return out
@@ -369,7 +365,7 @@ def method_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoM
         return CoMoEConfig.from_dict(settings)
     except ValueError as err:
         message = str(err)
-        if message.startswith("unknown CoMoEConfig fields"):
+        if message.startswith("unknown "):  # unknown_fields' message: no field to prefix
             raise
         starts_with_field = any(message.startswith(f"{name} ") for name in ADAPTER_FIELDS)
         raise ValueError(f"adapter.{message}" if starts_with_field else f"adapter: {message}") from None
@@ -428,9 +424,7 @@ def parse_field_value(name: str, text: str) -> Any:
     ``r`` or ``adapter.r``); a ValueError names the flag."""
     name = name.removeprefix("adapter.")
     if name not in _HINTS:
-        raise ValueError(
-            f"unknown field {name!r}{did_you_mean([name], _HINTS)}; known fields: {sorted(_HINTS)}"
-        )
+        raise ValueError(unknown_fields([name], _HINTS))
     hint = _HINTS[name]
     if name in NAME_LISTS and text.strip().lower() != "none":
         return split_names(name, text)
