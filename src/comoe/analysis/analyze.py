@@ -17,7 +17,7 @@ from comoe.analysis.routing import AnalyzeOptions, NotAnalysable, analyse_run, a
 from comoe.utils.files import write_json_atomic, write_text_atomic
 
 REPORT_NAME = "report.md"
-METRICS_NAME = "metrics.json"
+ROUTING_METRICS_NAME = "metrics.json"  # the routing metrics of every run analysed, with definitions
 
 
 # --- the command --------------------------------------------------------------------------------------
@@ -63,10 +63,10 @@ def analyze(
         "figures": files,
         "seconds": time.time() - started,
     }
-    write_json_atomic(out / METRICS_NAME, payload, indent=1)
+    write_json_atomic(out / ROUTING_METRICS_NAME, payload, indent=1)
     write_text_atomic(out / REPORT_NAME, report_markdown(payload, files))
     print(
-        f"analysis written to {out}/ ({REPORT_NAME}, {METRICS_NAME}, {sum(map(len, files.values()))} figures) "
+        f"analysis written to {out}/ ({REPORT_NAME}, {ROUTING_METRICS_NAME}, {sum(map(len, files.values()))} figures) "
         f"in {payload['seconds']:.0f} s"
     )
     return payload

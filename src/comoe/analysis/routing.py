@@ -18,7 +18,8 @@ from comoe.analysis.metrics import SCALARS, _mean, layer_rows, load_tables, modu
 from comoe.data.registry import load_splits
 from comoe.model import layer_index
 from comoe.records import RoutingRecorder
-from comoe.training.run_config import ADAPTER_DIR, METRICS_NAME, RUN_CONFIG_NAME, RunConfig
+from comoe.training.run_config import RunConfig
+from comoe.training.run_dir import ADAPTER_DIR, RESULTS_NAME, RUN_CONFIG_NAME, is_run_dir
 from comoe.utils.modeling import accepts_logits_to_keep, model_device, pad_token_id
 from comoe.utils.validation import check_field_types, doc
 
@@ -96,7 +97,7 @@ class NotAnalysable(ValueError):
 
 def skip_reason(run_dir: Path) -> str | None:
     """Why ``run_dir`` cannot be analysed, or None."""
-    if not (run_dir / RUN_CONFIG_NAME).is_file():
+    if not is_run_dir(run_dir):
         return f"no {RUN_CONFIG_NAME}: not a directory written by `comoe train`"
     run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME)
     if run.method == "lora":
@@ -295,7 +296,7 @@ def _evenly(rows: torch.Tensor, count: int) -> torch.Tensor:
 
 def _run_accuracy(run_dir: Path) -> float | None:
     """The run's own macro accuracy from its metrics.json, if there."""
-    path = run_dir / METRICS_NAME
+    path = run_dir / RESULTS_NAME
     try:
         return json.loads(path.read_text())["adapter"]["macro"]["accuracy"]
     except (OSError, ValueError, KeyError, TypeError):

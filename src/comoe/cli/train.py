@@ -12,10 +12,11 @@ from comoe.config import CoMoEConfig
 from comoe.training.run_config import (
     ADAPTER_FIELDS,
     RunConfig,
-    merge_fields,
+    layered_fields,
     method_overrides,
     nest_fields,
     parse_field_value,
+    resolve_run,
 )
 from comoe.utils.yaml_files import load_yaml_mapping
 
@@ -77,7 +78,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "give a RUN_DIR (a directory written by `comoe train`), or --base-only to score the base model"
         )
     overrides = given_fields(args)
-    RunConfig.from_dict(overrides, source="command line")  # the flags' own errors name the command line
+    resolve_run(("command line", overrides))  # the flags' own errors name the command line
     eval_job(Path(args.run_dir) if args.run_dir else None, base_only=args.base_only, overrides=overrides)
     return 0
 
@@ -115,15 +116,15 @@ def given_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def requested_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The fields that the --config file and the flags set (the flags win), the adapter's nested."""
-    from_file = {}
-    if args.config:
-        from_file = nest_fields(load_yaml_mapping(args.config, "RunConfig fields"), str(args.config))
-    return merge_fields(from_file, given_fields(args))
+    from_file = load_yaml_mapping(args.config, "RunConfig fields") if args.config else {}
+    return layered_fields((str(args.config), from_file), ("command line", given_fields(args)))
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """Defaults, then the YAML file of ``--config`` if given, then every flag that was given (``none`` included)."""
-    overrides = given_fields(args)
     if getattr(args, "config", None):
-        return RunConfig.from_yaml(args.config, **overrides)
-    return RunConfig.from_dict(overrides, source="command line")
+        from_file = load_yaml_mapping(args.config, "RunConfig fields")
+        return resolve_run(
+            (str(args.config), from_file), ("command line", given_fields(args)), source=str(args.config)
+        )
+    return resolve_run(("command line", given_fields(args)))

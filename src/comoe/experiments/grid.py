@@ -14,16 +14,18 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from comoe.training.run_config import (
-    METRICS_NAME,
-    RUN_CONFIG_NAME,
-    RunConfig,
-    merge_fields,
-    nest_fields,
+from comoe.training.run_config import RunConfig, resolve_run
+from comoe.training.run_dir import (
+    ANALYSIS_NAME,
+    GRID_CELL_CONFIG_NAME,
+    RESULTS_NAME,
+    TRAIN_OUTPUT_NAME,
+    is_finished,
+    is_run_dir,
 )
 from comoe.utils.files import write_json_atomic
 from comoe.utils.validation import unknown_fields
@@ -82,9 +84,6 @@ REFERENCE: dict[str, str | list[str]] = {
     "table2": ["comoe-lora", "lora"],
     "table3": ["moe-lora", "lora"],
 }
-# `comoe analyze` summary numbers (means over adapted modules) reported per variant
-
-ANALYSIS_NAME = "analysis.json"
 
 
 @dataclass
@@ -111,12 +110,9 @@ class Grid:
             for name, overrides in self.variants.items():
                 for setting in self.settings:
                     source = f"variant {name}"
-                    fields_ = merge_fields(
-                        nest_fields(self.base, "base"),
-                        nest_fields(overrides, source),
-                        {"setting": setting, "seed": seed},
+                    config = resolve_run(
+                        ("base", self.base), (source, overrides), (source, {"setting": setting, "seed": seed})
                     )
-                    config = RunConfig.from_dict(fields_, source=source)
                     cells.append((name, setting, seed, config))
         return cells
 
@@ -168,7 +164,7 @@ def run_grid(
     for i, (name, setting, seed, config) in enumerate(cells, 1):
         run_dir = cell_dir(out, name, setting, seed)
         label = f"[{i}/{len(cells)}] {name} {setting} seed {seed}"
-        if (run_dir / METRICS_NAME).is_file():
+        if is_finished(run_dir):
             print(f"{label}: done, skipped", flush=True)
         elif not dry_run:
             todo.append((label, config, run_dir))
@@ -192,14 +188,14 @@ def run_grid(
     finished = []
     for name, setting, seed, _ in cells:
         run_dir = cell_dir(out, name, setting, seed)
-        if (run_dir / METRICS_NAME).is_file():
+        if is_finished(run_dir):
             finished.append(
                 {
                     "variant": name,
                     "setting": setting,
                     "seed": seed,
                     "run_dir": str(run_dir),
-                    **json.loads((run_dir / METRICS_NAME).read_text()),
+                    **json.loads((run_dir / RESULTS_NAME).read_text()),
                     "specialisation": specialisation(run_dir) if analyse else None,
                 }
             )
@@ -211,8 +207,8 @@ def cell_dir(out: Path, variant: str, setting: str, seed: int) -> Path:
 
 
 def _start_cell(label: str, config: RunConfig, run_dir: Path, threads: int | None) -> None:
-    started = (run_dir / RUN_CONFIG_NAME).is_file()
-    where = f" (output in {run_dir / 'train.log'})" if threads else ""
+    started = is_run_dir(run_dir)
+    where = f" (output in {run_dir / TRAIN_OUTPUT_NAME})" if threads else ""
     print(f"{label}: {'resuming' if started else 'running'} in {run_dir}{where}", flush=True)
     _train_in_subprocess(config, run_dir, resume=started, threads=threads)
     if threads:
@@ -245,12 +241,12 @@ def _train_in_subprocess(config: RunConfig, run_dir: Path, resume: bool, threads
     if resume:
         cmd = [sys.executable, "-m", "comoe", "train", "--resume", str(run_dir)]
     else:
-        config.output_dir = str(run_dir)
-        config.to_yaml(run_dir / "grid_cell.yaml")
-        cmd = [sys.executable, "-m", "comoe", "train", "--config", str(run_dir / "grid_cell.yaml")]
+        cell = run_dir / GRID_CELL_CONFIG_NAME
+        replace(config, output_dir=str(run_dir)).to_yaml(cell)  # a copy: the grid's cell is left as it is
+        cmd = [sys.executable, "-m", "comoe", "train", "--config", str(cell)]
     if threads is None:
         subprocess.run(cmd, check=True)
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+    with open(run_dir / TRAIN_OUTPUT_NAME, "a", encoding="utf-8") as log:
         subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)

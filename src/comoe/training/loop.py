@@ -39,7 +39,8 @@ from comoe.training.checkpoint import (
     remove_stale_writes,
     save_checkpoint,
 )
-from comoe.training.run_config import CHECKPOINTS_DIR, TRAIN_LOG_NAME, RunConfig
+from comoe.training.run_config import RunConfig
+from comoe.training.run_dir import CHECKPOINTS_DIR, TRAIN_LOG_NAME
 from comoe.utils.files import write_text_atomic
 from comoe.utils.modeling import accepts_logits_to_keep, pad_token_id
 

@@ -237,8 +237,7 @@ class RunConfig:
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
         """Read a YAML file of fields; ``overrides`` (fields, flat or nested) win over it."""
         data = load_yaml_mapping(path, "RunConfig fields")
-        fields_ = merge_fields(nest_fields(data, str(path)), nest_fields(overrides, "overrides"))
-        return cls.from_dict(fields_, source=str(path))
+        return resolve_run((str(path), data), ("overrides", overrides), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RunConfig:
@@ -308,6 +307,21 @@ def merge_fields(*layers: Mapping[str, Any]) -> dict[str, Any]:
         if adapter:
             merged["adapter"] = adapter
     return merged
+
+
+Layer = tuple[str, Mapping[str, Any]]  # (where the fields come from, for errors; the fields)
+
+
+def layered_fields(*layers: Layer) -> dict[str, Any]:
+    """Each layer's fields nested (see `nest_fields`; errors name its source), merged left to right."""
+    return merge_fields(*(nest_fields(data, source) for source, data in layers))
+
+
+def resolve_run(*layers: Layer, source: str | None = None) -> RunConfig:
+    """The run's settings: RunConfig's defaults < each layer in turn (a YAML file, a grid's base and cell,
+    the flags given, a saved run). Every command resolves a run here. Errors in the combined fields name
+    ``source`` (default: the last layer's)."""
+    return RunConfig.from_dict(layered_fields(*layers), source=source or layers[-1][0])
 
 
 def flat_fields(run: RunConfig) -> dict[str, Any]:
