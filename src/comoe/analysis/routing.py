@@ -18,6 +18,7 @@ from comoe.analysis.metrics import SCALARS, _mean, layer_rows, load_tables, modu
 from comoe.data.registry import load_splits
 from comoe.model import layer_index
 from comoe.records import RoutingRecorder
+from comoe.training.methods import method_of
 from comoe.training.run_config import RunConfig
 from comoe.training.run_dir import ADAPTER_DIR, RESULTS_NAME, RUN_CONFIG_NAME, is_run_dir
 from comoe.utils.modeling import accepts_logits_to_keep, model_device, pad_token_id
@@ -100,7 +101,7 @@ def skip_reason(run_dir: Path) -> str | None:
     if not is_run_dir(run_dir):
         return f"no {RUN_CONFIG_NAME}: not a directory written by `comoe train`"
     run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME)
-    if run.method == "lora":
+    if not method_of(run.method).routed:
         return "plain LoRA has no experts and no router: nothing to analyse"
     if run.setting == "single":
         return (

@@ -9,6 +9,7 @@ from typing import Any
 
 from comoe.cli.flags import KEEP, field_flags, given
 from comoe.config import CoMoEConfig
+from comoe.training.methods import DEFAULT_METHOD
 from comoe.training.run_config import (
     ADAPTER_FIELDS,
     RunConfig,
@@ -52,7 +53,7 @@ def check_method_overrides(args: argparse.Namespace, method: str) -> None:
     for name, (value, fixed) in method_overrides(method, flags).items():
         raise ValueError(
             f"{_flag(name)} {value}: method {method!r} sets {name} itself (to {fixed!r}), so the flag would "
-            f"not apply to it; drop the flag, or choose a method that uses it (--method comoe)"
+            f"not apply to it; drop the flag, or choose a method that uses it (--method {DEFAULT_METHOD})"
         )
     data = load_yaml_mapping(args.config, "RunConfig fields") if args.config else {}
     if data:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from comoe.training.methods import method_variant
 from comoe.training.run_config import RunConfig, resolve_run
 from comoe.training.run_dir import (
     ANALYSIS_NAME,
@@ -31,41 +32,31 @@ from comoe.utils.files import write_json_atomic
 from comoe.utils.validation import unknown_fields
 from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
+_v = method_variant  # a variant: a method (an entry of comoe.training.methods.METHODS) and adapter settings
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "default": {"lora": {"method": "lora"}, "moe-lora": {"method": "moe-lora"}, "comoe": {"method": "comoe"}},
-    "lambda": {
-        f"lambda={w:g}": {"method": "comoe", "adapter": {"contrastive_weight": w}}
-        for w in (0.0, 0.001, 0.01, 0.1, 1.0)
-    },
-    "tau": {
-        f"tau={t:g}": {"method": "comoe", "adapter": {"temperature": t}} for t in (0.05, 0.1, 0.2, 0.5, 1.0)
-    },
-    "experts": {f"experts={n}": {"method": "comoe", "adapter": {"num_experts": n}} for n in (4, 5, 6, 7, 8)},
-    "layers": {
-        f"layers={g}": {"method": "comoe", "adapter": {"layers": g}}
-        for g in ("low", "middle", "high", "low+high")
-    },
-    "anchor": {f"anchor={a}": {"method": "comoe", "adapter": {"anchor": a}} for a in ("random", "all")},
-    "negatives": {
-        "negatives=all": {"method": "comoe"},
-        "negatives=1": {"method": "comoe", "adapter": {"num_negatives": 1}},
-    },
+    "default": {"lora": _v("lora"), "moe-lora": _v("moe-lora"), "comoe": _v("comoe")},
+    "lambda": {f"lambda={w:g}": _v("comoe", contrastive_weight=w) for w in (0.0, 0.001, 0.01, 0.1, 1.0)},
+    "tau": {f"tau={t:g}": _v("comoe", temperature=t) for t in (0.05, 0.1, 0.2, 0.5, 1.0)},
+    "experts": {f"experts={n}": _v("comoe", num_experts=n) for n in (4, 5, 6, 7, 8)},
+    "layers": {f"layers={g}": _v("comoe", layers=g) for g in ("low", "middle", "high", "low+high")},
+    "anchor": {f"anchor={a}": _v("comoe", anchor=a) for a in ("random", "all")},
+    "negatives": {"negatives=all": _v("comoe"), "negatives=1": _v("comoe", num_negatives=1)},
     # the structure of the paper's tables, on whatever --model and --tasks are given
     "table1": {  # its Table 1: methods, multi-task and single-task
-        "lora": {"method": "lora"},
-        "dora": {"method": "lora", "adapter": {"use_dora": True}},
-        "moe-lora": {"method": "moe-lora"},
-        "mixlora": {"method": "mixlora"},  # whole-FFN experts, MixLoRA's defaults unless the base sets them
-        "comoe": {"method": "comoe"},
-        "comoe-dora": {"method": "comoe", "adapter": {"use_dora": True}},
+        "lora": _v("lora"),
+        "dora": _v("lora", use_dora=True),
+        "moe-lora": _v("moe-lora"),
+        "mixlora": _v("mixlora"),  # whole-FFN experts, MixLoRA's defaults unless the base sets them
+        "comoe": _v("comoe"),
+        "comoe-dora": _v("comoe", use_dora=True),
     },
     "table2": {  # its Table 2: CoMoE with LoRA and with DoRA experts, single-task, beside their PEFT twins
-        "lora": {"method": "lora"},
-        "dora": {"method": "lora", "adapter": {"use_dora": True}},
-        "comoe-lora": {"method": "comoe"},
-        "comoe-dora": {"method": "comoe", "adapter": {"use_dora": True}},
+        "lora": _v("lora"),
+        "dora": _v("lora", use_dora=True),
+        "comoe-lora": _v("comoe"),
+        "comoe-dora": _v("comoe", use_dora=True),
     },
-    "table3": {"lora": {"method": "lora"}, "moe-lora": {"method": "moe-lora"}, "comoe": {"method": "comoe"}},
+    "table3": {"lora": _v("lora"), "moe-lora": _v("moe-lora"), "comoe": _v("comoe")},
 }
 # what a table preset sets besides its variants (a grid file or the flags still override them)
 PRESET_SETTINGS: dict[str, list[str]] = {"table1": ["multi", "single"], "table2": ["single"]}

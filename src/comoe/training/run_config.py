@@ -16,13 +16,10 @@ from typing import Any
 from comoe.config import ALL_LINEAR, CoMoEConfig, own_fields
 from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
 from comoe.training.base_models import QUANTIZATIONS, check_quantization_available
+from comoe.training.methods import DEFAULT_METHOD, FIXED_FIELDS, METHOD_NAMES, method_help, method_of
 from comoe.utils.validation import check_field_types, describe_value, doc, parse_text, unknown_fields
 from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
-METHODS = ("comoe", "moe-lora", "soft-moe", "mixlora", "lora")
-# MixLoRA's published defaults (Li et al. 2024; its README's top-k routing block): used by --method mixlora
-# for the adapter fields the run does not give. Rank, alpha and dropout stay the run's, as for every method.
-MIXLORA_DEFAULTS: dict[str, Any] = {"num_experts": 8, "top_k": 2, "balance_weight": 0.01}
 SETTINGS = ("multi", "single")
 PROTOCOLS = ("label", "loglik")
 # What a run directory holds (`comoe train` writes it; eval, analyze, compare and --resume read it).
@@ -74,14 +71,10 @@ class RunConfig:
         ),
     )
     method: str = field(
-        default="comoe",
+        default=DEFAULT_METHOD,
         metadata=doc(
-            "comoe (experts + contrastive loss), moe-lora (the same experts, contrastive_weight = 0), soft-moe "
-            "(routing = soft: every expert, soft gates, top_k = num_experts, no contrastive loss), mixlora "
-            "(MixLoRA: placement = ffn, whole-FFN experts + plain LoRA on the other target modules, no "
-            "contrastive loss; unless given, 8 experts, top-2, balance_weight 0.01), lora (plain PEFT LoRA on "
-            "the same modules, parameter-matched unless --lora-r).",
-            METHODS,
+            method_help(),
+            METHOD_NAMES,
         ),
     )
     setting: str = field(
@@ -169,7 +162,7 @@ class RunConfig:
         self.tasks = split_names("tasks", self.tasks)
         # first: the range checks below may then compare numbers safely
         check_field_types(self, {f.name for f in fields(self)} - {"adapter"})
-        _one_of("method", self.method, METHODS)
+        _one_of("method", self.method, METHOD_NAMES)
         self.adapter = given_adapter(self.method, self.adapter)
         _one_of("setting", self.setting, SETTINGS)
         _one_of("protocol", self.protocol, PROTOCOLS)
@@ -221,8 +214,7 @@ class RunConfig:
 
     @property
     def trained_adapter(self) -> CoMoEConfig:
-        """The adapter ``method`` trains from these settings: moe-lora and lora with contrastive_weight = 0,
-        soft-moe with routing = soft and top_k = num_experts; comoe as given."""
+        """The adapter ``method`` trains from these settings (see `method_adapter`)."""
         return method_adapter(self.method, self.adapter)
 
     def to_dict(self) -> dict[str, Any]:
@@ -348,8 +340,8 @@ def given_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMo
     kept as the method fixes them.
     """
     settings = _settings_of(adapter)
-    if method == "mixlora" and not isinstance(adapter, CoMoEConfig):  # a mapping holds only what was given
-        settings = {**MIXLORA_DEFAULTS, **settings}
+    if not isinstance(adapter, CoMoEConfig):  # a mapping holds only what was given
+        settings = {**method_of(method).defaults, **settings}
     trained = method_adapter(method, settings)
     try:
         return CoMoEConfig.from_dict(settings)
@@ -358,23 +350,9 @@ def given_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMo
 
 
 def method_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMoEConfig:
-    """The adapter config that ``method`` trains, from the given adapter settings, validated.
-
-    moe-lora, mixlora and lora train without the contrastive loss (contrastive_weight = 0; lora only
-    borrows the modules and parameter count); soft-moe routes every token to every expert (routing = soft,
-    top_k = num_experts); mixlora puts whole-FFN experts on the MLP blocks (placement = ffn). Errors name
-    the field as ``adapter.NAME``.
-    """
-    settings = _settings_of(adapter)
-    if method in METHODS and method != "comoe":
-        settings["contrastive_weight"] = 0.0
-    if method == "mixlora":
-        settings["placement"] = "ffn"
-    if method == "soft-moe":
-        settings["routing"] = "soft"
-        settings["top_k"] = settings.get("num_experts", CoMoEConfig.num_experts)
-    if settings.get("contrastive_weight", CoMoEConfig.contrastive_weight) == 0:
-        settings["num_negatives"] = None  # negatives mean nothing without the loss
+    """The adapter config that ``method`` trains from the given adapter settings (the fields its entry in
+    `comoe.training.methods.METHODS` fixes set), validated. Errors name the field as ``adapter.NAME``."""
+    settings = method_of(method).trained_settings(_settings_of(adapter))
     try:
         return CoMoEConfig.from_dict(settings)
     except ValueError as err:
@@ -385,9 +363,6 @@ def method_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoM
         raise ValueError(f"adapter.{message}" if starts_with_field else f"adapter: {message}") from None
 
 
-METHOD_FIXED = ("contrastive_weight", "num_negatives", "placement", "routing", "top_k")  # what methods set
-
-
 def method_overrides(method: str, given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """The adapter settings in ``given`` that ``method`` replaces with another value, as
     ``{name: (given value, the value the method trains with)}``: moe-lora's contrastive_weight, soft-moe's
@@ -396,7 +371,7 @@ def method_overrides(method: str, given: Mapping[str, Any]) -> dict[str, tuple[A
     trained = method_adapter(method, settings)
     return {
         name: (settings[name], getattr(trained, name))
-        for name in METHOD_FIXED
+        for name in FIXED_FIELDS
         if name in settings and settings[name] != getattr(trained, name)
     }
 
