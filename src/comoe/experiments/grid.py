@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from comoe.training.methods import method_variant
-from comoe.training.run_config import RunConfig, resolve_run
+from comoe.training.run_config import RunConfig
 from comoe.training.run_dir import (
     ANALYSIS_NAME,
     GRID_CELL_CONFIG_NAME,
@@ -28,6 +28,7 @@ from comoe.training.run_dir import (
     is_finished,
     is_run_dir,
 )
+from comoe.training.run_settings import resolve_run
 from comoe.utils.files import write_json_atomic
 from comoe.utils.validation import unknown_fields
 from comoe.utils.yaml_files import load_yaml_mapping, write_yaml

@@ -27,7 +27,7 @@ from comoe.model import find_targets
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
 from comoe.training.base_models import check_max_length, load_base_model
 from comoe.training.loop import make_accelerator, plan_steps, train_adapter
-from comoe.training.run_config import RunConfig, resolve_run
+from comoe.training.run_config import RunConfig
 from comoe.training.run_dir import (
     ADAPTER_DIR,
     ADAPTERS_DIR,
@@ -41,6 +41,7 @@ from comoe.training.run_dir import (
     output_dir,
     resumed_run,
 )
+from comoe.training.run_settings import resolve_run
 from comoe.utils.files import write_json_atomic
 
 

@@ -17,18 +17,11 @@ from comoe.config import ALL_LINEAR, CoMoEConfig, own_fields
 from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
 from comoe.training.base_models import QUANTIZATIONS, check_quantization_available
 from comoe.training.methods import DEFAULT_METHOD, FIXED_FIELDS, METHOD_NAMES, method_help, method_of
-from comoe.utils.validation import check_field_types, describe_value, doc, parse_text, unknown_fields
+from comoe.utils.validation import check_field_types, doc, parse_text, unknown_fields
 from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
 SETTINGS = ("multi", "single")
 PROTOCOLS = ("label", "loglik")
-# What a run directory holds (`comoe train` writes it; eval, analyze, compare and --resume read it).
-RUN_CONFIG_NAME = "run_config.yaml"
-METRICS_NAME = "metrics.json"  # written last: a run with it is finished
-ADAPTER_DIR = "adapter"  # multi-task; single-task runs have ADAPTERS_DIR/<task>/ADAPTER_DIR
-ADAPTERS_DIR = "adapters"
-CHECKPOINTS_DIR = "checkpoints"
-TRAIN_LOG_NAME = "train_log.jsonl"
 NAME_LISTS = ("tasks", "target_modules")  # a string is read as comma-separated names
 
 
@@ -228,12 +221,16 @@ class RunConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
         """Read a YAML file of fields; ``overrides`` (fields, flat or nested) win over it."""
+        from comoe.training.run_settings import resolve_run  # it builds RunConfigs
+
         data = load_yaml_mapping(path, "RunConfig fields")
         return resolve_run((str(path), data), ("overrides", overrides), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RunConfig:
         """A config from a mapping of fields (see `nest_fields`); errors name ``source``."""
+        from comoe.training.run_settings import nest_fields  # it reads RunConfig's fields
+
         try:
             return cls(**nest_fields(data, source))
         except ValueError as err:
@@ -245,82 +242,6 @@ class RunConfig:
 
 # --- the adapter inside a run ----------------------------------------------------------------------
 ADAPTER_FIELDS = tuple(f.name for f in fields(CoMoEConfig) if f.name in own_fields())
-_RUN_FIELDS = tuple(f.name for f in fields(RunConfig))
-
-
-def nest_fields(data: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
-    """``data``'s RunConfig fields with every adapter field under ``"adapter"``.
-
-    Adapter fields may be given nested (``adapter: {r: 8}``, the form comoe writes), dotted
-    (``adapter.r``, as ``--set`` takes them) or flat (``r: 8``, as comoe 0.1 wrote ``run_config.yaml``).
-    Unknown keys are an error that suggests the closest field; a field given twice with two values too.
-    """
-    nested = data.get("adapter", {})
-    if isinstance(nested, CoMoEConfig):
-        nested = nested.method_dict()
-    if not isinstance(nested, Mapping):
-        raise ValueError(
-            f"{source}: adapter must be a mapping of adapter fields ({', '.join(ADAPTER_FIELDS)}), "
-            f"got {describe_value(nested)}"
-        )
-    out: dict[str, Any] = {}
-    adapter = dict(nested)
-    spelled = {name: f"adapter.{name}" for name in adapter}
-    unknown = [f"adapter.{name}" for name in adapter if name not in ADAPTER_FIELDS]
-    for key, value in data.items():
-        name = key.removeprefix("adapter.") if isinstance(key, str) else key
-        if key == "adapter":
-            continue
-        if key in _RUN_FIELDS:
-            out[key] = value
-        elif name in ADAPTER_FIELDS:
-            if name in adapter and adapter[name] != value:
-                raise ValueError(
-                    f"{source}: {name} is given twice, as {spelled[name]} ({adapter[name]!r}) and as {key} "
-                    f"({value!r}); keep one"
-                )
-            adapter[name], spelled[name] = value, key
-        else:
-            unknown.append(str(key))
-    if unknown:
-        known = [*_RUN_FIELDS, *(f"adapter.{name}" for name in ADAPTER_FIELDS)]
-        raise ValueError(f"{source}: {unknown_fields(unknown, known)}")
-    if adapter or "adapter" in data:
-        out["adapter"] = adapter
-    return out
-
-
-def merge_fields(*layers: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested field mappings (see `nest_fields`) layered left to right; adapter fields merge one by one."""
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        adapter = {**merged.get("adapter", {}), **layer.get("adapter", {})}
-        merged.update(layer)
-        if adapter:
-            merged["adapter"] = adapter
-    return merged
-
-
-Layer = tuple[str, Mapping[str, Any]]  # (where the fields come from, for errors; the fields)
-
-
-def layered_fields(*layers: Layer) -> dict[str, Any]:
-    """Each layer's fields nested (see `nest_fields`; errors name its source), merged left to right."""
-    return merge_fields(*(nest_fields(data, source) for source, data in layers))
-
-
-def resolve_run(*layers: Layer, source: str | None = None) -> RunConfig:
-    """The run's settings: RunConfig's defaults < each layer in turn (a YAML file, a grid's base and cell,
-    the flags given, a saved run). Every command resolves a run here. Errors in the combined fields name
-    ``source`` (default: the last layer's)."""
-    return RunConfig.from_dict(layered_fields(*layers), source=source or layers[-1][0])
-
-
-def flat_fields(run: RunConfig) -> dict[str, Any]:
-    """``run``'s fields in one level, the adapter's as ``adapter.NAME``: what a resume compares."""
-    data = run.to_dict()
-    adapter = data.pop("adapter")
-    return {**data, **{f"adapter.{name}": value for name, value in adapter.items()}}
 
 
 def _settings_of(adapter: CoMoEConfig | Mapping[str, Any]) -> dict[str, Any]:

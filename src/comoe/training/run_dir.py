@@ -25,7 +25,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from comoe.training.run_config import RunConfig, flat_fields, layered_fields, resolve_run
+from comoe.training.run_config import RunConfig
+from comoe.training.run_settings import flat_fields, layered_fields, resolve_run
 
 RUN_CONFIG_NAME = "run_config.yaml"
 ADAPTER_DIR = "adapter"
