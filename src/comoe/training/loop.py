@@ -40,8 +40,7 @@ from comoe.training.checkpoint import (
     save_checkpoint,
 )
 from comoe.training.run_config import RunConfig
-from comoe.training.run_dir import CHECKPOINTS_DIR, TRAIN_LOG_NAME
-from comoe.utils.files import write_text_atomic
+from comoe.training.run_dir import CHECKPOINTS_DIR, TRAIN_LOG_NAME, read_train_log, truncate_train_log
 from comoe.utils.modeling import accepts_logits_to_keep, pad_token_id
 
 MAX_GRAD_NORM = 1.0
@@ -136,7 +135,7 @@ class TrainingRecipe:
         if (
             accelerator.is_main_process
         ):  # the steps a killed process logged after its last checkpoint are redone
-            truncate_log(self.log_path, self.start_step)
+            truncate_train_log(self.log_path, self.start_step)
             remove_stale_writes(self.checkpoint_dir)  # what a process killed inside a checkpoint write left
         self.model.train()
         recent: list[dict[str, float]] = []
@@ -182,7 +181,9 @@ class TrainingRecipe:
         bar.close()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and self.log_path.is_file():
-            recent = read_log(self.log_path)[-10:]  # across a resume, not only the steps of this process
+            recent = read_train_log(self.log_path)[
+                -10:
+            ]  # across a resume, not only the steps of this process
         final = {
             k: sum(p[k] for p in recent) / len(recent)
             for k in ("loss", "task", "con", "bal")
@@ -309,29 +310,6 @@ def _mean_parts(sums: dict[str, float], tokens: torch.Tensor) -> dict[str, float
     parts.update({key: sums[key] / real for key in ("con", "bal") if key in sums})
     parts["loss"] = parts["task"] + sums.get("aux", 0.0) / real
     return {"loss": parts.pop("loss"), **parts}
-
-
-def read_log(path: Path) -> list[dict]:
-    """The rows of a ``train_log.jsonl``; a last line cut short by a killed process is skipped."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ValueError(
-                    f"{path}:{number}: not a JSON row; the log is damaged (delete the line)"
-                ) from None
-    return rows
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep only the rows of steps ``<= step`` (all of them gone for a fresh start), atomically."""
-    if not path.is_file():
-        return
-    kept = [row for row in read_log(path) if row["step"] <= step] if step > 0 else []
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def plan_steps(num_examples: int, run: RunConfig, world: int) -> tuple[int, int]:

@@ -19,6 +19,7 @@ it. Every module names its files through the constants here::
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,7 @@ from typing import Any
 
 from comoe.training.run_config import RunConfig
 from comoe.training.run_settings import flat_fields, layered_fields, resolve_run
+from comoe.utils.files import write_text_atomic
 
 RUN_CONFIG_NAME = "run_config.yaml"
 ADAPTER_DIR = "adapter"
@@ -156,3 +158,26 @@ def _requested(flat_name: str, requested: Mapping[str, Any]) -> bool:
     if flat_name.startswith("adapter."):
         return flat_name.removeprefix("adapter.") in requested.get("adapter", {})
     return flat_name in requested
+
+
+def read_train_log(path: Path) -> list[dict]:
+    """The rows of a ``train_log.jsonl``; a last line cut short by a killed process is skipped."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(
+                    f"{path}:{number}: not a JSON row; the log is damaged (delete the line)"
+                ) from None
+    return rows
+
+
+def truncate_train_log(path: Path, step: int) -> None:
+    """Keep only the rows of steps ``<= step`` (all of them gone for a fresh start), atomically."""
+    if not path.is_file():
+        return
+    kept = [row for row in read_train_log(path) if row["step"] <= step] if step > 0 else []
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
