@@ -14,6 +14,7 @@ from pathlib import Path
 from comoe.analysis.metrics import DEFINITIONS
 from comoe.analysis.report import make_figures, report_markdown
 from comoe.analysis.routing import AnalyzeOptions, NotAnalysable, analyse_run, analysis_threads, skip_reason
+from comoe.utils.deprecation import moved_names
 from comoe.utils.files import write_json_atomic, write_text_atomic
 
 REPORT_NAME = "report.md"
@@ -96,3 +97,7 @@ def _analyse_all(
         )
     _unique_labels(runs)
     return runs, projections, skipped
+
+
+# a name that lived here before comoe 0.2 (see comoe.utils.deprecation)
+__getattr__ = moved_names(__name__, {"METRICS_NAME": "comoe.analysis.analyze:ROUTING_METRICS_NAME"})

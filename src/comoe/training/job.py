@@ -42,6 +42,7 @@ from comoe.training.run_dir import (
     resumed_run,
 )
 from comoe.training.run_settings import resolve_run
+from comoe.utils.deprecation import moved_names
 from comoe.utils.files import write_json_atomic
 
 
@@ -328,3 +329,10 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
         write_json_atomic(run_dir / eval_scores_name(run.protocol), metrics)
     print_accuracy_table(metrics, title=f"{'base model' if base_only else run_dir} — {run.protocol} protocol")
     return metrics
+
+
+# names that lived here before comoe 0.2 (see comoe.utils.deprecation)
+__getattr__ = moved_names(
+    __name__,
+    {name: f"comoe.training.run_dir:{name}" for name in ("RESUMABLE_FIELDS", "default_run_dir")},
+)

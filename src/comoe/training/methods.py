@@ -50,6 +50,9 @@ class Method:
 
 
 _NO_CONTRASTIVE = {"contrastive_weight": 0.0}
+# MixLoRA's published defaults (Li et al. 2024; its README's top-k routing block). Rank, alpha and dropout
+# stay the run's, as for every method.
+MIXLORA_DEFAULTS: Mapping[str, Any] = {"num_experts": 8, "top_k": 2, "balance_weight": 0.01}
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -66,9 +69,7 @@ METHODS: dict[str, Method] = {
             "MixLoRA: placement = ffn, whole-FFN experts + plain LoRA on the other target modules, no "
             "contrastive loss; unless given, 8 experts, top-2, balance_weight 0.01",
             fixes={**_NO_CONTRASTIVE, "placement": "ffn"},
-            # MixLoRA's published defaults (Li et al. 2024; its README's top-k routing block). Rank, alpha
-            # and dropout stay the run's, as for every method.
-            defaults={"num_experts": 8, "top_k": 2, "balance_weight": 0.01},
+            defaults=MIXLORA_DEFAULTS,
         ),
         Method(
             "lora",

@@ -17,6 +17,7 @@ from comoe.config import ALL_LINEAR, CoMoEConfig, own_fields
 from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
 from comoe.training.base_models import QUANTIZATIONS, check_quantization_available
 from comoe.training.methods import DEFAULT_METHOD, FIXED_FIELDS, METHOD_NAMES, method_help, method_of
+from comoe.utils.deprecation import moved_names
 from comoe.utils.validation import check_field_types, doc, parse_text, unknown_fields
 from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
@@ -339,3 +340,24 @@ def parse_field_value(name: str, text: str) -> Any:
     if name in NAME_LISTS and text.strip().lower() != "none":
         return split_names(name, text)
     return parse_text(text, hint, f"--{name.replace('_', '-')}")
+
+
+# names that lived here before comoe 0.2 (see comoe.utils.deprecation)
+_RUN_DIR, _SETTINGS, _METHODS = (
+    "comoe.training.run_dir",
+    "comoe.training.run_settings",
+    "comoe.training.methods",
+)
+__getattr__ = moved_names(
+    __name__,
+    {
+        "METHODS": f"{_METHODS}:METHOD_NAMES",
+        "METHOD_FIXED": f"{_METHODS}:FIXED_FIELDS",
+        "MIXLORA_DEFAULTS": f"{_METHODS}:MIXLORA_DEFAULTS",
+        **{name: f"{_RUN_DIR}:{name}" for name in ("RUN_CONFIG_NAME", "ADAPTER_DIR", "ADAPTERS_DIR")},
+        **{name: f"{_RUN_DIR}:{name}" for name in ("CHECKPOINTS_DIR", "TRAIN_LOG_NAME")},
+        "METRICS_NAME": f"{_RUN_DIR}:RESULTS_NAME",
+        **{name: f"{_SETTINGS}:{name}" for name in ("nest_fields", "merge_fields", "flat_fields")},
+        "load_yaml": "comoe.utils.yaml_files:load_yaml",
+    },
+)
