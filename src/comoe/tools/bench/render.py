@@ -93,8 +93,8 @@ def render_result(result: dict) -> str:
                 f"| compiled × eager | | | {_fmt(e['compiled_x_eager'], 2, '×')} | | "
                 f"{_fmt(e['compiled_con_x_eager_con'], 2, '×')} |",
             ]
-    targets = evaluate_targets(result)  # re-judged at render time, so old results follow the rules
-    if targets:
+    result["targets"] = evaluate_targets(result)  # re-judged at render time, so old results follow the rules
+    if result["targets"]:
         lines += [
             "",
             "Targets judged by this run:",
@@ -102,7 +102,7 @@ def render_result(result: dict) -> str:
             "| target | where | measured | threshold | result |",
             "|---|---|---|---|---|",
         ]
-        for t in targets:
+        for t in result["targets"]:
             lines.append(
                 f"| {t['target']} | {t['where']} | {_target_value(t)} | {_target_threshold(t)} | {_met(t['met'])} |"
             )
