@@ -20,7 +20,7 @@ from comoe.model import layer_index
 from comoe.records import RoutingRecorder
 from comoe.training.methods import method_of
 from comoe.training.run_config import RunConfig
-from comoe.training.run_dir import ADAPTER_DIR, RESULTS_NAME, RUN_CONFIG_NAME, is_run_dir
+from comoe.training.run_dir import ADAPTER_DIR, RESULTS_NAME, RUN_CONFIG_NAME, is_run_dir, saved_run
 from comoe.utils.modeling import accepts_logits_to_keep, model_device, pad_token_id
 from comoe.utils.validation import check_field_types, doc
 
@@ -100,7 +100,7 @@ def skip_reason(run_dir: Path) -> str | None:
     """Why ``run_dir`` cannot be analysed, or None."""
     if not is_run_dir(run_dir):
         return f"no {RUN_CONFIG_NAME}: not a directory written by `comoe train`"
-    run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME)
+    run = saved_run(run_dir)
     if not method_of(run.method).routed:
         return "plain LoRA has no experts and no router: nothing to analyse"
     if run.setting == "single":
@@ -215,7 +215,7 @@ def analyse_run(run_dir: Path, options: AnalyzeOptions) -> tuple[dict, dict | No
     from comoe.training.base_models import load_base_model
 
     started = time.time()
-    run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME, test_per_task=options.test_per_task)
+    run = saved_run(run_dir, test_per_task=options.test_per_task)
     _, test = load_splits(
         run.tasks, run.train_per_task, run.test_per_task, run.seed, skip_invalid_rows=run.skip_invalid_rows
     )

@@ -40,6 +40,7 @@ from comoe.training.run_dir import (
     is_run_dir,
     output_dir,
     resumed_run,
+    saved_run,
 )
 from comoe.training.run_settings import resolve_run
 from comoe.utils.deprecation import moved_names
@@ -295,7 +296,7 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
                 f"{run_dir} is not a comoe run directory (no {RUN_CONFIG_NAME}); give a directory "
                 "written by `comoe train`, or --base-only to score the base model"
             )
-        run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME, **(overrides or {}))
+        run = saved_run(run_dir, **(overrides or {}))
     else:
         run = resolve_run(("command line", overrides or {}))
     test = load_splits(

@@ -75,6 +75,11 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / RESULTS_NAME).is_file()
 
 
+def saved_run(run_dir: Path, **overrides: Any) -> RunConfig:
+    """The run in ``run_dir``, from its ``run_config.yaml``; ``overrides`` (fields) win over it."""
+    return RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME, **overrides)
+
+
 def default_run_dir(run: RunConfig) -> Path:
     """``runs/<time>-<method>-<setting>-seed<seed>``: where a run without ``output_dir`` goes."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -121,7 +126,7 @@ def resumed_run(run_dir: Path, requested: Mapping[str, Any], report: bool = True
         raise ValueError(
             f"--resume {run_dir}: no {RUN_CONFIG_NAME} there; give a directory written by `comoe train`"
         )
-    saved = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME)
+    saved = saved_run(run_dir)
     elsewhere = requested.get("output_dir")
     if elsewhere is not None and Path(elsewhere).resolve() != run_dir.resolve():
         raise ValueError(
