@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 import comoe
 import comoe.training.job as job
+import comoe.training.run_dir as run_dir_module
 from comoe import CoMoEConfig, CoMoEModel, get_comoe_model
 from comoe.cli.app import build_parser, main
 from comoe.cli.train import check_method_overrides, requested_fields, run_config_from_args
@@ -1014,7 +1015,7 @@ def test_cli_refuses_an_unwritable_output_directory(tiny_model_dir, tmp_path, gu
     locked.mkdir()
     real_access = os.access
     guarded.setattr(
-        job.os,
+        run_dir_module.os,
         "access",
         lambda path, mode, *a, **k: False if Path(path) == locked else real_access(path, mode, *a, **k),
     )
@@ -1060,7 +1061,7 @@ def test_max_steps_none_on_the_command_line_overrides_the_yaml(tmp_path):
 
 def test_resume_may_change_the_eval_batch_size(finished_run, capsys):
     before = snapshot(finished_run)
-    config = job.resumed_run(finished_run, {"eval_batch_size": 4})
+    config = run_dir_module.resumed_run(finished_run, {"eval_batch_size": 4})
     assert config.eval_batch_size == 4
     assert config.output_dir == str(finished_run)
     assert "eval_batch_size = 4 (was 16)" in capsys.readouterr().out

@@ -12,8 +12,9 @@ from accelerate import Accelerator
 from comoe.data.schema import Example
 from comoe.training.adapters import build_adapted_model
 from comoe.training.base_models import load_base_model
-from comoe.training.loop import TrainingRecipe, make_scheduler, read_log, truncate_log
+from comoe.training.loop import TrainingRecipe, make_scheduler
 from comoe.training.run_config import RunConfig
+from comoe.training.run_dir import read_train_log, truncate_train_log
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -124,16 +125,16 @@ def test_no_step_runs_at_rate_zero(name, warmup, total, expected):
 
 
 def test_a_log_written_with_the_old_keys_still_reads(tmp_path):
-    """train_log.jsonl rows of earlier versions name the loss parts con and bal: read_log (and so a resume,
+    """train_log.jsonl rows of earlier versions name the loss parts con and bal: read_train_log (and so a resume,
     whose training summary reads the log) gives them under contrastive and balance, as new rows have them."""
     log = tmp_path / "train_log.jsonl"
     old = {"loss": 2.5, "task": 2.4, "con": 1.2, "bal": 0.9, "step": 1, "epoch": 0, "lr": 0.001}
     new = {"loss": 2.3, "task": 2.2, "contrastive": 1.1, "balance": 0.8, "step": 2, "epoch": 0, "lr": 0.001}
     log.write_text(json.dumps(old) + "\n" + json.dumps(new) + "\n")
-    rows = read_log(log)
+    rows = read_train_log(log)
     assert [set(row) for row in rows] == [set(new), set(new)]
     assert (rows[0]["contrastive"], rows[0]["balance"]) == (1.2, 0.9)
-    truncate_log(log, 1)  # a resume from step 1 rewrites the log with the current names
+    truncate_train_log(log, 1)  # a resume from step 1 rewrites the log with the current names
     assert [json.loads(line) for line in log.read_text().splitlines()] == [
         {("contrastive" if k == "con" else "balance" if k == "bal" else k): v for k, v in old.items()}
     ]

@@ -468,3 +468,33 @@ def test_run_config_yaml_keeps_the_settings_as_given_so_another_method_trains_fr
     assert (adapter.routing, adapter.top_k) == ("topk", 2)
     # settings valid only as the method uses them are kept as it uses them: moe-lora at top-1
     assert RunConfig.from_dict({"method": "moe-lora", "top_k": 1}).adapter.contrastive_weight == 0.0
+
+
+def test_moved_names_still_work_with_a_deprecation_warning():
+    import comoe.training.run_config as run_config
+    from comoe.training import methods, run_dir, run_settings
+
+    moved = {
+        "METHODS": methods.METHOD_NAMES,
+        "MIXLORA_DEFAULTS": methods.MIXLORA_DEFAULTS,
+        "METRICS_NAME": run_dir.RESULTS_NAME,
+        "RUN_CONFIG_NAME": run_dir.RUN_CONFIG_NAME,
+        "nest_fields": run_settings.nest_fields,
+    }
+    for name, new in moved.items():
+        with pytest.warns(
+            FutureWarning,
+            match=f"run_config.{name} is deprecated and goes in the next release: use comoe.training",
+        ):
+            assert getattr(run_config, name) == new
+    with pytest.raises(AttributeError):
+        run_config.no_such_name  # noqa: B018
+
+
+def test_every_method_fixes_only_adapter_fields_and_the_presets_name_known_methods():
+    from comoe.experiments.grid import PRESETS
+    from comoe.training.methods import FIXED_FIELDS, METHODS
+
+    assert set(FIXED_FIELDS) <= set(ADAPTER_FIELDS)
+    assert {v["method"] for variants in PRESETS.values() for v in variants.values()} <= set(METHODS)
+    assert RunConfig(method="soft-moe", adapter={"num_experts": 6}).trained_adapter.top_k == 6

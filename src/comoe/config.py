@@ -22,7 +22,7 @@ from peft import PeftConfig
 from comoe.peft_type import COMOE
 from comoe.routers import ROUTERS
 from comoe.utils.files import write_json_atomic
-from comoe.utils.validation import check_field_types, did_you_mean
+from comoe.utils.validation import check_field_types, unknown_fields
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -277,10 +277,7 @@ class CoMoEConfig(PeftConfig):
                     f"pip install 'comoe>={writer}'"
                 )
             saved_by = f" (saved by comoe {writer})" if isinstance(writer, str) else ""
-            raise ValueError(
-                f"unknown CoMoEConfig fields {unknown}{saved_by}{did_you_mean(unknown, known)}; "
-                f"known fields: {sorted(known)}"
-            )
+            raise ValueError(unknown_fields(unknown, known, kind="CoMoEConfig") + saved_by)
         return cls(**{k: v for k, v in data.items() if k in known and k != "peft_type"})
 
     def save_pretrained(self, directory: str | os.PathLike, **_: object) -> None:

@@ -36,6 +36,7 @@ from comoe.grouped import grouped_delta
 from comoe.mixture import MixtureLayer
 from comoe.routers import Routing
 from comoe.trace import ContrastiveInputs, ForwardContext, Samples
+from comoe.utils.deprecation import moved_names
 
 
 class CoMoELayer(MixtureLayer):
@@ -250,8 +251,20 @@ def adapter_input(x: Tensor, adapter_dtype: torch.dtype) -> Tensor:
     return x if autocast and product_dtype(x) == x.dtype else x.to(adapter_dtype)
 
 
-def __getattr__(name: str):
-    """Names this module held in comoe 0.1, from their new modules, with a FutureWarning."""
-    from comoe.moved import moved_name
-
-    return moved_name(__name__, name)
+# names this module held in comoe 0.1 (comoe.utils.deprecation)
+__getattr__ = moved_names(
+    __name__,
+    {
+        "ForwardContext": "comoe.trace:ForwardContext",
+        "ModuleAux": "comoe.trace:ModuleAux",
+        "MixtureLayer": "comoe.mixture:MixtureLayer",
+        "MERGE_REFUSED": "comoe.mixture:MERGE_REFUSED",
+        "ONE_ADAPTER": "comoe.mixture:ONE_ADAPTER",
+        "base_weight": "comoe.frozen:base_weight",
+        "layer_features": "comoe.frozen:layer_features",
+        "ADAPTABLE_TYPES": "comoe.frozen:ADAPTABLE_TYPES",
+        "Conv1D": "comoe.frozen:Conv1D",
+        "dora_row_norms": "comoe.dora:dora_row_norms",
+        "grouped_matmul": "comoe.grouped:grouped_matmul",
+    },
+)

@@ -14,6 +14,7 @@ these live on the tuner, so a plain ``PeftModel`` of a CoMoE adapter reaches the
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Iterator
@@ -207,8 +208,8 @@ class CoMoEModel(PeftModel):
     ) -> CoMoEModel:
         """Wrap ``model`` with the adapter saved in ``model_id`` (a local directory): eval mode, frozen unless
         ``is_trainable``. On any error the caller's ``model`` is left as it was given."""
-        config = config or CoMoEConfig.from_pretrained(model_id)
-        config.inference_mode = not is_trainable
+        config = copy.copy(config) if config is not None else CoMoEConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable  # on a copy: the caller's config is left as given
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         attributes = set(vars(model))
         wrapped = cls(model, config, adapter_name)

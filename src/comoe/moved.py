@@ -79,41 +79,6 @@ ANALYSIS_MODULES = (
     "comoe.analysis.analyze",
 )
 
-# names that left a module which still exists: module -> {name: its new module}
-MOVED_NAMES: dict[str, dict[str, str]] = {
-    "comoe.layer": {
-        "ForwardContext": "comoe.trace",
-        "ModuleAux": "comoe.trace",
-        "MixtureLayer": "comoe.mixture",
-        "MERGE_REFUSED": "comoe.mixture",
-        "ONE_ADAPTER": "comoe.mixture",
-        "base_weight": "comoe.frozen",
-        "layer_features": "comoe.frozen",
-        "ADAPTABLE_TYPES": "comoe.frozen",
-        "Conv1D": "comoe.frozen",
-        "dora_row_norms": "comoe.dora",
-        "grouped_matmul": "comoe.grouped",
-    },
-    "comoe.tuner": {
-        "AdapterLoadError": "comoe.loading",
-        "ADAPTER_PREFIX": "comoe.loading",
-        "PEFT_PREFIX": "comoe.loading",
-        "check_adapter_tensors": "comoe.loading",
-        "check_finite": "comoe.loading",
-        "AuxLosses": "comoe.auxiliary",
-        "token_share": "comoe.auxiliary",
-    },
-}
-
-
-def moved_name(module: str, name: str) -> Any:
-    """``name``, which ``module`` held in 0.1, from its new module, with a FutureWarning (``__getattr__``)."""
-    home = MOVED_NAMES.get(module, {}).get(name)
-    if home is None:
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    return moved_attribute(module, name, (home,))
-
-
 # (old module, old name) -> the name it has now, where it was renamed as well as moved
 RENAMED: dict[tuple[str, str], str] = {
     ("comoe.compare", "summarise"): "summarise_grid",

@@ -41,6 +41,7 @@ from comoe.mixture import MERGE_REFUSED, ONE_ADAPTER, MixtureLayer
 from comoe.placement import AdapterTargets, build_layer
 from comoe.records import RoutingRecorder
 from comoe.trace import ForwardContext
+from comoe.utils.deprecation import moved_names
 from comoe.utils.modeling import named_arguments, replace_module, token_shape
 
 
@@ -377,8 +378,16 @@ def register() -> None:
 register()
 
 
-def __getattr__(name: str):
-    """Names this module held in comoe 0.1, from their new modules, with a FutureWarning."""
-    from comoe.moved import moved_name
-
-    return moved_name(__name__, name)
+# names this module held in comoe 0.1 (comoe.utils.deprecation)
+__getattr__ = moved_names(
+    __name__,
+    {
+        "AdapterLoadError": "comoe.loading:AdapterLoadError",
+        "ADAPTER_PREFIX": "comoe.loading:ADAPTER_PREFIX",
+        "PEFT_PREFIX": "comoe.loading:PEFT_PREFIX",
+        "check_adapter_tensors": "comoe.loading:check_adapter_tensors",
+        "check_finite": "comoe.loading:check_finite",
+        "AuxLosses": "comoe.auxiliary:AuxLosses",
+        "token_share": "comoe.auxiliary:token_share",
+    },
+)

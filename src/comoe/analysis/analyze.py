@@ -16,10 +16,11 @@ from comoe.analysis.metrics import DEFINITIONS
 from comoe.analysis.options import AnalyzeOptions, analysis_threads
 from comoe.analysis.report_md import report_markdown
 from comoe.analysis.run_metrics import NotAnalysable, analyse_run, skip_reason
+from comoe.utils.deprecation import moved_names
 from comoe.utils.files import write_json_atomic, write_text_atomic
 
 REPORT_NAME = "report.md"
-ANALYSIS_METRICS_NAME = "metrics.json"
+ROUTING_METRICS_NAME = "metrics.json"  # the routing metrics of every run analysed, with definitions
 
 
 # --- the command --------------------------------------------------------------------------------------
@@ -65,10 +66,10 @@ def analyze(
         "figures": files,
         "seconds": time.time() - started,
     }
-    write_json_atomic(out / ANALYSIS_METRICS_NAME, payload, indent=1)
+    write_json_atomic(out / ROUTING_METRICS_NAME, payload, indent=1)
     write_text_atomic(out / REPORT_NAME, report_markdown(payload, files))
     print(
-        f"analysis written to {out}/ ({REPORT_NAME}, {ANALYSIS_METRICS_NAME}, {sum(map(len, files.values()))} figures) "
+        f"analysis written to {out}/ ({REPORT_NAME}, {ROUTING_METRICS_NAME}, {sum(map(len, files.values()))} figures) "
         f"in {payload['seconds']:.0f} s"
     )
     return payload
@@ -98,3 +99,7 @@ def _analyse_all(
         )
     _unique_labels(runs)
     return runs, projections, skipped
+
+
+# a name that lived here before comoe 0.2 (see comoe.utils.deprecation)
+__getattr__ = moved_names(__name__, {"METRICS_NAME": "comoe.analysis.analyze:ROUTING_METRICS_NAME"})

@@ -17,7 +17,9 @@ from comoe.analysis.options import AnalyzeOptions
 from comoe.analysis.record import record_routing
 from comoe.data.registry import load_splits
 from comoe.model import layer_index
-from comoe.training.run_config import ADAPTER_DIR, METRICS_NAME, RUN_CONFIG_NAME, RunConfig
+from comoe.training.methods import method_of
+from comoe.training.run_config import RunConfig
+from comoe.training.run_dir import ADAPTER_DIR, RESULTS_NAME, RUN_CONFIG_NAME, is_run_dir, saved_run
 
 
 class NotAnalysable(ValueError):
@@ -26,10 +28,10 @@ class NotAnalysable(ValueError):
 
 def skip_reason(run_dir: Path) -> str | None:
     """Why ``run_dir`` cannot be analysed, or None."""
-    if not (run_dir / RUN_CONFIG_NAME).is_file():
+    if not is_run_dir(run_dir):
         return f"no {RUN_CONFIG_NAME}: not a directory written by `comoe train`"
-    run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME)
-    if run.method == "lora":
+    run = saved_run(run_dir)
+    if not method_of(run.method).routed:
         return "plain LoRA has no experts and no router: nothing to analyse"
     if run.setting == "single":
         return (
@@ -88,7 +90,7 @@ def analyse_run(run_dir: Path, options: AnalyzeOptions) -> tuple[dict, dict | No
     from comoe.training.base_models import load_base_model
 
     started = time.time()
-    run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME, test_per_task=options.test_per_task)
+    run = saved_run(run_dir, test_per_task=options.test_per_task)
     _, test = load_splits(
         run.tasks, run.train_per_task, run.test_per_task, run.seed, skip_invalid_rows=run.skip_invalid_rows
     )
@@ -170,7 +172,7 @@ def _evenly(rows: torch.Tensor, count: int) -> torch.Tensor:
 
 def _run_accuracy(run_dir: Path) -> float | None:
     """The run's own macro accuracy from its metrics.json, if there."""
-    path = run_dir / METRICS_NAME
+    path = run_dir / RESULTS_NAME
     try:
         return json.loads(path.read_text())["adapter"]["macro"]["accuracy"]
     except (OSError, ValueError, KeyError, TypeError):

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from comoe.cli.flags import field_flags, given
 from comoe.cli.train import given_fields, run_config_flags
 from comoe.experiments.compare import CompareOptions, compare
 from comoe.experiments.grid import load_grid
-from comoe.training.run_config import merge_fields, nest_fields, parse_field_value
+from comoe.training.run_config import parse_field_value
+from comoe.training.run_settings import layered_fields, nest_fields
 
 GRID_OWNED = ("output_dir", "seed", "setting")  # set per cell by the grid, not a flag for every run
 
@@ -81,9 +82,9 @@ def run_compare(args: argparse.Namespace) -> int:
         if not equals:
             raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set train_per_task=64")
         base[name] = parse_field_value(name, value)
-    overrides = merge_fields(nest_fields(base, "--set"), given_fields(args))
+    overrides = layered_fields(("--set", base), ("command line", given_fields(args)))
     _refuse_hidden_overrides(overrides, grid.variants)
-    grid.base = merge_fields(nest_fields(grid.base, "the grid's base"), overrides)
+    grid = replace(grid, base=layered_fields(("the grid's base", grid.base), ("command line", overrides)))
     compare(
         grid,
         Path(args.out),

@@ -25,8 +25,8 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from comoe.training.run_config import load_yaml
-from comoe.utils.validation import did_you_mean, parse_text
+from comoe.utils.validation import parse_text, unknown_fields
+from comoe.utils.yaml_files import load_yaml_mapping
 
 KEEP = object()  # a default shown as "the run's own": the flag changes a saved setting only when given
 
@@ -103,15 +103,11 @@ def given(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
 
 def config_file(path: str | Path, known: Iterable[str], what: str) -> dict[str, Any]:
     """The mapping of fields in YAML file ``path`` (``--config``); unknown keys name the closest field."""
-    data = load_yaml(path) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of {what} fields, got {type(data).__name__}")
+    data = load_yaml_mapping(path, f"{what} fields")
     known = list(known)
-    unknown = sorted(map(str, set(data) - set(known)))
+    unknown = set(data) - set(known)
     if unknown:
-        raise ValueError(
-            f"{path}: unknown fields {unknown}{did_you_mean(unknown, known)}; known fields: {sorted(known)}"
-        )
+        raise ValueError(f"{path}: {unknown_fields(unknown, known)}")
     return data
 
 

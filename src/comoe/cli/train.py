@@ -9,15 +9,10 @@ from typing import Any
 
 from comoe.cli.flags import KEEP, field_flags, given
 from comoe.config import CoMoEConfig
-from comoe.training.run_config import (
-    ADAPTER_FIELDS,
-    RunConfig,
-    load_yaml,
-    merge_fields,
-    method_overrides,
-    nest_fields,
-    parse_field_value,
-)
+from comoe.training.methods import DEFAULT_METHOD
+from comoe.training.run_config import ADAPTER_FIELDS, RunConfig, method_overrides, parse_field_value
+from comoe.training.run_settings import layered_fields, nest_fields, resolve_run
+from comoe.utils.yaml_files import load_yaml_mapping
 
 RUN_FIELDS = tuple(name for name in RunConfig.__dataclass_fields__ if name != "adapter")
 EVAL_FIELDS = (
@@ -51,10 +46,10 @@ def check_method_overrides(args: argparse.Namespace, method: str) -> None:
     for name, (value, fixed) in method_overrides(method, flags).items():
         raise ValueError(
             f"{_flag(name)} {value}: method {method!r} sets {name} itself (to {fixed!r}), so the flag would "
-            f"not apply to it; drop the flag, or choose a method that uses it (--method comoe)"
+            f"not apply to it; drop the flag, or choose a method that uses it (--method {DEFAULT_METHOD})"
         )
-    data = load_yaml(args.config) if args.config else None
-    if isinstance(data, dict):
+    data = load_yaml_mapping(args.config, "RunConfig fields") if args.config else {}
+    if data:
         from_file = nest_fields(data, str(args.config)).get("adapter", {})
         for name, (value, fixed) in method_overrides(method, from_file).items():
             if value != CoMoEConfig.__dataclass_fields__[name].default:
@@ -77,7 +72,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "give a RUN_DIR (a directory written by `comoe train`), or --base-only to score the base model"
         )
     overrides = given_fields(args)
-    RunConfig.from_dict(overrides, source="command line")  # the flags' own errors name the command line
+    resolve_run(("command line", overrides))  # the flags' own errors name the command line
     eval_job(Path(args.run_dir) if args.run_dir else None, base_only=args.base_only, overrides=overrides)
     return 0
 
@@ -115,20 +110,15 @@ def given_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def requested_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The fields that the --config file and the flags set (the flags win), the adapter's nested."""
-    from_file = {}
-    if args.config:
-        data = load_yaml(args.config) or {}
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"{args.config}: expected a mapping of RunConfig fields, got {type(data).__name__}"
-            )
-        from_file = nest_fields(data, str(args.config))
-    return merge_fields(from_file, given_fields(args))
+    from_file = load_yaml_mapping(args.config, "RunConfig fields") if args.config else {}
+    return layered_fields((str(args.config), from_file), ("command line", given_fields(args)))
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """Defaults, then the YAML file of ``--config`` if given, then every flag that was given (``none`` included)."""
-    overrides = given_fields(args)
     if getattr(args, "config", None):
-        return RunConfig.from_yaml(args.config, **overrides)
-    return RunConfig.from_dict(overrides, source="command line")
+        from_file = load_yaml_mapping(args.config, "RunConfig fields")
+        return resolve_run(
+            (str(args.config), from_file), ("command line", given_fields(args)), source=str(args.config)
+        )
+    return resolve_run(("command line", given_fields(args)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,9 @@ class CompareOptions:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")
 
     def apply(self, grid: Grid) -> Grid:
-        """``grid`` with the seeds, settings and reference these options give."""
-        for name in ("seeds", "settings", "reference"):
-            if getattr(self, name):
-                setattr(grid, name, getattr(self, name))
-        return grid
+        """A copy of ``grid`` with the seeds, settings and reference these options give."""
+        given = {name: getattr(self, name) for name in ("seeds", "settings", "reference")}
+        return replace(grid, **{name: value for name, value in given.items() if value})
 
     def preset_grid(self) -> Grid:
         return self.apply(preset_grid(self.preset or "default"))

@@ -14,57 +14,50 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from comoe.training.run_config import (
-    METRICS_NAME,
-    RUN_CONFIG_NAME,
-    RunConfig,
-    load_yaml,
-    merge_fields,
-    nest_fields,
+from comoe.training.methods import method_variant
+from comoe.training.run_config import RunConfig
+from comoe.training.run_dir import (
+    ANALYSIS_NAME,
+    GRID_CELL_CONFIG_NAME,
+    RESULTS_NAME,
+    TRAIN_OUTPUT_NAME,
+    is_finished,
+    is_run_dir,
 )
-from comoe.utils.files import write_json_atomic, write_text_atomic
+from comoe.training.run_settings import resolve_run
+from comoe.utils.files import write_json_atomic
+from comoe.utils.validation import unknown_fields
+from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
+_v = method_variant  # a variant: a method (an entry of comoe.training.methods.METHODS) and adapter settings
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "default": {"lora": {"method": "lora"}, "moe-lora": {"method": "moe-lora"}, "comoe": {"method": "comoe"}},
-    "lambda": {
-        f"lambda={w:g}": {"method": "comoe", "adapter": {"contrastive_weight": w}}
-        for w in (0.0, 0.001, 0.01, 0.1, 1.0)
-    },
-    "tau": {
-        f"tau={t:g}": {"method": "comoe", "adapter": {"temperature": t}} for t in (0.05, 0.1, 0.2, 0.5, 1.0)
-    },
-    "experts": {f"experts={n}": {"method": "comoe", "adapter": {"num_experts": n}} for n in (4, 5, 6, 7, 8)},
-    "layers": {
-        f"layers={g}": {"method": "comoe", "adapter": {"layers": g}}
-        for g in ("low", "middle", "high", "low+high")
-    },
-    "anchor": {f"anchor={a}": {"method": "comoe", "adapter": {"anchor": a}} for a in ("random", "all")},
-    "negatives": {
-        "negatives=all": {"method": "comoe"},
-        "negatives=1": {"method": "comoe", "adapter": {"num_negatives": 1}},
-    },
+    "default": {"lora": _v("lora"), "moe-lora": _v("moe-lora"), "comoe": _v("comoe")},
+    "lambda": {f"lambda={w:g}": _v("comoe", contrastive_weight=w) for w in (0.0, 0.001, 0.01, 0.1, 1.0)},
+    "tau": {f"tau={t:g}": _v("comoe", temperature=t) for t in (0.05, 0.1, 0.2, 0.5, 1.0)},
+    "experts": {f"experts={n}": _v("comoe", num_experts=n) for n in (4, 5, 6, 7, 8)},
+    "layers": {f"layers={g}": _v("comoe", layers=g) for g in ("low", "middle", "high", "low+high")},
+    "anchor": {f"anchor={a}": _v("comoe", anchor=a) for a in ("random", "all")},
+    "negatives": {"negatives=all": _v("comoe"), "negatives=1": _v("comoe", num_negatives=1)},
     # the structure of the paper's tables, on whatever --model and --tasks are given
     "table1": {  # its Table 1: methods, multi-task and single-task
-        "lora": {"method": "lora"},
-        "dora": {"method": "lora", "adapter": {"use_dora": True}},
-        "moe-lora": {"method": "moe-lora"},
-        "mixlora": {"method": "mixlora"},  # whole-FFN experts, MixLoRA's defaults unless the base sets them
-        "comoe": {"method": "comoe"},
-        "comoe-dora": {"method": "comoe", "adapter": {"use_dora": True}},
+        "lora": _v("lora"),
+        "dora": _v("lora", use_dora=True),
+        "moe-lora": _v("moe-lora"),
+        "mixlora": _v("mixlora"),  # whole-FFN experts, MixLoRA's defaults unless the base sets them
+        "comoe": _v("comoe"),
+        "comoe-dora": _v("comoe", use_dora=True),
     },
     "table2": {  # its Table 2: CoMoE with LoRA and with DoRA experts, single-task, beside their PEFT twins
-        "lora": {"method": "lora"},
-        "dora": {"method": "lora", "adapter": {"use_dora": True}},
-        "comoe-lora": {"method": "comoe"},
-        "comoe-dora": {"method": "comoe", "adapter": {"use_dora": True}},
+        "lora": _v("lora"),
+        "dora": _v("lora", use_dora=True),
+        "comoe-lora": _v("comoe"),
+        "comoe-dora": _v("comoe", use_dora=True),
     },
-    "table3": {"lora": {"method": "lora"}, "moe-lora": {"method": "moe-lora"}, "comoe": {"method": "comoe"}},
+    "table3": {"lora": _v("lora"), "moe-lora": _v("moe-lora"), "comoe": _v("comoe")},
 }
 # what a table preset sets besides its variants (a grid file or the flags still override them)
 PRESET_SETTINGS: dict[str, list[str]] = {"table1": ["multi", "single"], "table2": ["single"]}
@@ -83,13 +76,13 @@ REFERENCE: dict[str, str | list[str]] = {
     "table2": ["comoe-lora", "lora"],
     "table3": ["moe-lora", "lora"],
 }
-# `comoe analyze` summary numbers (means over adapted modules) reported per variant
-
-ANALYSIS_NAME = "analysis.json"
 
 
 @dataclass
 class Grid:
+    """What a grid file holds (``preset`` aside): variants (name → RunConfig fields), seeds, settings, base
+    (RunConfig fields shared by every run), reference."""
+
     variants: dict[str, dict[str, Any]]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     settings: list[str] = field(default_factory=lambda: ["multi"])
@@ -109,20 +102,18 @@ class Grid:
             for name, overrides in self.variants.items():
                 for setting in self.settings:
                     source = f"variant {name}"
-                    fields_ = merge_fields(
-                        nest_fields(self.base, "base"),
-                        nest_fields(overrides, source),
-                        {"setting": setting, "seed": seed},
+                    config = resolve_run(
+                        ("base", self.base), (source, overrides), (source, {"setting": setting, "seed": seed})
                     )
-                    config = RunConfig.from_dict(fields_, source=source)
                     cells.append((name, setting, seed, config))
         return cells
 
 
+GRID_KEYS = {f.name for f in fields(Grid)}
+
+
 def load_grid(path: str | Path) -> Grid:
-    data = load_yaml(path) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping (variants, seeds, settings, base, reference)")
+    data = load_yaml_mapping(path, "grid keys (variants, seeds, settings, base, reference)")
     if "preset" in data:
         preset = data.pop("preset")
         if preset not in PRESETS:
@@ -132,11 +123,9 @@ def load_grid(path: str | Path) -> Grid:
         data.setdefault("reference", defaults.reference)
         data.setdefault("settings", defaults.settings)
         data["base"] = {**defaults.base, **(data.get("base") or {})}
-    unknown = sorted(set(data) - {"variants", "seeds", "settings", "base", "reference"})
+    unknown = set(data) - GRID_KEYS
     if unknown:
-        raise ValueError(
-            f"{path}: unknown keys {unknown}; expected variants, seeds, settings, base, reference, preset"
-        )
+        raise ValueError(f"{path}: {unknown_fields(unknown, [*GRID_KEYS, 'preset'], kind='grid')}")
     return Grid(**data)
 
 
@@ -161,13 +150,13 @@ def run_grid(
     ``specialisation``) under the key ``"specialisation"``.
     """
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "grid.yaml", yaml.safe_dump(asdict(grid), sort_keys=False))
+    write_yaml(out / "grid.yaml", asdict(grid))
     cells = grid.runs()
     todo = []
     for i, (name, setting, seed, config) in enumerate(cells, 1):
         run_dir = cell_dir(out, name, setting, seed)
         label = f"[{i}/{len(cells)}] {name} {setting} seed {seed}"
-        if (run_dir / METRICS_NAME).is_file():
+        if is_finished(run_dir):
             print(f"{label}: done, skipped", flush=True)
         elif not dry_run:
             todo.append((label, config, run_dir))
@@ -191,14 +180,14 @@ def run_grid(
     finished = []
     for name, setting, seed, _ in cells:
         run_dir = cell_dir(out, name, setting, seed)
-        if (run_dir / METRICS_NAME).is_file():
+        if is_finished(run_dir):
             finished.append(
                 {
                     "variant": name,
                     "setting": setting,
                     "seed": seed,
                     "run_dir": str(run_dir),
-                    **json.loads((run_dir / METRICS_NAME).read_text()),
+                    **json.loads((run_dir / RESULTS_NAME).read_text()),
                     "specialisation": specialisation(run_dir) if analyse else None,
                 }
             )
@@ -210,8 +199,8 @@ def cell_dir(out: Path, variant: str, setting: str, seed: int) -> Path:
 
 
 def _start_cell(label: str, config: RunConfig, run_dir: Path, threads: int | None) -> None:
-    started = (run_dir / RUN_CONFIG_NAME).is_file()
-    where = f" (output in {run_dir / 'train.log'})" if threads else ""
+    started = is_run_dir(run_dir)
+    where = f" (output in {run_dir / TRAIN_OUTPUT_NAME})" if threads else ""
     print(f"{label}: {'resuming' if started else 'running'} in {run_dir}{where}", flush=True)
     _train_in_subprocess(config, run_dir, resume=started, threads=threads)
     if threads:
@@ -245,12 +234,12 @@ def _train_in_subprocess(config: RunConfig, run_dir: Path, resume: bool, threads
     if resume:
         cmd = [sys.executable, "-m", "comoe", "train", "--resume", str(run_dir)]
     else:
-        config.output_dir = str(run_dir)
-        config.to_yaml(run_dir / "grid_cell.yaml")
-        cmd = [sys.executable, "-m", "comoe", "train", "--config", str(run_dir / "grid_cell.yaml")]
+        cell = run_dir / GRID_CELL_CONFIG_NAME
+        replace(config, output_dir=str(run_dir)).to_yaml(cell)  # a copy: the grid's cell is left as it is
+        cmd = [sys.executable, "-m", "comoe", "train", "--config", str(cell)]
     if threads is None:
         subprocess.run(cmd, check=True)
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+    with open(run_dir / TRAIN_OUTPUT_NAME, "a", encoding="utf-8") as log:
         subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)

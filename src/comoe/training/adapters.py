@@ -15,6 +15,7 @@ from comoe.frozen import layer_features
 from comoe.loading import check_finite
 from comoe.model import AdapterLoadError, CoMoEModel, find_targets, get_comoe_model
 from comoe.placement import adapter_parameter_count
+from comoe.training.methods import method_of
 from comoe.training.run_config import RunConfig
 from comoe.utils.files import atomic_dir
 from comoe.utils.modeling import replace_module
@@ -27,8 +28,8 @@ def matched_lora_rank(base: nn.Module, config: CoMoEConfig) -> int:
 
 
 def build_adapted_model(base: nn.Module, run: RunConfig) -> nn.Module:
-    """Wrap ``base`` with the adapter of ``run.method``; the base is frozen."""
-    if run.method != "lora":
+    """Wrap ``base`` with the adapter of ``run.method`` (see `comoe.training.methods`); the base is frozen."""
+    if not method_of(run.method).plain_lora:
         return get_comoe_model(base, run.trained_adapter)
     rank = run.lora_r or matched_lora_rank(base, run.adapter)
     lora = LoraConfig(

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comoe.training.adapters import load_adapter_weights
-from comoe.training.run_config import ADAPTER_DIR
+from comoe.training.run_dir import ADAPTER_DIR
 from comoe.utils.files import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")

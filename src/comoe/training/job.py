@@ -1,20 +1,17 @@
 """The main job: load data and model, score the baselines, train (multi- or single-task), evaluate, and
 write a run directory:
-
-    RUN_DIR/run_config.yaml     the resolved RunConfig
-    RUN_DIR/adapter/            adapter_config.json + adapter_model.safetensors + README.md (multi-task)
-    RUN_DIR/adapters/TASK/      one adapter per task (single-task setting)
-    RUN_DIR/train_log.jsonl     one line per optimiser step: loss, task, contrastive, balance, lr (the rate it used; per task dir if single)
-    RUN_DIR/metrics.json        per-task accuracy of the adapter, the zero-shot base and the majority class
+run_config.yaml, the adapter(s), train_log.jsonl and metrics.json (the names and what each holds are in
+`comoe.training.run_dir`). train_log.jsonl has one line per optimiser step: loss, task, contrastive, balance,
+lr (the
+rate it used).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -31,99 +28,24 @@ from comoe.training.adapters import build_adapted_model, load_adapted_model, sav
 from comoe.training.base_models import check_max_length, load_base_model
 from comoe.training.data_notes import data_summary, print_data_warnings
 from comoe.training.loop import make_accelerator, plan_steps, train_adapter
-from comoe.training.run_config import (
+from comoe.training.run_config import RunConfig
+from comoe.training.run_dir import (
     ADAPTER_DIR,
     ADAPTERS_DIR,
-    METRICS_NAME,
+    BASE_SCORES_NAME,
+    RESULTS_NAME,
     RUN_CONFIG_NAME,
-    RunConfig,
-    flat_fields,
-    merge_fields,
-    nest_fields,
+    adapter_dirs,
+    check_output_dir,
+    eval_scores_name,
+    is_run_dir,
+    output_dir,
+    resumed_run,
+    saved_run,
 )
+from comoe.training.run_settings import resolve_run
+from comoe.utils.deprecation import moved_names
 from comoe.utils.files import write_json_atomic
-
-# Fields that only change what happens after training (evaluation, checkpoint cadence): a resumed run may
-# change them. Every other field shapes the adapter being trained, and a resumed run keeps it.
-RESUMABLE_FIELDS = (
-    "save_steps",
-    "protocol",
-    "test_per_task",
-    "eval_batch_size",
-    "eval_base",
-    "gradient_checkpointing",
-)  # the last one changes memory, not the maths
-
-
-def check_output_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse, before anything is loaded or written, a run directory that cannot be (or must not be) used."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(
-            f"output directory {run_dir} is an existing file; give a directory path (--output-dir)"
-        )
-    if not resume and (run_dir / RUN_CONFIG_NAME).is_file():
-        raise ValueError(
-            f"{run_dir} already holds a run; continue it with `comoe train --resume {run_dir}` "
-            "or choose another --output-dir"
-        )
-    existing = run_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(
-            f"output directory {run_dir}: {existing} is a file, not a directory; give another path"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"output directory {run_dir}: {existing} is not writable; give a path you can write to"
-        )
-
-
-def resumed_run(run_dir: Path, requested: dict, report: bool = True) -> RunConfig:
-    """The configuration of the run in ``run_dir``, with the ``requested`` values that a resume may change.
-
-    A requested value of any other field that differs from the run's is refused, naming each field: the
-    run's adapter was partly trained with the old value, so silently keeping or applying it would both be
-    wrong. Nothing is written here.
-    """
-    config_path = run_dir / RUN_CONFIG_NAME
-    if not config_path.is_file():
-        raise ValueError(
-            f"--resume {run_dir}: no {RUN_CONFIG_NAME} there; give a directory written by `comoe train`"
-        )
-    saved = RunConfig.from_yaml(config_path)
-    elsewhere = requested.get("output_dir")
-    if elsewhere is not None and Path(elsewhere).resolve() != run_dir.resolve():
-        raise ValueError(
-            f"--resume {run_dir} continues the run in its own directory; drop --output-dir {elsewhere}"
-        )
-    requested = nest_fields(requested, "the resume flags")
-    wanted = RunConfig.from_dict(merge_fields(saved.to_dict(), requested), source="the resume flags")
-    before, after = flat_fields(saved), flat_fields(wanted)
-    changed = [
-        name
-        for name in before
-        if _requested(name, requested) and name != "output_dir" and after[name] != before[name]
-    ]
-    refused = [name for name in changed if name not in RESUMABLE_FIELDS]
-    if refused:
-        listing = "; ".join(f"{name}: {before[name]!r} -> {after[name]!r}" for name in refused)
-        raise ValueError(
-            f"--resume {run_dir}: the run was started with other settings ({listing}). A resumed run keeps the "
-            f"settings its adapter was trained with; drop those flags, or start a new run without --resume. "
-            f"On resume only {', '.join(RESUMABLE_FIELDS)} may change."
-        )
-    for name in changed if report else []:
-        print(f"resume: {name} = {after[name]!r} (was {before[name]!r})")
-    wanted.output_dir = str(run_dir)
-    return wanted
-
-
-def _requested(flat_name: str, requested: dict) -> bool:
-    """Whether a resume asked for field ``flat_name`` (``adapter.NAME`` for an adapter field)."""
-    if flat_name.startswith("adapter."):
-        return flat_name.removeprefix("adapter.") in requested.get("adapter", {})
-    return flat_name in requested
 
 
 def check_adapter_fits(base: torch.nn.Module, run: RunConfig) -> None:
@@ -141,18 +63,13 @@ def base_dtype(run: RunConfig) -> torch.dtype:
     return torch.bfloat16 if run.bf16 else torch.float32
 
 
-def default_run_dir(run: RunConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{run.method}-{run.setting}-seed{run.seed}"
-
-
 def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -> dict:
     """Train and evaluate as ``run`` says; returns (and writes) the metrics.
 
     Everything that can be checked (output directory, data, model, target modules, lengths) is checked
     before the run directory is created, so bad input leaves nothing behind.
     """
-    run_dir = Path(run_dir or run.output_dir or default_run_dir(run))
+    run_dir = output_dir(run, run_dir)
     if resume:  # the API path too: a resumed run keeps its training settings (see resumed_run)
         run = resumed_run(
             run_dir, {k: v for k, v in run.to_dict().items() if k != "output_dir"}, report=False
@@ -188,7 +105,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         raise ValueError(
             f"cannot create output directory {run_dir}: {err.strerror}; give another path"
         ) from None
-    run.output_dir = str(run_dir)
+    run = replace(run, output_dir=str(run_dir))  # a copy: the caller's config is left as given
     if accelerator.is_main_process:
         run.to_yaml(run_dir / RUN_CONFIG_NAME)
     accelerator.print(f"run directory: {run_dir}")
@@ -241,7 +158,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
             "protocol": run.protocol,
             **results,
         }
-        write_json_atomic(run_dir / METRICS_NAME, metrics)
+        write_json_atomic(run_dir / RESULTS_NAME, metrics)
         print_accuracy_table(metrics, title=f"{run.method} ({run.setting}-task) — {run_dir}")
         return metrics
     return {}
@@ -292,7 +209,7 @@ def _cached_base_eval(run, run_dir, base, tokenizer, test) -> dict:
     The cache is used only for the same model, protocol, length limit and test examples (a resume may
     change the protocol and the test size).
     """
-    path = run_dir / "base_metrics.json"
+    path = run_dir / BASE_SCORES_NAME
     key = _base_eval_key(run, test)
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -334,23 +251,19 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
     """
     if run_dir is not None:
         run_dir = Path(run_dir)
-        if not (run_dir / RUN_CONFIG_NAME).is_file():
+        if not is_run_dir(run_dir):
             raise ValueError(
                 f"{run_dir} is not a comoe run directory (no {RUN_CONFIG_NAME}); give a directory "
                 "written by `comoe train`, or --base-only to score the base model"
             )
-        run = RunConfig.from_yaml(run_dir / RUN_CONFIG_NAME, **(overrides or {}))
+        run = saved_run(run_dir, **(overrides or {}))
     else:
-        run = RunConfig.from_dict(overrides or {}, source="command line")
+        run = resolve_run(("command line", overrides or {}))
     test = load_splits(
         run.tasks, run.train_per_task, run.test_per_task, run.seed, skip_invalid_rows=run.skip_invalid_rows
     )[1]
     if run_dir is not None and not base_only:
-        adapters = (
-            [run_dir / ADAPTER_DIR]
-            if run.setting == "multi"
-            else [run_dir / ADAPTERS_DIR / t / ADAPTER_DIR for t in test]
-        )
+        adapters = adapter_dirs(run_dir, run.setting, test)
         missing = [a for a in adapters if not a.is_dir()]
         if missing:
             raise ValueError(
@@ -363,17 +276,24 @@ def eval_job(run_dir: Path | None, *, base_only: bool = False, overrides: dict |
     if base_only:
         metrics = {"base": evaluate_tasks(base, tokenizer, test, **kwargs), "protocol": run.protocol}
     elif run.setting == "multi":
-        model = load_adapted_model(base, Path(run_dir) / ADAPTER_DIR)
+        model = load_adapted_model(base, adapters[0])
         metrics = {"adapter": evaluate_tasks(model, tokenizer, test, **kwargs), "protocol": run.protocol}
     else:
         scores = {}
-        for i, task in enumerate(test):
+        for i, (task, adapter) in enumerate(zip(test, adapters, strict=True)):
             if i > 0:
                 base, tokenizer = load_base_model(run.model, quantize=run.quantize)
-            model = load_adapted_model(base, Path(run_dir) / ADAPTERS_DIR / task / ADAPTER_DIR)
+            model = load_adapted_model(base, adapter)
             scores.update(evaluate_tasks(model, tokenizer, {task: test[task]}, **kwargs)["tasks"])
         metrics = {"adapter": with_macro_average(run.protocol, scores), "protocol": run.protocol}
     if run_dir is not None:
-        write_json_atomic(Path(run_dir) / f"eval_{run.protocol}.json", metrics)
+        write_json_atomic(run_dir / eval_scores_name(run.protocol), metrics)
     print_accuracy_table(metrics, title=f"{'base model' if base_only else run_dir} — {run.protocol} protocol")
     return metrics
+
+
+# names that lived here before comoe 0.2 (see comoe.utils.deprecation)
+__getattr__ = moved_names(
+    __name__,
+    {name: f"comoe.training.run_dir:{name}" for name in ("RESUMABLE_FIELDS", "default_run_dir")},
+)

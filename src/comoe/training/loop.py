@@ -39,8 +39,8 @@ from comoe.training.checkpoint import (
     remove_stale_writes,
     save_checkpoint,
 )
-from comoe.training.run_config import CHECKPOINTS_DIR, TRAIN_LOG_NAME, RunConfig
-from comoe.utils.files import write_text_atomic
+from comoe.training.run_config import RunConfig
+from comoe.training.run_dir import CHECKPOINTS_DIR, TRAIN_LOG_NAME, read_train_log, truncate_train_log
 from comoe.utils.modeling import accepts_logits_to_keep, pad_token_id
 
 MAX_GRAD_NORM = 1.0
@@ -135,7 +135,7 @@ class TrainingRecipe:
         if (
             accelerator.is_main_process
         ):  # the steps a killed process logged after its last checkpoint are redone
-            truncate_log(self.log_path, self.start_step)
+            truncate_train_log(self.log_path, self.start_step)
             remove_stale_writes(self.checkpoint_dir)  # what a process killed inside a checkpoint write left
         self.model.train()
         recent: list[dict[str, float]] = []
@@ -183,7 +183,9 @@ class TrainingRecipe:
         bar.close()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and self.log_path.is_file():
-            recent = read_log(self.log_path)[-10:]  # across a resume, not only the steps of this process
+            recent = read_train_log(self.log_path)[
+                -10:
+            ]  # across a resume, not only the steps of this process
         final = {
             k: sum(p[k] for p in recent) / len(recent)
             for k in ("loss", "task", "contrastive", "balance")
@@ -312,36 +314,6 @@ def _mean_parts(sums: dict[str, float], tokens: torch.Tensor) -> dict[str, float
     return {"loss": parts.pop("loss"), **parts}
 
 
-# train_log.jsonl keys of earlier versions -> their names now; read_log renames them
-OLD_LOG_KEYS = {"con": "contrastive", "bal": "balance"}
-
-
-def read_log(path: Path) -> list[dict]:
-    """The rows of a ``train_log.jsonl``, with the loss parts under their current names (``OLD_LOG_KEYS``);
-    a last line cut short by a killed process is skipped."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ValueError(
-                    f"{path}:{number}: not a JSON row; the log is damaged (delete the line)"
-                ) from None
-            continue
-        rows.append({OLD_LOG_KEYS.get(key, key): value for key, value in row.items()})
-    return rows
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep only the rows of steps ``<= step`` (all of them gone for a fresh start), atomically."""
-    if not path.is_file():
-        return
-    kept = [row for row in read_log(path) if row["step"] <= step] if step > 0 else []
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
-
-
 def plan_steps(num_examples: int, run: RunConfig, world: int) -> tuple[int, int]:
     """(optimiser steps per epoch, total steps) for ``num_examples``; a clear error when there is no step.
 
@@ -390,6 +362,7 @@ def causal_lm_loss(
     With ``trim`` the output head runs only at positions that predict a label: with the loss on answer
     tokens, a few positions per row instead of all of them (the head is ~20% of SmolLM2's compute).
     """
+    batch = dict(batch)  # a copy: the caller's batch keeps its labels
     labels = batch.pop("labels")
     targets = labels[:, 1:]
     if not trim:

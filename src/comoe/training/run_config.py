@@ -7,34 +7,22 @@ written to the run directory as ``run_config.yaml`` and is enough to reproduce o
 
 from __future__ import annotations
 
-import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from comoe.config import ALL_LINEAR, CoMoEConfig, own_fields
 from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
 from comoe.training.base_models import QUANTIZATIONS, check_quantization_available
-from comoe.utils.files import write_text_atomic
-from comoe.utils.validation import check_field_types, describe_value, did_you_mean, doc, parse_text
+from comoe.training.methods import DEFAULT_METHOD, FIXED_FIELDS, METHOD_NAMES, method_help, method_of
+from comoe.utils.deprecation import moved_names
+from comoe.utils.validation import check_field_types, doc, parse_text, unknown_fields
+from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
-METHODS = ("comoe", "moe-lora", "soft-moe", "mixlora", "lora")
-# MixLoRA's published defaults (Li et al. 2024; its README's top-k routing block): used by --method mixlora
-# for the adapter fields the run does not give. Rank, alpha and dropout stay the run's, as for every method.
-MIXLORA_DEFAULTS: dict[str, Any] = {"num_experts": 8, "top_k": 2, "balance_weight": 0.01}
 SETTINGS = ("multi", "single")
 PROTOCOLS = ("label", "loglik")
-# What a run directory holds (`comoe train` writes it; eval, analyze, compare and --resume read it).
-RUN_CONFIG_NAME = "run_config.yaml"
-METRICS_NAME = "metrics.json"  # written last: a run with it is finished
-ADAPTER_DIR = "adapter"  # multi-task; single-task runs have ADAPTERS_DIR/<task>/ADAPTER_DIR
-ADAPTERS_DIR = "adapters"
-CHECKPOINTS_DIR = "checkpoints"
-TRAIN_LOG_NAME = "train_log.jsonl"
 NAME_LISTS = ("tasks", "target_modules")  # a string is read as comma-separated names
 
 
@@ -77,14 +65,10 @@ class RunConfig:
         ),
     )
     method: str = field(
-        default="comoe",
+        default=DEFAULT_METHOD,
         metadata=doc(
-            "comoe (experts + contrastive loss), moe-lora (the same experts, contrastive_weight = 0), soft-moe "
-            "(routing = soft: every expert, soft gates, top_k = num_experts, no contrastive loss), mixlora "
-            "(MixLoRA: placement = ffn, whole-FFN experts + plain LoRA on the other target modules, no "
-            "contrastive loss; unless given, 8 experts, top-2, balance_weight 0.01), lora (plain PEFT LoRA on "
-            "the same modules, parameter-matched unless --lora-r).",
-            METHODS,
+            method_help(),
+            METHOD_NAMES,
         ),
     )
     setting: str = field(
@@ -172,7 +156,7 @@ class RunConfig:
         self.tasks = split_names("tasks", self.tasks)
         # first: the range checks below may then compare numbers safely
         check_field_types(self, {f.name for f in fields(self)} - {"adapter"})
-        _one_of("method", self.method, METHODS)
+        _one_of("method", self.method, METHOD_NAMES)
         self.adapter = given_adapter(self.method, self.adapter)
         _one_of("setting", self.setting, SETTINGS)
         _one_of("protocol", self.protocol, PROTOCOLS)
@@ -224,8 +208,7 @@ class RunConfig:
 
     @property
     def trained_adapter(self) -> CoMoEConfig:
-        """The adapter ``method`` trains from these settings: moe-lora and lora with contrastive_weight = 0,
-        soft-moe with routing = soft and top_k = num_experts; comoe as given."""
+        """The adapter ``method`` trains from these settings (see `method_adapter`)."""
         return method_adapter(self.method, self.adapter)
 
     def to_dict(self) -> dict[str, Any]:
@@ -234,20 +217,21 @@ class RunConfig:
         return {**data, "tasks": list(self.tasks), "adapter": self.adapter.method_dict()}
 
     def to_yaml(self, path: str | Path) -> None:
-        write_text_atomic(path, yaml.dump(self.to_dict(), Dumper=_YamlDumper, sort_keys=False))
+        write_yaml(path, self.to_dict())
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
-        """Read a YAML file of fields (see `load_yaml`); ``overrides`` (fields, flat or nested) win over it."""
-        data = load_yaml(path) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of RunConfig fields, got {type(data).__name__}")
-        fields_ = merge_fields(nest_fields(data, str(path)), nest_fields(overrides, "overrides"))
-        return cls.from_dict(fields_, source=str(path))
+        """Read a YAML file of fields; ``overrides`` (fields, flat or nested) win over it."""
+        from comoe.training.run_settings import resolve_run  # it builds RunConfigs
+
+        data = load_yaml_mapping(path, "RunConfig fields")
+        return resolve_run((str(path), data), ("overrides", overrides), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RunConfig:
         """A config from a mapping of fields (see `nest_fields`); errors name ``source``."""
+        from comoe.training.run_settings import nest_fields  # it reads RunConfig's fields
+
         try:
             return cls(**nest_fields(data, source))
         except ValueError as err:
@@ -259,71 +243,6 @@ class RunConfig:
 
 # --- the adapter inside a run ----------------------------------------------------------------------
 ADAPTER_FIELDS = tuple(f.name for f in fields(CoMoEConfig) if f.name in own_fields())
-_RUN_FIELDS = tuple(f.name for f in fields(RunConfig))
-
-
-def nest_fields(data: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
-    """``data``'s RunConfig fields with every adapter field under ``"adapter"``.
-
-    Adapter fields may be given nested (``adapter: {r: 8}``, the form comoe writes), dotted
-    (``adapter.r``, as ``--set`` takes them) or flat (``r: 8``, as comoe 0.1 wrote ``run_config.yaml``).
-    Unknown keys are an error that suggests the closest field; a field given twice with two values too.
-    """
-    nested = data.get("adapter", {})
-    if isinstance(nested, CoMoEConfig):
-        nested = nested.method_dict()
-    if not isinstance(nested, Mapping):
-        raise ValueError(
-            f"{source}: adapter must be a mapping of adapter fields ({', '.join(ADAPTER_FIELDS)}), "
-            f"got {describe_value(nested)}"
-        )
-    out: dict[str, Any] = {}
-    adapter = dict(nested)
-    spelled = {name: f"adapter.{name}" for name in adapter}
-    unknown = [f"adapter.{name}" for name in adapter if name not in ADAPTER_FIELDS]
-    for key, value in data.items():
-        name = key.removeprefix("adapter.") if isinstance(key, str) else key
-        if key == "adapter":
-            continue
-        if key in _RUN_FIELDS:
-            out[key] = value
-        elif name in ADAPTER_FIELDS:
-            if name in adapter and adapter[name] != value:
-                raise ValueError(
-                    f"{source}: {name} is given twice, as {spelled[name]} ({adapter[name]!r}) and as {key} "
-                    f"({value!r}); keep one"
-                )
-            adapter[name], spelled[name] = value, key
-        else:
-            unknown.append(str(key))
-    if unknown:
-        known = [*_RUN_FIELDS, *(f"adapter.{name}" for name in ADAPTER_FIELDS)]
-        bare = [name.removeprefix("adapter.") for name in unknown]
-        raise ValueError(
-            f"{source}: unknown fields {sorted(unknown)}{did_you_mean(bare, [*_RUN_FIELDS, *ADAPTER_FIELDS])}; "
-            f"known fields: {known}"
-        )
-    if adapter or "adapter" in data:
-        out["adapter"] = adapter
-    return out
-
-
-def merge_fields(*layers: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested field mappings (see `nest_fields`) layered left to right; adapter fields merge one by one."""
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        adapter = {**merged.get("adapter", {}), **layer.get("adapter", {})}
-        merged.update(layer)
-        if adapter:
-            merged["adapter"] = adapter
-    return merged
-
-
-def flat_fields(run: RunConfig) -> dict[str, Any]:
-    """``run``'s fields in one level, the adapter's as ``adapter.NAME``: what a resume compares."""
-    data = run.to_dict()
-    adapter = data.pop("adapter")
-    return {**data, **{f"adapter.{name}": value for name, value in adapter.items()}}
 
 
 def _settings_of(adapter: CoMoEConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -343,8 +262,8 @@ def given_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMo
     kept as the method fixes them.
     """
     settings = _settings_of(adapter)
-    if method == "mixlora" and not isinstance(adapter, CoMoEConfig):  # a mapping holds only what was given
-        settings = {**MIXLORA_DEFAULTS, **settings}
+    if not isinstance(adapter, CoMoEConfig):  # a mapping holds only what was given
+        settings = {**method_of(method).defaults, **settings}
     trained = method_adapter(method, settings)
     try:
         return CoMoEConfig.from_dict(settings)
@@ -353,34 +272,17 @@ def given_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMo
 
 
 def method_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMoEConfig:
-    """The adapter config that ``method`` trains, from the given adapter settings, validated.
-
-    moe-lora, mixlora and lora train without the contrastive loss (contrastive_weight = 0; lora only
-    borrows the modules and parameter count); soft-moe routes every token to every expert (routing = soft,
-    top_k = num_experts); mixlora puts whole-FFN experts on the MLP blocks (placement = ffn). Errors name
-    the field as ``adapter.NAME``.
-    """
-    settings = _settings_of(adapter)
-    if method in METHODS and method != "comoe":
-        settings["contrastive_weight"] = 0.0
-    if method == "mixlora":
-        settings["placement"] = "ffn"
-    if method == "soft-moe":
-        settings["routing"] = "soft"
-        settings["top_k"] = settings.get("num_experts", CoMoEConfig.num_experts)
-    if settings.get("contrastive_weight", CoMoEConfig.contrastive_weight) == 0:
-        settings["num_negatives"] = None  # negatives mean nothing without the loss
+    """The adapter config that ``method`` trains from the given adapter settings (the fields its entry in
+    `comoe.training.methods.METHODS` fixes set), validated. Errors name the field as ``adapter.NAME``."""
+    settings = method_of(method).trained_settings(_settings_of(adapter))
     try:
         return CoMoEConfig.from_dict(settings)
     except ValueError as err:
         message = str(err)
-        if message.startswith("unknown CoMoEConfig fields"):
+        if message.startswith("unknown "):  # unknown_fields' message: no field to prefix
             raise
         starts_with_field = any(message.startswith(f"{name} ") for name in ADAPTER_FIELDS)
         raise ValueError(f"adapter.{message}" if starts_with_field else f"adapter: {message}") from None
-
-
-METHOD_FIXED = ("contrastive_weight", "num_negatives", "placement", "routing", "top_k")  # what methods set
 
 
 def method_overrides(method: str, given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -391,61 +293,9 @@ def method_overrides(method: str, given: Mapping[str, Any]) -> dict[str, tuple[A
     trained = method_adapter(method, settings)
     return {
         name: (settings[name], getattr(trained, name))
-        for name in METHOD_FIXED
+        for name in FIXED_FIELDS
         if name in settings and settings[name] != getattr(trained, name)
     }
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads exponent forms without a dot (``1e-3``, ``5E+4``) as floats, not strings."""
-
-
-class _YamlDumper(yaml.SafeDumper):
-    """SafeDumper that quotes strings such as '1e5', so that `_YamlLoader` reads them back as strings."""
-
-
-for _cls in (_YamlLoader, _YamlDumper):
-    _cls.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-        list("-+.0123456789"),
-    )
-
-
-def load_yaml(path: str | Path) -> Any:
-    """Parse a YAML file safely, reading ``1e-3`` as a float (YAML 1.2) rather than a string (YAML 1.1).
-
-    A pipe, FIFO or character device (``--config /dev/stdin``, ``--config <(...)``) is read once and its text
-    kept, so the command's later readings see the same fields. A missing file is a FileNotFoundError and
-    invalid YAML a ValueError, both naming the file (and the line).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"config file {path} is a directory; give a YAML file of fields")
-    if not path.exists():
-        raise FileNotFoundError(f"no such config file: {path}")
-    try:
-        return yaml.load(_config_text(path), Loader=_YamlLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or err
-        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
-        if context and context_mark is not None:
-            problem = f"{problem}, {context} at line {context_mark.line + 1}"
-        raise ValueError(f"{path} is not valid YAML{where}: {problem}; fix the file there") from None
-
-
-_STREAMS: dict[str, str] = {}  # the text of each pipe or device read so far: it can be read only once
-
-
-def _config_text(path: Path) -> str:
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    key = str(path)
-    if key not in _STREAMS:
-        _STREAMS[key] = path.read_text(encoding="utf-8")
-    return _STREAMS[key]
 
 
 def split_names(name: str, value: Any) -> Any:
@@ -485,10 +335,29 @@ def parse_field_value(name: str, text: str) -> Any:
     ``r`` or ``adapter.r``); a ValueError names the flag."""
     name = name.removeprefix("adapter.")
     if name not in _HINTS:
-        raise ValueError(
-            f"unknown field {name!r}{did_you_mean([name], _HINTS)}; known fields: {sorted(_HINTS)}"
-        )
+        raise ValueError(unknown_fields([name], _HINTS))
     hint = _HINTS[name]
     if name in NAME_LISTS and text.strip().lower() != "none":
         return split_names(name, text)
     return parse_text(text, hint, f"--{name.replace('_', '-')}")
+
+
+# names that lived here before comoe 0.2 (see comoe.utils.deprecation)
+_RUN_DIR, _SETTINGS, _METHODS = (
+    "comoe.training.run_dir",
+    "comoe.training.run_settings",
+    "comoe.training.methods",
+)
+__getattr__ = moved_names(
+    __name__,
+    {
+        "METHODS": f"{_METHODS}:METHOD_NAMES",
+        "METHOD_FIXED": f"{_METHODS}:FIXED_FIELDS",
+        "MIXLORA_DEFAULTS": f"{_METHODS}:MIXLORA_DEFAULTS",
+        **{name: f"{_RUN_DIR}:{name}" for name in ("RUN_CONFIG_NAME", "ADAPTER_DIR", "ADAPTERS_DIR")},
+        **{name: f"{_RUN_DIR}:{name}" for name in ("CHECKPOINTS_DIR", "TRAIN_LOG_NAME")},
+        "METRICS_NAME": f"{_RUN_DIR}:RESULTS_NAME",
+        **{name: f"{_SETTINGS}:{name}" for name in ("nest_fields", "merge_fields", "flat_fields")},
+        "load_yaml": "comoe.utils.yaml_files:load_yaml",
+    },
+)

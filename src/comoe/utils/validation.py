@@ -121,6 +121,16 @@ def did_you_mean(unknown: Iterable[str], known: Iterable[str]) -> str:
     return f" (did you mean {', '.join(found)}?)" if found else ""
 
 
+def unknown_fields(unknown: Iterable[object], known: Iterable[str], kind: str = "") -> str:
+    """The one message for keys that name no field: "unknown [KIND ]fields [...] (did you mean ...);
+    known fields: [...]". A dotted name (``adapter.num_expert``) is matched on its last part."""
+    unknown, known = sorted(map(str, unknown)), sorted(map(str, known))
+    hint = did_you_mean(
+        [name.rpartition(".")[2] for name in unknown], sorted({name.rpartition(".")[2] for name in known})
+    )
+    return f"unknown {kind + ' ' if kind else ''}fields {unknown}{hint}; known fields: {known}"
+
+
 @functools.cache
 def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
