@@ -2,7 +2,7 @@
 
 import logging
 
-__version__ = "0.1.0"  # first: comoe.config writes it into every adapter_config.json
+__version__ = "0.2.0"  # first: comoe.config writes it into every adapter_config.json
 
 
 class _NoKernelDownloadNotice(logging.Filter):
