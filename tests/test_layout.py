@@ -167,3 +167,12 @@ def test_every_command_that_writes_takes_output_dir():
     assert parser.parse_args(["compare", "--output-dir", "d"]).out == "d"
     assert parser.parse_args(["bench", "--output-dir", "d"]).out == "d"
     assert parser.parse_args(["compare", "--out", "d"]).out == "d"  # the old spelling still works
+
+
+def test_the_tests_tree_mirrors_the_package():
+    """Every folder of tests/ (fixtures aside) is a subpackage of src/comoe/, and tooling tests live in
+    their subpackage's folder: ``tests/training/test_train.py`` tests ``comoe.training``."""
+    tests_dir = Path(__file__).parent
+    folders = {p.name for p in tests_dir.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
+    subpackages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert folders - {"fixtures"} <= subpackages, folders - {"fixtures"} - subpackages

@@ -242,7 +242,7 @@ def test_gpu_profile_script_counts_the_host_ops_of_each_variant(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "profile.json"
     cmd = [sys.executable, str(root / "benchmarks" / "gpu_profile.py"), "--size", "tiny", "--layers", "1"]
     cmd += [
@@ -275,7 +275,7 @@ def test_gpu_script_reports_its_environment_and_refuses_clearly_without_a_gpu(tm
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the script would run the sweep")
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "run_gpu.sh"
     env = {
         "PATH": "/usr/bin:/bin",
         "RESULTS": str(tmp_path / "out"),
