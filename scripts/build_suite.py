@@ -183,7 +183,7 @@ SUITE_NOTES = {
         "generated task is the share of its most frequent answer."
     ),
     "hard": (
-        "The first built-in suite (the default tasks until issue 14): reasoning tasks that a 135M model "
+        "The first built-in suite (the default tasks before `learnable`): reasoning tasks that a 135M model "
         "does not learn in minutes (its adapters mostly learn the answer prior). Files and names unchanged."
     ),
 }

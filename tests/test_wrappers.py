@@ -3,8 +3,9 @@
 Each wrapper that runs on the CPU (accelerate's bf16 mixed precision, DDP, torch.compile, activation
 checkpointing) gets a tiny CoMoE Llama in training mode, made by comoe's API and by PEFT's; the test checks that the output still carries
 ``aux_loss`` / ``contrastive_loss`` and that the gradient of the loss the model returns differs from the
-gradient of the task loss alone, i.e. the contrastive term is in the gradient. (A wrapper that rebuilt the
-output and dropped an attribute used to train plain MoE-LoRA in silence: issue 10.)
+gradient of the task loss alone, i.e. the contrastive term is in the gradient. (A wrapper that rebuilds the
+output drops a plain attribute: the losses travel as output fields so that no wrapper trains plain MoE-LoRA
+in silence.)
 """
 
 from __future__ import annotations
