@@ -206,7 +206,6 @@ class CoMoEConfig(PeftConfig):
         self._check_regex()
         self._check_layers()
         self._check_negatives()
-        ROUTERS[self.routing].check_config(self)
         if self.contrastive_weight > 0:
             self._check_contrastive()
 

@@ -7,7 +7,8 @@ saved adapters keep their tensor names) and returns a ``Routing``. Everything do
 positives and the rest as negatives, the balance loss and the routing records take ``share()``.
 
 Adding a router is one class here, registered with ``@register``, plus any field it needs in
-``CoMoEConfig``; ``check_config`` says which settings it cannot work with.
+``CoMoEConfig``; ``contrastive_problem`` says when its routing leaves the contrastive loss no positives or
+negatives.
 """
 
 from __future__ import annotations
@@ -54,10 +55,6 @@ class Router(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = config.top_k
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        """Raise ValueError, naming the fields, for settings this router cannot work with."""
 
     @classmethod
     def contrastive_problem(cls, config) -> str | None:
