@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests` importable when run as a script
 
+from comoe.compat import legacy_adapter_name  # noqa: E402
 from tests.tiny_models import batch, build, randomize_adapters, tiny_comoe_config  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "core-reference-0.1.safetensors"
@@ -58,7 +59,7 @@ def run_case(name: str) -> dict[str, torch.Tensor]:
             tensors[f"train/{key}"] = out[key].detach()
     for param_name, param in model.named_parameters():
         if param.grad is not None:
-            tensors[f"grad/{param_name}"] = param.grad
+            tensors[f"grad/{legacy_adapter_name(param_name)}"] = param.grad  # the reference's names
     model.eval()
     with torch.no_grad():
         tensors["eval/logits"] = model(**inputs).logits

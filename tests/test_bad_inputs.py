@@ -1364,8 +1364,8 @@ def _non_finite_lora(directory: Path) -> None:
     save_file(tensors, path)
 
 
-Q_A = "model.layers.0.self_attn.q_proj.comoe_A"
-V_B = "model.layers.1.self_attn.v_proj.comoe_B"
+Q_A = "model.layers.0.self_attn.q_proj.experts.comoe_A"
+V_B = "model.layers.1.self_attn.v_proj.experts.comoe_B"
 PEFT_PREFIX = "base_model.model."
 
 

@@ -231,10 +231,10 @@ def pin_choices(model, choices: dict) -> list:
         ref = choices[name]
         if ref.selected is None:  # every expert is used: nothing to pin
             return out
-        picked = args[0].gather(1, ref.selected)
+        picked = out.probs.log().gather(1, ref.selected)  # log-probabilities: the logits up to a shift
         if ref.slot_mask is not None:
             picked = picked.masked_fill(~ref.slot_mask, float("-inf"))
-        gates = torch.zeros_like(args[0]).scatter(1, ref.selected, picked.softmax(-1))
+        gates = torch.zeros_like(out.probs).scatter(1, ref.selected, picked.softmax(-1))
         return out._replace(gates=gates, selected=ref.selected, slot_mask=ref.slot_mask)
 
     return [

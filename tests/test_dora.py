@@ -41,10 +41,12 @@ def dora_layer(base, *, num_experts, top_k, r=4, path="dense", routing="topk", s
     layer = CoMoELayer(base, cfg, ForwardContext(), name="probe")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # B = 0 and m = ||W0|| at init make every expert the identity: move them off it
-        layer.comoe_B.copy_(torch.randn(layer.comoe_B.shape, generator=gen) * 0.3)
-        if layer.comoe_router is not None:  # one expert has no router
-            layer.comoe_router.copy_(torch.randn(layer.comoe_router.shape, generator=gen))
-        layer.comoe_magnitude.mul_(1 + 0.2 * torch.randn(layer.comoe_magnitude.shape, generator=gen))
+        layer.experts.comoe_B.copy_(torch.randn(layer.experts.comoe_B.shape, generator=gen) * 0.3)
+        if layer.router is not None:  # one expert has no router
+            layer.router.comoe_router.copy_(torch.randn(layer.router.comoe_router.shape, generator=gen))
+        layer.experts.comoe_magnitude.mul_(
+            1 + 0.2 * torch.randn(layer.experts.comoe_magnitude.shape, generator=gen)
+        )
     return layer
 
 
@@ -94,7 +96,7 @@ def test_dora_experts_match_a_per_expert_dora_loop(num_experts, top_k, path, rou
     layer = dora_layer(base, num_experts=num_experts, top_k=top_k, path=path, routing=routing)
     x = torch.randn(2, 5, D_IN)
     if dropped:  # the layer draws its mask as dropout_keep does: the same seed gives the reference the same
-        layer.dropout = nn.Dropout(0.3)
+        layer.experts.dropout = nn.Dropout(0.3)
     layer.train()
     x_layer = leaf(x)
     torch.manual_seed(3)
@@ -107,7 +109,13 @@ def test_dora_experts_match_a_per_expert_dora_loop(num_experts, top_k, path, rou
 
     x_ref = leaf(x)
     A, B, router, m = (
-        leaf(t) for t in (layer.comoe_A, layer.comoe_B, layer.comoe_router, layer.comoe_magnitude)
+        leaf(t)
+        for t in (
+            layer.experts.comoe_A,
+            layer.experts.comoe_B,
+            layer.router.comoe_router,
+            layer.experts.comoe_magnitude,
+        )
     )
     flat = x_ref.reshape(-1, D_IN)
     flat_drop = flat * mask / 0.7 if dropped else flat
@@ -117,10 +125,10 @@ def test_dora_experts_match_a_per_expert_dora_loop(num_experts, top_k, path, rou
 
     torch.testing.assert_close(y, y_ref.view(y.shape), **TOL)
     for mine, theirs in [
-        (layer.comoe_A, A),
-        (layer.comoe_B, B),
-        (layer.comoe_router, router),
-        (layer.comoe_magnitude, m),
+        (layer.experts.comoe_A, A),
+        (layer.experts.comoe_B, B),
+        (layer.router.comoe_router, router),
+        (layer.experts.comoe_magnitude, m),
     ]:
         torch.testing.assert_close(mine.grad, theirs.grad, **TOL)
         assert theirs.grad.abs().sum() > 0
@@ -150,18 +158,18 @@ def test_one_dora_expert_is_peft_dora():
     peft_layer = theirs.base_model.model[0]
     layer = dora_layer(peft_layer.base_layer, num_experts=1, top_k=1)
     with torch.no_grad():
-        peft_layer.lora_A["default"].weight.copy_(layer.comoe_A)
-        peft_layer.lora_B["default"].weight.copy_(layer.comoe_B)
-        peft_layer.lora_magnitude_vector["default"].weight.copy_(layer.comoe_magnitude[0])
+        peft_layer.lora_A["default"].weight.copy_(layer.experts.comoe_A)
+        peft_layer.lora_B["default"].weight.copy_(layer.experts.comoe_B)
+        peft_layer.lora_magnitude_vector["default"].weight.copy_(layer.experts.comoe_magnitude[0])
     x = torch.randn(6, D_IN)
     theirs.train(), layer.train()
     y_theirs, y_mine = theirs(x), layer(x)
     torch.testing.assert_close(y_mine, y_theirs, **TOL)
     (y_theirs.square().sum() + y_mine.square().sum()).backward()
-    torch.testing.assert_close(layer.comoe_B.grad, peft_layer.lora_B["default"].weight.grad, **TOL)
-    torch.testing.assert_close(layer.comoe_A.grad, peft_layer.lora_A["default"].weight.grad, **TOL)
+    torch.testing.assert_close(layer.experts.comoe_B.grad, peft_layer.lora_B["default"].weight.grad, **TOL)
+    torch.testing.assert_close(layer.experts.comoe_A.grad, peft_layer.lora_A["default"].weight.grad, **TOL)
     torch.testing.assert_close(
-        layer.comoe_magnitude.grad[0], peft_layer.lora_magnitude_vector["default"].weight.grad, **TOL
+        layer.experts.comoe_magnitude.grad[0], peft_layer.lora_magnitude_vector["default"].weight.grad, **TOL
     )
 
 
@@ -181,18 +189,20 @@ def test_the_contrastive_loss_of_dora_experts_is_that_of_their_materialised_outp
     layer = dora_layer(base, num_experts=5, top_k=2)
     layer.config.anchor = "all"  # deterministic: every activated expert is an anchor
     x = torch.randn(9, D_IN)
-    codes = leaf(x @ layer.comoe_A.t()).view(9, 5, layer.r)
+    codes = leaf(x @ layer.experts.comoe_A.t()).view(9, 5, layer.r)
     routing = layer.route(x)
     top_idx = routing.selected
-    scale = layer.dora_scale()
+    scale = layer.experts.dora_scale(layer.base_layer)
     w0x = x @ base.weight.t()
-    mine = contrastive_of_call(layer, routing, layer._contrastive_inputs(codes, DoraState(scale, w0x)))
+    mine = contrastive_of_call(
+        layer, routing, layer.experts._contrastive_inputs(codes, DoraState(scale, w0x))
+    )
     # the outputs the reference loop adds up, one expert at a time, without the layer's code
     outputs = torch.stack(
         [
             torch.stack(
                 [
-                    layer.scaling * scale[i] * (layer.comoe_B[:, i * 4 : (i + 1) * 4] @ codes[n, i])
+                    layer.scaling * scale[i] * (layer.experts.comoe_B[:, i * 4 : (i + 1) * 4] @ codes[n, i])
                     + (scale[i] - 1) * w0x[n]
                     for i in range(5)
                 ]
@@ -252,11 +262,16 @@ def test_dora_experts_under_bf16_autocast_keep_fp32_norms_and_train():
     layer = dora_layer(base, num_experts=4, top_k=2)
     layer.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        scale = layer.dora_scale()
+        scale = layer.experts.dora_scale(layer.base_layer)
         y = layer(torch.randn(6, D_IN, dtype=torch.bfloat16))
     # the row norms are computed in fp32 under autocast too: the same scales as outside it, bit for bit
-    torch.testing.assert_close(scale, layer.dora_scale(), rtol=0, atol=0)
+    torch.testing.assert_close(scale, layer.experts.dora_scale(layer.base_layer), rtol=0, atol=0)
     assert scale.dtype == torch.float32 and y.dtype == torch.bfloat16
     y.float().square().sum().backward()
-    for p in (layer.comoe_A, layer.comoe_B, layer.comoe_magnitude, layer.comoe_router):
+    for p in (
+        layer.experts.comoe_A,
+        layer.experts.comoe_B,
+        layer.experts.comoe_magnitude,
+        layer.router.comoe_router,
+    ):
         assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()

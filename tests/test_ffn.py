@@ -52,10 +52,10 @@ def randomise(layer: CoMoEFFNLayer, seed: int) -> None:
     """B = 0 at init makes every expert the frozen FFN: give B (and a decisive router) random values."""
     gen = torch.Generator().manual_seed(seed)
     for proj in PROJECTIONS:
-        b = getattr(layer, f"comoe_{proj}_B")
+        b = getattr(layer.experts, f"comoe_{proj}_B")
         b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
-    if layer.comoe_router is not None:
-        layer.comoe_router.copy_(torch.randn(layer.comoe_router.shape, generator=gen))
+    if layer.router is not None:
+        layer.router.comoe_router.copy_(torch.randn(layer.router.comoe_router.shape, generator=gen))
 
 
 def leaf(t):
@@ -73,8 +73,10 @@ def expert_copy_forward(mlp, tensors: dict, i: int, r: int, scaling: float, x):
 
 
 def adapter_leaves(layer: CoMoEFFNLayer) -> dict:
-    tensors = {f"{p}_{ab}": leaf(getattr(layer, f"comoe_{p}_{ab}")) for p in PROJECTIONS for ab in "AB"}
-    tensors["router"] = leaf(layer.comoe_router)
+    tensors = {
+        f"{p}_{ab}": leaf(getattr(layer.experts, f"comoe_{p}_{ab}")) for p in PROJECTIONS for ab in "AB"
+    }
+    tensors["router"] = leaf(layer.router.comoe_router)
     return tensors
 
 
@@ -104,7 +106,8 @@ def check_against_copies(layer: CoMoEFFNLayer, x: torch.Tensor, routing: str = "
 
     torch.testing.assert_close(y, y_ref, **TOL)
     for name, ref in tensors.items():
-        mine = getattr(layer, f"comoe_{name}")
+        holder = layer.router if name == "router" else layer.experts
+        mine = getattr(holder, f"comoe_{name}")
         torch.testing.assert_close(mine.grad, ref.grad, **TOL, msg=lambda m, name=name: f"comoe_{name}: {m}")
         assert ref.grad.abs().sum() > 0, name
     torch.testing.assert_close(x_layer.grad, x_ref.grad, **TOL)
@@ -146,7 +149,7 @@ def test_contrastive_loss_of_ffn_experts_compares_their_updates_of_the_block_out
     x = torch.randn(9, 32)
     routing = layer.route(x)
     top_idx = routing.selected
-    mine = contrastive_of_call(layer, routing, layer._contrastive_inputs(x, x))
+    mine = contrastive_of_call(layer, routing, layer.experts._contrastive_inputs(layer.base_layer, x, x))
     mine.loss.backward()
 
     tensors = adapter_leaves(layer)
@@ -160,7 +163,7 @@ def test_contrastive_loss_of_ffn_experts_compares_their_updates_of_the_block_out
     ref.loss.backward()
     torch.testing.assert_close(mine.loss, ref.loss, **TOL)
     for name in ("gate_A", "gate_B", "up_A", "up_B", "down_A", "down_B"):
-        torch.testing.assert_close(getattr(layer, f"comoe_{name}").grad, tensors[name].grad, **TOL)
+        torch.testing.assert_close(getattr(layer.experts, f"comoe_{name}").grad, tensors[name].grad, **TOL)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -180,7 +183,7 @@ def test_placement_ffn_wraps_each_mlp_block_and_plain_lora_on_attention(family, 
         **{f"model.layers.{i}.self_attn.{p}": "CoMoELayer" for i in range(2) for p in ("q_proj", "v_proj")},
     }
     assert sorted(model.routed_modules) == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert all(m.comoe_router is None for n, m in model.adapted_modules.items() if "self_attn" in n)
+    assert all(m.router is None for n, m in model.adapted_modules.items() if "self_attn" in n)
     assert model.get_nb_trainable_parameters()[0] == adapter_parameter_count(build(family), config)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, before, **TOL)  # B = 0: every expert is the FFN

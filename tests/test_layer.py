@@ -62,9 +62,9 @@ def make_layer(base, *, num_experts, top_k, r, path="dense", routing="topk", dro
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # B is zero at init: give it (and a decisive router) random values
-        layer.comoe_B.copy_(torch.randn(layer.comoe_B.shape, generator=gen) * 0.3)
-        if layer.comoe_router is not None:  # one expert has no router
-            layer.comoe_router.copy_(torch.randn(layer.comoe_router.shape, generator=gen))
+        layer.experts.comoe_B.copy_(torch.randn(layer.experts.comoe_B.shape, generator=gen) * 0.3)
+        if layer.router is not None:  # one expert has no router
+            layer.router.comoe_router.copy_(torch.randn(layer.router.comoe_router.shape, generator=gen))
     return layer
 
 
@@ -80,9 +80,9 @@ def check_against_reference(layer, base, x, routing="topk"):
     weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
     (y * weights).sum().backward()
 
-    routed = layer.comoe_router is not None
-    router = leaf(layer.comoe_router if routed else torch.zeros(1, x.shape[-1]))  # one expert: gate 1
-    x_ref, A, B = leaf(x), leaf(layer.comoe_A), leaf(layer.comoe_B)
+    routed = layer.router is not None
+    router = leaf(layer.router.comoe_router if routed else torch.zeros(1, x.shape[-1]))  # one expert: gate 1
+    x_ref, A, B = leaf(x), leaf(layer.experts.comoe_A), leaf(layer.experts.comoe_B)
     flat = x_ref.reshape(-1, x.shape[-1])
     y_ref = reference_forward(
         flat, base, A, B, router, num_experts=n_exp, r=r, top_k=k, scaling=layer.scaling, routing=routing
@@ -90,18 +90,18 @@ def check_against_reference(layer, base, x, routing="topk"):
     (y_ref.view(y.shape) * weights).sum().backward()
 
     torch.testing.assert_close(y, y_ref.view(y.shape), **TOL)
-    torch.testing.assert_close(layer.comoe_A.grad, A.grad, **TOL)
-    torch.testing.assert_close(layer.comoe_B.grad, B.grad, **TOL)
+    torch.testing.assert_close(layer.experts.comoe_A.grad, A.grad, **TOL)
+    torch.testing.assert_close(layer.experts.comoe_B.grad, B.grad, **TOL)
     if routed:
-        torch.testing.assert_close(layer.comoe_router.grad, router.grad, **TOL)
+        torch.testing.assert_close(layer.router.comoe_router.grad, router.grad, **TOL)
     torch.testing.assert_close(x_layer.grad, x_ref.grad, **TOL)
     # the base stays frozen, and every adapter tensor really gets a gradient
     assert all(p.grad is None for p in base.parameters())
-    assert layer.comoe_A.grad.abs().sum() > 0 and layer.comoe_B.grad.abs().sum() > 0
+    assert layer.experts.comoe_A.grad.abs().sum() > 0 and layer.experts.comoe_B.grad.abs().sum() > 0
     if (routing == "soft" and n_exp > 1) or (routing == "topk" and k > 1):
-        assert layer.comoe_router.grad.abs().sum() > 0
+        assert layer.router.comoe_router.grad.abs().sum() > 0
     elif routed:  # one renormalised gate is always 1: the router gets no gradient
-        assert layer.comoe_router.grad.abs().max() < 1e-6
+        assert layer.router.comoe_router.grad.abs().max() < 1e-6
 
 
 EKR = [(4, 1, 4), (4, 2, 2), (4, 2, 4), (4, 4, 4), (6, 3, 8), (3, 2, 1), (5, 5, 2)]
@@ -210,18 +210,23 @@ def test_grouped_path_runs_its_products_in_the_autocast_dtype(monkeypatch, with_
 def test_inference_adds_the_update_in_one_addmm_and_computes_what_the_graph_path_does(monkeypatch, precision):
     """Generation's path (eval, no autograd): the scaling and the residual add fused into one addmm, the
     same outputs as the path autograd takes; a bf16 base without autocast (fp32 adapters) keeps that path."""
-    import comoe.layer
+    import comoe.experts
 
     calls = []
-    fused = comoe.layer.dense_experts_added
-    monkeypatch.setattr(comoe.layer, "dense_experts_added", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    fused = comoe.experts.dense_experts_added
+    monkeypatch.setattr(
+        comoe.experts, "dense_experts_added", lambda *a, **k: calls.append(1) or fused(*a, **k)
+    )
     base = nn.Linear(D_IN, 12)
     layer = make_layer(base, num_experts=4, top_k=2, r=4, dropout=0.1).eval()
     x = torch.randn(3, 5, D_IN)
     if precision != "fp32":
         layer.to(torch.bfloat16)
-        layer.comoe_A.data, layer.comoe_B.data = layer.comoe_A.float(), layer.comoe_B.float()
-        layer.comoe_router.data = layer.comoe_router.float()
+        layer.experts.comoe_A.data, layer.experts.comoe_B.data = (
+            layer.experts.comoe_A.float(),
+            layer.experts.comoe_B.float(),
+        )
+        layer.router.comoe_router.data = layer.router.comoe_router.float()
         x = x.to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
         graph_path = layer(x)  # autograd on: the training path's ops, in eval mode
@@ -264,11 +269,11 @@ def test_grouped_path_with_an_expert_no_token_chooses():
     base = nn.Linear(D_IN, 12)
     layer = make_layer(base, num_experts=4, top_k=1, r=4, path="grouped")
     with torch.no_grad():
-        layer.comoe_router.zero_()
-        layer.comoe_router[2] += 5.0 * torch.ones(D_IN) / D_IN**0.5  # x·w > 0 for these inputs
+        layer.router.comoe_router.zero_()
+        layer.router.comoe_router[2] += 5.0 * torch.ones(D_IN) / D_IN**0.5  # x·w > 0 for these inputs
     x = torch.rand(6, D_IN) + 0.5  # positive, so expert 2 wins everywhere
     check_against_reference(layer, base, x)
-    grad_a = layer.comoe_A.grad.view(4, 4, D_IN)
+    grad_a = layer.experts.comoe_A.grad.view(4, 4, D_IN)
     assert grad_a[2].abs().sum() > 0
     assert grad_a[[0, 1, 3]].abs().sum() == 0
 
@@ -309,9 +314,9 @@ def test_dropout_one_mask_shared_by_all_experts(path):
     y_ref = reference_forward(
         x,
         base,
-        layer.comoe_A,
-        layer.comoe_B,
-        layer.comoe_router,
+        layer.experts.comoe_A,
+        layer.experts.comoe_B,
+        layer.router.comoe_router,
         num_experts=4,
         r=4,
         top_k=2,
@@ -324,9 +329,9 @@ def test_dropout_one_mask_shared_by_all_experts(path):
     y_eval = reference_forward(
         x,
         base,
-        layer.comoe_A,
-        layer.comoe_B,
-        layer.comoe_router,
+        layer.experts.comoe_A,
+        layer.experts.comoe_B,
+        layer.router.comoe_router,
         num_experts=4,
         r=4,
         top_k=2,
@@ -348,9 +353,9 @@ def test_float64_layer_is_exact(path):
     y_ref = reference_forward(
         x_ref.view(-1, D_IN),
         base,
-        layer.comoe_A,
-        layer.comoe_B,
-        layer.comoe_router,
+        layer.experts.comoe_A,
+        layer.experts.comoe_B,
+        layer.router.comoe_router,
         num_experts=4,
         r=4,
         top_k=2,
@@ -362,16 +367,21 @@ def test_float64_layer_is_exact(path):
 def test_bf16_base_keeps_fp32_adapter_and_base_dtype():
     base = nn.Linear(D_IN, 16).to(torch.bfloat16)
     layer = make_layer(base, num_experts=4, top_k=2, r=4, path="dense")
-    assert layer.comoe_A.dtype == layer.comoe_B.dtype == layer.comoe_router.dtype == torch.float32
+    assert (
+        layer.experts.comoe_A.dtype
+        == layer.experts.comoe_B.dtype
+        == layer.router.comoe_router.dtype
+        == torch.float32
+    )
     x = torch.randn(6, D_IN).to(torch.bfloat16)
     y = layer(x)
     assert y.dtype == torch.bfloat16
     y_ref = reference_forward(
         x.float(),
         copy.deepcopy(base).float(),
-        layer.comoe_A,
-        layer.comoe_B,
-        layer.comoe_router,
+        layer.experts.comoe_A,
+        layer.experts.comoe_B,
+        layer.router.comoe_router,
         num_experts=4,
         r=4,
         top_k=2,
@@ -384,9 +394,9 @@ def test_fresh_layer_is_the_base_layer_and_disabled_is_exact():
     base = nn.Linear(D_IN, 12)
     layer = CoMoELayer(base, CoMoEConfig(lora_dropout=0.0), ForwardContext())
     x = torch.randn(5, D_IN)
-    assert torch.equal(layer.comoe_B, torch.zeros_like(layer.comoe_B))
+    assert torch.equal(layer.experts.comoe_B, torch.zeros_like(layer.experts.comoe_B))
     torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
-    nn.init.normal_(layer.comoe_B)
+    nn.init.normal_(layer.experts.comoe_B)
     assert not torch.allclose(layer(x), base(x))
     layer.disabled = True
     assert torch.equal(layer(x), base(x))

@@ -19,6 +19,8 @@ PACKAGE = Path(comoe.__file__).parent
 LAYERS = ("utils", "core", "data", "evaluation", "training", "analysis", "experiments", "tools", "cli")
 CORE_MODULES = {
     "config",
+    "experts",
+    "ffn_experts",
     "layer",
     "mixture",
     "loading",

@@ -137,11 +137,11 @@ def test_contrastive_gradient_reaches_every_expert_but_not_the_router():
     for path in ("dense", "grouped"):
         ctx = ForwardContext(compute_contrastive=True, active=True)
         layer = CoMoELayer(torch.nn.Linear(16, 8), dataclasses.replace(cfg, expert_path=path), ctx)
-        torch.nn.init.normal_(layer.comoe_B)
+        torch.nn.init.normal_(layer.experts.comoe_B)
         layer.train()
         layer(torch.randn(3, 16))
         (aux,) = losses_from_traces(ctx, training=True)
-        tensors = (layer.comoe_A, layer.comoe_B, layer.comoe_router)
+        tensors = (layer.experts.comoe_A, layer.experts.comoe_B, layer.router.comoe_router)
         g_a, g_b, g_router = torch.autograd.grad(aux.contrastive.loss, tensors, allow_unused=True)
         assert g_router is None or g_router.abs().max() == 0
         assert (g_a.view(6, 4, 16).abs().sum((1, 2)) > 0).sum() >= 4  # 3 tokens x (2 active + 2 negatives)
@@ -169,11 +169,13 @@ def test_contrastive_is_the_mean_over_modules_of_algorithm_1_on_real_tokens():
     with torch.no_grad():
         for name, layer in model.adapted_modules.items():
             x = captured[name].reshape(-1, layer.in_features)
-            probs = (x @ layer.comoe_router.t()).softmax(-1)
+            probs = (x @ layer.router.comoe_router.t()).softmax(-1)
             topk_idx = probs.topk(2, dim=-1).indices
             outputs = torch.stack(
                 [
-                    x @ layer.comoe_A[i * 4 : (i + 1) * 4].t() @ layer.comoe_B[:, i * 4 : (i + 1) * 4].t()
+                    x
+                    @ layer.experts.comoe_A[i * 4 : (i + 1) * 4].t()
+                    @ layer.experts.comoe_B[:, i * 4 : (i + 1) * 4].t()
                     for i in range(4)
                 ],
                 dim=1,
@@ -300,7 +302,7 @@ def test_gpt2_conv1d_count_uses_the_in_out_layout():
     # c_attn: Conv1D(in=32, out=96), 2 layers
     assert model.trainable_parameters()[0] == 2 * (3 * 2 * (32 + 96) + 3 * 32)
     layer = model.adapted_modules["transformer.h.0.attn.c_attn"]
-    assert tuple(layer.comoe_A.shape) == (6, 32) and tuple(layer.comoe_B.shape) == (96, 6)
+    assert tuple(layer.experts.comoe_A.shape) == (6, 32) and tuple(layer.experts.comoe_B.shape) == (96, 6)
 
 
 # --- layer selection --------------------------------------------------------------------------------
@@ -387,7 +389,7 @@ def test_recorder_counts_sum_to_k_times_real_tokens_per_task():
         assert counts.sum(1).tolist() == [12.0, 0.0, 20.0]
         layer = model.adapted_modules[name]
         x = captured[name].reshape(-1, layer.in_features)
-        chosen = (x @ layer.comoe_router.t()).softmax(-1).topk(2, dim=-1).indices
+        chosen = (x @ layer.router.comoe_router.t()).softmax(-1).topk(2, dim=-1).indices
         expected = torch.zeros(3, 4, dtype=torch.float64)
         for t in range(x.shape[0]):
             if mask[t]:
@@ -438,7 +440,10 @@ def test_fifty_adamw_steps_from_fresh_init_stay_finite_and_the_contrastive_loss_
         "llama", contrastive_weight=1.0, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
     )
     model = get_comoe_model(base, config)
-    assert all(torch.equal(m.comoe_B, torch.zeros_like(m.comoe_B)) for m in model.adapted_modules.values())
+    assert all(
+        torch.equal(m.experts.comoe_B, torch.zeros_like(m.experts.comoe_B))
+        for m in model.adapted_modules.values()
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
@@ -522,7 +527,7 @@ def test_dense_layer_compiles_without_graph_breaks():
         expert_path="dense",
     )
     layer = CoMoELayer(torch.nn.Linear(16, 16), cfg, ctx, "probe")
-    torch.nn.init.normal_(layer.comoe_B)
+    torch.nn.init.normal_(layer.experts.comoe_B)
     x = torch.randn(10, 16)
 
     def step(x):
@@ -612,7 +617,7 @@ def test_single_expert_adapters_saved_with_a_router_still_load(tmp_path):
     weights = tmp_path / "adapter_model.safetensors"
     tensors = load_file(weights)
     for name in [n for n in tensors if n.endswith("comoe_A")]:
-        tensors[name.replace("comoe_A", "comoe_router")] = torch.zeros(1, tensors[name].shape[1])
+        tensors[name.replace("experts.comoe_A", "comoe_router")] = torch.zeros(1, tensors[name].shape[1])
     save_file(tensors, weights)
     inputs = batch("llama")
     with torch.no_grad():

@@ -35,7 +35,7 @@ def test_the_routing_choices_are_the_registry():
 def test_topp_takes_the_fewest_experts_whose_probabilities_reach_p():
     probs = torch.tensor([[0.6, 0.3, 0.08, 0.02], [0.3, 0.25, 0.25, 0.2], [0.05, 0.9, 0.03, 0.02]])
     router = TopPRouter(4, CoMoEConfig(num_experts=4, top_k=3, routing="topp", top_p=0.75))
-    routing = router(probs.log())
+    routing = router.select(probs.log())
     # token 0: 0.6 < 0.75, then 0.9 → {0, 1}; token 1: 0.3, 0.55, 0.8 → three (the cap); token 2: {1}
     assert routing.active(4).tolist() == [
         [True, True, False, False],
@@ -68,8 +68,8 @@ def topp_layer(base, *, num_experts=5, top_k=3, top_p=0.6, r=4, path="dense", co
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        layer.comoe_B.copy_(torch.randn(layer.comoe_B.shape, generator=gen) * 0.3)
-        layer.comoe_router.copy_(torch.randn(layer.comoe_router.shape, generator=gen))
+        layer.experts.comoe_B.copy_(torch.randn(layer.experts.comoe_B.shape, generator=gen) * 0.3)
+        layer.router.comoe_router.copy_(torch.randn(layer.router.comoe_router.shape, generator=gen))
     return layer
 
 
@@ -84,9 +84,9 @@ def test_topp_layer_matches_a_per_token_reference(path):
     weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
     (y * weights).sum().backward()
 
-    A = layer.comoe_A.detach().clone().requires_grad_(True)
-    B = layer.comoe_B.detach().clone().requires_grad_(True)
-    router = layer.comoe_router.detach().clone().requires_grad_(True)
+    A = layer.experts.comoe_A.detach().clone().requires_grad_(True)
+    B = layer.experts.comoe_B.detach().clone().requires_grad_(True)
+    router = layer.router.comoe_router.detach().clone().requires_grad_(True)
     rows, sizes = [], set()
     for n in range(x.shape[0]):
         chosen, gates = reference_route(router, x[n], num_experts=5, top_k=3, routing="topp", top_p=0.6)
@@ -101,7 +101,11 @@ def test_topp_layer_matches_a_per_token_reference(path):
     (torch.stack(rows) * weights).sum().backward()
     assert sizes == {1, 2, 3}  # one, two and the cap of three experts all occur
     torch.testing.assert_close(y, torch.stack(rows), **TOL)
-    for mine, ref in ((layer.comoe_A, A), (layer.comoe_B, B), (layer.comoe_router, router)):
+    for mine, ref in (
+        (layer.experts.comoe_A, A),
+        (layer.experts.comoe_B, B),
+        (layer.router.comoe_router, router),
+    ):
         torch.testing.assert_close(mine.grad, ref.grad, **TOL)
 
 
@@ -113,15 +117,15 @@ def test_topp_contrastive_loss_counts_the_tokens_with_two_or_more_experts(anchor
     layer = topp_layer(base, contrastive_weight=0.1, anchor=anchor).train()
     x = torch.randn(40, 16)
     routing = layer.route(x)
-    codes = (x @ layer.comoe_A.t()).detach().requires_grad_(True)
-    inputs = layer._contrastive_inputs(codes, None)
+    codes = (x @ layer.experts.comoe_A.t()).detach().requires_grad_(True)
+    inputs = layer.experts._contrastive_inputs(codes, None)
     torch.manual_seed(3)
     mine = contrastive_of_call(layer, routing, inputs)
     mine.loss.backward()
 
     counts = routing.active(5).sum(-1)
     assert (counts == 1).any() and (counts >= 2).any()
-    outputs = layer.expert_outputs(codes.detach().view(40, 5, 4))
+    outputs = layer.experts.expert_outputs(codes.detach().view(40, 5, 4))
     keep = counts >= 2
     if anchor == "all":
         anchors = routing.selected[keep]  # the cap of 3 slots; unselected slots are masked below
@@ -151,7 +155,7 @@ def test_topp_balance_loss_and_records_take_sets_of_every_size():
     router = TopPRouter(
         3, CoMoEConfig(num_experts=3, top_k=2, routing="topp", top_p=0.7, contrastive_weight=0)
     )
-    routing = router(probs.log())  # sets {0, 1}, {2, 1}, {2}
+    routing = router.select(probs.log())  # sets {0, 1}, {2, 1}, {2}
     share = routing.share()
     torch.testing.assert_close(share.sum(-1), torch.ones(3))
     f = torch.tensor([0.5, 1.0, 1.5]) / 3

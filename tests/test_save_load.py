@@ -151,7 +151,7 @@ def test_adapter_for_a_base_of_another_shape_names_the_tensor(saved):
     with pytest.raises(AdapterLoadError) as info:
         CoMoEModel.from_pretrained(base, saved)
     message = str(info.value)
-    assert "model.layers.0.self_attn.q_proj.comoe_A" in message
+    assert "model.layers.0.self_attn.q_proj.experts.comoe_A" in message
     assert "(16, 32)" in message and "(16, 48)" in message  # saved shape, expected shape
     assert "nothing was loaded" in message
     # the caller's base model is given back as it was: no adapter layers left in it, same outputs
@@ -163,7 +163,7 @@ def test_adapter_for_a_base_of_another_shape_names_the_tensor(saved):
 
 def test_adapter_with_missing_tensors_lists_them(saved):
     with pytest.raises(
-        AdapterLoadError, match=r"missing tensors \['model\.layers\.2\.self_attn\.k_proj\.comoe_A'"
+        AdapterLoadError, match=r"missing tensors \['model\.layers\.2\.self_attn\.k_proj\.experts\.comoe_A'"
     ):
         CoMoEModel.from_pretrained(build("llama", seed=0, num_layers=3), saved)
 
@@ -212,7 +212,7 @@ def test_one_bad_tensor_among_good_ones_loads_nothing(saved):
     # an unexpected extra tensor is refused as well
     tensors = load_file(str(path))
     tensors[last] = before[last]
-    tensors["model.layers.9.mlp.up_proj.comoe_A"] = torch.zeros(1)
+    tensors["model.layers.9.mlp.up_proj.experts.comoe_A"] = torch.zeros(1)
     save_file(tensors, str(path))
     with pytest.raises(AdapterLoadError, match="unexpected tensors"):
         model.load_adapter_weights(saved)

@@ -24,6 +24,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from comoe.compat import legacy_adapter_name
+
 VOCAB = 97
 HIDDEN = 32
 
@@ -146,7 +148,8 @@ def is_adapter(name: str) -> bool:
 def randomize_adapters(model: torch.nn.Module, seed: int = 123, std: float = 0.1) -> None:
     """Give every expert a non-zero B (B is zero at init) and a router that routes decisively."""
     gen = torch.Generator().manual_seed(seed)
-    for name, param in sorted(model.named_parameters()):
+    # in the order of comoe 0.1's names, so that the draws are the ones tests/core_reference.py made
+    for _, name, param in sorted((legacy_adapter_name(n), n, p) for n, p in model.named_parameters()):
         if is_adapter(name) and name.endswith("_B"):  # comoe_B, and comoe_{gate,up,down}_B of FFN experts
             param.copy_(torch.randn(param.shape, generator=gen) * std)
         elif name.endswith("comoe_router"):

@@ -1,9 +1,10 @@
 """``MixtureLayer``: what every routed adapter layer shares.
 
-PEFT's tuner-layer protocol (one adapter, never merged), the fp32 router weight and the router module
-(``comoe.routers``) that turns its logits into a ``Routing``, and the one-way hand-off of each call's
-``LayerTrace`` to the forward context. ``comoe.layer.CoMoELayer`` (experts on one linear) and
-``comoe.ffn.CoMoEFFNLayer`` (whole-FFN experts on an MLP block) are its two kinds.
+PEFT's tuner-layer protocol (one adapter, never merged), the two modules that hold the adapter's tensors —
+the router (``comoe.routers``), which turns tokens into a ``Routing``, and the experts (``comoe.experts``),
+which compute with them — and the one-way hand-off of each call's ``LayerTrace`` to the forward context.
+``comoe.layer.CoMoELayer`` (experts on one linear) and ``comoe.ffn.CoMoEFFNLayer`` (whole-FFN experts on
+an MLP block) are its two kinds.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
+from comoe.compat import moved_tensor
 from comoe.config import CoMoEConfig
-from comoe.recompute import upcast_linear
+from comoe.experts import ExpertCall, Experts, build_experts
 from comoe.routers import ROUTERS, Routing, build_router, single_expert_routing
-from comoe.trace import ContrastiveInputs, ForwardContext, LayerTrace
+from comoe.trace import ContrastiveInputs, ForwardContext, LayerTrace, Samples
 
 MERGE_REFUSED = (
     "a CoMoE adapter cannot be merged into the base weights: each token's update depends on which experts its "
@@ -28,11 +30,21 @@ ONE_ADAPTER = "comoe holds one adapter per model"
 class MixtureLayer(nn.Module, BaseTunerLayer):
     """The shared part of a routed adapter layer.
 
-    Subclasses set up their tensors after ``_init_tuner_layer`` and call ``_make_router``; they implement
-    ``adapter_parameters`` and a forward that calls ``route`` and, when ``_wants_aux()``, ``_leave_trace``.
+    ``_init_tuner_layer`` builds the experts and the router; a subclass's forward calls ``route``, then its
+    experts with an ``ExpertCall`` (``_expert_call`` fills in what every kind needs), and, when
+    ``_tracing()``, ``_leave_trace``.
     """
 
-    def _init_tuner_layer(self, base_layer: nn.Module, config: CoMoEConfig, context, name, adapter_name):
+    def _init_tuner_layer(
+        self,
+        base_layer: nn.Module,
+        config: CoMoEConfig,
+        context: ForwardContext,
+        name: str,
+        adapter_name: str,
+        d_in: int,
+        ffn_block: bool = False,
+    ) -> None:
         self.base_layer = base_layer
         self._active_adapter = adapter_name
         self._disable_adapters = False
@@ -42,11 +54,25 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         self.context: ForwardContext = context
         self.module_name = name
         self.scaling = config.scaling
-        self.router = build_router(config, self.num_experts)
+        device = next(base_layer.parameters()).device
+        self.experts: Experts = build_experts(base_layer, config, ffn_block)
+        self.router = build_router(config, self.num_experts, d_in, device)
         # whether this layer's routing leaves positives and negatives for the contrastive loss
         self.contrastive_capable = (
             self.router is not None and ROUTERS[config.routing].contrastive_problem(config) is None
         )
+
+    # comoe 0.1's names for the tensors, on the layer itself (comoe.compat)
+    comoe_router = moved_tensor("router", "comoe_router")
+    comoe_A = moved_tensor("experts", "comoe_A")
+    comoe_B = moved_tensor("experts", "comoe_B")
+    comoe_magnitude = moved_tensor("experts", "comoe_magnitude")
+    comoe_gate_A = moved_tensor("experts", "comoe_gate_A")
+    comoe_gate_B = moved_tensor("experts", "comoe_gate_B")
+    comoe_up_A = moved_tensor("experts", "comoe_up_A")
+    comoe_up_B = moved_tensor("experts", "comoe_up_B")
+    comoe_down_A = moved_tensor("experts", "comoe_down_A")
+    comoe_down_B = moved_tensor("experts", "comoe_down_B")
 
     # --- PEFT's tuner-layer protocol: one adapter, never merged ----------------------------------
     @property
@@ -61,10 +87,19 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
     @property
     def routed(self) -> bool:
         """Whether tokens are routed: a single expert is plain LoRA (no router, no routing records)."""
-        return self.comoe_router is not None
+        return self.router is not None
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        raise NotImplementedError
+        """Every adapter tensor of this layer: the experts', then the router's."""
+        router = [] if self.router is None else list(self.router.parameters())
+        return list(self.experts.parameters()) + router
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The experts' init (LoRA's: A Kaiming-uniform, B zero), then the router's (a small normal)."""
+        self.experts.reset_parameters(self.base_layer)
+        if self.router is not None:
+            self.router.reset_parameters()
 
     def enable_adapters(self, enabled: bool) -> None:
         """PEFT's switch; unlike PEFT's layers it leaves ``requires_grad`` as it was."""
@@ -77,26 +112,43 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         for param in self.adapter_parameters():
             param.requires_grad_(not inference_mode)
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """PEFT's switch for the named adapter's gradients (this layer's one adapter)."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        if self._active_adapter in names:
+            for param in self.adapter_parameters():
+                param.requires_grad_(requires_grad)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(MERGE_REFUSED)
 
     def unmerge(self) -> None:
         """Nothing is ever merged."""
 
-    # --- routing ---------------------------------------------------------------------------------
-    def _make_router(self, d_in: int, device: torch.device) -> None:
-        router = torch.empty(self.num_experts, d_in, device=device, dtype=torch.float32)
-        self.register_parameter("comoe_router", nn.Parameter(router) if self.num_experts > 1 else None)
-
+    # --- routing and the experts' call -----------------------------------------------------------
     def route(self, x: Tensor) -> Routing:
-        """This call's routing from the fp32 router logits. ``probs`` is None without autograd when no
+        """This call's routing (the router computes fp32 logits). ``probs`` is None without autograd when no
         auxiliary loss or record wants it (generation)."""
-        if self.comoe_router is None:  # one expert: every token's gate is 1
+        if self.router is None:  # one expert: every token's gate is 1
             return single_expert_routing(x.shape[0], x.device, every_expert=self.config.routing == "soft")
-        dtype = torch.promote_types(self.comoe_router.dtype, torch.float32)  # fp32, or fp64 if asked
-        with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would round the logits
-            logits = upcast_linear(x, self.comoe_router.to(dtype))
-        return self.router(logits, want_probs=torch.is_grad_enabled() or self._wants_aux())
+        return self.router(x, want_probs=torch.is_grad_enabled() or self._wants_aux())
+
+    def _expert_call(
+        self, x: Tensor, base_out: Tensor | None, routing: Routing, tracing: bool, **fields
+    ) -> ExpertCall:
+        """The ``ExpertCall`` of this forward: what the contrastive loss and, when ``tracing``, the recorder
+        want (decided here, from the layer's state and the context), and ``fields``."""
+        return ExpertCall(
+            x=x,
+            base_layer=self.base_layer,
+            base_out=base_out,
+            routing=routing,
+            contrastive=self._contrastive_in_training(),  # the codes then carry the loss's gradient
+            record_contrastive=tracing and self._wants_contrastive_record(),
+            sample_idx=self._sample_tokens(x.shape[0]) if tracing else None,
+            norm_eps=self.config.norm_eps,
+            **fields,
+        )
 
     @property
     def uses_every_expert(self) -> bool:
@@ -117,6 +169,10 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         needed = (ctx.active and (ctx.compute_contrastive or ctx.compute_balance)) or ctx.recorder is not None
         return self.routed and needed
 
+    def _tracing(self) -> bool:
+        """Whether this call leaves a trace: something wants its routing, and it is not a recompute."""
+        return self._wants_aux() and not self._recomputing()
+
     def _wants_contrastive_record(self) -> bool:
         """Whether an evaluation forward should form the contrastive inputs (without autograd) for records."""
         return self.contrastive_capable and self.context.active and self.context.compute_contrastive
@@ -132,13 +188,13 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         """Whether this call is an activation-checkpointing recompute (inside backward): already traced."""
         return not self.context.active and self.training and torch.is_grad_enabled()
 
-    def _leave_trace(self, routing: Routing, contrastive: ContrastiveInputs | None, samples: Tensor | None):
+    def _leave_trace(self, routing: Routing, contrastive: ContrastiveInputs | None, samples: Samples | None):
         """Hand this call's trace to the context (``comoe.auxiliary`` forms the losses after the forward).
 
         Outside a forward of the adapted model (a submodule run alone) only records are taken, at once. A
         training forward with autograd outside it is a checkpointing recompute: already traced."""
         ctx = self.context
-        router_trains = self.comoe_router is not None and self.comoe_router.requires_grad
+        router_trains = self.router is not None and self.router.comoe_router.requires_grad
         adapter_trains = any(p.requires_grad for p in self.adapter_parameters())
         trace = LayerTrace(
             self.module_name, self.config, routing, contrastive, samples, router_trains, adapter_trains

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from peft import PeftModel
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from comoe.auxiliary import AuxLosses
@@ -33,7 +35,7 @@ from comoe.mixture import ONE_ADAPTER, MixtureLayer
 from comoe.records import RoutingRecorder
 from comoe.targets import adaptable_module_names, find_targets, layer_index, num_hidden_layers, resolve_layers
 from comoe.tuner import CoMoETuner
-from comoe.utils.files import atomic_path, write_text_atomic
+from comoe.utils.files import write_text_atomic
 
 __all__ = [
     "ADAPTER_PREFIX",
@@ -128,30 +130,36 @@ class CoMoEModel(PeftModel):
     def save_pretrained(
         self,
         directory: str | os.PathLike,
+        safe_serialization: bool = True,
         state_dict: dict[str, Tensor] | None = None,
         is_main_process: bool = True,
-        **_: object,
+        **kwargs: Any,
     ) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's layout, each atomically,
-        and a README.md that says how to load them (unless the directory has a README.md already).
+        """PEFT's ``save_pretrained``, atomic: the tuner picks the adapter tensors (everything an adapted layer
+        holds but its base layer) and PEFT writes ``adapter_config.json`` and ``adapter_model.safetensors``
+        into a hidden directory inside ``directory``, whose files then replace the old ones one by one. A
+        README.md that says how to load them is added unless the directory has one.
 
-        ``state_dict`` (the full state dict of this model, possibly under a DDP or compile prefix, as
-        Trainer passes it under FSDP/DeepSpeed) replaces the live parameters as the source of the adapter
-        tensors; PEFT's other keyword arguments are accepted and ignored.
+        ``state_dict`` (the full state dict of this model, possibly under a DDP or compile prefix, as Trainer
+        passes it under FSDP/DeepSpeed) replaces the live parameters as the source of the adapter tensors;
+        it must hold all of them. Adapters are written as safetensors only.
         """
+        if not safe_serialization:
+            raise ValueError(
+                "comoe writes adapters as safetensors only; safe_serialization=False would pickle"
+            )
         if not is_main_process:
             return
-        adapter = self.adapter_state_dict()
         if state_dict is not None:
-            adapter = _adapter_tensors_from(state_dict, list(adapter))
+            state_dict = _with_peft_keys(state_dict, list(self.adapter_state_dict()))
         os.makedirs(directory, exist_ok=True)
-        self.comoe_config.save_pretrained(directory)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".save-", suffix=".tmp") as tmp:
+            super().save_pretrained(tmp, state_dict=state_dict, **kwargs)
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
         readme = os.path.join(directory, README_NAME)
         if not os.path.exists(readme):  # how to load it, for whoever opens the directory (not a user's own)
             write_text_atomic(readme, adapter_readme(self.comoe_config))
-        tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter.items()}
-        with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt", "adapter": "comoe"})
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
         """Load saved adapter tensors (PEFT's layout, or comoe 0.1's); every check runs before any copy."""
@@ -228,11 +236,12 @@ class CoMoEModel(PeftModel):
         return wrapped
 
 
-def _adapter_tensors_from(state_dict: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
-    """The adapter tensors of a full state dict, whatever wrapper prefixed its keys; all of them or an error."""
+def _with_peft_keys(state_dict: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+    """A full state dict keyed as PeftModel keys it, whatever wrapper prefixed its keys (DDP, torch.compile);
+    an error unless it holds every adapter tensor (``names``, keyed inside the base model)."""
     by_name = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod.", PEFT_PREFIX):  # DDP, torch.compile, PeftModel
+        for prefix in ("module.", "_orig_mod.", PEFT_PREFIX):
             key = key.removeprefix(prefix)
         by_name[key] = value
     missing = [name for name in names if name not in by_name]
@@ -241,7 +250,7 @@ def _adapter_tensors_from(state_dict: dict[str, Tensor], names: list[str]) -> di
             f"the state_dict given to save_pretrained lacks {len(missing)} adapter tensors "
             f"(e.g. {missing[0]}); nothing was written"
         )
-    return {name: by_name[name] for name in names}
+    return {PEFT_PREFIX + key: value for key, value in by_name.items()}
 
 
 def get_comoe_model(model: nn.Module, config: CoMoEConfig) -> CoMoEModel:

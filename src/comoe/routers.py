@@ -1,14 +1,14 @@
-"""Routers: how a token's router logits become the experts it uses and their gates.
+"""Routers: how a token becomes the experts it uses and their gates.
 
-A router is a module from the ``ROUTERS`` registry, named by ``CoMoEConfig.routing``. It takes the fp32
-logits (N, E) that the layer computes with its ``comoe_router`` weight (the weight stays on the layer, so
-saved adapters keep their tensor names) and returns a ``Routing``. Everything downstream reads the
-``Routing`` only: the expert paths use ``gates``, the contrastive loss takes ``active()`` experts as
-positives and the rest as negatives, the balance loss and the routing records take ``share()``.
+A router is a module from the ``ROUTERS`` registry, named by ``CoMoEConfig.routing``. It holds its weight
+``comoe_router`` (E, d_in), fp32 whatever the base dtype, computes the fp32 logits (N, E) of the tokens
+in its forward and ``select``s a ``Routing`` from them. Everything downstream reads the ``Routing`` only:
+the experts use ``gates``, the contrastive loss takes ``active()`` experts as positives and the rest as
+negatives, the balance loss and the routing records take ``share()``.
 
-Adding a router is one class here, registered with ``@register``, plus any field it needs in
-``CoMoEConfig``; ``contrastive_problem`` says when its routing leaves the contrastive loss no positives or
-negatives.
+Adding a router is one class here, registered with ``@register``, that implements ``select``, plus any
+field it needs in ``CoMoEConfig``; ``contrastive_problem`` says when its routing leaves the contrastive loss
+no positives or negatives.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from comoe.recompute import upcast_linear
 
 
 class Routing(NamedTuple):
@@ -47,14 +49,21 @@ class Routing(NamedTuple):
 
 
 class Router(nn.Module):
-    """Turns router logits (N, E) into a ``Routing``. Holds no tensors."""
+    """Turns tokens (N, d_in) into a ``Routing`` among E experts through its weight ``comoe_router``."""
 
     name: ClassVar[str]
 
-    def __init__(self, num_experts: int, config) -> None:
+    def __init__(self, num_experts: int, config, d_in: int = 0, device: torch.device | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.top_k = config.top_k
+        self.init_std = config.router_init_std
+        self.comoe_router = nn.Parameter(torch.empty(num_experts, d_in, device=device, dtype=torch.float32))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A small normal init: every expert starts about equally likely."""
+        nn.init.normal_(self.comoe_router, std=self.init_std)
 
     @classmethod
     def contrastive_problem(cls, config) -> str | None:
@@ -70,7 +79,15 @@ class Router(nn.Module):
     def uses_every_expert(self) -> bool:
         return self.max_selected == self.num_experts
 
-    def forward(self, logits: Tensor, want_probs: bool = True) -> Routing:
+    def forward(self, x: Tensor, want_probs: bool = True) -> Routing:
+        """The routing of the tokens ``x`` (N, d_in); ``probs`` may be None when ``want_probs`` is false."""
+        dtype = torch.promote_types(self.comoe_router.dtype, torch.float32)  # fp32, or fp64 if asked
+        with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would round the logits
+            logits = upcast_linear(x, self.comoe_router.to(dtype))
+        return self.select(logits, want_probs)
+
+    def select(self, logits: Tensor, want_probs: bool = True) -> Routing:
+        """The routing from the fp32 logits (N, E)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -103,7 +120,7 @@ class TopKRouter(Router):
             )
         return None
 
-    def forward(self, logits: Tensor, want_probs: bool = True) -> Routing:
+    def select(self, logits: Tensor, want_probs: bool = True) -> Routing:
         # the top-k of the softmax renormalised = the softmax of the top-k logits: fewer ops, forward and
         # backward (the full softmax feeds only the balance loss and the records)
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
@@ -126,7 +143,7 @@ class SoftRouter(Router):
     def max_selected(self) -> int:
         return self.num_experts
 
-    def forward(self, logits: Tensor, want_probs: bool = True) -> Routing:
+    def select(self, logits: Tensor, want_probs: bool = True) -> Routing:
         probs = logits.softmax(dim=-1)
         return Routing(probs, probs, None)
 
@@ -139,8 +156,8 @@ class TopPRouter(Router):
 
     name = "topp"
 
-    def __init__(self, num_experts: int, config) -> None:
-        super().__init__(num_experts, config)
+    def __init__(self, num_experts: int, config, d_in: int = 0, device: torch.device | None = None) -> None:
+        super().__init__(num_experts, config, d_in, device)
         self.top_p = config.top_p
 
     @classmethod
@@ -152,7 +169,7 @@ class TopPRouter(Router):
             )
         return TopKRouter.contrastive_problem(config)
 
-    def forward(self, logits: Tensor, want_probs: bool = True) -> Routing:
+    def select(self, logits: Tensor, want_probs: bool = True) -> Routing:
         probs = logits.softmax(dim=-1)
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
         top_probs = probs.gather(1, top_idx)
@@ -172,6 +189,7 @@ def single_expert_routing(n_tokens: int, device: torch.device, every_expert: boo
     return Routing(ones, ones, selected)
 
 
-def build_router(config, num_experts: int) -> Router | None:
-    """The router ``config.routing`` names, for a layer of ``num_experts`` experts (None for one expert)."""
-    return ROUTERS[config.routing](num_experts, config) if num_experts > 1 else None
+def build_router(config, num_experts: int, d_in: int, device: torch.device | None = None) -> Router | None:
+    """The router ``config.routing`` names, for a layer of ``num_experts`` experts taking ``d_in`` features
+    (None for one expert)."""
+    return ROUTERS[config.routing](num_experts, config, d_in, device) if num_experts > 1 else None

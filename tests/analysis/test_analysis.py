@@ -128,8 +128,8 @@ def test_identical_experts_in_a_real_layer_give_redundancy_one():
     model = get_comoe_model(build("llama"), CoMoEConfig(r=4, num_experts=4, top_k=2, lora_dropout=0.0)).eval()
     layer = model.adapted_modules["model.layers.0.self_attn.q_proj"]
     with torch.no_grad():
-        layer.comoe_A.copy_(layer.comoe_A[:4].repeat(4, 1))
-        layer.comoe_B.copy_(torch.randn(layer.out_features, 4).repeat(1, 4))
+        layer.experts.comoe_A.copy_(layer.experts.comoe_A[:4].repeat(4, 1))
+        layer.experts.comoe_B.copy_(torch.randn(layer.out_features, 4).repeat(1, 4))
     with (
         torch.no_grad(),
         model.recording(RoutingRecorder(sample_outputs=10, sample_modules={layer.module_name})) as rec,

@@ -40,7 +40,7 @@ def test_trimmed_head_loss_equals_the_full_loss_and_transformers_loss():
     model = get_comoe_model(base, CoMoEConfig(r=4, lora_dropout=0.0, contrastive_weight=0.0))
     with torch.no_grad():
         for layer in model.adapted_modules.values():
-            layer.comoe_B.normal_()
+            layer.experts.comoe_B.normal_()
     from comoe.data.batching import EncodedExample
 
     items = [

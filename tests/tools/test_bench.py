@@ -149,13 +149,19 @@ def test_naive_layer_computes_the_same_function():
         r = layer.r
         for i, expert in enumerate(layers[name].experts):
             torch.testing.assert_close(
-                expert.lora_A.weight.grad, layer.comoe_A.grad[i * r : (i + 1) * r], rtol=1e-4, atol=1e-6
+                expert.lora_A.weight.grad,
+                layer.experts.comoe_A.grad[i * r : (i + 1) * r],
+                rtol=1e-4,
+                atol=1e-6,
             )
             torch.testing.assert_close(
-                expert.lora_B.weight.grad, layer.comoe_B.grad[:, i * r : (i + 1) * r], rtol=1e-4, atol=1e-6
+                expert.lora_B.weight.grad,
+                layer.experts.comoe_B.grad[:, i * r : (i + 1) * r],
+                rtol=1e-4,
+                atol=1e-6,
             )
         torch.testing.assert_close(
-            layers[name].router.weight.grad, layer.comoe_router.grad, rtol=1e-4, atol=1e-6
+            layers[name].router.weight.grad, layer.router.comoe_router.grad, rtol=1e-4, atol=1e-6
         )
 
 

@@ -221,7 +221,7 @@ def test_placement_ffn_trains_whole_ffn_experts_and_analyze_reads_their_blocks(t
     run_dir = tmp_path / "ffn"
     comoe_cli(*tiny_args(tiny_model_dir, run_dir, "--placement", "ffn", "--max-steps", "3"), "--no-eval-base")
     tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    assert any(name.endswith("mlp.comoe_down_B") for name in tensors), sorted(tensors)[:5]
+    assert any(name.endswith("mlp.experts.comoe_down_B") for name in tensors), sorted(tensors)[:5]
     assert not any("self_attn" in name and "router" in name for name in tensors)  # plain LoRA there
     assert all(row["contrastive"] > 0 for row in read_log(run_dir))
     comoe_cli("analyze", str(run_dir), "--test-per-task", "4", "--no-tsne", "--no-progress")
@@ -243,7 +243,7 @@ def test_method_mixlora_takes_mixloras_defaults_unless_given(tiny_model_dir, tmp
     assert (trained.balance_weight, trained.contrastive_weight) == (0.01, 0.0)
     assert all(row["balance"] > 0 and row.get("contrastive") in (None, 0) for row in read_log(run_dir))
     tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    router = next(v for k, v in tensors.items() if k.endswith("mlp.comoe_router"))
+    router = next(v for k, v in tensors.items() if k.endswith("mlp.router.comoe_router"))
     assert router.shape[0] == 8
     given = RunConfig(method="mixlora", adapter={"num_experts": 6})
     assert (given.trained_adapter.num_experts, given.trained_adapter.top_k) == (6, 2)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from comoe.compat import legacy_adapter_name, legacy_parameter_order
 from comoe.training.adapters import load_adapter_weights
 from comoe.training.run_dir import ADAPTER_DIR
 from comoe.utils.files import atomic_dir
@@ -45,6 +46,47 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
         index, key = flat.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit this run; nothing was restored from it."""
+
+
+def optimizer_parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters inside ``model``, in the optimizer's order."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def optimizer_state_by_name(
+    saved: dict[str, Any],
+    saved_names: list[str],
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    source: str,
+) -> dict[str, Any]:
+    """The optimizer state ``saved`` for the parameters ``saved_names``, reordered for ``optimizer`` whose
+    parameters are ``names``. Saved names of an earlier version are matched through ``comoe.compat``, so a
+    checkpoint resumes even where the parameters were renamed or registered in another order."""
+    flat = [index for group in saved["param_groups"] for index in group["params"]]
+    position = {name: j for j, name in enumerate(names)}
+    for j, name in enumerate(names):
+        position.setdefault(legacy_adapter_name(name), j)
+    unknown = [name for name in saved_names if name not in position]
+    covered = sorted(position[name] for name in saved_names if name in position) == list(range(len(names)))
+    same_groups = len(saved["param_groups"]) == len(optimizer.param_groups)
+    if len(flat) != len(saved_names) or unknown or not covered or not same_groups:
+        raise CheckpointError(
+            f"{source}: its optimizer state is for {len(saved_names)} tensors "
+            f"{'(e.g. ' + unknown[0] + ') ' if unknown else ''}but this run trains {len(names)}: it was written "
+            "for another adapter. Resume it with the configuration it was written with, or start a new run"
+        )
+    moved = {old: position[name] for old, name in zip(flat, saved_names, strict=True)}
+    groups, start = [], 0
+    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+        groups.append({**saved_group, "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
+    return {"state": {moved[old]: value for old, value in saved["state"].items()}, "param_groups": groups}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -86,6 +128,7 @@ def save_checkpoint(
         state = {
             "step": step,
             "progress": progress,
+            "parameters": optimizer_parameter_names(model, optimizer),  # the optimizer state's order
             "optimizer": opt_meta,
             "rng": rng_meta,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -119,10 +162,12 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, 
     """Restore adapter, optimizer, scheduler and RNG from ``path``; returns the saved progress."""
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
+    names = optimizer_parameter_names(model, optimizer)
+    saved_names = state.get("parameters") or legacy_parameter_order(names)  # comoe 0.1 saved no names
+    saved = optimizer_from_files(load_file(path / "optimizer.safetensors"), state["optimizer"])
+    saved = optimizer_state_by_name(saved, saved_names, optimizer, names, str(path))
     load_adapter_weights(model, path / ADAPTER_DIR)
-    optimizer.load_state_dict(
-        optimizer_from_files(load_file(path / "optimizer.safetensors"), state["optimizer"])
-    )
+    optimizer.load_state_dict(saved)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(load_file(path / "rng.safetensors"), state["rng"])

@@ -88,7 +88,7 @@ def copy_comoe_to_naive(ours: CoMoEModel, naive_layers: dict[str, NaiveMoELoRALi
     for name, layer in ours.adapted_modules.items():
         target = naive_layers[name]
         r = layer.r
-        target.router.weight.copy_(layer.comoe_router)
+        target.router.weight.copy_(layer.router.comoe_router)
         for i, expert in enumerate(target.experts):
-            expert.lora_A.weight.copy_(layer.comoe_A[i * r : (i + 1) * r])
-            expert.lora_B.weight.copy_(layer.comoe_B[:, i * r : (i + 1) * r])
+            expert.lora_A.weight.copy_(layer.experts.comoe_A[i * r : (i + 1) * r])
+            expert.lora_B.weight.copy_(layer.experts.comoe_B[:, i * r : (i + 1) * r])

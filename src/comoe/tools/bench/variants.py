@@ -176,7 +176,7 @@ def auto_path(
         if shape not in seen:
             seen.add(shape)
             layer = CoMoELayer(module, cfg, ForwardContext(), name)
-            device = layer.comoe_A.device.type
+            device = layer.experts.comoe_A.device.type
             with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                 chosen.add(layer.expert_path)
     return "+".join(sorted(chosen))
