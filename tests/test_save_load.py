@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -110,7 +111,8 @@ def test_saved_files_are_config_safetensors_and_readme_only(reloaded, family):
     assert len(keys) == 3 * len(model.adapted_modules)
     # the config round-trips through adapter_config.json
     config = CoMoEConfig.from_pretrained(directory)
-    assert config == model.comoe_config
+    assert config.inference_mode  # PEFT saves every adapter so; a loader sets it from is_trainable
+    assert dataclasses.replace(config, inference_mode=False) == model.comoe_config
     assert json.loads((directory / CONFIG_NAME).read_text())["target_modules"] == TARGETS[family]
 
 

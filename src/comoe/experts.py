@@ -64,8 +64,7 @@ class Experts(nn.Module):
     names start with ``comoe_`` (PEFT's prefix for the method)."""
 
     name: ClassVar[str]
-    supports_plain: ClassVar[bool] = False  # whether ``ExpertCall.plain`` takes a shortcut
-    contrastive_form: ClassVar[str] = "materialised"  # "gram" where the Gram form applies
+    supports_plain: ClassVar[bool] = False  # whether it takes ``ExpertCall.plain`` (inference, add only)
 
     def __init__(self, base_layer: nn.Module, config: CoMoEConfig):
         super().__init__()
@@ -116,7 +115,6 @@ class LoraExperts(Experts):
 
     name = "lora"
     supports_plain = True
-    contrastive_form = "gram"
 
     def __init__(self, base_layer: nn.Module, config: CoMoEConfig):
         super().__init__(base_layer, config)
@@ -140,7 +138,7 @@ class LoraExperts(Experts):
 
     def forward(self, call: ExpertCall) -> ExpertOutput:
         x, gates = call.x, call.routing.gates
-        if call.plain and self.supports_plain:  # generation, evaluation: addmm onto the base output
+        if call.plain:  # generation, evaluation: addmm onto the base output
             out = dense_experts_added(
                 call.base_out, x, self.comoe_A, self.comoe_B, gates, self.r, self.scaling
             )
@@ -240,7 +238,6 @@ class DoraExperts(LoraExperts):
 
     name = "dora"
     supports_plain = False
-    contrastive_form = "materialised"
 
     def __init__(self, base_layer: nn.Module, config: CoMoEConfig):
         super().__init__(base_layer, config)
