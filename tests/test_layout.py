@@ -165,6 +165,7 @@ def test_every_command_that_writes_takes_output_dir():
     assert parser.parse_args(["analyze", "r", "--output-dir", "d"]).out == "d"
     assert parser.parse_args(["compare", "--output-dir", "d"]).out == "d"
     assert parser.parse_args(["bench", "--output-dir", "d"]).out == "d"
+    assert parser.parse_args(["predict", "r", "--input", "i", "--output-dir", "d"]).output_dir == "d"
     assert parser.parse_args(["compare", "--out", "d"]).out == "d"  # the old spelling still works
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from comoe.data.jsonl import DataError, read_jsonl
+from comoe.data.jsonl import DataError, parse_jsonl, read_jsonl
 from comoe.data.registry import load_task
 
 GOOD = {"question": "2 + 2 = ?", "choices": ["3", "4"], "answer": 1}
@@ -184,3 +185,32 @@ def test_a_task_with_one_input_in_a_file_without_splits_is_refused(tmp_path):
         '"split": "train" or "test"',
     ):
         assert fragment in message, message
+
+
+def test_inputs_to_predict_may_leave_the_labels_out_and_a_given_label_is_checked():
+    lines = [
+        {"question": "Q?", "choices": ["a", "b"], "id": 7},
+        {"prompt": "Say hi", "task": "greet"},
+        {"question": "Q2?", "choices": ["a", "b"], "answer": "b", "split": "test"},  # splits do not matter
+        {"prompt": "Say bye", "target": "bye", "task": "greet"},
+    ]
+    examples = parse_jsonl("\n".join(json.dumps(line) for line in lines), "in.jsonl", "in", labelled=False)
+    assert [(ex.task, ex.answer, ex.target) for ex in examples] == [
+        ("in", None, None),
+        ("greet", None, None),
+        ("in", 1, None),
+        ("greet", None, "bye"),
+    ]
+    assert examples[0].meta["id"] == 7 and examples[0].choices == ("a", "b")
+    for bad, message in [
+        ({"question": "Q?", "choices": ["a", "b"], "answer": 5}, "in.jsonl:1: answer index 5 out of range"),
+        ({"question": "Q?", "answer": 1}, "in.jsonl:1: missing field 'choices'"),
+        (
+            {"id": 3},
+            "in.jsonl:1: missing fields: need 'question' and 'choices' (multiple choice) or 'prompt'",
+        ),
+    ]:
+        with pytest.raises(DataError, match=re.escape(message)):
+            parse_jsonl(json.dumps(bad), "in.jsonl", "in", labelled=False)
+    with pytest.raises(DataError, match="missing fields: need 'question', 'choices', 'answer'"):
+        parse_jsonl(json.dumps({"prompt": "Say hi"}), "in.jsonl", "in")  # training data needs its labels

@@ -1,4 +1,4 @@
-"""`comoe` command line: train, eval, tasks (analyze, bench and compare build on these)."""
+"""`comoe` command line: train, eval, predict, tasks (analyze, bench and compare build on these)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", nargs="?", help="a directory written by `comoe train`")
     ev.add_argument("--base-only", action="store_true", help="score the zero-shot base model")
     ev.set_defaults(func=run_eval)
+
+    from comoe.cli.predict import add_predict_arguments, predict_flags, run_predict
+
+    predict = sub.add_parser(
+        "predict",
+        help="apply a trained adapter to your own inputs (a JSONL file, labels optional)",
+        description="Answer each line of a JSONL file with a trained adapter: for multiple choice the chosen "
+        "option and every option's score, for generation the generated text; one output line per input "
+        "line, in order. The flags change the run's own settings for these predictions.",
+        parents=predict_flags(),
+    )
+    add_predict_arguments(predict)
+    predict.set_defaults(func=run_predict)
 
     from comoe.cli.analyze import add_analyze_arguments, analyze_flags, run_analyze
 

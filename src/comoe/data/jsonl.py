@@ -29,6 +29,10 @@ Optional in both kinds:
 - ``id``: string or integer, kept in ``Example.meta["id"]``.
 - any other field is kept, unchecked, in ``Example.meta``.
 
+Inputs to predict (``read_jsonl(path, labelled=False)``, what ``comoe predict`` reads) follow the same
+schema without the labels: ``answer`` (multiple choice) and ``target`` (generation) may be left out, and a
+line with only ``prompt`` (or ``question``) is a generation input. A label that is given is checked.
+
 The whole file is checked before anything is returned. Every problem is reported as
 ``"{path}:{line}: {what is wrong}"`` in a :class:`DataError` (a ``ValueError``), one line per
 problem (at most 20 are listed). Given a list as ``skipped``, invalid lines are skipped instead and
@@ -70,20 +74,35 @@ class _RowError(Exception):
 
 
 def read_jsonl(
-    path: str | Path, default_task: str | None = None, *, skipped: list[str] | None = None
+    path: str | Path,
+    default_task: str | None = None,
+    *,
+    skipped: list[str] | None = None,
+    labelled: bool = True,
 ) -> list[Example]:
-    """Read and validate a whole JSONL file (see the module docstring for the schema and ``skipped``)."""
+    """Read and validate a whole JSONL file (see the module docstring for the schema, ``skipped`` and
+    ``labelled``)."""
     path = Path(path)
     return parse_jsonl(
-        path.read_bytes(), source=str(path), default_task=default_task or _stem(path.name), skipped=skipped
+        path.read_bytes(),
+        source=str(path),
+        default_task=default_task or _stem(path.name),
+        skipped=skipped,
+        labelled=labelled,
     )
 
 
 def parse_jsonl(
-    data: bytes | str, source: str, default_task: str, *, skipped: list[str] | None = None
+    data: bytes | str,
+    source: str,
+    default_task: str,
+    *,
+    skipped: list[str] | None = None,
+    labelled: bool = True,
 ) -> list[Example]:
     """Validate and convert JSONL content; ``source`` names it in error messages. With a list as
-    ``skipped``, invalid lines are left out and their messages appended to it."""
+    ``skipped``, invalid lines are left out and their messages appended to it; with ``labelled`` false,
+    the labels may be left out (inputs to predict)."""
     if isinstance(data, bytes):
         data = data.decode("utf-8", errors="surrogateescape")
     if data.startswith("\ufeff"):
@@ -98,7 +117,7 @@ def parse_jsonl(
         if not line.strip():
             continue
         try:
-            example = replace(parse_record(_load_line(line), default_task), line=lineno)
+            example = replace(parse_record(_load_line(line), default_task, labelled), line=lineno)
         except _RowError as exc:
             invalid.append(f"{source}:{lineno}: {exc}")
             continue
@@ -114,7 +133,8 @@ def parse_jsonl(
         has_split.append((lineno, "split" in example.meta))
         examples.append(example)
     line_errors = len(invalid)
-    errors += _partial_splits(has_split, source)
+    if labelled:  # inputs to predict have no splits to keep apart
+        errors += _partial_splits(has_split, source)
     if skipped is not None:
         skipped += invalid
         if invalid and not examples:
@@ -161,8 +181,9 @@ def _load_line(line: str) -> dict:
     return obj
 
 
-def parse_record(obj: dict, default_task: str) -> Example:
-    """One JSON object -> Example; raises ``_RowError`` with what is wrong."""
+def parse_record(obj: dict, default_task: str, labelled: bool = True) -> Example:
+    """One JSON object -> Example; raises ``_RowError`` with what is wrong. Without ``labelled``, ``answer``
+    and ``target`` may be missing (the Example's ``answer`` / ``target`` are then None)."""
     meta = {k: v for k, v in obj.items() if k not in _KNOWN}
     task = _task_name(obj) or default_task
     if "split" in obj:
@@ -178,17 +199,24 @@ def parse_record(obj: dict, default_task: str) -> Example:
         question = _text(obj, "question")
         choices = _choices(obj["choices"])
         if "answer" not in obj:
+            if not labelled:
+                return Example(task, question, choices, meta=meta)
             raise _RowError(
                 "missing field 'answer': give the correct option as a 0-based index, its text or a letter"
             )
         return Example(task, question, choices, _answer(obj["answer"], choices), meta=meta)
-    if "target" in obj:
+    if "answer" in obj:
+        raise _RowError("missing field 'choices' ('answer' needs a list of options)")
+    if "target" in obj or (not labelled and ("prompt" in obj or "question" in obj)):
         if "prompt" in obj and "question" in obj:
             raise _RowError("give either 'prompt' or 'question', not both")
         prompt = _text(obj, "prompt" if "prompt" in obj else "question")
-        return Example(task, prompt, target=_text(obj, "target"), meta=meta)
-    if "answer" in obj:
-        raise _RowError("missing field 'choices' ('answer' needs a list of options)")
+        target = _text(obj, "target") if "target" in obj else None
+        return Example(task, prompt, target=target, meta=meta)
+    if not labelled:
+        raise _RowError(
+            "missing fields: need 'question' and 'choices' (multiple choice) or 'prompt' (generation)"
+        )
     raise _RowError(
         "missing fields: need 'question', 'choices', 'answer' (multiple choice) or 'prompt', 'target' (generation)"
     )
