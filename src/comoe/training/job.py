@@ -27,7 +27,7 @@ from comoe.model import find_targets
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
 from comoe.training.base_models import check_max_length, load_base_model
 from comoe.training.data_notes import data_summary, print_data_warnings
-from comoe.training.loop import make_accelerator, plan_steps, train_adapter
+from comoe.training.loop import plan_steps, train_adapter
 from comoe.training.run_config import RunConfig
 from comoe.training.run_dir import (
     ADAPTER_DIR,
@@ -35,6 +35,7 @@ from comoe.training.run_dir import (
     BASE_SCORES_NAME,
     RESULTS_NAME,
     RUN_CONFIG_NAME,
+    TRACKING_DIR,
     adapter_dirs,
     check_output_dir,
     eval_scores_name,
@@ -44,6 +45,7 @@ from comoe.training.run_dir import (
     saved_run,
 )
 from comoe.training.run_settings import resolve_run
+from comoe.training.tracking import make_accelerator, start_tracking
 from comoe.utils.deprecation import moved_names
 from comoe.utils.files import write_json_atomic
 
@@ -74,7 +76,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         run = resumed_run(
             run_dir, {k: v for k, v in run.to_dict().items() if k != "output_dir"}, report=False
         )
-    accelerator = make_accelerator(run)
+    accelerator = make_accelerator(run, run_dir / TRACKING_DIR)
     check_output_dir(run_dir, resume)
     data = load_run_data(
         run.tasks,
@@ -108,6 +110,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     run = replace(run, output_dir=str(run_dir))  # a copy: the caller's config is left as given
     if accelerator.is_main_process:
         run.to_yaml(run_dir / RUN_CONFIG_NAME)
+    start_tracking(accelerator, run)
     accelerator.print(f"run directory: {run_dir}")
     accelerator.print(
         "tasks: " + ", ".join(f"{t} ({len(train[t])} train / {len(test[t])} test)" for t in train)
@@ -148,6 +151,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         )
         results["trainable"], results["total_params"] = results["train"].pop("params")
     results["train_seconds"] = time.time() - started + _seconds_before_resume(results["train"])
+    accelerator.end_training()  # closes the tracker's files (a no-op without one)
 
     if accelerator.is_main_process:
         metrics = {

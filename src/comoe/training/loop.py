@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -41,9 +40,9 @@ from comoe.training.checkpoint import (
 )
 from comoe.training.run_config import RunConfig
 from comoe.training.run_dir import CHECKPOINTS_DIR, TRAIN_LOG_NAME, read_train_log, truncate_train_log
+from comoe.training.tracking import RoutingHealth, health_summary
+from comoe.utils.deprecation import moved_names
 from comoe.utils.modeling import accepts_logits_to_keep, pad_token_id
-
-MAX_GRAD_NORM = 1.0
 
 
 class TrainingDiverged(RuntimeError):
@@ -115,6 +114,7 @@ class TrainingRecipe:
         )
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.core = accelerator.unwrap_model(self.model)
+        self.health = RoutingHealth(self.core, accelerator)
         self.pad_id = pad_token_id(tokenizer)
         self.trim = accepts_logits_to_keep(self.core)  # run the output head only where labels are predicted
         self.checkpoint_dir = work_dir / CHECKPOINTS_DIR
@@ -162,13 +162,13 @@ class TrainingRecipe:
                 cached_epoch = epoch
             micro_batches = batches[slot * run.grad_accum : (slot + 1) * run.grad_accum]
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler then moves on)
-            parts = self.step([[self.encoded[i] for i in b] for b in micro_batches])
-            parts.update(
-                step=step + 1,
-                epoch=epoch,
-                lr=lr,
-                elapsed_s=round(time.time() - began, 2),
-            )
+            watch = self.health and run.routing_health_steps and (step + 1) % run.routing_health_steps == 0
+            with self.health.watching() if watch else nullcontext():
+                parts = self.step([[self.encoded[i] for i in b] for b in micro_batches])
+            health = self.health.read() if watch else {}
+            parts.update(step=step + 1, epoch=epoch, lr=lr, elapsed_s=round(time.time() - began, 2))
+            if health:
+                parts.update(health_summary(health))
             self._check_finite(parts, step)
             recent = (recent + [parts])[-10:]
             bar.update(1)
@@ -178,6 +178,9 @@ class TrainingRecipe:
             if accelerator.is_main_process:
                 with open(self.log_path, "a") as fh:
                     fh.write(json.dumps(parts) + "\n")
+            if run.report_to != "none":
+                tracked = {k: v for k, v in parts.items() if k not in ("step", "epoch")} | health
+                accelerator.log({f"{self.desc}/{k}": v for k, v in tracked.items()}, step=step + 1)
             if (step + 1) % run.save_steps == 0 and step + 1 < self.total_steps:
                 self.checkpoint(step + 1, epoch, parts["elapsed_s"])
         bar.close()
@@ -202,9 +205,12 @@ class TrainingRecipe:
         )
 
     def step(self, micro_batches: list[list[EncodedExample]]) -> dict[str, float]:
-        """One optimiser step over ``micro_batches``; returns this process's token-weighted loss parts."""
+        """One optimiser step over ``micro_batches``; returns this process's token-weighted loss parts and
+        the gradient's norm (before clipping)."""
         parts = self.accumulate(micro_batches)
-        self.accelerator.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        limit = self.run_config.max_grad_norm  # the norm before clipping is logged either way
+        norm = self.accelerator.clip_grad_norm_(self.params, math.inf if limit is None else limit)
+        parts["grad_norm"] = float(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -381,20 +387,5 @@ def causal_lm_loss(
     return task_loss, out
 
 
-SUPPORTED_DISTRIBUTION = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-
-
-def make_accelerator(run: RunConfig) -> Accelerator:
-    """One process, or DDP (torchrun / accelerate launch). FSDP and DeepSpeed are refused before any work:
-    the checkpoints save the optimizer state of one process, which is only the whole state under DDP."""
-    # accelerate only sets up multi-process CPU training (gloo) when told it is on the CPU
-    accelerator = Accelerator(mixed_precision="bf16" if run.bf16 else "no", cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type not in SUPPORTED_DISTRIBUTION:
-        raise ValueError(
-            f"`comoe train` runs on one process or with DDP, not {accelerator.distributed_type.value}: "
-            "its checkpoints hold one process's optimizer state; launch with `torchrun` or a plain "
-            "multi-GPU `accelerate launch` config, or train through transformers' Trainer "
-            '(see README "Use with PEFT / Trainer / TRL")'
-        )
-    set_seed(run.seed)
-    return accelerator
+# names this module held before comoe 0.2 (see comoe.utils.deprecation)
+__getattr__ = moved_names(__name__, {"make_accelerator": "comoe.training.tracking:make_accelerator"})

@@ -17,6 +17,7 @@ from comoe.config import ALL_LINEAR, CoMoEConfig, own_fields
 from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
 from comoe.training.base_models import QUANTIZATIONS, check_quantization_available
 from comoe.training.methods import DEFAULT_METHOD, FIXED_FIELDS, METHOD_NAMES, method_help, method_of
+from comoe.training.tracking import REPORTERS, reporter_problem
 from comoe.utils.deprecation import moved_names
 from comoe.utils.validation import check_field_types, doc, parse_text, unknown_fields
 from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
@@ -133,8 +134,28 @@ class RunConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata=doc("Recompute activations in backward: less memory, more time.")
     )
+    max_grad_norm: float | None = field(
+        default=1.0,
+        metadata=doc("Clip the gradient's norm to this, as Trainer does; none = no clipping."),
+    )
     save_steps: int = field(
         default=50, metadata=doc("Checkpoint every this many steps (resume with --resume).")
+    )
+    # watching the run
+    report_to: str = field(
+        default="none",
+        metadata=doc(
+            "Also send the logged scalars to a tracker (accelerate's): tensorboard writes event files in "
+            "RUN_DIR/tracking; wandb and mlflow take their own settings (e.g. WANDB_MODE=offline).",
+            REPORTERS,
+        ),
+    )
+    routing_health_steps: int = field(
+        default=10,
+        metadata=doc(
+            "Every this many steps, log each routed layer's routing health (load entropy, busiest and "
+            "idlest expert's share, experts with no token); 0 = never."
+        ),
     )
     # evaluation
     protocol: str = field(
@@ -164,6 +185,16 @@ class RunConfig:
         if self.quantize is not None:
             _one_of("quantize", self.quantize, QUANTIZATIONS)
             check_quantization_available(self.quantize)
+        _one_of("report_to", self.report_to, REPORTERS)
+        _check(reporter_problem(self.report_to) is None, reporter_problem(self.report_to) or "")
+        _check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            f"max_grad_norm must be > 0, or none for no clipping, got {self.max_grad_norm!r}",
+        )
+        _check(
+            self.routing_health_steps >= 0,
+            f"routing_health_steps must be >= 0, got {self.routing_health_steps!r}",
+        )
         for name in ("batch_size", "grad_accum", "save_steps", "eval_batch_size"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("train_per_task", "test_per_task", "lora_r"):

@@ -7,6 +7,7 @@ it. Every module names its files through the constants here::
     RUN_DIR/adapter/            ADAPTER_DIR: adapter_config.json + adapter_model.safetensors (multi-task)
     RUN_DIR/adapters/TASK/adapter/   ADAPTERS_DIR: one adapter per task (single-task setting)
     RUN_DIR/checkpoints/        CHECKPOINTS_DIR: step-NNNNNN/ (per task directory if single-task)
+    RUN_DIR/tracking/           TRACKING_DIR: the tracker's files (--report-to tensorboard: event files)
     RUN_DIR/train_log.jsonl     TRAIN_LOG_NAME: one line per optimiser step (per task directory if single)
     RUN_DIR/base_metrics.json   BASE_SCORES_NAME: the zero-shot base's scores, kept for a resume
     RUN_DIR/metrics.json        RESULTS_NAME: the run's results (accuracy of the adapter, the base and the
@@ -35,6 +36,7 @@ ADAPTER_DIR = "adapter"
 ADAPTERS_DIR = "adapters"
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_LOG_NAME = "train_log.jsonl"
+TRACKING_DIR = "tracking"
 BASE_SCORES_NAME = "base_metrics.json"
 RESULTS_NAME = "metrics.json"
 ANALYSIS_NAME = "analysis.json"
@@ -50,7 +52,9 @@ RESUMABLE_FIELDS = (
     "eval_batch_size",
     "eval_base",
     "gradient_checkpointing",
-)  # the last one changes memory, not the maths
+    "report_to",
+    "routing_health_steps",
+)  # the last three change memory or what is logged, not the maths
 
 
 def eval_scores_name(protocol: str) -> str:
