@@ -40,6 +40,7 @@ CORE_MODULES = {
     "tuner",
     "model",
     "records",
+    "routing_health",
     "peft_type",
     "sft",
     "moved",  # the old module paths: their targets are strings, imported only when an old path is

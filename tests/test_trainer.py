@@ -140,3 +140,17 @@ def test_with_gradient_accumulation_the_aux_term_weighs_by_the_micro_batch_token
     torch.testing.assert_close(
         loss, task_sum / total + out.aux_loss * predicted / total, rtol=1e-5, atol=1e-6
     )
+
+
+def test_routing_health_callback_logs_each_routed_layer_through_the_trainer(tmp_path):
+    from comoe import RoutingHealthCallback
+
+    model = comoe_model("get_peft_model")  # a plain PeftModelForCausalLM
+    trainer = trainer_for(model, tmp_path, max_steps=4, logging_steps=100, report_to="none")
+    trainer.add_callback(RoutingHealthCallback(trainer, every=2))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if any(k.startswith("routing/") for k in entry)]
+    assert [entry["step"] for entry in logged] == [2, 4]
+    layers = set(model.base_model.routed_modules)
+    assert {key.split("/")[1] for key in logged[0] if key.startswith("routing/")} == layers
+    assert all(0 <= logged[0][f"routing/{name}/load_entropy"] <= 1 for name in layers)

@@ -23,6 +23,7 @@ from comoe.losses import contrastive_loss, contrastive_loss_materialized, load_b
 from comoe.model import AdapterLoadError, AuxLosses, CoMoEModel, get_comoe_model  # noqa: E402
 from comoe.moved import install as _install_moved_modules  # noqa: E402
 from comoe.records import RoutingRecorder  # noqa: E402
+from comoe.routing_health import RoutingHealthCallback  # noqa: E402
 from comoe.tuner import CoMoETuner  # noqa: E402  (importing it registers CoMoE with PEFT)
 
 _install_moved_modules()  # old module paths (comoe.adapters, comoe.train, ...) import with a warning
@@ -34,6 +35,7 @@ __all__ = [
     "CoMoELayer",
     "CoMoEModel",
     "CoMoETuner",
+    "RoutingHealthCallback",
     "RoutingRecorder",
     "contrastive_loss",
     "contrastive_loss_materialized",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from comoe.cli.app import main as run_cli
-from comoe.training.tracking import RoutingHealth
+from comoe.routing_health import RoutingHealth
 from tests.cli_runs import comoe_cli, read_log
 from tests.training.test_loop import recipe_for
 
@@ -41,7 +41,7 @@ def test_routing_health_counts_each_real_token_once_per_expert_it_uses(tiny_mode
     checkpointing does not count again; outside ``watching`` nothing is counted."""
     recipe = recipe_for(tiny_model_dir, tmp_path, gradient_checkpointing=True)
     recipe.core.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
-    health = RoutingHealth(recipe.core, recipe.accelerator)
+    health = RoutingHealth(recipe.core)
     micro = [[recipe.encoded[i] for i in (0, 2)]]
     real_tokens = sum(len(recipe.encoded[i].input_ids) for i in (0, 2))
     recipe.accumulate(micro)

@@ -32,6 +32,7 @@ from transformers import get_scheduler
 from comoe.data.batching import IGNORE_INDEX, EncodedExample, collate, encode_example
 from comoe.data.schema import Example
 from comoe.model import CoMoEModel
+from comoe.routing_health import RoutingHealth, health_summary
 from comoe.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -40,7 +41,6 @@ from comoe.training.checkpoint import (
 )
 from comoe.training.run_config import RunConfig
 from comoe.training.run_dir import CHECKPOINTS_DIR, TRAIN_LOG_NAME, read_train_log, truncate_train_log
-from comoe.training.tracking import RoutingHealth, health_summary
 from comoe.utils.deprecation import moved_names
 from comoe.utils.modeling import accepts_logits_to_keep, pad_token_id
 
@@ -114,7 +114,7 @@ class TrainingRecipe:
         )
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.core = accelerator.unwrap_model(self.model)
-        self.health = RoutingHealth(self.core, accelerator)
+        self.health = RoutingHealth(self.core)
         self.pad_id = pad_token_id(tokenizer)
         self.trim = accepts_logits_to_keep(self.core)  # run the output head only where labels are predicted
         self.checkpoint_dir = work_dir / CHECKPOINTS_DIR
