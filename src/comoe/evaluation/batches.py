@@ -19,6 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from comoe.data.prompts import format_prompt
+from comoe.data.schema import Example
 from comoe.utils.modeling import accepts_logits_to_keep, model_device
 
 
@@ -48,6 +50,15 @@ def truncate_left(prefix: list[int], body: list[int], max_length: int) -> list[i
     if keep < 1:
         raise ValueError(f"max_length={max_length} leaves no room after {len(prefix)} special tokens")
     return prefix + body[-keep:]
+
+
+def prompt_sequences(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int
+) -> list[list[int]]:
+    """Each example's prompt as the model reads it: the special prefix, then the formatted prompt, cut
+    from the left to ``max_length``."""
+    prefix = special_prefix(tokenizer)
+    return [truncate_left(prefix, encode(tokenizer, format_prompt(ex)), max_length) for ex in examples]
 
 
 @contextlib.contextmanager

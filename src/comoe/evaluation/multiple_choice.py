@@ -19,9 +19,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from comoe.data.prompts import choice_labels, format_prompt
+from comoe.data.prompts import choice_labels
 from comoe.data.schema import Example
-from comoe.evaluation.batches import encode, eval_mode, forward_batches, special_prefix, truncate_left
+from comoe.evaluation.batches import (
+    encode,
+    eval_mode,
+    forward_batches,
+    prompt_sequences,
+    special_prefix,
+    truncate_left,
+)
 from comoe.utils.modeling import pad_token_id
 
 MULTIPLE_CHOICE_PROTOCOLS = ("label", "loglik")
@@ -90,9 +97,8 @@ def score_label(
 ) -> list[list[float]]:
     """Per example, the next-token log-probabilities (over the full vocabulary) of its label tokens."""
     check_multiple_choice(examples)
-    prefix = special_prefix(tokenizer)
     labels = {n: label_token_ids(tokenizer, n) for n in sorted({len(ex.choices) for ex in examples})}
-    sequences = [truncate_left(prefix, encode(tokenizer, format_prompt(ex)), max_length) for ex in examples]
+    sequences = prompt_sequences(tokenizer, examples, max_length)
     scores: list[list[float]] = [[] for _ in examples]
     with eval_mode(model):
         batches = forward_batches(

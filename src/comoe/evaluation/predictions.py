@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from comoe.data.prompts import format_prompt
 from comoe.data.schema import Example
-from comoe.evaluation.batches import encode, eval_mode, forward_batches, special_prefix, truncate_left
+from comoe.evaluation.batches import eval_mode, forward_batches, prompt_sequences
 from comoe.evaluation.generation import generate_answers, generation_result
 from comoe.evaluation.multiple_choice import score_label, score_loglik
+from comoe.routing_health import routed_layers
 from comoe.utils.modeling import pad_token_id
 
 
@@ -93,11 +93,10 @@ def routing_per_example(
 ) -> list[dict[str, list[int]]]:
     """For each example, each routed layer's count of the prompt's tokens sent to each expert (a token
     counts once for every expert it uses): ``{layer name: [count of expert 0, 1, ...]}``."""
-    layers = dict(getattr(model, "routed_modules", {}))
+    layers = routed_layers(model)
     if not layers:
         return [{} for _ in examples]
-    prefix = special_prefix(tokenizer)
-    sequences = [truncate_left(prefix, encode(tokenizer, format_prompt(ex)), max_length) for ex in examples]
+    sequences = prompt_sequences(tokenizer, examples, max_length)
     used: dict[str, torch.Tensor] = {}
 
     def keep(name: str):
