@@ -12,6 +12,7 @@ import pytest
 
 from comoe.cli.app import main as run_cli
 from comoe.data.jsonl import read_jsonl
+from comoe.evaluation.batches import prompt_sequences
 from comoe.evaluation.scoring import evaluate_tasks
 from comoe.training import predict as predict_module
 from comoe.training.adapters import load_adapted_model
@@ -102,10 +103,11 @@ def test_predictions_are_what_eval_counts_and_answers_are_scored_on_request(
         assert summary["scored"][task]["correct"] == scores["correct"]
     # routing: every routed layer of the adapter, each prompt token counted once per expert it uses (k = 2)
     layers = set(model.routed_modules)
-    for row in rows:
+    examples = read_jsonl(both, labelled=False)
+    prompts = prompt_sequences(tokenizer, examples, max_length=256)  # the run's max_length
+    for row, prompt in zip(rows, prompts, strict=True):
         assert set(row["routing"]) == layers
-        totals = {sum(counts) for counts in row["routing"].values()}
-        assert len(totals) == 1 and totals.pop() % 2 == 0
+        assert {sum(counts) for counts in row["routing"].values()} == {2 * len(prompt)}
 
 
 def refused(argv: list[str], capsys, monkeypatch) -> str:

@@ -46,8 +46,13 @@ def test_routing_health_counts_each_real_token_once_per_expert_it_uses(tiny_mode
     real_tokens = sum(len(recipe.encoded[i].input_ids) for i in (0, 2))
     recipe.accumulate(micro)
     assert health.counts == {}
+    first = next(iter(recipe.core.routed_modules.values())).router
+    calls = []
+    probe = first.register_forward_hook(lambda *_: calls.append(1))
     with health.watching():
         recipe.accumulate(micro)
+    probe.remove()
+    assert len(calls) == 2  # the forward and its recompute in backward: the guard below is exercised
     assert set(health.counts) == set(recipe.core.routed_modules)
     assert {int(c.sum()) for c in health.counts.values()} == {2 * real_tokens}
     read = health.read()

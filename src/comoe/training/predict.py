@@ -123,7 +123,7 @@ def predict_job(
     examples = read_jsonl(input_path, labelled=False)
     source = prediction_source(source_path, overrides or {})
     check_tasks_have_adapters(source, examples, input_path)
-    check_output_dir(out_dir, resume=True)
+    check_output_dir(out_dir, resume=True)  # an existing directory (a run's too) may take predictions
     if (out_dir / PREDICTIONS_NAME).exists():
         raise ValueError(f"{out_dir / PREDICTIONS_NAME} exists; choose another --output-dir or remove it")
     run = source.run
