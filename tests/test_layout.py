@@ -43,6 +43,7 @@ CORE_MODULES = {
     "routing_health",
     "peft_type",
     "sft",
+    "trainers",
     "moved",  # the old module paths: their targets are strings, imported only when an old path is
 }
 

@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 from comoe import CoMoEModel
 from comoe.config import CONFIG_NAME, WEIGHTS_NAME
 from comoe.sft import CoMoESFTTrainer
-from tests.tiny_models import tiny_comoe_config
+from tests.tiny_models import randomize_adapters, tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -94,3 +94,32 @@ def test_sft_trainer_without_a_comoe_adapter_is_refused(tiny_model_dir, tmp_path
             train_dataset=Dataset.from_dict({"text": SENTENCES}),
             peft_config=LoraConfig(target_modules=["q_proj"]),
         )
+
+
+def test_sft_trainer_counts_the_training_forward_not_the_no_grad_one_after_it(tiny_model_dir, tmp_path):
+    """With ``compute_loss_func`` SFTTrainer runs the model twice: the loss's forward, then one under no_grad
+    for its metrics (the adapter on, in training mode). Only the first brings its auxiliary loss, weighted by
+    the micro-batch's share of the step's labelled tokens."""
+
+    def cross_entropy(outputs, labels, num_items_in_batch=None):
+        logits, targets = outputs.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch
+
+    trainer = sft_trainer(tiny_model_dir, tmp_path / "out")
+    trainer.compute_loss_func = cross_entropy
+    model, tuner = trainer.model, trainer.model.base_model
+    randomize_adapters(model)  # B = 0 at init gives every anchor draw the same loss
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    step_tokens = 4 * int((inputs["labels"][:, 1:] != -100).sum())  # as if 4 micro-batches like this one
+    model.train()
+    seen = []
+    handle = tuner.model.register_forward_hook(
+        lambda *_: seen.append((torch.is_grad_enabled(), tuner.last_aux))
+    )
+    loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=step_tokens)
+    handle.remove()
+    assert [grad for grad, _ in seen] == [True, False]
+    aux, other = seen[0][1], seen[1][1]  # the second forward has its own, from other random anchors
+    assert not torch.isclose(aux.contrastive, other.contrastive)
+    task = SFTTrainer.compute_loss(trainer, model, dict(inputs), num_items_in_batch=step_tokens)
+    torch.testing.assert_close(loss, task + 0.5 * aux.contrastive / 4, rtol=1e-5, atol=1e-6)

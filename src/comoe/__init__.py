@@ -1,5 +1,10 @@
-"""comoe: mixture-of-LoRA-experts adapters with the CoMoE contrastive objective, for any Hugging Face model."""
+"""comoe: mixture-of-LoRA-experts adapters with the CoMoE contrastive objective, for any Hugging Face model.
 
+``CoMoESFTTrainer`` (TRL's SFTTrainer with the auxiliary losses in the loss it optimises; the ``trl`` extra) is
+imported when first read; ``with_aux_loss(TrainerCls)`` wraps any other trainer that computes its own loss.
+"""
+
+import importlib
 import logging
 
 __version__ = "0.2.0"  # first: comoe.config writes it into every adapter_config.json
@@ -24,12 +29,26 @@ from comoe.model import AdapterLoadError, AuxLosses, CoMoEModel, get_comoe_model
 from comoe.moved import install as _install_moved_modules  # noqa: E402
 from comoe.records import RoutingRecorder  # noqa: E402
 from comoe.routing_health import RoutingHealthCallback  # noqa: E402
+from comoe.trainers import AuxLossMixin, with_aux_loss  # noqa: E402
 from comoe.tuner import CoMoETuner  # noqa: E402  (importing it registers CoMoE with PEFT)
 
 _install_moved_modules()  # old module paths (comoe.adapters, comoe.train, ...) import with a warning
 
-__all__ = [
+# TRL's trainers, imported when first read: `import comoe` loads no TRL
+_TRL_TRAINERS = {
+    "CoMoESFTTrainer": "comoe.sft",
+}
+
+
+def __getattr__(name: str):
+    if name in _TRL_TRAINERS:
+        return getattr(importlib.import_module(_TRL_TRAINERS[name]), name)
+    raise AttributeError(f"module 'comoe' has no attribute {name!r}")
+
+
+__all__ = [  # without the TRL trainers, so that `from comoe import *` works without TRL
     "AdapterLoadError",
+    "AuxLossMixin",
     "AuxLosses",
     "CoMoEConfig",
     "CoMoELayer",
@@ -41,4 +60,5 @@ __all__ = [
     "contrastive_loss_materialized",
     "get_comoe_model",
     "load_balancing_loss",
+    "with_aux_loss",
 ]
