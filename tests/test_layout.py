@@ -44,6 +44,7 @@ CORE_MODULES = {
     "peft_type",
     "sft",
     "trainers",
+    "alignment",
     "moved",  # the old module paths: their targets are strings, imported only when an old path is
 }
 

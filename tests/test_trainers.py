@@ -136,9 +136,9 @@ def test_a_moe_base_whose_router_loss_trl_would_read_is_refused(tiny_model_dir, 
 
 def test_without_trl_the_trainers_name_the_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
-    for module in ("comoe.sft",):
+    for module in ("comoe.sft", "comoe.alignment"):
         monkeypatch.delitem(sys.modules, module, raising=False)
         with pytest.raises(ImportError, match=r"pip install 'comoe\[trl\]'"):
             importlib.import_module(module)
     with pytest.raises(ImportError, match=r"pip install 'comoe\[trl\]'"):
-        comoe.CoMoESFTTrainer  # noqa: B018  (the lazy export)
+        comoe.CoMoEDPOTrainer  # noqa: B018  (the lazy export)

@@ -1,7 +1,8 @@
 """comoe: mixture-of-LoRA-experts adapters with the CoMoE contrastive objective, for any Hugging Face model.
 
-``CoMoESFTTrainer`` (TRL's SFTTrainer with the auxiliary losses in the loss it optimises; the ``trl`` extra) is
-imported when first read; ``with_aux_loss(TrainerCls)`` wraps any other trainer that computes its own loss.
+``CoMoESFTTrainer``, ``CoMoEDPOTrainer`` and ``CoMoEGRPOTrainer`` (TRL's trainers with the auxiliary losses in
+the loss they optimise; the ``trl`` extra) are imported when first read; ``with_aux_loss(TrainerCls)`` wraps
+any other trainer that computes its own loss.
 """
 
 import importlib
@@ -37,6 +38,8 @@ _install_moved_modules()  # old module paths (comoe.adapters, comoe.train, ...) 
 # TRL's trainers, imported when first read: `import comoe` loads no TRL
 _TRL_TRAINERS = {
     "CoMoESFTTrainer": "comoe.sft",
+    "CoMoEDPOTrainer": "comoe.alignment",
+    "CoMoEGRPOTrainer": "comoe.alignment",
 }
 
 

@@ -6,7 +6,7 @@ and adds only the router loss of transformers' own MoE models: given a ``CoMoECo
 it would train the experts without the contrastive term and say nothing. ``comoe.trainers.AuxLossMixin``
 adds the auxiliary loss of the training forward, weighted by the micro-batch's share of the labelled
 tokens as comoe does under ``Trainer``, so λ means the same under both. Needs the optional ``trl`` extra
-(``pip install 'comoe[trl]'``).
+(``pip install 'comoe[trl]'``). DPO and GRPO: ``comoe.alignment``.
 """
 
 from __future__ import annotations
