@@ -1,5 +1,5 @@
-"""Watching a run: gradient clipping and its logged norm, routing health, and `--report-to tensorboard`
-through the real command line (event files that TensorBoard's own reader parses)."""
+"""Watching a run: gradient clipping and its logged norm, routing health, validation, and `--report-to
+tensorboard` through the real command line (event files that TensorBoard's own reader parses)."""
 
 from __future__ import annotations
 
@@ -72,8 +72,11 @@ def test_report_to_tensorboard_writes_what_train_log_logs_plus_routing_health(ti
         "train", "--model", str(tiny_model_dir), "--tasks", USER_TASKS, "--batch-size", "4", "--r", "4",
         "--max-steps", "4", "--eval-base", "false", "--output-dir", str(run_dir),
         "--report-to", "tensorboard", "--routing-health-steps", "2", "--max-grad-norm", "0.5",
+        "--val-per-task", "2", "--eval-steps", "3", "--cpu-threads", "1",
     )  # fmt: skip
     log = read_log(run_dir)
+    assert [row["threads"] for row in log] == [1, 1, 1, 1]
+    assert [("val_loss" in row) for row in log] == [False, False, True, True]
     assert all(row["grad_norm"] > 0 for row in log)
     assert [("routing_entropy_min" in row) for row in log] == [False, True, False, True]
     events = EventAccumulator(str(run_dir / "tracking" / "comoe"))
@@ -86,7 +89,13 @@ def test_report_to_tensorboard_writes_what_train_log_logs_plus_routing_health(ti
     entropy = sorted(tag for tag in tags if tag.endswith("/load_entropy"))
     assert len(entropy) == 8  # q/k/v/o of 2 layers
     assert [event.step for event in events.Scalars(entropy[0])] == [2, 4]
-    assert json.loads((run_dir / "metrics.json").read_text())["adapter"]["tasks"]
+    for key in ("val_loss", "val_accuracy"):
+        assert [(e.step, e.value) for e in events.Scalars(f"train/{key}")] == [
+            (row["step"], pytest.approx(row[key], rel=1e-6)) for row in log[2:]
+        ]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["adapter"]["tasks"]
+    assert [v["step"] for v in metrics["train"]["validation"]] == [3, 4]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from comoe.utils.threads import CpuThreads
 from comoe.utils.validation import check_field_types, doc
 
 DEFAULT_TEST_PER_TASK = 32
@@ -41,7 +41,7 @@ class AnalyzeOptions:
     tsne: bool = field(default=True, metadata=doc("A t-SNE projection too, when scikit-learn is installed."))
     threads: int | None = field(
         default=None,
-        metadata=doc("CPU threads for torch; none = torch's, or 1 when the machine is already busy."),
+        metadata=doc("CPU threads for torch; none = one per core that other processes leave free."),
     )
 
     def __post_init__(self) -> None:
@@ -52,26 +52,12 @@ class AnalyzeOptions:
                 raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def cpu_threads(requested: int | None) -> int:
-    """``requested``, or torch's default unless the machine is busy (1-minute load ≥ cores − ½): then 1.
-
-    On a shared CPU, OpenMP threads that find no free core spin at every barrier; measured here on 2 busy
-    cores, one thread ran the pass 1.6× faster than two.
-    """
-    if requested is not None:
-        return requested
-    try:
-        busy = os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5
-    except OSError:
-        busy = False
-    return 1 if busy else torch.get_num_threads()
-
-
 @contextmanager
 def analysis_threads(requested: int | None) -> Iterator[int]:
-    """Run the block with ``cpu_threads(requested)`` torch threads (unchanged on CUDA); yields the count."""
+    """Run the block with ``requested`` torch threads, or (None) one per core other processes leave free, as
+    `comoe train` chooses them (``comoe.utils.threads``; unchanged on CUDA); yields the count."""
     previous = torch.get_num_threads()
-    threads = previous if torch.cuda.is_available() else cpu_threads(requested)
+    threads = previous if torch.cuda.is_available() else CpuThreads(requested).settle()
     torch.set_num_threads(threads)
     try:
         yield threads

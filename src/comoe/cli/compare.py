@@ -10,8 +10,7 @@ from comoe.cli.flags import field_flags, given
 from comoe.cli.train import given_fields, run_config_flags
 from comoe.experiments.compare import CompareOptions, compare
 from comoe.experiments.grid import load_grid
-from comoe.training.run_config import parse_field_value
-from comoe.training.run_settings import layered_fields, nest_fields
+from comoe.training.run_settings import layered_fields, nest_fields, parse_field_value
 
 GRID_OWNED = ("output_dir", "seed", "setting")  # set per cell by the grid, not a flag for every run
 

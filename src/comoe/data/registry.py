@@ -121,6 +121,7 @@ class RunData:
     # task -> (training example, the test example with the same input): in training, or dropped from it
     overlap: dict[str, list[tuple[Example, Example]]] = field(default_factory=dict)
     dropped_overlap: bool = False
+    val: dict[str, list[Example]] = field(default_factory=dict)  # held out of the training examples
 
 
 def load_run_data(
@@ -131,6 +132,7 @@ def load_run_data(
     *,
     skip_invalid_rows: bool = False,
     drop_test_overlap: bool = False,
+    val_per_task: int = 0,
 ) -> RunData:
     """Train and test examples per task name: a seeded subset of train, the test examples by a fixed
     seed; every file is validated before any model is loaded.
@@ -140,7 +142,8 @@ def load_run_data(
     ``skip_invalid_rows`` leaves out a JSONL file's invalid lines (listed in ``skipped``) instead of
     refusing the file. Training examples whose input (task, question, options) is also a chosen test
     example's are listed in ``overlap``; ``drop_test_overlap`` drops them before the training subset is
-    drawn.
+    drawn. ``val_per_task`` examples of each task are held out of the training examples (seeded, before
+    the training subset is drawn) as its validation examples.
     """
     found: dict[str, dict[str, list[Example]]] = {"train": {}, "test": {}}
     origin: dict[str, str] = {}
@@ -173,6 +176,10 @@ def load_run_data(
                 )
             pairs = [(ex, tested[_input_key(ex)]) for ex in examples if _input_key(ex) in tested]
             examples = kept
+        if val_per_task:
+            data.val[name], examples = _hold_out(
+                examples, val_per_task, seed, f"task {name!r} of {origin[name]!r}"
+            )
         data.train[name] = subset(examples, train_per_task, seed)
         if not drop_test_overlap:
             pairs = [(ex, tested[_input_key(ex)]) for ex in data.train[name] if _input_key(ex) in tested]
@@ -186,6 +193,22 @@ def _by_task(examples: list[Example]) -> dict[str, list[Example]]:
     for example in examples:
         grouped.setdefault(example.task, []).append(example)
     return grouped
+
+
+def _hold_out(
+    examples: list[Example], count: int, seed: int, what: str
+) -> tuple[list[Example], list[Example]]:
+    """(``count`` examples drawn by ``seed``, the others), each in their original order."""
+    if count >= len(examples):
+        raise ValueError(
+            f"{what}: val_per_task={count} holds out all {len(examples)} of its training examples; "
+            "lower --val-per-task so that some are left to train on"
+        )
+    held = set(random.Random(f"validation-{seed}").sample(range(len(examples)), count))
+    return (
+        [ex for i, ex in enumerate(examples) if i in held],
+        [ex for i, ex in enumerate(examples) if i not in held],
+    )
 
 
 def subset(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:

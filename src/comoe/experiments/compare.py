@@ -41,7 +41,7 @@ class CompareOptions:
     jobs: int = field(
         default=1,
         metadata=doc(
-            "Runs trained at once, each with cores/jobs torch threads and its output in RUN_DIR/train.log."
+            "Runs trained at once, each with its output in RUN_DIR/train.log (and torch threads for the cores the others leave free)."
         ),
     )
     summary_only: bool = field(default=False, metadata=doc("Summarise the finished runs; start none."))

@@ -10,7 +10,6 @@ confidence interval over test examples and seeds.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -144,8 +143,9 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Run every missing cell (each in a subprocess) and return the finished runs' metrics.
 
-    With ``jobs`` > 1, that many cells train at once, each with ``cpu_count // jobs`` torch threads and its
-    output in ``RUN_DIR/train.log`` (threads that outnumber the free cores spin and slow every run down).
+    With ``jobs`` > 1, that many cells train at once, each with its output in ``RUN_DIR/train.log``; each
+    run's torch threads follow the cores the others leave free, as every `comoe train` does
+    (``RunConfig.cpu_threads``).
     With ``analyse``, each finished run with routers also gets its specialisation numbers (see
     ``specialisation``) under the key ``"specialisation"``.
     """
@@ -160,11 +160,11 @@ def run_grid(
             print(f"{label}: done, skipped", flush=True)
         elif not dry_run:
             todo.append((label, config, run_dir))
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    own_log = jobs > 1
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {
-            pool.submit(_start_cell, label, config, run_dir, threads): label
+            pool.submit(_start_cell, label, config, run_dir, own_log): label
             for label, config, run_dir in todo
         }
         for future in as_completed(futures):
@@ -198,12 +198,12 @@ def cell_dir(out: Path, variant: str, setting: str, seed: int) -> Path:
     return out / "runs" / f"{variant}-{setting}-seed{seed}"
 
 
-def _start_cell(label: str, config: RunConfig, run_dir: Path, threads: int | None) -> None:
+def _start_cell(label: str, config: RunConfig, run_dir: Path, own_log: bool) -> None:
     started = is_run_dir(run_dir)
-    where = f" (output in {run_dir / TRAIN_OUTPUT_NAME})" if threads else ""
+    where = f" (output in {run_dir / TRAIN_OUTPUT_NAME})" if own_log else ""
     print(f"{label}: {'resuming' if started else 'running'} in {run_dir}{where}", flush=True)
-    _train_in_subprocess(config, run_dir, resume=started, threads=threads)
-    if threads:
+    _train_in_subprocess(config, run_dir, resume=started, own_log=own_log)
+    if own_log:
         print(f"{label}: finished", flush=True)
 
 
@@ -228,8 +228,8 @@ def specialisation(run_dir: Path) -> dict[str, float | None] | None:
     return metrics["summary"]
 
 
-def _train_in_subprocess(config: RunConfig, run_dir: Path, resume: bool, threads: int | None = None) -> None:
-    """`comoe train` for one cell; with ``threads``, that many torch threads and the output in train.log."""
+def _train_in_subprocess(config: RunConfig, run_dir: Path, resume: bool, own_log: bool = False) -> None:
+    """`comoe train` for one cell; with ``own_log``, its output in train.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         cmd = [sys.executable, "-m", "comoe", "train", "--resume", str(run_dir)]
@@ -237,9 +237,8 @@ def _train_in_subprocess(config: RunConfig, run_dir: Path, resume: bool, threads
         cell = run_dir / GRID_CELL_CONFIG_NAME
         replace(config, output_dir=str(run_dir)).to_yaml(cell)  # a copy: the grid's cell is left as it is
         cmd = [sys.executable, "-m", "comoe", "train", "--config", str(cell)]
-    if threads is None:
+    if not own_log:
         subprocess.run(cmd, check=True)
         return
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(run_dir / TRAIN_OUTPUT_NAME, "a", encoding="utf-8") as log:
-        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)

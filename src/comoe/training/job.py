@@ -48,6 +48,7 @@ from comoe.training.run_settings import resolve_run
 from comoe.training.tracking import make_accelerator, start_tracking
 from comoe.utils.deprecation import moved_names
 from comoe.utils.files import write_json_atomic
+from comoe.utils.threads import CpuThreads
 
 
 def check_adapter_fits(base: torch.nn.Module, run: RunConfig) -> None:
@@ -85,6 +86,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         run.seed,
         skip_invalid_rows=run.skip_invalid_rows,
         drop_test_overlap=run.drop_test_overlap,
+        val_per_task=run.val_per_task,
     )
     train, test = data.train, data.test
     for examples in ([ex for t in train for ex in train[t]],) if run.setting == "multi" else train.values():
@@ -112,13 +114,16 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         run.to_yaml(run_dir / RUN_CONFIG_NAME)
     start_tracking(accelerator, run)
     accelerator.print(f"run directory: {run_dir}")
+    held = {t: f" / {len(data.val[t])} validation" if data.val else "" for t in train}
     accelerator.print(
-        "tasks: " + ", ".join(f"{t} ({len(train[t])} train / {len(test[t])} test)" for t in train)
+        "tasks: " + ", ".join(f"{t} ({len(train[t])} train{held[t]} / {len(test[t])} test)" for t in train)
     )
     if run.gradient_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     base.to(accelerator.device)
+    if accelerator.device.type == "cpu":
+        CpuThreads(run.cpu_threads).settle()  # the base's evaluation; training re-measures as it goes
     results: dict = {"majority": majority_baseline(train, test), "data": data_summary(data)}
     if run.eval_base and accelerator.is_main_process:
         results["base"] = _cached_base_eval(run, run_dir, base, tokenizer, test)
@@ -130,7 +135,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         results["trainable"], results["total_params"] = trainable_counts(model)
         examples = [ex for t in train for ex in train[t]]
         trained = train_adapter(
-            model, tokenizer, examples, list(train), run, run_dir, accelerator, resume, desc="train"
+            model, tokenizer, examples, list(train), run, run_dir, accelerator, resume, "train", data.val
         )
         results["train"] = asdict(trained)
         core = accelerator.unwrap_model(model)
@@ -147,7 +152,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
             )
     else:
         results["adapter"], results["train"] = _single_task(
-            run, run_dir, train, test, accelerator, resume, base, tokenizer
+            run, run_dir, data, accelerator, resume, base, tokenizer
         )
         results["trainable"], results["total_params"] = results["train"].pop("params")
     results["train_seconds"] = time.time() - started + _seconds_before_resume(results["train"])
@@ -168,8 +173,9 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     return {}
 
 
-def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer):
+def _single_task(run, run_dir, data, accelerator, resume, base, tokenizer):
     """One adapter per task, each on a fresh copy of the base, evaluated on its own task."""
+    train, test = data.train, data.test
     scores, logs, params = {}, {}, (0, 0)
     for i, task in enumerate(train):
         if i > 0:
@@ -180,8 +186,9 @@ def _single_task(run, run_dir, train, test, accelerator, resume, base, tokenizer
         params = trainable_counts(model)
         task_dir = run_dir / ADAPTERS_DIR / task
         task_dir.mkdir(parents=True, exist_ok=True)
+        validation = {task: data.val[task]} if data.val else None
         trained = train_adapter(
-            model, tokenizer, train[task], [task], run, task_dir, accelerator, resume, desc=task
+            model, tokenizer, train[task], [task], run, task_dir, accelerator, resume, task, validation
         )
         logs[task] = asdict(trained)
         core = accelerator.unwrap_model(model)

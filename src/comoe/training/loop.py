@@ -20,16 +20,15 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from comoe.data.batching import IGNORE_INDEX, EncodedExample, collate, encode_example
+from comoe.data.batching import EncodedExample, collate, encode_example
 from comoe.data.schema import Example
 from comoe.model import CoMoEModel
 from comoe.routing_health import RoutingHealth, health_summary
@@ -41,8 +40,11 @@ from comoe.training.checkpoint import (
 )
 from comoe.training.run_config import RunConfig
 from comoe.training.run_dir import CHECKPOINTS_DIR, TRAIN_LOG_NAME, read_train_log, truncate_train_log
+from comoe.training.task_loss import causal_lm_loss, label_tokens
+from comoe.training.validation import Validator, validation_history
 from comoe.utils.deprecation import moved_names
 from comoe.utils.modeling import accepts_logits_to_keep, pad_token_id
+from comoe.utils.threads import CpuThreads
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,6 +60,7 @@ class TrainResult:
     replicas_identical: bool = True  # every process ended with the same adapter weights
     resumed_at_step: int = 0
     seconds_before_resume: float = 0.0
+    validation: list[dict[str, float]] = field(default_factory=list)  # [{step, val_loss, val_accuracy}]
 
 
 def epoch_batches(
@@ -98,8 +101,9 @@ class TrainingRecipe:
         work_dir: Path,
         accelerator: Accelerator,
         desc: str = "train",
+        validator: Validator | None = None,
     ) -> None:
-        self.run_config, self.accelerator, self.desc = run, accelerator, desc
+        self.run_config, self.accelerator, self.desc, self.validator = run, accelerator, desc, validator
         task_index = {name: i for i, name in enumerate(task_names)}
         self.encoded = [
             encode_example(ex, tokenizer, task_index[ex.task], run.max_length, run.train_on_prompt)
@@ -120,6 +124,7 @@ class TrainingRecipe:
         self.checkpoint_dir = work_dir / CHECKPOINTS_DIR
         self.log_path = work_dir / TRAIN_LOG_NAME
         self.start_step, self.earlier_seconds = 0, 0.0
+        self.threads = CpuThreads(run.cpu_threads) if accelerator.device.type == "cpu" else None
 
     def resume(self) -> None:
         """Continue from the newest checkpoint, if there is one; the log loses the steps after it."""
@@ -132,12 +137,12 @@ class TrainingRecipe:
     def run(self) -> TrainResult:
         """Train from ``start_step`` to the end; logs every step, checkpoints every ``save_steps``."""
         run, accelerator = self.run_config, self.accelerator
-        if (
-            accelerator.is_main_process
-        ):  # the steps a killed process logged after its last checkpoint are redone
+        if accelerator.is_main_process:  # the steps logged after the last checkpoint are redone
             truncate_train_log(self.log_path, self.start_step)
             remove_stale_writes(self.checkpoint_dir)  # what a process killed inside a checkpoint write left
         self.model.train()
+        if self.threads is not None:
+            self.threads.settle()
         recent: list[dict[str, float]] = []
         began = time.time() - self.earlier_seconds
         bar = tqdm(
@@ -167,6 +172,12 @@ class TrainingRecipe:
                 parts = self.step([[self.encoded[i] for i in b] for b in micro_batches])
             health = self.health.read() if watch else {}
             parts.update(step=step + 1, epoch=epoch, lr=lr, elapsed_s=round(time.time() - began, 2))
+            if self.threads is not None:
+                parts["threads"] = self.threads.adjust()  # the count the next step runs with
+            if self.validator is not None and self.validator.due(step + 1, self.total_steps):
+                if accelerator.is_main_process:
+                    parts.update(self.validator(self.core, accelerator))
+                accelerator.wait_for_everyone()
             if health:
                 parts.update(health_summary(health))
             self._check_finite(parts, step)
@@ -185,10 +196,9 @@ class TrainingRecipe:
                 self.checkpoint(step + 1, epoch, parts["elapsed_s"])
         bar.close()
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process and self.log_path.is_file():
-            recent = read_train_log(self.log_path)[
-                -10:
-            ]  # across a resume, not only the steps of this process
+        main_log = accelerator.is_main_process and self.log_path.is_file()
+        logged = read_train_log(self.log_path) if main_log else []
+        recent = logged[-10:] or recent  # across a resume, not only the steps of this process
         final = {
             k: sum(p[k] for p in recent) / len(recent)
             for k in ("loss", "task", "contrastive", "balance")
@@ -202,6 +212,7 @@ class TrainingRecipe:
             replicas_identical(self.params, accelerator),
             resumed_at_step=self.start_step,
             seconds_before_resume=self.earlier_seconds,
+            validation=validation_history(logged),
         )
 
     def step(self, micro_batches: list[list[EncodedExample]]) -> dict[str, float]:
@@ -225,7 +236,7 @@ class TrainingRecipe:
             for micro in micro_batches
         ]
         local = torch.tensor(
-            [[_label_tokens(b["labels"]), b["attention_mask"].sum().item()] for b in batches],
+            [[label_tokens(b["labels"]), b["attention_mask"].sum().item()] for b in batches],
             dtype=torch.float64,
         )
         step_tokens = local.sum(0)
@@ -290,25 +301,25 @@ def train_adapter(
     accelerator: Accelerator,
     resume: bool = False,
     desc: str = "train",
+    validation: dict[str, list[Example]] | None = None,
 ) -> TrainResult:
-    """Train the adapter of ``model`` (already wrapped) on ``examples``; checkpoints under ``work_dir``."""
-    recipe = TrainingRecipe(model, tokenizer, examples, task_names, run, work_dir, accelerator, desc)
+    """Train the adapter of ``model`` (already wrapped) on ``examples``; checkpoints under ``work_dir``.
+    With ``validation`` (task -> held-out examples), scores them every ``run.eval_steps`` steps."""
+    validator = Validator(validation, tokenizer, task_names, run) if validation and run.eval_steps else None
+    recipe = TrainingRecipe(
+        model, tokenizer, examples, task_names, run, work_dir, accelerator, desc, validator
+    )
     if resume:
         recipe.resume()
     return recipe.run()
 
 
-def _label_tokens(labels: torch.Tensor) -> int:
-    """The tokens a causal LM predicts a label for (labels are shifted by one)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
 def _add_parts(sums: dict[str, float], task_sum: torch.Tensor, out, real_tokens: float) -> None:
     """Accumulate the step's loss parts: task as a sum over label tokens, aux parts weighted by real tokens."""
     sums["task"] = sums.get("task", 0.0) + task_sum.item()
-    for field, key in (("aux_loss", "aux"), ("contrastive_loss", "contrastive"), ("balance_loss", "balance")):
-        if out.get(field) is not None:
-            sums[key] = sums.get(key, 0.0) + out[field].item() * real_tokens
+    for name, key in (("aux_loss", "aux"), ("contrastive_loss", "contrastive"), ("balance_loss", "balance")):
+        if out.get(name) is not None:
+            sums[key] = sums.get(key, 0.0) + out[name].item() * real_tokens
 
 
 def _mean_parts(sums: dict[str, float], tokens: torch.Tensor) -> dict[str, float]:
@@ -357,34 +368,6 @@ def replicas_identical(params: list[torch.Tensor], accelerator: Accelerator) -> 
     flat = torch.cat([p.detach().float().reshape(-1) for p in params])
     gathered = accelerator.gather(flat[None]).cpu()
     return bool((gathered == gathered[0]).all())
-
-
-def causal_lm_loss(
-    model, batch: dict[str, torch.Tensor], trim: bool, reduction: str = "mean"
-) -> tuple[torch.Tensor, object]:
-    """Next-token cross-entropy over labelled tokens (the task loss; their mean, or with ``reduction="sum"``
-    their sum), and the model outputs.
-
-    With ``trim`` the output head runs only at positions that predict a label: with the loss on answer
-    tokens, a few positions per row instead of all of them (the head is ~20% of SmolLM2's compute).
-    """
-    batch = dict(batch)  # a copy: the caller's batch keeps its labels
-    labels = batch.pop("labels")
-    targets = labels[:, 1:]
-    if not trim:
-        out = model(**batch)
-        logits = out.logits[:, :-1]
-    else:
-        positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-        out = model(**batch, logits_to_keep=positions)
-        logits, targets = out.logits, targets[:, positions]
-    task_loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction=reduction,
-    )
-    return task_loss, out
 
 
 # names this module held before comoe 0.2 (see comoe.utils.deprecation)

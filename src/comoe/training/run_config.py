@@ -7,7 +7,6 @@ written to the run directory as ``run_config.yaml`` and is enough to reproduce o
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,7 +18,7 @@ from comoe.training.base_models import QUANTIZATIONS, check_quantization_availab
 from comoe.training.methods import DEFAULT_METHOD, FIXED_FIELDS, METHOD_NAMES, method_help, method_of
 from comoe.training.tracking import REPORTERS, reporter_problem
 from comoe.utils.deprecation import moved_names
-from comoe.utils.validation import check_field_types, doc, parse_text, unknown_fields
+from comoe.utils.validation import check_field_types, doc
 from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
 SETTINGS = ("multi", "single")
@@ -50,6 +49,13 @@ class RunConfig:
     )
     test_per_task: int | None = field(
         default=100, metadata=doc("Test examples per task (the first ones); none = all.")
+    )
+    val_per_task: int = field(
+        default=0,
+        metadata=doc(
+            "Training examples per task held out for validation (seeded, never trained on), scored every "
+            "--eval-steps steps; 0 = none."
+        ),
     )
     skip_invalid_rows: bool = field(
         default=False,
@@ -157,6 +163,20 @@ class RunConfig:
             "idlest expert's share, experts with no token); 0 = never."
         ),
     )
+    eval_steps: int = field(
+        default=0,
+        metadata=doc(
+            "Every this many steps and at the last, log the held-out examples' (--val-per-task) task loss "
+            "and accuracy; 0 = never."
+        ),
+    )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata=doc(
+            "CPU threads for torch; none = one per core that other processes leave free, re-measured "
+            "every few seconds (a busy machine slows a run by its share of the cores, not tenfold)."
+        ),
+    )
     # evaluation
     protocol: str = field(
         default="label",
@@ -192,12 +212,15 @@ class RunConfig:
             f"max_grad_norm must be > 0, or none for no clipping, got {self.max_grad_norm!r}",
         )
         _check(
-            self.routing_health_steps >= 0,
-            f"routing_health_steps must be >= 0, got {self.routing_health_steps!r}",
+            self.eval_steps == 0 or self.val_per_task > 0,
+            f"eval_steps={self.eval_steps} needs held-out examples to score: set val_per_task "
+            "(e.g. --val-per-task 20), or eval_steps 0",
         )
+        for name in ("routing_health_steps", "eval_steps", "val_per_task"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("batch_size", "grad_accum", "save_steps", "eval_batch_size"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("train_per_task", "test_per_task", "lora_r"):
+        for name in ("train_per_task", "test_per_task", "lora_r", "cpu_threads"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"{name} must be >= 1 or none, got {value!r}")
         # The real minimum depends on the tokenizer and the answers: batching.check_lengths names it.
@@ -354,25 +377,6 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-# --- a field's value from text (flags, --set FIELD=VALUE) -------------------------------------------
-_HINTS = {
-    **{name: hint for name, hint in typing.get_type_hints(RunConfig).items() if name != "adapter"},
-    **{name: typing.get_type_hints(CoMoEConfig)[name] for name in ADAPTER_FIELDS},
-}
-
-
-def parse_field_value(name: str, text: str) -> Any:
-    """Read a command-line string as the type of field ``name`` (a RunConfig field or an adapter field,
-    ``r`` or ``adapter.r``); a ValueError names the flag."""
-    name = name.removeprefix("adapter.")
-    if name not in _HINTS:
-        raise ValueError(unknown_fields([name], _HINTS))
-    hint = _HINTS[name]
-    if name in NAME_LISTS and text.strip().lower() != "none":
-        return split_names(name, text)
-    return parse_text(text, hint, f"--{name.replace('_', '-')}")
-
-
 # names that lived here before comoe 0.2 (see comoe.utils.deprecation)
 _RUN_DIR, _SETTINGS, _METHODS = (
     "comoe.training.run_dir",
@@ -390,5 +394,6 @@ __getattr__ = moved_names(
         "METRICS_NAME": f"{_RUN_DIR}:RESULTS_NAME",
         **{name: f"{_SETTINGS}:{name}" for name in ("nest_fields", "merge_fields", "flat_fields")},
         "load_yaml": "comoe.utils.yaml_files:load_yaml",
+        "parse_field_value": f"{_SETTINGS}:parse_field_value",
     },
 )

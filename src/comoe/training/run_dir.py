@@ -54,7 +54,9 @@ RESUMABLE_FIELDS = (
     "gradient_checkpointing",
     "report_to",
     "routing_health_steps",
-)  # the last three change memory or what is logged, not the maths
+    "eval_steps",
+    "cpu_threads",
+)  # the last five change memory, speed or what is logged, not the maths
 
 
 def eval_scores_name(protocol: str) -> str:

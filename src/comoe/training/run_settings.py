@@ -5,13 +5,14 @@ run. Each source is a layer of fields, nested (`nest_fields`) and merged over th
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
 from comoe.config import CoMoEConfig
-from comoe.training.run_config import ADAPTER_FIELDS, RunConfig
-from comoe.utils.validation import describe_value, unknown_fields
+from comoe.training.run_config import ADAPTER_FIELDS, NAME_LISTS, RunConfig, split_names
+from comoe.utils.validation import describe_value, parse_text, unknown_fields
 
 _RUN_FIELDS = tuple(f.name for f in fields(RunConfig))
 
@@ -89,3 +90,22 @@ def flat_fields(run: RunConfig) -> dict[str, Any]:
     data = run.to_dict()
     adapter = data.pop("adapter")
     return {**data, **{f"adapter.{name}": value for name, value in adapter.items()}}
+
+
+# --- a field's value from text (flags, --set FIELD=VALUE) -------------------------------------------
+_HINTS = {
+    **{name: hint for name, hint in typing.get_type_hints(RunConfig).items() if name != "adapter"},
+    **{name: typing.get_type_hints(CoMoEConfig)[name] for name in ADAPTER_FIELDS},
+}
+
+
+def parse_field_value(name: str, text: str) -> Any:
+    """Read a command-line string as the type of field ``name`` (a RunConfig field or an adapter field,
+    ``r`` or ``adapter.r``); a ValueError names the flag."""
+    name = name.removeprefix("adapter.")
+    if name not in _HINTS:
+        raise ValueError(unknown_fields([name], _HINTS))
+    hint = _HINTS[name]
+    if name in NAME_LISTS and text.strip().lower() != "none":
+        return split_names(name, text)
+    return parse_text(text, hint, f"--{name.replace('_', '-')}")
