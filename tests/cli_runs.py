@@ -41,3 +41,15 @@ def tiny_run_flags(model_dir: Path, tasks: str = TASKS, train: int = 8, test: in
         "--r",
         "4",
     ]
+
+
+def go_offline(monkeypatch) -> None:
+    """The hub offline flags, as a process started with them sees them: ``datasets`` and ``huggingface_hub``
+    read them once, at import (set later, they would retry the network for ~20 s before failing)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

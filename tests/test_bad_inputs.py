@@ -957,8 +957,7 @@ CLI_CASES = [
 @pytest.fixture
 def guarded(monkeypatch, tmp_path):
     """Offline, in the case's own working directory, with training and evaluation turned into failures."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(var, "1")
+    cli_runs.go_offline(monkeypatch)
     monkeypatch.delenv("COMOE_DEBUG", raising=False)
     monkeypatch.chdir(tmp_path)
 
@@ -1697,7 +1696,7 @@ API_CASES = [
 
 @pytest.mark.parametrize("call, exc, fragments, setup", API_CASES)
 def test_api_refuses_bad_input(call, exc, fragments, setup, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cli_runs.go_offline(monkeypatch)
     ctx = Ctx(tmp_path, Path("/nonexistent-model"), Path("/nonexistent-run"), base=build("llama"))
     if setup is not None:
         setup(ctx)
