@@ -177,8 +177,10 @@ class CoMoETuner(BaseTuner):
             if shape is not None:  # (batch, seq): every token of a sequence gets its sequence's task id
                 ctx.task_ids = task_ids.reshape(-1, 1).expand(shape).reshape(-1)
         recording = ctx.recorder is not None and getattr(ctx.recorder, "contrastive", False)
-        ctx.compute_contrastive = (module.training and cfg.contrastive_weight > 0) or recording
-        ctx.compute_balance = module.training and cfg.balance_weight > 0
+        # a training forward without autograd (generation in training mode, a no_grad reference) trains nothing
+        training = module.training and torch.is_grad_enabled()
+        ctx.compute_contrastive = (training and cfg.contrastive_weight > 0) or recording
+        ctx.compute_balance = training and cfg.balance_weight > 0
         ctx.aux, ctx.traces, ctx.active = [], [], True
         return args, kwargs
 
@@ -241,8 +243,9 @@ class CoMoETuner(BaseTuner):
                 f"comoe: a training step's backward reached the model's outputs but not its auxiliary loss "
                 f"(contrastive_weight={cfg.contrastive_weight}, balance_weight={cfg.balance_weight}): the loss "
                 "being optimised leaves it out, so training runs as with both weights 0. comoe adds it to "
-                "outputs.loss, which transformers.Trainer optimises; TRL's SFTTrainer computes its own loss: use "
-                "comoe.sft.CoMoESFTTrainer. A custom loop adds model.get_aux_loss() (or outputs.aux_loss) to "
+                "outputs.loss, which transformers.Trainer optimises; TRL's trainers compute their own loss: use "
+                "comoe.sft.CoMoESFTTrainer, comoe.alignment's DPO/GRPO trainers or comoe.with_aux_loss(Trainer"
+                "Class). A custom loop adds model.get_aux_loss() (or outputs.aux_loss) to "
                 "its loss",
                 UserWarning,
                 stacklevel=2,
