@@ -152,3 +152,29 @@ def test_bad_input_is_refused_before_any_model_loads(run_dir, tmp_path, capsys, 
     err = refused([str(run_dir), "--input", str(QUESTIONS), *out], capsys, monkeypatch)
     assert "exists; choose another --output-dir" in err
     assert (tmp_path / "out" / PREDICTIONS_NAME).read_text() == "mine\n"
+
+
+def test_a_single_task_run_answers_each_line_with_its_task_adapter(tiny_model_dir, tmp_path):
+    """`comoe train --setting single` → `comoe predict RUN`: each input line goes to the adapter trained on
+    its `task`; the same line through that adapter's own directory gives the same answer."""
+    run = tmp_path / "single"
+    tasks = ",".join(f"jsonl:{path}" for path in LABELLED)
+    comoe_cli(
+        "train", "--model", str(tiny_model_dir), "--tasks", tasks, "--setting", "single", "--batch-size", "4",
+        "--r", "4", "--max-steps", "2", "--eval-base", "false", "--output-dir", str(run),
+    )  # fmt: skip
+    assert run_cli(["predict", str(run), "--input", str(QUESTIONS), "--output-dir", str(tmp_path / "p")]) == 0
+    rows = read_lines(tmp_path / "p" / PREDICTIONS_NAME)
+    assert [row["task"] for row in rows] == [line["task"] for line in read_lines(QUESTIONS)]
+    for task in ("sentiment", "capitals"):
+        own = tmp_path / f"{task}.jsonl"
+        own.write_text(
+            "".join(json.dumps(line) + "\n" for line in read_lines(QUESTIONS) if line["task"] == task)
+        )
+        adapter = run / "adapters" / task / "adapter"
+        predict_job(adapter, own, tmp_path / f"p-{task}", progress=False)
+        alone = read_lines(tmp_path / f"p-{task}" / PREDICTIONS_NAME)
+        mine = [row for row in rows if row["task"] == task]
+        assert [r["prediction"] for r in alone] == [r["prediction"] for r in mine] and len(mine) >= 2
+        if task == "sentiment":
+            assert [r["scores"] for r in alone] == [r["scores"] for r in mine]
