@@ -27,6 +27,7 @@ CORE_MODULES = {
     "compat",
     "placement",
     "routers",
+    "inference",  # the inference math: torch only, written into exported model folders
     "trace",
     "auxiliary",
     "frozen",

@@ -19,6 +19,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from comoe.inference import dense_experts_added, lora_delta, product_dtype
+from comoe.inference import gated_codes as _gated
+
+__all__ = [
+    "apply_keep",
+    "dense_experts",
+    "dense_experts_added",
+    "dropout_keep",
+    "plain_dense_experts",
+    "product_dtype",
+]
+
 
 def dropout_keep(x: Tensor, p: float) -> Tensor:
     """The keep mask of ``nn.Dropout(p)`` as bools; draws from the RNG as ``F.dropout`` does on the CPU."""
@@ -47,15 +59,6 @@ def dense_experts(
     return _DenseExperts.apply(x, keep, keep_scale, lora_A, lora_B, gates, rank, scaling, dtype)
 
 
-def product_dtype(t: Tensor) -> torch.dtype:
-    """The dtype autocast runs a product of ``t`` in: autocast's when it is on, else (and for float64,
-    which autocast leaves alone) ``t``'s own."""
-    device = t.device.type
-    if torch.is_autocast_enabled(device) and t.dtype != torch.float64:
-        return torch.get_autocast_dtype(device)
-    return t.dtype
-
-
 def plain_dense_experts(
     x: Tensor,
     keep: Tensor | None,
@@ -66,19 +69,9 @@ def plain_dense_experts(
     rank: int,
     scaling: float,
 ) -> tuple[Tensor, Tensor]:
-    """``dense_experts`` as plain ops (autograd keeps x̃ and the gated codes when it records them)."""
-    codes = apply_keep(x, keep, keep_scale) @ lora_A.t()
-    delta = _gated(codes, gates, rank) @ lora_B.t()
-    return (delta * scaling if scaling != 1.0 else delta), codes
-
-
-def dense_experts_added(
-    result: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor, rank: int, scaling: float
-) -> Tensor:
-    """Inference (no dropout, no autograd): ``result + s · ((x A_catᵀ) ⊙ gates) B_catᵀ`` with the scaling and
-    the residual add fused into one ``addmm``: two fewer ops per module per decoded token. result (N, d_out)
-    in the dtype of the product (or under autocast)."""
-    return torch.addmm(result, _gated(x @ lora_A.t(), gates, rank), lora_B.t(), alpha=scaling)
+    """``dense_experts`` as plain ops (autograd keeps x̃ and the gated codes when it records them): the
+    inference path's ``comoe.inference.lora_delta`` on the dropped-out input."""
+    return lora_delta(apply_keep(x, keep, keep_scale), lora_A, lora_B, gates, rank, scaling)
 
 
 class _DenseExperts(torch.autograd.Function):
@@ -132,9 +125,3 @@ def apply_keep(x: Tensor, keep: Tensor | None, keep_scale: float) -> Tensor:
     if keep is None:
         return x
     return x * keep.view(torch.uint8) * keep_scale
-
-
-def _gated(codes: Tensor, gates: Tensor, rank: int) -> Tensor:
-    """Each expert's code times its gate, (N, E·r)."""
-    n_tokens = codes.shape[0]
-    return (codes.view(n_tokens, -1, rank) * gates.to(codes.dtype)[..., None]).view(n_tokens, -1)

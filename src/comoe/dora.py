@@ -6,7 +6,8 @@ backward as DoRA prescribes), so
 
 The c_i fold into B (one elementwise scale) and the second term is one (N, E) @ (E, d_out) product, so
 both expert paths keep their shape; the row norms come from rank-r products, never an E × d_out × d_in
-tensor.
+tensor. The scales, the row norms and the update are computed by ``comoe.inference`` (what an exported
+model runs); this module adds what training and the records need.
 """
 
 from __future__ import annotations
@@ -16,40 +17,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from comoe.inference import dora_row_norms, dora_scale, scaled_B
+
+__all__ = ["DoraState", "dora_row_norms", "dora_scale", "expert_outputs", "scaled_B"]
+
 
 class DoraState(NamedTuple):
     """What one call of DoRA experts adds beside the codes: their scales and the base output."""
 
     scale: Tensor  # (E, d_out): c_i = m_i / ||W0 + s B_i A_i||
     base_out: Tensor  # (N, d_out): W0 x̃ without bias
-
-
-def dora_row_norms(
-    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, num_experts: int
-) -> Tensor:
-    """||W0 + s B_i A_i|| per output row for every expert i, (E, d_out), from rank-r products only.
-
-    Row j: ||w_j||² + 2s b_ijᵀ (A_i w_j) + s² b_ijᵀ (A_i A_iᵀ) b_ij. weight (d_out, d_in); lora_A (E·r, d_in);
-    lora_B (d_out, E·r).
-    """
-
-    d_out, d_in = weight.shape
-    rank = lora_A.shape[0] // num_experts
-    a = lora_A.to(weight.dtype).view(num_experts, rank, d_in)
-    b = lora_B.to(weight.dtype).view(d_out, num_experts, rank)
-    projected = (weight @ lora_A.to(weight.dtype).t()).view(d_out, num_experts, rank)  # A_i w_j
-    gram = a @ a.transpose(1, 2)  # (E, r, r)
-    cross = (b * projected).sum(-1)  # (d_out, E)
-    quadratic = torch.einsum("der,ers,des->de", b, gram, b)
-    squared = weight.pow(2).sum(1, keepdim=True) + 2 * scaling * cross + scaling**2 * quadratic
-    return squared.clamp_min(0).sqrt().t()
-
-
-def scaled_B(lora_B: Tensor, scale: Tensor, num_experts: int) -> Tensor:
-    """B with expert i's columns scaled per output feature by c_i (scale (E, d_out)): (d_out, E·r)."""
-    d_out = lora_B.shape[0]
-    b = lora_B.view(d_out, num_experts, -1)
-    return (b * scale.t()[:, :, None]).view(d_out, -1)
 
 
 def expert_outputs(codes: Tensor, lora_B: Tensor, scaling: float, dora: DoraState | None = None) -> Tensor:

@@ -29,9 +29,10 @@ from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
 from comoe.dense import apply_keep, dense_experts, dense_experts_added, dropout_keep, plain_dense_experts
-from comoe.dora import DoraState, dora_row_norms, expert_outputs, scaled_B
+from comoe.dora import DoraState, dora_scale, expert_outputs, scaled_B
 from comoe.frozen import base_weight, layer_features
 from comoe.grouped import grouped_delta
+from comoe.inference import dora_update, output_without_bias
 from comoe.routers import Routing
 from comoe.trace import ContrastiveInputs, Samples
 
@@ -167,7 +168,7 @@ class LoraExperts(Experts):
         dora = None
         if scale is not None:
             base_out = self._base_output(call, keep, x_drop)
-            delta = delta + (gates.to(scale.dtype) @ (scale - 1)) * base_out
+            delta = dora_update(delta, gates, scale, base_out)
             dora = DoraState(scale, base_out)
         contrastive = self._contrastive_inputs(codes, dora) if call.contrastive else None
         samples = None
@@ -222,9 +223,9 @@ class LoraExperts(Experts):
     def _base_output(self, call: ExpertCall, keep: Tensor | None, x_drop: Tensor) -> Tensor:
         """W0 x̃ without bias, (N, d_out) in the adapter's dtype: the base output itself when dropout is off."""
         if keep is None:
-            out = call.base_out.to(self.comoe_A.dtype)
-            bias = getattr(call.base_layer, "bias", None)
-            return out - bias.to(out.dtype) if bias is not None else out
+            return output_without_bias(
+                call.base_out, getattr(call.base_layer, "bias", None), self.comoe_A.dtype
+            )
         return F.linear(x_drop, base_weight(call.base_layer).to(x_drop.dtype))
 
     def extra_repr(self) -> str:
@@ -256,11 +257,10 @@ class DoraExperts(LoraExperts):
     def dora_scale(self, base_layer: nn.Module) -> Tensor:
         """c_i = m_i / ||W0 + s B_i A_i|| per expert and output feature, (E, d_out).
 
-        The norm is computed without autograd: DoRA (§4.3) treats it as a constant in backward.
+        The norm is computed without autograd, in fp32 under bf16 training too: DoRA (§4.3) treats it as a
+        constant in backward.
         """
-        device = self.comoe_A.device.type
-        with torch.no_grad(), torch.autocast(device, enabled=False):  # fp32 under bf16 training too
-            norms = dora_row_norms(
-                base_weight(base_layer), self.comoe_A, self.comoe_B, self.scaling, self.num_experts
-            )
-        return self.comoe_magnitude / norms
+        weight = base_weight(base_layer)
+        return dora_scale(
+            weight, self.comoe_A, self.comoe_B, self.comoe_magnitude, self.scaling, self.num_experts
+        )

@@ -8,7 +8,8 @@ The frozen weights are shared, never copied. The frozen gate and up projections 
 each selected expert adds its LoRA update to them; as the gates sum to 1 and the down projection is
 linear, the frozen down projection also runs once, on Σ g_i h_i, and only the down LoRA runs per expert.
 So a block costs one frozen FFN plus k experts' activations and LoRA updates, with fixed shapes: one pass
-per top-k slot, dense codes as in ``LoraExperts`` (no sort, no host sync).
+per top-k slot, dense codes as in ``LoraExperts`` (no sort, no host sync). That output is
+``comoe.inference.ffn_output``, what an exported model runs; this module adds the contrastive inputs.
 
 The contrastive loss compares E_i(x) = FFN_i(x) − FFN(x), each expert's update of the block's output (as
 a LoRA expert's E_i is its update B_i A_i x; the whole FFN_i(x) would be dominated by the shared FFN(x)).
@@ -20,15 +21,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
 from comoe.experts import ExpertCall, ExpertOutput, Experts, register
 from comoe.frozen import base_weight
+from comoe.inference import FFN_PROJECTIONS, ffn_output
 from comoe.trace import ContrastiveInputs, Samples
 
-PROJECTIONS = ("gate", "up", "down")
+PROJECTIONS = FFN_PROJECTIONS
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
@@ -66,27 +67,9 @@ class FfnExperts(Experts):
 
     def forward(self, call: ExpertCall) -> ExpertOutput:
         """The block's output (N, d_model) in the adapter's dtype, from the block input ``call.x``."""
-        mlp, x, gates = call.base_layer, call.x, call.routing.gates
-        selected = call.routing.selected
-        slots = selected if selected is not None else _every_expert(gates)
-        dtype = self.comoe_gate_A.dtype
-        x_drop = self.dropout(x.to(dtype))
-        gate_base = mlp.gate_proj(x).to(dtype)  # the frozen projections, once per token
-        up_base = mlp.up_proj(x).to(dtype)
-        gate_codes = x_drop @ self.comoe_gate_A.t()  # (N, E·r): every expert's code
-        up_codes = x_drop @ self.comoe_up_A.t()
-        mixed = torch.zeros_like(gate_base)  # Σ_i g_i h_i
-        down_codes = torch.zeros_like(gate_codes)  # Σ_i g_i A_down,i h̃_i, in expert i's slot
-        for slot in range(slots.shape[1]):
-            expert = slots[:, slot]
-            select = F.one_hot(expert, self.num_experts).to(dtype)[:, :, None]  # (N, E, 1)
-            weight = gates.gather(1, expert[:, None]).to(dtype)  # (N, 1)
-            gate = self._with_update("gate", gate_base, gate_codes, select)
-            hidden = mlp.act_fn(gate) * self._with_update("up", up_base, up_codes, select)
-            mixed = mixed + weight * hidden
-            codes = (self.dropout(hidden) @ self.comoe_down_A.t()).view(-1, self.num_experts, self.r)
-            down_codes = down_codes + (codes * select * weight[:, :, None]).view_as(down_codes)
-        out = mlp.down_proj(mixed.to(x.dtype)).to(dtype) + self.scaling * (down_codes @ self.comoe_down_B.t())
+        mlp, x, routing = call.base_layer, call.x, call.routing
+        x_drop = self.dropout(x.to(self.comoe_gate_A.dtype))
+        out = ffn_output(self, mlp, x, x_drop, routing.gates, routing.selected, self.dropout)
         contrastive = self._contrastive_inputs(mlp, x, x_drop) if call.contrastive else None
         samples = None
         if call.record_contrastive or call.sample_idx is not None:
@@ -109,12 +92,6 @@ class FfnExperts(Experts):
     def _outputs(self, mlp: nn.Module, x: Tensor, x_drop: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):  # the loss is fp32 under autocast too
             return self.expert_outputs(mlp, x, x_drop)
-
-    def _with_update(self, proj: str, base_out: Tensor, codes: Tensor, select: Tensor) -> Tensor:
-        """W_p x + s B_p,i A_p,i x̃ for the expert i that ``select`` (N, E, 1) picks for each token."""
-        n_tokens = base_out.shape[0]
-        picked = (codes.view(n_tokens, self.num_experts, -1) * select).view(n_tokens, -1)
-        return base_out + self.scaling * (picked @ getattr(self, f"comoe_{proj}_B").t())
 
     def expert_outputs(self, mlp: nn.Module, x: Tensor, x_drop: Tensor) -> Tensor:
         """E_i(x) = FFN_i(x) − FFN(x) for every expert i, (N, E, d_model): the frozen projections of ``mlp``
@@ -145,9 +122,3 @@ class FfnExperts(Experts):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, r={self.r}, projections={PROJECTIONS}"
-
-
-def _every_expert(gates: Tensor) -> Tensor:
-    """(N, E) expert ids 0..E-1 for every token: the slots of soft routing."""
-    n_tokens, n_exp = gates.shape
-    return torch.arange(n_exp, device=gates.device).expand(n_tokens, n_exp)

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from comoe.config import CoMoEConfig
-from comoe.dense import product_dtype
 from comoe.frozen import layer_features
+from comoe.inference import adapter_input, adds_in_one_addmm
 from comoe.mixture import MixtureLayer
 from comoe.trace import ForwardContext
 from comoe.utils.deprecation import moved_names
@@ -79,8 +79,7 @@ class CoMoELayer(MixtureLayer):
             and self.experts.supports_plain
             and self.expert_path == "dense"
             and not self._wants_aux()
-            and result.dtype == product_dtype(x)  # the dtype addmm computes in: the output's unchanged
-            and not torch.compiler.is_compiling()
+            and adds_in_one_addmm(result, x)  # the dtype addmm computes in: the output's unchanged
         )
 
     def extra_repr(self) -> str:
@@ -88,15 +87,6 @@ class CoMoELayer(MixtureLayer):
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
             f"r={self.r}, routing={self.config.routing}, path={self.expert_path}, kind={self.experts.name}"
         )
-
-
-def adapter_input(x: Tensor, adapter_dtype: torch.dtype) -> Tensor:
-    """``x`` in the dtype the adapter takes it in: the adapter's, except under autocast for an input already
-    in autocast's dtype, which stays in it. Every product would cast it there anyway, and the dropped input
-    formed in bf16 equals the one formed in fp32 and then cast (one rounding either way): no full-width fp32
-    copy is made, and none is kept for backward."""
-    autocast = adapter_dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
-    return x if autocast and product_dtype(x) == x.dtype else x.to(adapter_dtype)
 
 
 # names this module held in comoe 0.1 (comoe.utils.deprecation)

@@ -18,6 +18,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from comoe.inference import router_logits, single_expert_gates, soft_gates, topk_gates, topp_gates
 from comoe.recompute import upcast_linear
 
 
@@ -81,6 +82,8 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor, want_probs: bool = True) -> Routing:
         """The routing of the tokens ``x`` (N, d_in); ``probs`` may be None when ``want_probs`` is false."""
+        if not torch.is_grad_enabled():  # inference: comoe.inference's logits, as an exported model's
+            return self.select(router_logits(x, self.comoe_router), want_probs)
         dtype = torch.promote_types(self.comoe_router.dtype, torch.float32)  # fp32, or fp64 if asked
         with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would round the logits
             logits = upcast_linear(x, self.comoe_router.to(dtype))
@@ -121,10 +124,8 @@ class TopKRouter(Router):
         return None
 
     def select(self, logits: Tensor, want_probs: bool = True) -> Routing:
-        # the top-k of the softmax renormalised = the softmax of the top-k logits: fewer ops, forward and
-        # backward (the full softmax feeds only the balance loss and the records)
-        top_logits, top_idx = logits.topk(self.top_k, dim=-1)
-        gates = torch.zeros_like(logits).scatter(1, top_idx, top_logits.softmax(dim=-1))
+        # the full softmax feeds only the balance loss and the records
+        gates, top_idx = topk_gates(logits, self.top_k)
         probs = logits.softmax(dim=-1) if want_probs else None
         return Routing(gates, probs, top_idx)
 
@@ -144,7 +145,7 @@ class SoftRouter(Router):
         return self.num_experts
 
     def select(self, logits: Tensor, want_probs: bool = True) -> Routing:
-        probs = logits.softmax(dim=-1)
+        probs = soft_gates(logits)
         return Routing(probs, probs, None)
 
 
@@ -170,12 +171,7 @@ class TopPRouter(Router):
         return TopKRouter.contrastive_problem(config)
 
     def select(self, logits: Tensor, want_probs: bool = True) -> Routing:
-        probs = logits.softmax(dim=-1)
-        top_logits, top_idx = logits.topk(self.top_k, dim=-1)
-        top_probs = probs.gather(1, top_idx)
-        slot_mask = (top_probs.cumsum(-1) - top_probs) < self.top_p  # the mass before each slot; slot 0 kept
-        kept = top_logits.masked_fill(~slot_mask, float("-inf")).softmax(dim=-1)
-        gates = torch.zeros_like(logits).scatter(1, top_idx, kept)
+        gates, probs, top_idx, slot_mask = topp_gates(logits, self.top_k, self.top_p)
         return Routing(gates, probs, top_idx, slot_mask)
 
     def extra_repr(self) -> str:
@@ -184,7 +180,7 @@ class TopPRouter(Router):
 
 def single_expert_routing(n_tokens: int, device: torch.device, every_expert: bool) -> Routing:
     """The routing of a layer with one expert (plain LoRA): every token's gate is 1."""
-    ones = torch.ones(n_tokens, 1, device=device, dtype=torch.float32)
+    ones = single_expert_gates(n_tokens, device)
     selected = None if every_expert else torch.zeros_like(ones, dtype=torch.long)
     return Routing(ones, ones, selected)
 
