@@ -1,4 +1,4 @@
-"""`comoe` command line: train, eval, predict, tasks (analyze, bench and compare build on these)."""
+"""`comoe` command line: train, eval, predict, export, tasks (analyze, bench and compare build on these)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_predict_arguments(predict)
     predict.set_defaults(func=run_predict)
+
+    from comoe.cli.export import add_export_arguments, export_flags, run_export
+
+    export = sub.add_parser(
+        "export",
+        help="a trained adapter and its base model as one Hugging Face model folder (trust_remote_code)",
+        description="Write a self-contained model folder: the base model's config and weights with the "
+        "adapter's, the tokenizer, and inference code registered through auto_map, so that "
+        "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) loads it without comoe.",
+        parents=export_flags(),
+    )
+    add_export_arguments(export)
+    export.set_defaults(func=run_export)
 
     from comoe.cli.analyze import add_analyze_arguments, analyze_flags, run_analyze
 
