@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -348,4 +347,4 @@ def test_export_appears_in_the_command_line_help():
 
     args = build_parser().parse_args(["export", "run", "--output-dir", "d", "--task", "t", "--model", "m"])
     assert (args.output_dir, args.task, args.model) == ("d", "t", "m")
-    assert "export" in textwrap.dedent(build_parser().format_help())
+    assert "export" in build_parser().format_help()
