@@ -20,6 +20,9 @@ if [[ -z "${RENDER_ONLY:-}" ]]; then
   # hidden 1024, E = 16 on a 4x larger batch: the Gram matrix B^T B is paid once per step, not per token
   $BENCH --size wide --experts 16 --batch 8 --variants ours-dense,ours-con-gram \
          --no-generate --no-parity --name wide-e16-1k --out "$OUT"
+  # hidden 1024 in bf16: each path's error against an fp32 copy of the same model, beside PEFT LoRA's
+  $BENCH --size wide --dtype bfloat16 --variants lora,naive,ours-dense,ours-grouped --no-memory \
+         --no-generate --name wide-bf16-parity --out "$OUT"
   # SmolLM2-135M (real weights when the offline package is installed); 15 generate rounds: 5 were noisy
   $BENCH --size smollm2 --gen-rounds 15 --out "$OUT"
   # DoRA experts (CoMoE-DoRA) vs PEFT LoRA, PEFT's DoRA and LoRA experts: step time and saved activations

@@ -293,3 +293,28 @@ def test_gpu_script_reports_its_environment_and_refuses_clearly_without_a_gpu(tm
     assert f"torch {torch.__version__}" in proc.stdout and "GPU: none" in proc.stdout
     assert "is a CUDA preset and no GPU is visible" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_same_function_check_judges_each_path_against_fp32_where_the_model_is_not(dtype):
+    """fp32: the paths agree with the dense path. bf16: each path's error against an fp32 copy that routes
+    as it routed is within 1.5 × PEFT LoRA's own bf16 error; doubling one path's update fails the check."""
+    from comoe.tools.bench.measure import make_batch
+    from comoe.tools.bench.parity import parity_check
+    from comoe.tools.bench.variants import build_variant
+
+    spec = SIZES["tiny"]
+    base = build_random_llama(spec, torch.device("cpu"), dtype, seed=0)
+    batch = make_batch(base, spec, 2, 16, torch.device("cpu"), 0)
+    names = ("lora", "naive", "ours-dense", "ours-grouped")
+    kwargs = dict(experts=4, rank=8, top_k=2, targets=["q_proj", "v_proj"], con_path="auto", seed=0)
+    variants = {name: build_variant(name, base, **kwargs) for name in names}
+    result = parity_check(variants, batch, seed=0)
+    assert result["ok"], result
+    assert ("error_bound" in result) == (dtype == torch.bfloat16)
+    if dtype == torch.bfloat16:
+        for name in ("ours-dense", "naive", "ours-grouped"):
+            assert 0 < result[f"{name}_error_vs_fp32"] <= result["error_bound"]
+        layer = next(iter(variants["ours-grouped"].model.adapted_modules.values()))
+        layer.experts.scaling = layer.experts.scaling * 2  # a path whose update is twice what it is
+        assert not parity_check(variants, batch, seed=0)["ok"]

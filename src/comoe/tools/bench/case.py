@@ -17,12 +17,12 @@ from comoe.tools.bench.measure import (
     host_syncs_per_step,
     median,
     paired_ratio,
-    parity_check,
     peak_step_bytes,
     saved_activation_bytes,
     time_round_robin,
     train_step,
 )
+from comoe.tools.bench.parity import parity_check
 from comoe.tools.bench.sizes import SizeSpec
 from comoe.tools.bench.variants import GENERATE_VARIANTS, Variant, auto_path, build_variant
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from comoe.tools.bench.naive import copy_comoe_to_naive
 from comoe.tools.bench.sizes import SizeSpec
 from comoe.tools.bench.variants import Variant
 
@@ -199,40 +198,6 @@ def generate_fn(
 
 # --- parity: the naive loop and both of our paths compute the same function -----------------------------
 @torch.no_grad()
-def parity_check(variants: dict[str, Variant], batch: Batch, seed: int) -> dict | None:
-    """Eval-mode logits of naive and ours-grouped with ours-dense's (randomised) experts: max |Δ|."""
-    ref = variants.get("ours-dense")
-    others = [v for v in ("naive", "ours-grouped") if v in variants]
-    if ref is None or not others:
-        return None
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in sorted(ref.model.adapter_state_dict().items()):
-        if name.endswith("comoe_B") or name.endswith("comoe_router"):
-            p.copy_((torch.randn(p.shape, generator=gen) * (0.05 if name.endswith("comoe_B") else 1.0)).to(p))
-    result = {}
-    for name in others:
-        v = variants[name]
-        if name == "naive":
-            copy_comoe_to_naive(ref.model, v.naive_layers)
-        else:
-            v.model.load_state_dict(ref.model.state_dict())
-    logits = {}
-    for name in ["ours-dense", *others]:
-        model = variants[name].model
-        model.eval()
-        logits[name] = model(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask).logits.float()
-        model.train()
-    scale = logits["ours-dense"].abs().max().item()
-    for name in others:
-        result[f"{name}_max_abs_diff"] = (logits[name] - logits["ours-dense"]).abs().max().item()
-    result["logit_scale"] = scale
-    # 1e-3 of the scale, or 4 rounding steps of the model's dtype (bf16: the loop sums in another order)
-    eps = torch.finfo(ref.model.get_input_embeddings().weight.dtype).eps
-    result["tolerance"] = max(1e-3, 4 * eps) * max(1.0, scale)
-    result["ok"] = all(result[f"{n}_max_abs_diff"] <= result["tolerance"] for n in others)
-    return result
-
-
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

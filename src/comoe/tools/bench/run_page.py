@@ -157,12 +157,26 @@ def _render_case(case: dict, device: str) -> list[str]:
         diffs = ", ".join(
             f"{k.replace('_max_abs_diff', '')} {v:.1e}" for k, v in par.items() if k.endswith("diff")
         )
-        lines += [
-            "",
+        line = (
             f"Same function check (eval mode, experts randomised and copied from ours-dense): max |Δ logits| "
             f"{diffs} (logit scale {par['logit_scale']:.1f}"
             + (f", tolerance {par['tolerance']:.1e}" if "tolerance" in par else "")
-            + f"): {'ok' if par['ok'] else 'MISMATCH'}.",
-        ]
+            + ")"
+        )
+        if "error_bound" in par:  # below fp32: each path judged by its error against an fp32 copy
+            errors = ", ".join(
+                f"{k.replace('_error_vs_fp32', '')} {v:.1e}" for k, v in par.items() if k.endswith("_vs_fp32")
+            )
+            free = ", ".join(
+                f"{k.replace('_error_free_routing', '')} {v:.1e}"
+                for k, v in par.items()
+                if k.endswith("_free_routing")
+            )
+            line += (
+                f"; max |error| against an fp32 copy routing as each path routed: {errors} (bound 1.5 × "
+                f"LoRA's: {par['error_bound']:.1e}); against an fp32 copy routing on its own: {free} "
+                "(tokens whose routing flips)"
+            )
+        lines += ["", f"{line}: {'ok' if par['ok'] else 'MISMATCH'}."]
     lines.append("")
     return lines
