@@ -165,6 +165,13 @@ def test_an_exported_run_generates_what_the_adapted_model_generates_without_como
         torch.testing.assert_close(exported_logits[str(i)], logits, rtol=1e-5, atol=1e-5)
         assert (logits - base_logits[i]).abs().max() > 1e-2  # the adapter is in what was compared
 
+    # the README's second command: the run's bare adapter directory, its base named
+    bare = tmp_path / "bare"
+    argv = ["export", str(run_dir / "adapter"), "--model", str(tiny_model_dir), "--output-dir", str(bare)]
+    assert run_cli(argv) == 0
+    exported, again = load_file(folder / "model.safetensors"), load_file(bare / "model.safetensors")
+    assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
+
 
 CASES = {  # (family, adapter settings): every expert kind under every routing, and what else the code meets
     "lora-topk": ("llama", {}),
