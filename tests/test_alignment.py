@@ -190,6 +190,7 @@ def test_the_readme_example(tiny_model_dir, tmp_path, monkeypatch):
         Dataset.from_dict(PAIRS),
     )
     # --- README ---
+    import torch
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, KTOTrainer
 
