@@ -1755,20 +1755,42 @@ def test_refused_wrap_leaves_the_base_trainable(wrap, tmp_path):
     assert all(p.requires_grad for p in base.parameters())
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_launches_are_refused_before_any_work(kind, tmp_path, monkeypatch, capsys):
-    """FSDP and DeepSpeed cannot be launched on this CPU (accelerate falls back to DDP), so the launch is
-    simulated by the accelerator's reported type: `comoe train` must stop at once, writing nothing."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
-    monkeypatch.setattr(
-        Accelerator, "distributed_type", property(lambda self: getattr(DistributedType, kind))
-    )
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 2 only"),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"},
+            "--gradient-checkpointing",
+        ),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "does not run DeepSpeed"),
+    ],
+    ids=["fsdp1", "fsdp-activation-checkpointing", "deepspeed"],
+)
+def test_sharded_launches_comoe_cannot_follow_are_refused_before_any_work(
+    env, expected, tmp_path, monkeypatch, capsys
+):
+    """What `accelerate launch` sets for these configs (FSDP2 itself trains: tests/training/test_sharded.py):
+    `comoe train` stops at once with one line naming the reason, writing nothing."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     run_dir = tmp_path / "run"
     assert main(["train", "--tasks", "winowhy", "--output-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
-    assert "one process or with DDP" in err and "torchrun" in err
+    assert expected in err and len(err.strip().splitlines()) == 1
+    assert not run_dir.exists()
+
+
+def test_other_distributed_types_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """A launch type `comoe train` has no path for (simulated: it cannot be launched here)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.MEGATRON_LM))
+    run_dir = tmp_path / "run"
+    assert main(["train", "--tasks", "winowhy", "--output-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "one process, with DDP or with FSDP2" in err and "examples/accelerate" in err
     assert not run_dir.exists()
 
 

@@ -8,11 +8,11 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 from comoe.config import DAMAGED, WEIGHTS_NAME, CoMoEConfig, read_adapter_config
 from comoe.frozen import layer_features
-from comoe.loading import check_finite
+from comoe.loading import PEFT_PREFIX, check_finite, fit_adapter_tensors
 from comoe.model import AdapterLoadError, CoMoEModel, find_targets, get_comoe_model
 from comoe.placement import adapter_parameter_count
 from comoe.training.methods import method_of
@@ -42,10 +42,26 @@ def build_adapted_model(base: nn.Module, run: RunConfig) -> nn.Module:
     return get_peft_model(base, lora)
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> None:
-    """Save the adapter atomically: a temp directory renamed into place."""
+def save_adapter(
+    model: nn.Module, directory: str | Path, state_dict: dict[str, Tensor] | None = None
+) -> None:
+    """Save the adapter atomically: a temp directory renamed into place. ``state_dict``: the whole trainable
+    tensors by parameter name (a sharded model's, gathered), in place of the live parameters."""
     with atomic_dir(directory) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
+
+
+def whole_adapter(model: nn.Module, directory: str | Path) -> dict[str, Tensor]:
+    """The adapter saved in ``directory``, keyed by ``model``'s parameter names and checked against their
+    (whole) shapes: what a sharded model loads (each process keeps its shard)."""
+    path = Path(directory) / WEIGHTS_NAME
+    if isinstance(model, CoMoEModel):
+        expected = {name: param.shape for name, param in model.adapter_state_dict().items()}
+        return {
+            PEFT_PREFIX + k: v for k, v in fit_adapter_tensors(load_file(path), expected, str(path)).items()
+        }
+    saved, adapter = load_file(path), f".{model.active_adapter}"  # PEFT's file drops the adapter's name
+    return {n: saved[n.replace(adapter, "")] for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:

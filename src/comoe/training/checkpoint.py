@@ -4,6 +4,11 @@ A checkpoint is a directory ``checkpoints/step-000050`` written first as a hidde
 and renamed when complete, so a run killed at any moment leaves either the previous checkpoint or the new
 one, never a half-written one; the hidden directory a killed write leaves is removed when the run starts
 again (`remove_stale_writes`). Tensors go to safetensors files, everything else to JSON.
+
+It holds the whole training state of every process: under FSDP the adapter and the optimizer state are
+gathered whole from their shards (adapter-sized tensors only, never the base) and the main process writes
+them in the same files as an unsharded run's, so a checkpoint resumes on any number of processes; each
+process's RNG state is kept under its rank.
 """
 
 from __future__ import annotations
@@ -13,15 +18,17 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from comoe.compat import legacy_adapter_name, legacy_parameter_order
-from comoe.training.adapters import load_adapter_weights
+from comoe.training.adapters import load_adapter_weights, whole_adapter
 from comoe.training.run_dir import ADAPTER_DIR
+from comoe.training.sharding import gathered_optimizer, gathered_trainable, load_whole_state
 from comoe.utils.files import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -113,30 +120,67 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+class TrainingState(NamedTuple):
+    """What a checkpoint holds of the model and optimizer, whole, on the main process."""
+
+    adapter: dict[str, torch.Tensor] | None  # the trainable tensors by name; None: the live model's
+    optimizer: dict[str, Any]  # the optimizer's state_dict (by position)
+    names: list[str]  # the optimizer's parameters, in its order
+    rngs: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]  # each process's RNG state, by rank
+
+
+def training_state(model, optimizer, sharded: bool = False) -> TrainingState:
+    """The whole training state; every process calls it (under FSDP or DDP it gathers across processes),
+    and only the main process's is complete."""
+    names = optimizer_parameter_names(model, optimizer)
+    rngs = [rng_state()]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng_state())
+    if sharded:
+        return TrainingState(gathered_trainable(model), gathered_optimizer(model, optimizer), names, rngs)
+    return TrainingState(None, optimizer.state_dict(), names, rngs)
+
+
 def save_checkpoint(
-    root: str | Path, step: int, model, optimizer, scheduler, progress: dict[str, Any], keep: int = 1
+    root: str | Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    progress: dict[str, Any],
+    keep: int = 1,
+    state: TrainingState | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; keep only the newest ``keep``."""
+    """Write checkpoint ``step`` under ``root`` atomically; keep only the newest ``keep``. ``state`` (from
+    :func:`training_state`) is what to write; without it, this process's model and optimizer."""
     root = Path(root)
     final = root / f"step-{step:06d}"
+    state = state or training_state(model, optimizer)
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp / ADAPTER_DIR)
-        opt_tensors, opt_meta = optimizer_to_files(optimizer.state_dict())
+        model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state.adapter)
+        opt_tensors, opt_meta = optimizer_to_files(state.optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-        rng_tensors, rng_meta = rng_state()
+        rng_tensors = {_rank_key(rank, k): v for rank, (t, _) in enumerate(state.rngs) for k, v in t.items()}
         save_file(rng_tensors, tmp / "rng.safetensors")
-        state = {
+        trainer_state = {
             "step": step,
             "progress": progress,
-            "parameters": optimizer_parameter_names(model, optimizer),  # the optimizer state's order
+            "parameters": state.names,  # the optimizer state's order
             "optimizer": opt_meta,
-            "rng": rng_meta,
+            "rng": state.rngs[0][1],
+            "rng_by_rank": {str(rank): meta for rank, (_, meta) in enumerate(state.rngs) if rank},
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
         }
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _rank_key(rank: int, key: str) -> str:
+    """Rank 0's RNG tensors keep the names of a one-process checkpoint; the others' carry their rank."""
+    return key if rank == 0 else f"rank{rank}.{key}"
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -158,17 +202,35 @@ def remove_stale_writes(root: str | Path) -> list[Path]:
     return stale
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore adapter, optimizer, scheduler and RNG from ``path``; returns the saved progress."""
+def load_checkpoint(
+    path: str | Path, model, optimizer, scheduler, rank: int = 0, sharded: bool = False
+) -> dict[str, Any]:
+    """Restore adapter, optimizer, scheduler and this process's (``rank``'s) RNG from ``path``; returns the
+    saved progress. ``sharded``: the model is sharded (FSDP2); every process reads the whole state and
+    keeps its shard. A rank the checkpoint has no RNG state for (one written by fewer processes) takes
+    rank 0's."""
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
     names = optimizer_parameter_names(model, optimizer)
     saved_names = state.get("parameters") or legacy_parameter_order(names)  # comoe 0.1 saved no names
     saved = optimizer_from_files(load_file(path / "optimizer.safetensors"), state["optimizer"])
     saved = optimizer_state_by_name(saved, saved_names, optimizer, names, str(path))
-    load_adapter_weights(model, path / ADAPTER_DIR)
-    optimizer.load_state_dict(saved)
+    if sharded:
+        load_whole_state(model, optimizer, whole_adapter(model, path / ADAPTER_DIR), saved, names)
+    else:
+        load_adapter_weights(model, path / ADAPTER_DIR)
+        optimizer.load_state_dict(saved)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(load_file(path / "rng.safetensors"), state["rng"])
+    meta = state.get("rng_by_rank", {}).get(str(rank))
+    if meta is None:
+        rank, meta = 0, state["rng"]
+    set_rng_state(_rank_rng(load_file(path / "rng.safetensors"), rank), meta)
     return {"step": state["step"], **state["progress"]}
+
+
+def _rank_rng(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    if rank == 0:
+        return {k: v for k, v in tensors.items() if not k.startswith("rank")}
+    prefix = f"rank{rank}."
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}

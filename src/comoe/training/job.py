@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from comoe.data.batching import check_lengths
@@ -45,6 +46,7 @@ from comoe.training.run_dir import (
     saved_run,
 )
 from comoe.training.run_settings import resolve_run
+from comoe.training.sharding import FsdpPlan, fsdp_launch, gathered_trainable, shard_model
 from comoe.training.tracking import make_accelerator, start_tracking
 from comoe.utils.deprecation import moved_names
 from comoe.utils.files import write_json_atomic
@@ -78,6 +80,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
             run_dir, {k: v for k, v in run.to_dict().items() if k != "output_dir"}, report=False
         )
     accelerator = make_accelerator(run, run_dir / TRACKING_DIR)
+    plan = fsdp_launch()  # None: one process or DDP
     check_output_dir(run_dir, resume)
     data = load_run_data(
         run.tasks,
@@ -121,11 +124,12 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     if run.gradient_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
-    base.to(accelerator.device)
+    if plan is None:
+        base.to(accelerator.device)  # a sharded base moves there shard by shard
     if accelerator.device.type == "cpu":
         CpuThreads(run.cpu_threads).settle()  # the base's evaluation; training re-measures as it goes
     results: dict = {"majority": majority_baseline(train, test), "data": data_summary(data)}
-    if run.eval_base and accelerator.is_main_process:
+    if run.eval_base and accelerator.is_main_process and plan is None:
         results["base"] = _cached_base_eval(run, run_dir, base, tokenizer, test)
 
     started = time.time()
@@ -133,14 +137,16 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         set_seed(run.seed)  # the adapter's initialisation depends only on the seed
         model = build_adapted_model(base, run)
         results["trainable"], results["total_params"] = trainable_counts(model)
+        if plan is not None:
+            _shard(model, plan, accelerator, run, run_dir, tokenizer, test, results)
         examples = [ex for t in train for ex in train[t]]
         trained = train_adapter(
             model, tokenizer, examples, list(train), run, run_dir, accelerator, resume, "train", data.val
         )
         results["train"] = asdict(trained)
         core = accelerator.unwrap_model(model)
-        if accelerator.is_main_process:
-            save_adapter(core, run_dir / ADAPTER_DIR)
+        _save_trained(core, run_dir / ADAPTER_DIR, accelerator, plan is not None)
+        if accelerator.is_main_process or plan is not None:  # a sharded forward needs every process
             results["adapter"] = evaluate_tasks(
                 core,
                 tokenizer,
@@ -149,10 +155,11 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
                 return_predictions=True,
                 batch_size=run.eval_batch_size,
                 max_length=run.max_length,
+                progress=accelerator.is_main_process,
             )
     else:
         results["adapter"], results["train"] = _single_task(
-            run, run_dir, data, accelerator, resume, base, tokenizer
+            run, run_dir, data, accelerator, resume, base, tokenizer, plan, results
         )
         results["trainable"], results["total_params"] = results["train"].pop("params")
     results["train_seconds"] = time.time() - started + _seconds_before_resume(results["train"])
@@ -173,17 +180,38 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     return {}
 
 
-def _single_task(run, run_dir, data, accelerator, resume, base, tokenizer):
+def _shard(
+    model, plan: FsdpPlan, accelerator, run: RunConfig, run_dir: Path, tokenizer, test, results
+) -> None:
+    """Shard ``model`` (FSDP2) and, once per run, score the base through it with the adapter disabled: every
+    process runs the forwards (the cache of base scores is written, not read: all must run them)."""
+    shard_model(model, plan, accelerator.device)
+    if run.eval_base and "base" not in results:
+        with model.disable_adapter(), torch.random.fork_rng(devices=[]):
+            results["base"] = _cached_base_eval(run, run_dir, model, tokenizer, test, read=False)
+
+
+def _save_trained(core, directory: Path, accelerator, sharded: bool) -> None:
+    """The main process saves the adapter; a sharded one is first gathered whole (its tensors only)."""
+    state = gathered_trainable(core) if sharded else None  # every process takes part
+    if accelerator.is_main_process:
+        save_adapter(core, directory, state)
+
+
+def _single_task(run, run_dir, data, accelerator, resume, base, tokenizer, plan=None, results=None):
     """One adapter per task, each on a fresh copy of the base, evaluated on its own task."""
     train, test = data.train, data.test
     scores, logs, params = {}, {}, (0, 0)
     for i, task in enumerate(train):
         if i > 0:
             base, tokenizer = load_base_model(run.model, dtype=base_dtype(run), quantize=run.quantize)
-            base.to(accelerator.device)
+            if plan is None:
+                base.to(accelerator.device)
         set_seed(run.seed)
         model = build_adapted_model(base, run)
         params = trainable_counts(model)
+        if plan is not None:
+            _shard(model, plan, accelerator, run, run_dir, tokenizer, test, results)
         task_dir = run_dir / ADAPTERS_DIR / task
         task_dir.mkdir(parents=True, exist_ok=True)
         validation = {task: data.val[task]} if data.val else None
@@ -192,8 +220,8 @@ def _single_task(run, run_dir, data, accelerator, resume, base, tokenizer):
         )
         logs[task] = asdict(trained)
         core = accelerator.unwrap_model(model)
-        if accelerator.is_main_process:
-            save_adapter(core, task_dir / ADAPTER_DIR)
+        _save_trained(core, task_dir / ADAPTER_DIR, accelerator, plan is not None)
+        if accelerator.is_main_process or plan is not None:  # a sharded forward needs every process
             scores.update(
                 evaluate_tasks(
                     core,
@@ -203,6 +231,7 @@ def _single_task(run, run_dir, data, accelerator, resume, base, tokenizer):
                     return_predictions=True,
                     batch_size=run.eval_batch_size,
                     max_length=run.max_length,
+                    progress=accelerator.is_main_process,
                 )["tasks"]
             )
     return with_macro_average(run.protocol, scores), {"per_task": logs, "params": params}
@@ -214,15 +243,15 @@ def _seconds_before_resume(train: dict) -> float:
     return sum(log.get("seconds_before_resume", 0.0) for log in logs)
 
 
-def _cached_base_eval(run, run_dir, base, tokenizer, test) -> dict:
+def _cached_base_eval(run, run_dir, base, tokenizer, test, read: bool = True) -> dict:
     """Zero-shot base scores, kept in the run directory so a resumed run does not recompute them.
 
     The cache is used only for the same model, protocol, length limit and test examples (a resume may
-    change the protocol and the test size).
+    change the protocol and the test size); with ``read`` false it is only written (by the main process).
     """
     path = run_dir / BASE_SCORES_NAME
     key = _base_eval_key(run, test)
-    if path.is_file():
+    if read and path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["scores"]
@@ -235,7 +264,8 @@ def _cached_base_eval(run, run_dir, base, tokenizer, test) -> dict:
         batch_size=run.eval_batch_size,
         max_length=run.max_length,
     )
-    write_json_atomic(path, {"key": key, "scores": scores})
+    if read or PartialState().is_main_process:
+        write_json_atomic(path, {"key": key, "scores": scores})
     return scores
 
 

@@ -1,4 +1,5 @@
-"""The training loop as a recipe object on Hugging Face accelerate: one CPU, or DDP under torchrun.
+"""The training loop as a recipe object on Hugging Face accelerate: one process, DDP (torchrun, accelerate
+launch), or FSDP2 (accelerate launch with an FSDP config; see ``comoe.training.sharding``).
 
 :class:`TrainingRecipe` holds the state of a run (model, optimiser, schedule, accelerator, checkpoints);
 ``train_adapter`` builds one and runs it.
@@ -8,7 +9,7 @@ epoch is a permutation seeded by (seed, epoch), and every checkpoint stores the 
 and the random contrastive anchors draw from.
 
 Loss normalisation: an optimiser step is one batch split into ``grad_accum`` micro-batches (and over
-DDP processes), and its gradient is that of the whole batch: the task loss is the sum of cross-entropy
+processes), and its gradient is that of the whole batch: the task loss is the sum of cross-entropy
 over the step's label tokens divided by their count, and each auxiliary loss (a mean over the real
 tokens of its forward) is weighted by its micro-batch's share of the step's real tokens. Short answers
 therefore weigh what their tokens weigh, whichever micro-batch they land in.
@@ -37,9 +38,11 @@ from comoe.training.checkpoint import (
     load_checkpoint,
     remove_stale_writes,
     save_checkpoint,
+    training_state,
 )
 from comoe.training.run_config import RunConfig
 from comoe.training.run_dir import CHECKPOINTS_DIR, TRAIN_LOG_NAME, read_train_log, truncate_train_log
+from comoe.training.sharding import clip_grad_norm, gradient_sync, is_sharded
 from comoe.training.task_loss import causal_lm_loss, label_tokens
 from comoe.training.validation import Validator, validation_history
 from comoe.utils.deprecation import moved_names
@@ -88,7 +91,9 @@ def epoch_batches(
 class TrainingRecipe:
     """One adapter's training: the optimiser, schedule and checkpoints of ``model`` on ``examples``.
 
-    Build it, then :meth:`run`; :meth:`step` is one optimiser step over a list of micro-batches.
+    Build it, then :meth:`run`; :meth:`step` is one optimiser step over a list of micro-batches. A model
+    sharded with FSDP2 already (``comoe.training.sharding.shard_model``) trains as it is; any other is
+    prepared by accelerate (DDP over several processes).
     """
 
     def __init__(
@@ -111,12 +116,16 @@ class TrainingRecipe:
         ]
         self.lengths = [len(item.input_ids) for item in self.encoded]
         self.steps_per_epoch, self.total_steps = plan_steps(len(self.encoded), run, accelerator.num_processes)
+        self.sharded = is_sharded(model)  # FSDP2 (``comoe.training.sharding.shard_model``)
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=run.learning_rate, weight_decay=run.weight_decay)
         self.scheduler = make_scheduler(
             run.scheduler, optimizer, math.ceil(run.warmup_ratio * self.total_steps), self.total_steps
         )
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # a sharded model is not handed to accelerate, which would wrap it again
+        self.model, self.optimizer = (
+            (model, optimizer) if self.sharded else accelerator.prepare(model, optimizer)
+        )
         self.core = accelerator.unwrap_model(self.model)
         self.health = RoutingHealth(self.core)
         self.pad_id = pad_token_id(tokenizer)
@@ -130,7 +139,10 @@ class TrainingRecipe:
         """Continue from the newest checkpoint, if there is one; the log loses the steps after it."""
         found = list_checkpoints(self.checkpoint_dir)
         if found:
-            progress = load_checkpoint(found[-1], self.core, self.optimizer, self.scheduler)
+            rank = self.accelerator.process_index
+            progress = load_checkpoint(
+                found[-1], self.core, self.optimizer, self.scheduler, rank, self.sharded
+            )
             self.start_step, self.earlier_seconds = progress["step"], progress.get("elapsed_s", 0.0)
             self.accelerator.print(f"resumed from {found[-1]} at step {self.start_step}/{self.total_steps}")
 
@@ -175,7 +187,7 @@ class TrainingRecipe:
             if self.threads is not None:
                 parts["threads"] = self.threads.adjust()  # the count the next step runs with
             if self.validator is not None and self.validator.due(step + 1, self.total_steps):
-                if accelerator.is_main_process:
+                if accelerator.is_main_process or self.sharded:  # a sharded forward needs every process
                     parts.update(self.validator(self.core, accelerator))
                 accelerator.wait_for_everyone()
             if health:
@@ -209,7 +221,7 @@ class TrainingRecipe:
             time.time() - began,
             final,
             accelerator.num_processes,
-            replicas_identical(self.params, accelerator),
+            self.sharded or replicas_identical(self.params, accelerator),  # sharded: one copy of each tensor
             resumed_at_step=self.start_step,
             seconds_before_resume=self.earlier_seconds,
             validation=validation_history(logged),
@@ -220,8 +232,9 @@ class TrainingRecipe:
         the gradient's norm (before clipping)."""
         parts = self.accumulate(micro_batches)
         limit = self.run_config.max_grad_norm  # the norm before clipping is logged either way
-        norm = self.accelerator.clip_grad_norm_(self.params, math.inf if limit is None else limit)
-        parts["grad_norm"] = float(norm)
+        limit = math.inf if limit is None else limit
+        clip = clip_grad_norm if self.sharded else self.accelerator.clip_grad_norm_
+        parts["grad_norm"] = float(clip(self.params, limit))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -240,7 +253,9 @@ class TrainingRecipe:
             dtype=torch.float64,
         )
         step_tokens = local.sum(0)
-        if accelerator.num_processes > 1:  # DDP averages gradients: normalise by the tokens of all processes
+        if (
+            accelerator.num_processes > 1
+        ):  # DDP and FSDP average gradients: normalise by all processes' tokens
             step_tokens = (
                 accelerator.reduce(step_tokens.to(accelerator.device), "sum").cpu()
                 / accelerator.num_processes
@@ -250,7 +265,7 @@ class TrainingRecipe:
         for i, batch in enumerate(batches):
             if not isinstance(self.core, CoMoEModel):
                 batch.pop("task_ids")  # PEFT/plain models do not take it
-            context = accelerator.no_sync(self.model) if i < len(batches) - 1 else nullcontext()
+            context = self._sync(i == len(batches) - 1)
             with context, accelerator.autocast():
                 task_sum, out = causal_lm_loss(self.model, batch, self.trim, reduction="sum")
                 aux = self._aux_loss(out)
@@ -260,16 +275,20 @@ class TrainingRecipe:
             _add_parts(sums, task_sum, out, local[i, 1].item())
         return _mean_parts(sums, local.sum(0))
 
+    def _sync(self, last: bool):
+        """Reduce the gradients at the step's last micro-batch only."""
+        if self.sharded:
+            return gradient_sync(self.model, last)
+        return nullcontext() if last else self.accelerator.no_sync(self.model)
+
     def checkpoint(self, step: int, epoch: int, elapsed_s: float) -> None:
+        """Every process takes part (the state is gathered whole); the main process writes it."""
         self.accelerator.wait_for_everyone()
+        state = training_state(self.core, self.optimizer, self.sharded)
         if self.accelerator.is_main_process:
+            progress = {"epoch": epoch, "elapsed_s": elapsed_s}
             save_checkpoint(
-                self.checkpoint_dir,
-                step,
-                self.core,
-                self.optimizer,
-                self.scheduler,
-                {"epoch": epoch, "elapsed_s": elapsed_s},
+                self.checkpoint_dir, step, self.core, self.optimizer, self.scheduler, progress, state=state
             )
 
     def _aux_loss(self, out) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ TensorBoard, Weights & Biases, MLflow). Routing health is ``comoe.routing_health
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
+from comoe.training.sharding import fsdp_launch
+
 REPORTERS = ("none", "tensorboard", "wandb", "mlflow")
 _PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
-SUPPORTED_DISTRIBUTION = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+SUPPORTED_DISTRIBUTION = (
+    DistributedType.NO,
+    DistributedType.MULTI_CPU,
+    DistributedType.MULTI_GPU,
+    DistributedType.FSDP,  # comoe shards the model itself (comoe.training.sharding)
+)
 
 
 def reporter_problem(report_to: str) -> str | None:
@@ -25,9 +33,12 @@ def reporter_problem(report_to: str) -> str | None:
 
 
 def make_accelerator(run, tracking_dir: Path | None = None) -> Accelerator:
-    """One process, or DDP (torchrun / accelerate launch), with ``run.report_to``'s tracker writing under
-    ``tracking_dir``. FSDP and DeepSpeed are refused before any work: the checkpoints save the optimizer
-    state of one process, which is only the whole state under DDP."""
+    """One process, DDP (torchrun / accelerate launch) or FSDP2 (accelerate launch with an FSDP config, on
+    GPUs or CPUs), with ``run.report_to``'s tracker writing under ``tracking_dir``. What cannot run is
+    refused before any work: FSDP version 1 (``comoe.training.sharding.fsdp_launch``) and DeepSpeed."""
+    fsdp_launch()  # raises for an FSDP launch comoe cannot follow
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError(DEEPSPEED_REFUSED)
     trackers = {} if run.report_to == "none" else {"log_with": run.report_to, "project_dir": tracking_dir}
     # accelerate only sets up multi-process CPU training (gloo) when told it is on the CPU
     accelerator = Accelerator(
@@ -35,13 +46,20 @@ def make_accelerator(run, tracking_dir: Path | None = None) -> Accelerator:
     )
     if accelerator.distributed_type not in SUPPORTED_DISTRIBUTION:
         raise ValueError(
-            f"`comoe train` runs on one process or with DDP, not {accelerator.distributed_type.value}: "
-            "its checkpoints hold one process's optimizer state; launch with `torchrun` or a plain "
-            "multi-GPU `accelerate launch` config, or train through transformers' Trainer "
-            '(see README "Use with PEFT / Trainer / TRL")'
+            f"`comoe train` runs on one process, with DDP or with FSDP2, not "
+            f"{accelerator.distributed_type.value}: launch with `torchrun` or an accelerate config from "
+            "examples/accelerate (ddp.yaml, fsdp2.yaml)"
         )
     set_seed(run.seed)
     return accelerator
+
+
+DEEPSPEED_REFUSED = (
+    "`comoe train` does not run DeepSpeed: its checkpoints and saved adapter would hold one process's ZeRO "
+    "partition (untested: DeepSpeed does not run on the CPUs comoe is tested on); shard with FSDP2 "
+    "(accelerate launch --config_file examples/accelerate/fsdp2.yaml), or train with transformers' Trainer "
+    "and a ZeRO config"
+)
 
 
 def start_tracking(accelerator: Accelerator, run) -> None:
