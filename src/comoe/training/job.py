@@ -46,7 +46,7 @@ from comoe.training.run_dir import (
     saved_run,
 )
 from comoe.training.run_settings import resolve_run
-from comoe.training.sharding import FsdpPlan, fsdp_launch, gathered_trainable, shard_model
+from comoe.training.sharding import FsdpPlan, fsdp_launch, save_sharded_adapter, shard_model
 from comoe.training.tracking import make_accelerator, start_tracking
 from comoe.utils.deprecation import moved_names
 from comoe.utils.files import write_json_atomic
@@ -193,9 +193,10 @@ def _shard(
 
 def _save_trained(core, directory: Path, accelerator, sharded: bool) -> None:
     """The main process saves the adapter; a sharded one is first gathered whole (its tensors only)."""
-    state = gathered_trainable(core) if sharded else None  # every process takes part
-    if accelerator.is_main_process:
-        save_adapter(core, directory, state)
+    if sharded:
+        save_sharded_adapter(core, directory, accelerator.is_main_process)
+    elif accelerator.is_main_process:
+        save_adapter(core, directory)
 
 
 def _single_task(run, run_dir, data, accelerator, resume, base, tokenizer, plan=None, results=None):

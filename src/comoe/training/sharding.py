@@ -158,6 +158,18 @@ def gathered_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_options(cpu_offload=True, ignore_frozen_params=True))
 
 
+def save_sharded_adapter(model: nn.Module, directory, is_main_process: bool) -> None:
+    """Save the whole adapter of a sharded ``model`` (``fully_shard``, by comoe or by accelerate/Trainer):
+    every process calls it, the adapter tensors alone are gathered, and the main process writes them
+    atomically (``model.save_pretrained``'s layout). Use it in place of ``save_pretrained``, which would
+    write each process's shard, and of a full state dict, which would gather the base too."""
+    from comoe.training.adapters import save_adapter
+
+    state = gathered_trainable(model)
+    if is_main_process:
+        save_adapter(model, directory, state)
+
+
 def gathered_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The whole optimizer state on the main process (CPU), keyed as ``optimizer.state_dict()`` keys it (by
     position); empty on the others. Every process calls it."""

@@ -56,9 +56,7 @@ def make_accelerator(run, tracking_dir: Path | None = None) -> Accelerator:
 
 DEEPSPEED_REFUSED = (
     "`comoe train` does not run DeepSpeed: its checkpoints and saved adapter would hold one process's ZeRO "
-    "partition (untested: DeepSpeed does not run on the CPUs comoe is tested on); shard with FSDP2 "
-    "(accelerate launch --config_file examples/accelerate/fsdp2.yaml), or train with transformers' Trainer "
-    "and a ZeRO config"
+    "partition; shard with FSDP2 (accelerate launch --config_file examples/accelerate/fsdp2.yaml)"
 )
 
 
