@@ -943,7 +943,7 @@ CLI_CASES = [
     cli(
         "abbreviation-of-two-flags",
         train("--eval", "4"),
-        ["ambiguous option: --eval could match --eval-batch-size, --eval-base"],
+        ["ambiguous option: --eval could match --eval-steps, --eval-batch-size, --eval-base"],
     ),
     cli(
         "yaml-config-is-a-directory",
