@@ -35,6 +35,7 @@ CORE_MODULES = {
     "dora",
     "dense",
     "recompute",
+    "outputs",
     "ffn",
     "losses",
     "targets",

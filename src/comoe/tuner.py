@@ -38,6 +38,7 @@ from comoe.compat import DeprecatedAuxLosses
 from comoe.config import CoMoEConfig
 from comoe.loading import ADAPTER_PREFIX, AdapterLoadError, fit_adapter_tensors
 from comoe.mixture import MERGE_REFUSED, ONE_ADAPTER, MixtureLayer
+from comoe.outputs import with_aux_fields
 from comoe.placement import AdapterTargets, build_layer
 from comoe.records import RoutingRecorder
 from comoe.trace import ForwardContext
@@ -208,8 +209,7 @@ class CoMoETuner(BaseTuner):
                 share = token_share(kwargs.get("labels"), kwargs.get("num_items_in_batch"))
                 outputs["loss"] = outputs.loss + self.last_aux.total * share
             if self.last_aux is not None and isinstance(outputs, dict):  # ModelOutput; a tuple has no room
-                for key, value in self.last_aux.output_fields().items():
-                    outputs[key] = value
+                outputs = with_aux_fields(outputs, self.last_aux.output_fields())
             return outputs
         finally:
             ctx.token_mask = ctx.task_ids = None
