@@ -24,6 +24,8 @@ from tests.cli_runs import TASKS, comoe_cli, read_log, tiny_run_flags
 
 pytestmark = pytest.mark.slow  # every test here runs `comoe` end to end
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def tiny_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
@@ -155,8 +157,17 @@ def test_malformed_jsonl_fails_before_training_naming_file_and_line(tiny_model_d
     assert not (tmp_path / "run" / "train_log.jsonl").exists()
 
 
-def test_ddp_two_processes_on_cpu(tiny_model_dir, tmp_path):
-    """torchrun, 2 processes, gloo: loss falls, both ranks end with identical adapter weights."""
+LAUNCHERS = {  # the README's two DDP launch commands, up to `-m comoe`
+    "torchrun": ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
+    "accelerate": ["accelerate.commands.launch", "--config_file", "examples/accelerate/ddp.yaml",
+                   "--main_process_port", "29518"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_ddp_two_processes_on_cpu(tiny_model_dir, tmp_path, launcher):
+    """torchrun and accelerate launch, 2 processes, gloo: loss falls, both ranks end with identical adapter
+    weights."""
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     config = tmp_path / "ddp.yaml"  # a YAML file: torchrun would take `--r` for one of its own flags
@@ -167,11 +178,7 @@ def test_ddp_two_processes_on_cpu(tiny_model_dir, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
+        *LAUNCHERS[launcher],
         "-m",
         "comoe",
         "train",
@@ -180,7 +187,7 @@ def test_ddp_two_processes_on_cpu(tiny_model_dir, tmp_path):
         "--output-dir",
         str(run_dir),
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "unused parameters" not in result.stderr.lower()
     metrics = json.loads((run_dir / "metrics.json").read_text())
