@@ -1781,6 +1781,17 @@ def test_sharded_launches_comoe_cannot_follow_are_refused_before_any_work(
     assert not run_dir.exists()
 
 
+def test_a_quantised_base_under_fsdp_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--tasks", "winowhy", "--quantize", "nf4", "--output-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "quantize='nf4' under FSDP" in err and "bnb_4bit_quant_storage" in err
+    assert len(err.strip().splitlines()) == 1 and not run_dir.exists()
+
+
 def test_other_distributed_types_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
     """A launch type `comoe train` has no path for (simulated: it cannot be launched here)."""
     from accelerate import Accelerator

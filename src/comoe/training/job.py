@@ -81,6 +81,12 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         )
     accelerator = make_accelerator(run, run_dir / TRACKING_DIR)
     plan = fsdp_launch()  # None: one process or DDP
+    if plan is not None and run.quantize is not None:
+        raise ValueError(
+            f"quantize={run.quantize!r} under FSDP: bitsandbytes' quantised weights shard only when stored in "
+            "the compute dtype (bnb_4bit_quant_storage), which comoe's loader does not set; train a quantised "
+            "base with DDP or one process, or shard an unquantised --bf16 base"
+        )
     check_output_dir(run_dir, resume)
     data = load_run_data(
         run.tasks,
