@@ -34,6 +34,8 @@ CORE_MODULES = {
     "grouped",
     "dora",
     "dense",
+    "fused",
+    "gram_loss",
     "recompute",
     "outputs",
     "ffn",

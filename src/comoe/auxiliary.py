@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from comoe.gram_loss import gram_group_loss
 from comoe.losses import (
     ContrastiveOutput,
     anchor_mask,
@@ -75,6 +76,7 @@ def contrastive_of(trace: LayerTrace, token_mask: Tensor | None) -> ContrastiveO
         cos = materialized_cosines(inputs.outputs, anchors, cfg.norm_eps)[None]
     else:
         codes = inputs.codes.to(torch.promote_types(inputs.codes.dtype, torch.float32))
+        codes = codes.view(codes.shape[0], n_exp, -1)
         cos = stacked_cosines(codes[None], None, anchors[None], cfg.norm_eps, gram=inputs.gram[None])
     out = stacked_info_nce(
         cos,
@@ -119,37 +121,78 @@ def _group_contrastive(
     selected = torch.stack([r.selected for r in routings])  # (M, N, k)
     n_mod, n_tokens, _ = selected.shape
     n_exp = routings[0].gates.shape[1]
-    flat_selected = selected.view(n_mod * n_tokens, -1)
-    slot_mask = None
-    if routings[0].slot_mask is not None:
+    slot_mask = valid = None
+    if routings[0].slot_mask is None and cfg.anchor == "random":  # draw_anchors' draws, in their shape
+        pos = torch.randint(0, selected.shape[-1], (n_mod, n_tokens, 1), device=selected.device)
+        anchors = selected.gather(2, pos)
+    elif routings[0].slot_mask is None:  # every selected expert is an anchor
+        anchors = selected
+    else:
         slot_mask = torch.stack([r.slot_mask for r in routings]).view(n_mod * n_tokens, -1)
-    flat_anchors = draw_anchors(flat_selected, cfg.anchor, slot_mask)
-    valid = anchor_mask(flat_anchors, cfg.anchor, slot_mask)
-    anchors = flat_anchors.view(n_mod, n_tokens, -1)
-    active = torch.stack([r.active(n_exp) for r in routings])  # (M, N, E)
-    negatives = negatives_among(~active.view(n_mod * n_tokens, n_exp), cfg.num_negatives).view_as(active)
-    codes = [trace.contrastive.codes for trace in group]  # (N, E, r) each
+        flat_anchors = draw_anchors(selected.view(n_mod * n_tokens, -1), cfg.anchor, slot_mask)
+        valid = anchor_mask(flat_anchors, cfg.anchor, slot_mask)
+        anchors = flat_anchors.view(n_mod, n_tokens, -1)
+    active = torch.zeros(n_mod, n_tokens, n_exp, dtype=torch.bool, device=selected.device)
+    active.scatter_(2, selected, True if slot_mask is None else slot_mask.view_as(selected))  # (M, N, E)
+    negatives = ~active
+    if cfg.num_negatives is not None:
+        negatives = negatives_among(negatives.view(n_mod * n_tokens, n_exp), cfg.num_negatives).view_as(
+            active
+        )
+    codes = [trace.contrastive.codes for trace in group]  # (N, E·r) each
     grams = [trace.contrastive.gram for trace in group]  # (E·r, E·r) each
-    cosines_of = partial(_group_cosines, cfg.norm_eps)
+    mask = ctx.mask_for(n_tokens)
+    if group_node_applies(valid):
+        weights = token_weights(mask, n_tokens, codes[0].device)
+        out = gram_group_loss(
+            codes,
+            grams,
+            anchors,
+            active,
+            negatives,
+            weights,
+            cfg.temperature,
+            cfg.epsilon,
+            cfg.norm_eps,
+            every_negative=cfg.num_negatives is None,
+        )
+        return _by_module(out, indices)
+    cosines_of = partial(_group_cosines, cfg.norm_eps, n_exp)
     recompute = any(trace.contrastive.recompute for trace in group)
     if recompute and not torch.compiler.is_compiling():  # a compiler decides what to keep itself
         (cos,) = recomputed(cosines_of, anchors, *codes, *grams)
     else:
         (cos,) = cosines_of(anchors, *codes, *grams)
-    mask = ctx.mask_for(n_tokens)
     valid = None if valid is None else valid.view(n_mod, n_tokens, -1)
     out = stacked_info_nce(cos, anchors, active, negatives, cfg.temperature, cfg.epsilon, mask, valid)
-    return {
-        index: ContrastiveOutput(out.loss[slot], out.pos_cos[slot], out.neg_cos[slot])
-        for slot, index in enumerate(indices)
-    }
+    return _by_module(out, indices)
 
 
-def _group_cosines(norm_eps: float, anchors: Tensor, *codes_and_grams: Tensor) -> tuple[Tensor]:
+def group_node_applies(anchor_valid: Tensor | None) -> bool:
+    """Whether a group's loss is one autograd node (``comoe.gram_loss``): fixed-size expert sets (no anchor
+    mask), outside torch.compile (which plans the plain ops itself)."""
+    return anchor_valid is None and not torch.compiler.is_compiling()
+
+
+def _by_module(out: ContrastiveOutput, indices: list[int]) -> dict[int, ContrastiveOutput]:
+    """A group's losses (each field (M,)) by the traces' indices."""
+    per_module = zip(out.loss.unbind(), out.pos_cos.unbind(), out.neg_cos.unbind(), strict=True)
+    return {index: ContrastiveOutput(*parts) for index, parts in zip(indices, per_module, strict=True)}
+
+
+def token_weights(token_mask: Tensor | None, n_tokens: int, device: torch.device) -> Tensor:
+    """(N,) fp32: each token's weight in the mean over unmasked tokens (all tokens without a mask)."""
+    if token_mask is None:
+        return torch.full((n_tokens,), 1.0 / n_tokens, device=device)
+    weights = token_mask.to(torch.float32)
+    return weights / weights.sum().clamp_min(1.0)
+
+
+def _group_cosines(norm_eps: float, n_exp: int, anchors: Tensor, *codes_and_grams: Tensor) -> tuple[Tensor]:
     """``stacked_cosines`` of a group from its M codes (N, E, r) followed by their M Gram matrices."""
-    n_mod = anchors.shape[0]
-    codes = torch.stack(codes_and_grams[:n_mod])
+    n_mod, n_tokens = anchors.shape[:2]
     gram = torch.stack(codes_and_grams[n_mod:])
+    codes = torch.stack(codes_and_grams[:n_mod]).view(n_mod, n_tokens, n_exp, -1)
     return (stacked_cosines(codes, None, anchors, norm_eps, gram=gram),)
 
 
@@ -157,8 +200,8 @@ def check_differentiable(trace: LayerTrace, con: ContrastiveOutput | None, bal: 
     """A weighted aux loss computed from tensors without autograd history would silently add nothing to
     the gradient: that is what reentrant activation checkpointing does (its forward runs under no_grad).
     Refuse it loudly."""
-    cfg, probs = trace.config, trace.routing.probs
-    no_autograd = trace.router_trains and not probs.requires_grad
+    cfg, probs = trace.config, trace.routing.probs  # probs: None where no balance loss or record reads them
+    no_autograd = trace.router_trains and probs is not None and not probs.requires_grad
     lost_contrastive = (
         con is not None
         and cfg.contrastive_weight > 0
@@ -199,18 +242,38 @@ def combined_aux(aux: list[ModuleAux], config) -> AuxLosses | None:
         return None
     cons = [a.contrastive for a in aux if a.contrastive is not None]
     bals = [a.balance for a in aux if a.balance is not None]
-    mean = lambda xs: torch.stack(xs).mean() if xs else None  # noqa: E731
-    contrastive = mean([c.loss for c in cons])
-    balance = mean(bals)
-    device = (contrastive if contrastive is not None else balance).device
-    total = torch.zeros((), device=device)
-    if contrastive is not None:
-        total = total + config.contrastive_weight * contrastive
+    contrastive = _module_mean([c.loss for c in cons])
+    balance = _module_mean(bals)
+    terms = [config.contrastive_weight * contrastive] if contrastive is not None else []
     if balance is not None:
-        total = total + config.balance_weight * balance
+        terms.append(config.balance_weight * balance)
+    total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     return AuxLosses(
-        contrastive, balance, mean([c.pos_cos for c in cons]), mean([c.neg_cos for c in cons]), total
+        contrastive,
+        balance,
+        _module_mean([c.pos_cos for c in cons]),
+        _module_mean([c.neg_cos for c in cons]),
+        total,
     )
+
+
+def _module_mean(values: list[Tensor]) -> Tensor | None:
+    """The mean of one scalar per module. Where they are, in order, the rows of one group's (M,) tensor
+    (``_by_module``), that tensor's mean: the same values, without stacking the rows again (and taking
+    their gradients apart again in backward)."""
+    if not values:
+        return None
+    base = values[0]._base
+    if (
+        base is not None
+        and base.dim() == 1
+        and base.numel() == len(values)
+        and all(v._base is base for v in values)
+        and [v.storage_offset() for v in values]
+        == [base.storage_offset() + i * base.stride(0) for i in range(len(values))]
+    ):
+        return base.mean()
+    return torch.stack(values).mean()
 
 
 def token_share(labels: Tensor | None, num_items_in_batch: Tensor | int | None) -> Tensor | float:

@@ -31,8 +31,9 @@ from comoe.config import CoMoEConfig
 from comoe.dense import apply_keep, dense_experts, dense_experts_added, dropout_keep, plain_dense_experts
 from comoe.dora import DoraState, dora_scale, expert_outputs, scaled_B
 from comoe.frozen import base_weight, layer_features
+from comoe.fused import dropout_mask, routed_lora, router_dtype, spread_matrix
 from comoe.grouped import grouped_delta
-from comoe.inference import dora_update, output_without_bias
+from comoe.inference import dora_update, output_without_bias, product_dtype
 from comoe.routers import Routing
 from comoe.trace import ContrastiveInputs, Samples
 
@@ -43,13 +44,15 @@ class ExpertCall(NamedTuple):
     x: Tensor  # (N, d_in): the adapter's input (LoRA/DoRA: in the adapter's dtype; FFN: the block input)
     base_layer: nn.Module  # the frozen module the experts adapt (read inside the layer's forward only)
     base_out: Tensor | None  # (N, d_out): the frozen layer's output (None where the experts run it)
-    routing: Routing
+    routing: Routing | None  # None: the experts route the tokens themselves, through ``router``
     path: str = "dense"  # "dense" or "grouped"
     plain: bool = False  # inference: only add the update (no autograd, nothing traced)
     contrastive: bool = False  # form the contrastive inputs with autograd (training)
     record_contrastive: bool = False  # form them without autograd, compact (routing records)
     sample_idx: Tensor | None = None  # the tokens whose expert outputs the recorder keeps
     norm_eps: float = 1e-8  # the cosines' epsilon, for compact contrastive inputs
+    router: nn.Module | None = None  # with ``routing`` None: the top-k router whose weight routes the tokens
+    probs: str | None = None  # with ``router``: the router's softmax "grad" (differentiable), "plain" or None
 
 
 class ExpertOutput(NamedTuple):
@@ -58,6 +61,7 @@ class ExpertOutput(NamedTuple):
     out: Tensor  # (N, d_out): the layer's output, the frozen output plus the experts' update
     contrastive: ContrastiveInputs | None  # None: this call forms no contrastive inputs
     samples: Samples | None  # the sampled tokens' expert outputs, for the recorder
+    routing: Routing | None = None  # the routing the experts computed (``ExpertCall.router``)
 
 
 class Experts(nn.Module):
@@ -66,6 +70,7 @@ class Experts(nn.Module):
 
     name: ClassVar[str]
     supports_plain: ClassVar[bool] = False  # whether it takes ``ExpertCall.plain`` (inference, add only)
+    supports_routing: ClassVar[bool] = False  # whether it routes itself (``ExpertCall.router``, training)
 
     def __init__(self, base_layer: nn.Module, config: CoMoEConfig):
         super().__init__()
@@ -116,6 +121,7 @@ class LoraExperts(Experts):
 
     name = "lora"
     supports_plain = True
+    supports_routing = True
 
     def __init__(self, base_layer: nn.Module, config: CoMoEConfig):
         super().__init__(base_layer, config)
@@ -129,6 +135,9 @@ class LoraExperts(Experts):
             torch.zeros(self.out_features, n_codes, device=device, dtype=torch.float32)
         )
         self.gram_form = config.contrastive_form == "gram"
+        self._spreads: dict[
+            tuple, tuple[Tensor, Tensor]
+        ] = {}  # comoe.fused.spread_matrix, by device and scale
 
     @torch.no_grad()
     def reset_parameters(self, base_layer: nn.Module) -> None:
@@ -138,6 +147,8 @@ class LoraExperts(Experts):
         self.comoe_B.zero_()
 
     def forward(self, call: ExpertCall) -> ExpertOutput:
+        if call.routing is None:
+            return self._routed(call)
         x, gates = call.x, call.routing.gates
         if call.plain:  # generation, evaluation: addmm onto the base output
             out = dense_experts_added(
@@ -176,6 +187,54 @@ class LoraExperts(Experts):
             contrastive, samples = self._records(call, x_drop, codes, dora, contrastive)
         return ExpertOutput(call.base_out + delta.to(call.base_out.dtype), contrastive, samples)
 
+    def _routed(self, call: ExpertCall) -> ExpertOutput:
+        """A training forward with the router's work in the same autograd node (``comoe.fused``)."""
+        x, router = call.x, call.router
+        keep = None
+        if not isinstance(self.dropout, nn.Identity) and self.training:
+            keep = dropout_mask(x, self.dropout.p)
+        keep_scale = self._keep_scale if keep is not None else 1.0
+        # dropout's 1/(1 - p) rides on the spread matrix, except where the codes themselves are returned
+        folded, keep_scale = (keep_scale, 1.0) if not call.contrastive else (1.0, keep_scale)
+        spread, spread_t = self._spread(router_dtype(router.comoe_router), x.device, self.scaling * folded)
+        res = routed_lora(
+            x,
+            call.base_out,
+            router.comoe_router,
+            self.comoe_A,
+            self.comoe_B,
+            keep,
+            spread,
+            spread_t,
+            router.top_k,
+            keep_scale,
+            product_dtype(self.comoe_A),
+            call.probs,
+            call.contrastive,
+        )
+        routing = Routing(res.gates, res.probs, res.selected)
+        contrastive = samples = None
+        if call.contrastive:
+            recompute = 4 * self.num_experts * self.r >= self.in_features
+            contrastive = ContrastiveInputs(codes=res.codes, gram=res.gram, recompute=recompute)
+        if call.record_contrastive or call.sample_idx is not None:
+            x_drop = None
+            if res.codes is None:
+                with torch.no_grad():
+                    x_drop = x if keep is None else x * keep * self._keep_scale
+            contrastive, samples = self._records(
+                call._replace(routing=routing), x_drop, res.codes, None, contrastive
+            )
+        return ExpertOutput(res.out, contrastive, samples, routing)
+
+    def _spread(self, dtype: torch.dtype, device: torch.device, scale: float) -> tuple[Tensor, Tensor]:
+        """``spread_matrix`` and its transpose for this layer, made once per device, dtype and scale."""
+        key = (device, dtype, scale)
+        if key not in self._spreads:
+            spread = spread_matrix(self.num_experts, self.r, scale, device, dtype)
+            self._spreads[key] = (spread, spread.t().contiguous())
+        return self._spreads[key]
+
     @torch.no_grad()
     def _records(
         self,
@@ -209,7 +268,8 @@ class LoraExperts(Experts):
             if self.gram_form and dora is None:
                 lora_B = self.comoe_B.to(torch.promote_types(self.comoe_B.dtype, torch.float32))
                 recompute = 4 * self.num_experts * self.r >= self.in_features
-                return ContrastiveInputs(codes=codes, gram=lora_B.t() @ lora_B, recompute=recompute)
+                flat = codes.view(n_tokens, -1)
+                return ContrastiveInputs(codes=flat, gram=lora_B.t() @ lora_B, recompute=recompute)
             return ContrastiveInputs(outputs=self.expert_outputs(codes, dora))
 
     def expert_outputs(self, codes: Tensor, dora: DoraState | None = None) -> Tensor:
@@ -239,6 +299,7 @@ class DoraExperts(LoraExperts):
 
     name = "dora"
     supports_plain = False
+    supports_routing = False
 
     def __init__(self, base_layer: nn.Module, config: CoMoEConfig):
         super().__init__(base_layer, config)

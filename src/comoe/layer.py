@@ -58,16 +58,41 @@ class CoMoELayer(MixtureLayer):
             return result
         lead_shape = x.shape[:-1]
         x_flat = adapter_input(x.reshape(-1, self.in_features), self.experts.comoe_A.dtype)
-        routing = self.route(x_flat)
         tracing = self._tracing()
-        plain = self._plain_inference(result, x_flat)
         base_out = result.reshape(-1, self.out_features)
-        output = self.experts(
-            self._expert_call(x_flat, base_out, routing, tracing, path=self.expert_path, plain=plain)
-        )
+        if self._routes_in_experts():
+            probs = "grad" if self.config.balance_weight > 0 else None
+            if probs is None and self.context.recorder is not None:
+                probs = "plain"
+            call = self._expert_call(x_flat, base_out, None, tracing, router=self.router, probs=probs)
+            output = self.experts(call)
+            routing = output.routing
+        else:
+            routing = self.route(x_flat)
+            plain = self._plain_inference(result, x_flat)
+            output = self.experts(
+                self._expert_call(x_flat, base_out, routing, tracing, path=self.expert_path, plain=plain)
+            )
         if tracing:
             self._leave_trace(routing, output.contrastive, output.samples)
         return output.out.view(*lead_shape, self.out_features)
+
+    def _routes_in_experts(self) -> bool:
+        """Whether this call's routing runs inside the experts' autograd node (``comoe.fused``): a training
+        forward with autograd, top-k routing, LoRA experts on the dense path, no hooks on the router (they
+        see, and may replace, its routing), outside torch.compile (which plans the plain ops itself).
+        Decided from the layer's state, never the context's, as an activation-checkpointing recompute must
+        run the ops of the original forward."""
+        return (
+            self.training
+            and torch.is_grad_enabled()
+            and self.router is not None
+            and self.router.fusable
+            and self.experts.supports_routing
+            and self.expert_path == "dense"
+            and not (self.router._forward_hooks or self.router._forward_pre_hooks)
+            and not torch.compiler.is_compiling()
+        )
 
     def _plain_inference(self, result: Tensor, x: Tensor) -> bool:
         """Whether this call only adds the experts' update: no autograd, nothing recorded, the dense path,

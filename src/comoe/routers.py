@@ -26,7 +26,9 @@ class Routing(NamedTuple):
     """One layer call's routing of N tokens among E experts."""
 
     gates: Tensor  # (N, E): each expert's weight in the token's output (0 where unselected)
-    probs: Tensor | None  # (N, E): the router's softmax; None without autograd where nothing reads it
+    probs: (
+        Tensor | None
+    )  # (N, E): the router's softmax; None where nothing reads it (no balance loss, no record)
     selected: Tensor | None  # (N, k): the selected experts, best first; None when every expert is used
     slot_mask: Tensor | None = None  # (N, k) bool: which slots hold a selected expert; None: every slot
 
@@ -53,6 +55,7 @@ class Router(nn.Module):
     """Turns tokens (N, d_in) into a ``Routing`` among E experts through its weight ``comoe_router``."""
 
     name: ClassVar[str]
+    fusable: ClassVar[bool] = False  # whether a training forward may route inside the experts' node
 
     def __init__(self, num_experts: int, config, d_in: int = 0, device: torch.device | None = None) -> None:
         super().__init__()
@@ -111,6 +114,7 @@ class TopKRouter(Router):
     """The paper's: the k experts of highest probability, their probabilities renormalised."""
 
     name = "topk"
+    fusable = True
 
     @classmethod
     def contrastive_problem(cls, config) -> str | None:

@@ -24,7 +24,7 @@ class ContrastiveInputs(NamedTuple):
     """What one layer call leaves for its contrastive loss: the Gram form (``codes`` and ``gram``), the
     materialised form (``outputs``), or, in an evaluation forward, the materialised outputs' cosines."""
 
-    codes: Tensor | None = None  # (N, E, r): every expert's code h_i = A_i x̃ (LoRA experts)
+    codes: Tensor | None = None  # (N, E·r): every expert's code h_i = A_i x̃ (LoRA experts), side by side
     gram: Tensor | None = None  # (E·r, E·r): G = B_catᵀ B_cat, formed in the forward
     outputs: Tensor | None = None  # (N, E, D): every expert's output (DoRA, FFN experts; materialised form)
     cosines: Tensor | None = None  # (N, E, E): the outputs' cosines, kept instead where no gradient flows
