@@ -35,6 +35,8 @@ if [[ -z "${RENDER_ONLY:-}" ]]; then
          --variants lora,ours-dense,ours-ffn,ours-ffn-con --no-generate --no-parity --name smollm2-ffn --out "$OUT"
   $BENCH --size wide --target-modules gate_proj,up_proj,down_proj \
          --variants lora,ours-dense,ours-ffn,ours-ffn-con --no-generate --no-parity --name wide-ffn --out "$OUT"
+  # operators per training step and adapted module against PEFT LoRA (a count, not a time)
+  python benchmarks/op_count.py --out "$OUT/op-count.json"
   if [[ -n "${GPU:-}" ]]; then
     # LLaMA-2-7B-shaped layers on a CUDA GPU, with and without bf16 autocast: peak memory and host syncs too
     RESULTS="$OUT" PYTHON=python benchmarks/run_gpu.sh
