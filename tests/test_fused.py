@@ -77,6 +77,7 @@ def _layer_step(fused: bool, monkeypatch, dtype=torch.float32, **overrides) -> t
         {"contrastive_weight": 0.5},
         {"contrastive_weight": 0.5, "balance_weight": 0.1},
         {"contrastive_weight": 0.0, "balance_weight": 0.1, "anchor": "all"},
+        {"contrastive_weight": 0.5, "contrastive_form": "materialized", "num_negatives": 1},
     ],
 )
 def test_the_model_step_equals_the_plain_ops(overrides, monkeypatch):

@@ -553,15 +553,21 @@ def test_contrastive_losses_computed_together_equal_the_per_module_losses(family
     """The forward's contrastive term, its modules grouped by shape and computed in one call per group,
     equals each module computed on its own: the loss and every adapter gradient."""
     import comoe.auxiliary
+    import comoe.gram_loss
     import comoe.losses
 
     calls = []
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return comoe.losses.stacked_cosines(*args, **kwargs)
+    def counted(fn):
+        def call(*args, **kwargs):
+            calls.append(1)
+            return fn(*args, **kwargs)
 
-    monkeypatch.setattr(comoe.auxiliary, "stacked_cosines", counted)
+        return call
+
+    # a group's loss is one node (comoe.gram_loss); a call on its own computes its cosines itself
+    monkeypatch.setattr(comoe.auxiliary, "stacked_cosines", counted(comoe.losses.stacked_cosines))
+    monkeypatch.setattr(comoe.auxiliary, "gram_group_loss", counted(comoe.gram_loss.gram_group_loss))
     inputs = batch(family)
     results = []
     for stacked in (True, False):

@@ -214,9 +214,11 @@ class LoraExperts(Experts):
         )
         routing = Routing(res.gates, res.probs, res.selected)
         contrastive = samples = None
-        if call.contrastive:
+        if call.contrastive and self.gram_form:
             recompute = 4 * self.num_experts * self.r >= self.in_features
             contrastive = ContrastiveInputs(codes=res.codes, gram=res.gram, recompute=recompute)
+        elif call.contrastive:  # the paper's materialised outputs, from the node's codes
+            contrastive = self._contrastive_inputs(res.codes, None)
         if call.record_contrastive or call.sample_idx is not None:
             x_drop = None
             if res.codes is None:
