@@ -201,14 +201,22 @@ def check_differentiable(trace: LayerTrace, con: ContrastiveOutput | None, bal: 
     the gradient: that is what reentrant activation checkpointing does (its forward runs under no_grad).
     Refuse it loudly."""
     cfg, probs = trace.config, trace.routing.probs  # probs: None where no balance loss or record reads them
-    no_autograd = trace.router_trains and probs is not None and not probs.requires_grad
+    # each loss by what it differentiates: the contrastive term the experts' tensors, the balance term the
+    # router's softmax (a record's softmax may come without autograd: the fused node returns it detached)
     lost_contrastive = (
         con is not None
         and cfg.contrastive_weight > 0
         and trace.adapter_trains
-        and (no_autograd or not trace.contrastive.has_grad)
+        and not trace.contrastive.has_grad
     )
-    if lost_contrastive or (bal is not None and cfg.balance_weight > 0 and no_autograd):
+    lost_balance = (
+        bal is not None
+        and cfg.balance_weight > 0
+        and trace.router_trains
+        and probs is not None
+        and not probs.requires_grad
+    )
+    if lost_contrastive or lost_balance:
         raise RuntimeError(
             f"{trace.name}: the auxiliary losses were computed without autograd history, so they "
             "would add nothing to the gradient. Reentrant activation checkpointing does this; enable it "
