@@ -87,3 +87,13 @@ def test_eval_steps_without_held_out_examples_is_refused():
         RunConfig(eval_steps=5)
     with pytest.raises(ValueError, match="val_per_task must be >= 0"):
         RunConfig(val_per_task=-1)
+
+
+def test_a_resume_may_change_eval_steps_and_cpu_threads_but_not_the_held_out_examples(tmp_path):
+    from comoe.training.run_dir import RUN_CONFIG_NAME, resumed_run
+
+    RunConfig(tasks=["strategyqa"], val_per_task=4, eval_steps=5).to_yaml(tmp_path / RUN_CONFIG_NAME)
+    run = resumed_run(tmp_path, {"eval_steps": 2, "cpu_threads": 1}, report=False)
+    assert (run.eval_steps, run.cpu_threads, run.val_per_task) == (2, 1, 4)
+    with pytest.raises(ValueError, match="val_per_task"):
+        resumed_run(tmp_path, {"val_per_task": 8}, report=False)

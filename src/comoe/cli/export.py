@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from comoe.cli.flags import given
+from comoe.cli.predict import add_source_argument
 from comoe.cli.train import run_config_flags
 
 EXPORT_FIELDS = ("model",)  # what export may change: the base of a bare adapter directory
@@ -16,12 +17,7 @@ def export_flags() -> list[argparse.ArgumentParser]:
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        metavar="RUN_OR_ADAPTER",
-        help="a run directory written by `comoe train`, or an adapter directory (adapter_config.json + "
-        "adapter_model.safetensors, e.g. from save_pretrained or Trainer)",
-    )
+    add_source_argument(parser)
     parser.add_argument(
         "--output-dir",
         required=True,

@@ -17,13 +17,18 @@ def predict_flags() -> list[argparse.ArgumentParser]:
     )
 
 
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+def add_source_argument(parser: argparse.ArgumentParser) -> None:
+    """RUN_OR_ADAPTER, as `comoe predict` and `comoe export` take it."""
     parser.add_argument(
         "source",
         metavar="RUN_OR_ADAPTER",
         help="a run directory written by `comoe train`, or an adapter directory (adapter_config.json + "
         "adapter_model.safetensors, e.g. from save_pretrained or Trainer)",
     )
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    add_source_argument(parser)
     parser.add_argument(
         "--input",
         required=True,

@@ -50,6 +50,7 @@ class CpuThreads:
         self.requested, self.every_s = requested, every_s
         self.most = min(torch.get_num_threads(), usable_cores())
         self.last = _cpu_seconds()
+        self.checked = time.monotonic()
         self.history: list[tuple[float, int]] = []  # (other processes' cores, threads chosen)
         if requested is not None:
             torch.set_num_threads(requested)
@@ -58,9 +59,12 @@ class CpuThreads:
         """The thread count from here on, re-measured if due (or ``force``); returns it."""
         if self.requested is not None or self.last is None:
             return torch.get_num_threads()
-        now = _cpu_seconds()
-        if now is None or (not force and now[0] - self.last[0] < self.every_s) or now[0] <= self.last[0]:
+        if not force and time.monotonic() - self.checked < self.every_s:  # a clock read, not /proc's files
             return torch.get_num_threads()
+        now = _cpu_seconds()
+        if now is None or now[0] <= self.last[0]:
+            return torch.get_num_threads()
+        self.checked = time.monotonic()
         wall = now[0] - self.last[0]
         others = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / wall
         self.last = now
