@@ -17,7 +17,7 @@ from comoe.evaluation.multiple_choice import label_token_ids, loglik_context, sc
 from comoe.evaluation.scoring import evaluate_tasks, majority_baseline
 from comoe.training.base_models import load_tokenizer, prepare_tokenizer
 
-ATOL = 1e-5
+ATOL, RTOL = 1e-5, 2e-6  # fp32 sums over padded batches differ in the last bits (~1e-6 relative)
 
 CORPUS = [
     "Question: which one is red?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer: A",
@@ -229,7 +229,7 @@ def test_label_scores_match_hand_computation_batched_and_unbatched(tokenizer):
         got = score_label(model, tokenizer, EXAMPLES, batch_size=batch_size, progress=False)
         assert [len(s) for s in got] == [len(ex.choices) for ex in EXAMPLES]
         for g, e in zip(got, expected, strict=True):
-            assert g == pytest.approx(e, abs=ATOL)
+            assert g == pytest.approx(e, rel=RTOL, abs=ATOL)
     # accuracy from the hand predictions
     tasks = {"colors": EXAMPLES[:2], "cats": EXAMPLES[2:]}
     result = evaluate_tasks(model, tokenizer, tasks, batch_size=3, progress=False, return_predictions=True)
@@ -258,7 +258,7 @@ def test_label_with_bos_and_second_token_labels(llama_tokenizer):
     with pytest.warns(UserWarning):
         got = score_label(model, tok, EXAMPLES, batch_size=4, progress=False)
     for g, e in zip(got, expected, strict=True):
-        assert g == pytest.approx(e, abs=ATOL)
+        assert g == pytest.approx(e, rel=RTOL, abs=ATOL)
 
 
 def test_label_truncates_from_the_left(gpt2_tokenizer):
@@ -270,7 +270,7 @@ def test_label_truncates_from_the_left(gpt2_tokenizer):
     expected = [hand_label(model, tok, ex, label_ids, max_length=max_length) for ex in EXAMPLES]
     got = score_label(model, tok, EXAMPLES, batch_size=2, max_length=max_length, progress=False)
     for g, e in zip(got, expected, strict=True):
-        assert g == pytest.approx(e, abs=ATOL)
+        assert g == pytest.approx(e, rel=RTOL, abs=ATOL)
 
 
 def test_truncation_keeps_the_bos(llama_tokenizer):
@@ -283,7 +283,7 @@ def test_truncation_keeps_the_bos(llama_tokenizer):
     expected = [lp[t].item() for t in tok.convert_tokens_to_ids(["▁A", "▁B", "▁C", "▁D"])]
     with pytest.warns(UserWarning):
         got = score_label(model, tok, [ex], max_length=6, progress=False)
-    assert got[0] == pytest.approx(expected, abs=ATOL)
+    assert got[0] == pytest.approx(expected, rel=RTOL, abs=ATOL)
 
 
 def test_absolute_positions_batched_equals_unbatched(gpt2_tokenizer):
@@ -294,7 +294,7 @@ def test_absolute_positions_batched_equals_unbatched(gpt2_tokenizer):
     expected = [hand_label(model, tok, ex, label_ids) for ex in EXAMPLES]
     got = score_label(model, tok, EXAMPLES, batch_size=len(EXAMPLES), progress=False)
     for g, e in zip(got, expected, strict=True):
-        assert g == pytest.approx(e, abs=ATOL)
+        assert g == pytest.approx(e, rel=RTOL, abs=ATOL)
     expected_ll = [hand_loglik(model, tok, ex) for ex in EXAMPLES]
     got_ll = score_loglik(model, tok, EXAMPLES, batch_size=7, progress=False)
     for g, e in zip(got_ll, expected_ll, strict=True):
@@ -360,7 +360,7 @@ def test_wrapper_model_and_training_mode_restored(gpt2_tokenizer):
     model = Wrapper(inner).train()
     got = score_label(model, tok, EXAMPLES, batch_size=3, progress=False)
     for g, e in zip(got, expected, strict=True):
-        assert g == pytest.approx(e, abs=ATOL)
+        assert g == pytest.approx(e, rel=RTOL, abs=ATOL)
     assert model.training and inner.training
     model.eval()
     score_loglik(model, tok, EXAMPLES[:1], progress=False)
