@@ -35,6 +35,7 @@ CORE_MODULES = {
     "dora",
     "dense",
     "fused",
+    "compiling",
     "gram_loss",
     "recompute",
     "outputs",

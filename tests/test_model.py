@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -470,46 +469,6 @@ def _compile_available(backend: str) -> bool:
         return torch.equal(fn(torch.ones(3)), torch.full((3,), 3.0))
     except Exception:
         return False
-
-
-def _check_compiled_matches_eager(backend: str) -> None:
-    if not _compile_available(backend):
-        pytest.skip(f"torch.compile (backend {backend}) is not usable here")
-    torch._dynamo.reset()
-    model = wrapped("llama", num_layers=1, contrastive_weight=0.5, anchor="all", expert_path="dense")
-    model.train()
-    inputs = batch("llama")
-    labels = labels_for("llama", inputs)
-    eager = model(**inputs, labels=labels)
-    eager.loss.backward()
-    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    compiled = torch.compile(model, backend=backend)
-    out = compiled(**inputs, labels=labels)
-    out.loss.backward()
-    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.contrastive_loss, eager.contrastive_loss, rtol=1e-5, atol=1e-5)
-    params = dict(model.named_parameters())
-    for name, grad in eager_grads.items():
-        assert params[name].grad is not None, name
-        torch.testing.assert_close(params[name].grad, grad, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_torch_compile_graph_capture_matches_eager():
-    """Dynamo + AOT autograd (backend aot_eager): the adapted model traces, runs forward and backward, and
-    matches eager. Inductor's code generation takes minutes on 2 CPU cores: see the opt-in test below."""
-    _check_compiled_matches_eager("aot_eager")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("COMOE_SLOW_TESTS"),
-    reason="inductor compile takes minutes on 2 CPU cores; set COMOE_SLOW_TESTS=1 to run it",
-)
-def test_torch_compile_inductor_matches_eager():
-    _check_compiled_matches_eager("inductor")
 
 
 def test_dense_layer_compiles_without_graph_breaks():

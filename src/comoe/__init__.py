@@ -23,6 +23,7 @@ class _NoKernelDownloadNotice(logging.Filter):
 # bitsandbytes (when installed) logs it while PEFT imports it, so the filter goes on before any import below.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelDownloadNotice())
 
+from comoe.compiling import compile_layers  # noqa: E402
 from comoe.config import CoMoEConfig  # noqa: E402
 from comoe.layer import CoMoELayer  # noqa: E402
 from comoe.losses import contrastive_loss, contrastive_loss_materialized, load_balancing_loss  # noqa: E402
@@ -59,6 +60,7 @@ __all__ = [  # without the TRL trainers, so that `from comoe import *` works wit
     "CoMoETuner",
     "RoutingHealthCallback",
     "RoutingRecorder",
+    "compile_layers",
     "contrastive_loss",
     "contrastive_loss_materialized",
     "get_comoe_model",

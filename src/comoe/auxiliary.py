@@ -273,7 +273,8 @@ def _module_mean(values: list[Tensor]) -> Tensor | None:
         return None
     base = values[0]._base
     if (
-        base is not None
+        not torch.compiler.is_compiling()  # a traced view has no storage to compare
+        and base is not None
         and base.dim() == 1
         and base.numel() == len(values)
         and all(v._base is base for v in values)

@@ -37,7 +37,12 @@ def base_weight(layer: nn.Module) -> Tensor:
         if scales is None:  # moved to the layer's state by its first forward
             scales = layer.state.SCB
         return layer.weight.data.float() * scales.float()[:, None] / 127
-    weight = dequantize_module_weight(layer)
+    weight = layer.weight
+    if type(weight) not in (
+        nn.Parameter,
+        Tensor,
+    ):  # quantised (PEFT's helper reads names torch.compile cannot)
+        weight = dequantize_module_weight(layer)
     if Conv1D != () and isinstance(layer, Conv1D):
         weight = weight.t()
     return weight.detach().float()

@@ -43,13 +43,15 @@ class RoutingHealth:
 
     @contextmanager
     def watching(self) -> Iterator[None]:
-        """Count the tokens of every forward inside the block (not an activation-checkpointing recompute)."""
+        """Count the tokens of every forward inside the block (not an activation-checkpointing recompute).
+        A compiled graph does not see hooks added after it was made, so its forwards run eagerly here."""
         self.counts = {}
         handles = [
             layer.router.register_forward_hook(self._hook(name, layer)) for name, layer in self.layers.items()
         ]
         try:
-            yield
+            with torch.compiler.set_stance("force_eager"):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
