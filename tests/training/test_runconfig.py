@@ -9,7 +9,8 @@ import pytest
 
 from comoe.cli.train import run_config_flags, run_config_from_args
 from comoe.config import CoMoEConfig
-from comoe.training.run_config import ADAPTER_FIELDS, RunConfig
+from comoe.training.run_adapter import ADAPTER_FIELDS
+from comoe.training.run_config import RunConfig
 from comoe.training.run_settings import parse_field_value
 
 

@@ -277,3 +277,30 @@ def test_the_math_suite_trains_and_scores_generated_numbers(tiny_model_dir, tmp_
             or scores["elementary_math_qa"]["metric"] != "numeric_match"
         )
         assert all(0 <= s["accuracy"] <= 1 and s["n"] == 4 for s in scores.values()) and len(scores) == 7
+
+
+def test_compile_trains_what_eager_trains(tiny_model_dir, tmp_path):
+    """`--compile` (inductor, each decoder layer) with the contrastive term, routing health and validation
+    on: eager's losses and adapter within float tolerance, and eager's evaluation. Steps 1 and 3 run
+    compiled (steps 2 and 4 log routing health: eager). A larger --norm-eps keeps the second step's contrastive
+    gradient (B near zero) from a norm of ~1e4, which would make float rounding grow as in a chaotic run.
+    Every prompt is longer than --max-length: one sequence length, one compilation."""
+    common = (
+        *("--max-steps", "4", "--eval-base", "false", "--contrastive-weight", "0.1", "--max-length", "20"),
+        *("--routing-health-steps", "2", "--val-per-task", "2", "--eval-steps", "2", "--norm-eps", "1e-2"),
+    )
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    comoe_cli(*tiny_args(tiny_model_dir, eager, *common))
+    comoe_cli(*tiny_args(tiny_model_dir, compiled, *common, "--compile"))
+    assert RunConfig.from_yaml(compiled / "run_config.yaml").compile
+    for expected, got in zip(read_log(eager), read_log(compiled), strict=True):
+        for key in ("loss", "task", "contrastive", "val_loss", "routing_entropy_min"):
+            assert (key in got) == (key in expected), key
+            if key in got:
+                assert got[key] == pytest.approx(expected[key], rel=1e-5), (got["step"], key)
+    a = load_file(eager / "adapter" / "adapter_model.safetensors")
+    b = load_file(compiled / "adapter" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    scores = [json.loads((run / "metrics.json").read_text())["adapter"]["macro"] for run in (eager, compiled)]
+    assert scores[0]["accuracy"] == scores[1]["accuracy"]

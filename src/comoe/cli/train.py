@@ -10,7 +10,8 @@ from typing import Any
 from comoe.cli.flags import KEEP, field_flags, given
 from comoe.config import CoMoEConfig
 from comoe.training.methods import DEFAULT_METHOD
-from comoe.training.run_config import ADAPTER_FIELDS, RunConfig, method_overrides
+from comoe.training.run_adapter import ADAPTER_FIELDS, method_overrides
+from comoe.training.run_config import RunConfig
 from comoe.training.run_settings import layered_fields, nest_fields, parse_field_value, resolve_run
 from comoe.utils.yaml_files import load_yaml_mapping
 

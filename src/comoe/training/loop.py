@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from comoe.compiling import compile_layers
 from comoe.data.batching import EncodedExample, collate, encode_example
 from comoe.data.schema import Example
 from comoe.model import CoMoEModel
@@ -330,7 +331,10 @@ def train_adapter(
     )
     if resume:
         recipe.resume()
-    return recipe.run()
+    if not run.compile:
+        return recipe.run()
+    with compile_layers(recipe.core):  # eager again for the evaluation that follows
+        return recipe.run()
 
 
 def _add_parts(sums: dict[str, float], task_sum: torch.Tensor, out, real_tokens: float) -> None:

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from comoe.config import ALL_LINEAR, CoMoEConfig, own_fields
+from comoe.config import CoMoEConfig
 from comoe.data.registry import BUILTIN_SUITE, JSONL_PREFIX, SUITE_NAMES, canonical_task_key, suite_name
 from comoe.training.base_models import QUANTIZATIONS, check_quantization_available
-from comoe.training.methods import DEFAULT_METHOD, FIXED_FIELDS, METHOD_NAMES, method_help, method_of
+from comoe.training.methods import DEFAULT_METHOD, METHOD_NAMES, method_help
+from comoe.training.run_adapter import given_adapter, method_adapter, split_names
 from comoe.training.tracking import REPORTERS, reporter_problem
 from comoe.utils.deprecation import moved_names
 from comoe.utils.validation import check_field_types, doc
@@ -23,7 +24,6 @@ from comoe.utils.yaml_files import load_yaml_mapping, write_yaml
 
 SETTINGS = ("multi", "single")
 PROTOCOLS = ("label", "loglik")
-NAME_LISTS = ("tasks", "target_modules")  # a string is read as comma-separated names
 
 
 @dataclass
@@ -139,6 +139,13 @@ class RunConfig:
     )
     gradient_checkpointing: bool = field(
         default=False, metadata=doc("Recompute activations in backward: less memory, more time.")
+    )
+    compile: bool = field(
+        default=False,
+        metadata=doc(
+            "Compile each decoder layer's forward with torch.compile while training (the first steps "
+            "compile; on a GPU the later ones run faster). Evaluation runs eagerly."
+        ),
     )
     max_grad_norm: float | None = field(
         default=1.0,
@@ -293,72 +300,6 @@ class RunConfig:
             raise ValueError(
                 message if message.startswith(f"{source}: ") else f"{source}: {message}"
             ) from None
-
-
-# --- the adapter inside a run ----------------------------------------------------------------------
-ADAPTER_FIELDS = tuple(f.name for f in fields(CoMoEConfig) if f.name in own_fields())
-
-
-def _settings_of(adapter: CoMoEConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Adapter settings as a plain mapping, ``target_modules`` read as a run reads it (comma lists)."""
-    settings = adapter.method_dict() if isinstance(adapter, CoMoEConfig) else dict(adapter)
-    if "target_modules" in settings:
-        settings["target_modules"] = split_names("target_modules", settings["target_modules"])
-    return settings
-
-
-def given_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMoEConfig:
-    """The adapter settings as given, validated (what ``run_config.yaml`` keeps), so that the same file run
-    with another ``method`` trains that method's adapter from the same settings.
-
-    The settings are first checked as ``method`` will use them (errors name ``adapter.NAME``). Settings that
-    are valid only once the method has fixed its fields (moe-lora with ``top_k=1`` and the default λ) are
-    kept as the method fixes them.
-    """
-    settings = _settings_of(adapter)
-    if not isinstance(adapter, CoMoEConfig):  # a mapping holds only what was given
-        settings = {**method_of(method).defaults, **settings}
-    trained = method_adapter(method, settings)
-    try:
-        return CoMoEConfig.from_dict(settings)
-    except ValueError:
-        return trained
-
-
-def method_adapter(method: str, adapter: CoMoEConfig | Mapping[str, Any]) -> CoMoEConfig:
-    """The adapter config that ``method`` trains from the given adapter settings (the fields its entry in
-    `comoe.training.methods.METHODS` fixes set), validated. Errors name the field as ``adapter.NAME``."""
-    settings = method_of(method).trained_settings(_settings_of(adapter))
-    try:
-        return CoMoEConfig.from_dict(settings)
-    except ValueError as err:
-        message = str(err)
-        if message.startswith("unknown "):  # unknown_fields' message: no field to prefix
-            raise
-        starts_with_field = any(message.startswith(f"{name} ") for name in ADAPTER_FIELDS)
-        raise ValueError(f"adapter.{message}" if starts_with_field else f"adapter: {message}") from None
-
-
-def method_overrides(method: str, given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """The adapter settings in ``given`` that ``method`` replaces with another value, as
-    ``{name: (given value, the value the method trains with)}``: moe-lora's contrastive_weight, soft-moe's
-    routing, ... (see `method_adapter`). Empty for comoe, which trains the settings as given."""
-    settings = _settings_of(given)
-    trained = method_adapter(method, settings)
-    return {
-        name: (settings[name], getattr(trained, name))
-        for name in FIXED_FIELDS
-        if name in settings and settings[name] != getattr(trained, name)
-    }
-
-
-def split_names(name: str, value: Any) -> Any:
-    """A comma-separated string of names as a list (``'a, b'`` → ``['a', 'b']``); 'all-linear' stays a string."""
-    if not isinstance(value, str):
-        return value
-    if name == "target_modules" and value.strip() == ALL_LINEAR:
-        return ALL_LINEAR
-    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _scheduler_names() -> tuple[str, ...]:

@@ -52,11 +52,12 @@ RESUMABLE_FIELDS = (
     "eval_batch_size",
     "eval_base",
     "gradient_checkpointing",
+    "compile",
     "report_to",
     "routing_health_steps",
     "eval_steps",
     "cpu_threads",
-)  # the last five change memory, speed or what is logged, not the maths
+)  # the last six change memory, speed or what is logged, not the maths
 
 
 def eval_scores_name(protocol: str) -> str:

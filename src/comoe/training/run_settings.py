@@ -11,7 +11,8 @@ from dataclasses import fields
 from typing import Any
 
 from comoe.config import CoMoEConfig
-from comoe.training.run_config import ADAPTER_FIELDS, NAME_LISTS, RunConfig, split_names
+from comoe.training.run_adapter import ADAPTER_FIELDS, NAME_LISTS, split_names
+from comoe.training.run_config import RunConfig
 from comoe.utils.validation import describe_value, parse_text, unknown_fields
 
 _RUN_FIELDS = tuple(f.name for f in fields(RunConfig))
