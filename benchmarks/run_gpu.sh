@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU sweep of BENCHMARKS.md: LLaMA-2-7B-shaped layers (2 of 32, random weights) in bf16 on one CUDA GPU:
-# ours vs PEFT LoRA vs the naive per-expert loop, E in {4, 8, 16, 64}, peak memory and host syncs per step.
-# About 5 minutes on one H200. Needs no network and no install of comoe: it runs from a checkout with the
-# python that holds a CUDA torch, transformers >= 5, peft 0.21 and accelerate.
+# The GPU sweep of BENCHMARKS.md: LLaMA-2-7B-shaped layers (2 of 32, random weights) in bf16 on one CUDA GPU
+# under bf16 autocast: ours vs PEFT LoRA vs the naive per-expert loop, eager and compiled, 2,048 and 8,192
+# tokens a step, generation, parity against fp32, peak memory and host syncs per step. At most 8 minutes on
+# one H100/H200 (FULL=1 adds the sweep without autocast, E in {4, 8, 16, 64}, and many codes: +6 min).
+# Needs no network and no install of comoe: it runs from a checkout with the python that holds a CUDA
+# torch, transformers >= 5, peft 0.21 and accelerate.
 #   benchmarks/run_gpu.sh                    # results into benchmarks/results, then render BENCHMARKS.md
 #   RESULTS=/some/dir benchmarks/run_gpu.sh  # elsewhere (the render step is skipped)
 # Wheels in .whl/ (e.g. peft 0.21.2 and the transformers of the CPU results, for a machine whose image has
@@ -31,23 +33,26 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
 EOF
 BENCH="$PY -m comoe bench"
 G="--size gpu7b --out $RESULTS"
-# bf16 weights, fp32 adapters, no autocast (every adapter product in fp32, as PEFT runs it without AMP):
-# E in {4, 8, 16, 64} at r = 16, every variant; generate (greedy, KV cache) on the first case
-if [[ -z "${AMP_ONLY:-}" ]]; then  # AMP_ONLY=1: only the runs under autocast below
-  timeout 240 $BENCH $G --rank 16 --gen-rounds 10
-fi
-# bf16 autocast (mixed precision, as `comoe train --bf16`): the way a GPU user trains
+# bf16 autocast (mixed precision, as `comoe train --bf16`): the way a GPU user trains; parity against fp32
 V=base,lora,lora-dora,naive,ours-dense,ours-grouped,ours-con-gram,ours-dora
-timeout 150 $BENCH $G --autocast bfloat16 --rank 16 --variants $V --gen-rounds 10 --name gpu7b-amp
+timeout 130 $BENCH $G --autocast bfloat16 --rank 16 --variants $V --gen-rounds 10 --name gpu7b-amp
 # 4x the tokens per step (16 x 512): the adapters' fixed per-step cost against more base work
 V=lora,ours-dense,ours-grouped,ours-con-gram
-timeout 120 $BENCH $G --autocast bfloat16 --batch 16 --rank 16 --experts 4,16 --variants $V \
+timeout 90 $BENCH $G --autocast bfloat16 --batch 16 --rank 16 --experts 4,16 --variants $V \
         --no-generate --no-parity --name gpu7b-amp-b16
-# many codes (E*r = 1024 and 4096, against d_in = 4096): where a sparse (grouped) path could pay
-timeout 100 $BENCH $G --autocast bfloat16 --rank 64 --experts 16,64 --variants $V \
-        --no-generate --no-parity --name gpu7b-amp-r64
+# the same steps with every variant's decoder layers compiled (`comoe train --compile`), both token counts
+V=lora,ours-dense,ours-con-gram
+timeout 120 $BENCH $G --autocast bfloat16 --rank 16 --experts 4 --variants $V --compile --name gpu7b-amp-compiled
+timeout 90 $BENCH $G --autocast bfloat16 --batch 16 --rank 16 --experts 4 --variants $V --compile \
+        --name gpu7b-amp-b16-compiled
 # where a step's time goes: GPU busy vs wall, kernels and host operators per step
-timeout 90 $PY benchmarks/gpu_profile.py --out "$RESULTS/gpu-profile.json"
+timeout 60 $PY benchmarks/gpu_profile.py --out "$RESULTS/gpu-profile.json"
+if [[ -n "${FULL:-}" ]]; then  # FULL=1: also the runs without autocast and the many-codes sweep (+6 min)
+  timeout 240 $BENCH $G --rank 16 --gen-rounds 10
+  V=lora,ours-dense,ours-grouped,ours-con-gram
+  timeout 100 $BENCH $G --autocast bfloat16 --rank 64 --experts 16,64 --variants $V \
+          --no-generate --no-parity --name gpu7b-amp-r64
+fi
 if [[ "$RESULTS" == benchmarks/results ]]; then
   $BENCH --render --out "$RESULTS" --markdown BENCHMARKS.md --notes benchmarks/NOTES.md
 fi

@@ -175,10 +175,10 @@ def test_comoe_train_routing_topp_through_the_command_line(tiny_model_dir, tmp_p
     `comoe analyze` reads its routing."""
     out = tmp_path / "run"
     flags = [*tiny_run_flags(tiny_model_dir), "--routing", "topp", "--top-p", "0.6", "--top-k", "3"]
-    comoe_cli("train", *flags, "--max-steps", "6", "--output-dir", str(out))
+    comoe_cli("train", *flags, "--max-steps", "6", "--eval-base", "false", "--output-dir", str(out))
     log = read_log(out)
     assert all(row["loss"] == row["loss"] for row in log)  # finite
     assert "routing: topp" in (out / "run_config.yaml").read_text()
     assert "top_p: 0.6" in (out / "run_config.yaml").read_text()
-    comoe_cli("analyze", str(out), "--output-dir", str(tmp_path / "analysis"))
+    comoe_cli("analyze", str(out), "--no-tsne", "--output-dir", str(tmp_path / "analysis"))
     assert any((tmp_path / "analysis").iterdir())

@@ -78,6 +78,22 @@ def test_ffn_variants_run_on_the_gate_up_down_projections(tmp_path):
 
 
 @pytest.mark.slow
+def test_compile_times_every_variant_compiled_and_generates_with_a_static_cache(tmp_path):
+    """`comoe bench --compile`: each variant's decoder layers compiled (inductor), its steps timed against
+    compiled LoRA, generation with transformers' static KV cache; memory and parity are skipped."""
+    argv = _argv(tmp_path, "--compile", "--variants", "lora,ours-dense", "--layers", "1", "--name", "tc")
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "results" / "tc.json").read_text())
+    assert data["settings"]["compiled"] is True
+    (case,) = data["cases"]
+    assert case["variants"]["ours-dense"]["x_lora"] > 0 and "saved_bytes" not in case["variants"]["lora"]
+    assert (
+        case["generate"]["cache"] == "static" and case["generate"]["variants"]["ours-dense"]["tps_x_lora"] > 0
+    )
+    assert "decoder layers compiled" in (tmp_path / "results" / "tc.md").read_text()
+
+
+@pytest.mark.slow
 def test_tiny_run_writes_json_and_markdown(tiny_result):
     data = json.loads((tiny_result / "results" / "tiny.json").read_text())
     assert data["schema"] == SCHEMA_VERSION and data["size"] == "tiny"

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from comoe.compiling import compile_layers
 from comoe.tools.bench.compile_check import _first_line
 from comoe.tools.bench.measure import (
     Batch,
@@ -49,9 +50,13 @@ def run_case(
     gen_rounds: int,
     parity: bool,
     log: Callable[[str], None],
+    compile: bool = False,
 ) -> dict:
-    """Build every variant for one (E, r), time them round-robin, then measure memory and generation."""
+    """Build every variant for one (E, r), time them round-robin, then measure memory and generation.
+    With ``compile``, every variant's decoder layers are compiled first (the warm-up step compiles), and
+    generation runs with a static KV cache, whose decode step transformers compiles on a GPU."""
     built: dict[str, Variant] = {}
+    compiled = {}  # variant -> its compiled layers, restored before generation
     case: dict = {
         "experts": experts,
         "rank": rank,
@@ -70,6 +75,8 @@ def run_case(
                 con_path=con_path,
                 seed=seed,
             )
+            if compile:
+                compiled[name] = compile_layers(built[name].model)
         except (ValueError, torch.OutOfMemoryError) as err:
             case.setdefault("skipped", {})[name] = f"{type(err).__name__}: {err}"[:300]
     for name in list(
@@ -141,11 +148,16 @@ def run_case(
             log(f"  generate: {', '.join(gen_variants)}")
             for n in gen_variants:
                 built[n].model.eval()
+                if n in compiled:  # generation compiles its own decode step (static cache)
+                    compiled[n].restore()
             gen = torch.Generator().manual_seed(seed + 7)
             vocab = base.get_input_embeddings().weight.shape[0]
             prompt = torch.randint(3, vocab, (gen_batch, 16), generator=gen).to(device)
             gtimes = time_round_robin(
-                {n: generate_fn(built[n], prompt, gen_tokens, batch.autocast) for n in gen_variants},
+                {
+                    n: generate_fn(built[n], prompt, gen_tokens, batch.autocast, static_cache=compile)
+                    for n in gen_variants
+                },
                 gen_rounds,
                 1,
                 device,
@@ -166,6 +178,7 @@ def run_case(
                 "batch": gen_batch,
                 "prompt_len": 16,
                 "rounds": gen_rounds,
+                "cache": "static" if compile else "dynamic",
                 "variants": grow,
             }
     if parity:

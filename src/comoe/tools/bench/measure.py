@@ -178,8 +178,16 @@ def host_syncs_per_step(variant: Variant, batch: Batch, device: torch.device) ->
 
 # --- generation ---------------------------------------------------------------------------------------
 def generate_fn(
-    variant: Variant, prompt: Tensor, new_tokens: int, autocast: torch.dtype | None = None
+    variant: Variant,
+    prompt: Tensor,
+    new_tokens: int,
+    autocast: torch.dtype | None = None,
+    static_cache: bool = False,
 ) -> Callable[[], None]:
+    """Greedy generation of ``new_tokens``; with ``static_cache`` the KV cache is transformers' static one,
+    whose decode step transformers compiles on a GPU (CUDA graphs)."""
+    cache = {"cache_implementation": "static"} if static_cache else {}
+
     def run() -> None:
         amp = torch.autocast(prompt.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
         with torch.no_grad(), amp:
@@ -191,6 +199,7 @@ def generate_fn(
                 do_sample=False,
                 pad_token_id=0,
                 use_cache=True,
+                **cache,
             )
 
     return run

@@ -109,6 +109,45 @@ def count_ops(
     return result
 
 
+@torch.no_grad()
+def count_decode_ops(
+    layers: int = 4, experts: int = 4, rank: int = 16, top_k: int = 2, seed: int = 0
+) -> dict:
+    """Operators of one greedy decode step (one new token for a batch of 4 after a 16-token prompt, dynamic
+    KV cache, eval mode) of PEFT LoRA and ours (dense path), and ours per adapted module above LoRA."""
+    spec = replace(SIZES["tiny"], layers=layers)
+    base = build_random_llama(spec, torch.device("cpu"), torch.float32, seed).eval()
+    prompt = torch.randint(3, spec.vocab, (4, 16), generator=torch.Generator().manual_seed(seed))
+    counts: dict[str, dict] = {}
+    for name in ("lora", "ours-dense"):
+        variant = build_variant(
+            name, base, experts=experts, rank=rank, top_k=top_k, targets=TARGETS, con_path="auto", seed=seed
+        )
+        model = variant.model.eval()
+        out = model(input_ids=prompt, use_cache=True)
+        token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
+        model(input_ids=token, past_key_values=cache, use_cache=True)  # warm-up
+        with OpCounter() as ops:
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+        counts[name] = {
+            "modules": adapted_modules(variant),
+            "total": ops.total,
+            "ops": dict(sorted(ops.ops.items())),
+        }
+    lora, ours = counts["lora"], counts["ours-dense"]
+    extra = Counter(ours["ops"])
+    extra.subtract(lora["ops"])
+    return {
+        "layers": layers,
+        "experts": experts,
+        "rank": rank,
+        "top_k": top_k,
+        "variants": counts,
+        "extra_per_module": round((ours["total"] - lora["total"]) / lora["modules"], 2),
+        "extra_ops_per_module": {k: round(v / lora["modules"], 2) for k, v in sorted(extra.items()) if v},
+    }
+
+
 def op_count_table(result: dict) -> list[str]:
     """Markdown rows: each variant's operators per step and per adapted module above LoRA."""
     lines = [

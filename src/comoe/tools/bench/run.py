@@ -89,6 +89,14 @@ class BenchOptions:
     gen_tokens: int = field(default=16, metadata=doc("New tokens per generate call."))
     gen_batch: int = field(default=4, metadata=doc("Prompts per generate call."))
     gen_rounds: int = field(default=5, metadata=doc("Timed generate rounds."))
+    compile: bool = field(
+        default=False,
+        metadata=doc(
+            "Compile every variant's decoder layers (comoe.compile_layers, as `comoe train --compile`) "
+            "and time the compiled steps; generate with a static KV cache (transformers compiles its decode "
+            "step on a GPU). Memory and parity are then skipped."
+        ),
+    )
     compile_check: bool = field(
         default=False, metadata=doc("Also check torch.compile on a tiny adapted model.")
     )
@@ -200,6 +208,7 @@ def _run_benchmark(
             "device": device.type,
             "dtype": str(dtype).replace("torch.", ""),
             "autocast": args.autocast,
+            "compiled": args.compile,
             "steps": args.steps,
             "warmup": args.warmup,
             "batch": spec.batch,
@@ -238,12 +247,13 @@ def _run_benchmark(
                 warmup=args.warmup,
                 device=device,
                 seed=args.seed,
-                memory=not args.no_memory,
+                memory=not (args.no_memory or args.compile),
                 generate=(not args.no_generate) and done == 1,
                 gen_tokens=args.gen_tokens,
                 gen_batch=args.gen_batch,
                 gen_rounds=args.gen_rounds,
-                parity=done == 1 and not args.no_parity,
+                parity=done == 1 and not (args.no_parity or args.compile),
+                compile=args.compile,
                 log=log,
             )
         )

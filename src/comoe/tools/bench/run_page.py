@@ -17,6 +17,7 @@ def render_result(result: dict) -> str:
         f"{spec['heads']}/{spec['kv_heads']} heads, vocab {spec['vocab']} ({result['weights']}). "
         f"Batch {s['batch']}×{s['seq']} = {s['tokens_per_step']} tokens/step, {s['dtype']} on {s['device']}"
         + (f" under {s['autocast']} autocast (adapters in float32), " if s.get("autocast") else ", ")
+        + ("every variant's decoder layers compiled (`--compile`), " if s.get("compiled") else "")
         + f"adapters on {', '.join(s['target_modules'])}, top-{s['top_k']}, dropout {s['lora_dropout']}, "
         f"α = 2r, AdamW step included. {s['warmup']} warm-up + {s['steps']} timed rounds, variants alternated "
         f"round-robin, {s.get('threads', '?')} torch thread(s). Ratios are medians of the per-round ratios, in "
@@ -142,7 +143,8 @@ def _render_case(case: dict, device: str) -> list[str]:
         lines += [
             "",
             f"`generate` (greedy, batch {gen['batch']}, prompt {gen['prompt_len']}, "
-            f"{gen['new_tokens']} new tokens, KV cache, median of {gen['rounds']} alternated rounds):",
+            f"{gen['new_tokens']} new tokens, {gen.get('cache', 'dynamic')} KV cache, median of "
+            f"{gen['rounds']} alternated rounds):",
             "",
             "| variant | ms | new tokens/s | ÷ base | ÷ LoRA |",
             "|---|---|---|---|---|",

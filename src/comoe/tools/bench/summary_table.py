@@ -28,7 +28,8 @@ def _overhead(rows: dict, ours: str, con: str) -> float | None:
 def _setting(result: dict) -> str:
     s, spec = result["settings"], result["spec"]
     where = "GPU" if s["device"] == "cuda" else "CPU"
-    return f"hidden {spec['hidden']}, {where}" + (f", {s['autocast']} autocast" if s.get("autocast") else "")
+    autocast = f", {s['autocast']} autocast" if s.get("autocast") else ""
+    return f"hidden {spec['hidden']}, {where}{autocast}" + (", compiled" if s.get("compiled") else "")
 
 
 def render_summary(results: list[dict]) -> list[str]:
