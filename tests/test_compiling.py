@@ -108,10 +108,10 @@ def test_fsdp2_sharded_layers_compile_and_give_the_eager_step():
 def test_a_static_cache_decode_step_compiles_whole_and_generates_eagers_tokens():
     """Generation at LoRA's speed on a GPU goes through transformers' static KV cache, whose decode step
     transformers compiles (CUDA graphs there; forced here on the CPU): a comoe model's forward, hooks
-    included, traces as one graph (``fullgraph``) for every routing and gives eager's greedy tokens."""
+    included, traces as one graph (``fullgraph``) for top-k and top-p routing and gives eager's greedy tokens."""
     from transformers import CompileConfig
 
-    for kind in ("lora", "topp", "grouped"):
+    for kind in ("lora", "topp"):  # top-k and a data-dependent number of experts per token
         torch._dynamo.reset()
         model = adapted(kind).eval()
         inputs = {

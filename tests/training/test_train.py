@@ -50,9 +50,25 @@ def tiny_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_train_writes_a_complete_run_directory_and_eval_reproduces_it(tiny_model_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    comoe_cli(*tiny_args(tiny_model_dir, run_dir, "--max-steps", "6", "--contrastive-weight", "0.1"))
+# λ > 0, routing health and validation on; a larger --norm-eps keeps the second step's contrastive gradient
+# (B near zero) from a norm of ~1e4, after which float rounding would grow as in a chaotic run; every prompt
+# is longer than --max-length (one sequence length: `--compile` compiles once)
+EAGER_FLAGS = (
+    *("--max-steps", "4", "--contrastive-weight", "0.1", "--max-length", "20", "--norm-eps", "1e-2"),
+    *("--routing-health-steps", "2", "--val-per-task", "2", "--eval-steps", "2"),
+)
+
+
+@pytest.fixture(scope="module")
+def eager_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """One eager `comoe train` run that two tests read: the complete run directory and `--compile`'s reference."""
+    run_dir = tmp_path_factory.mktemp("eager") / "run"
+    comoe_cli(*tiny_args(tiny_model_dir, run_dir, *EAGER_FLAGS))
+    return run_dir
+
+
+def test_train_writes_a_complete_run_directory_and_eval_reproduces_it(eager_run):
+    run_dir = eager_run
     assert {p.name for p in (run_dir / "adapter").iterdir()} == {
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -62,7 +78,7 @@ def test_train_writes_a_complete_run_directory_and_eval_reproduces_it(tiny_model
     assert set(metrics["adapter"]["tasks"]) == set(TASKS.split(","))
     assert {"majority", "base", "adapter", "trainable", "train"} <= set(metrics)
     log = read_log(run_dir)
-    assert [row["step"] for row in log] == list(range(1, 7))
+    assert [row["step"] for row in log] == list(range(1, 5))
     assert all({"loss", "task", "contrastive"} <= set(row) for row in log)
     assert RunConfig.from_yaml(run_dir / "run_config.yaml").adapter.contrastive_weight == 0.1
 
@@ -123,7 +139,10 @@ def test_baseline_methods_end_to_end(tiny_model_dir, tmp_path, method):
     assert metrics["method"] == method and metrics["trainable"] > 0
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == ("LORA" if method == "lora" else "COMOE")
-    comoe_cli("eval", str(run_dir))
+    if (
+        method == "lora"
+    ):  # a PEFT LoRA adapter reloads for `comoe eval`; comoe's kinds: tests/test_contract.py
+        comoe_cli("eval", str(run_dir))
 
 
 def test_single_task_setting_trains_one_adapter_per_task(tiny_model_dir, tmp_path):
@@ -198,8 +217,8 @@ def test_ddp_two_processes_on_cpu(tiny_model_dir, tmp_path, launcher):
 
 
 def test_use_dora_trains_dora_experts_and_eval_and_analyze_read_them(tiny_model_dir, tmp_path):
-    """`comoe train --use-dora`: CoMoE-DoRA experts with the contrastive term; the adapter saved, reloaded by
-    `comoe eval` and scored the same; `comoe analyze` materialises their outputs. (`--method lora
+    """`comoe train --use-dora`: CoMoE-DoRA experts with the contrastive term; the adapter saved (its reload
+    to the same logits: tests/test_contract.py); `comoe analyze` materialises their outputs. (`--method lora
     --use-dora`, PEFT's DoRA, is tested in tests/test_dora.py.)"""
     run_dir = tmp_path / "dora"
     comoe_cli(
@@ -215,11 +234,6 @@ def test_use_dora_trains_dora_experts_and_eval_and_analyze_read_them(tiny_model_
     comoe_cli("analyze", str(run_dir), "--test-per-task", "4", "--no-tsne", "--no-progress")
     summary = json.loads((run_dir / "analysis" / "metrics.json").read_text())["runs"][0]["summary"]
     assert summary["contrastive_loss"] > 0 and -1 <= summary["cosine"] <= 1 and 0 <= summary["cka"] <= 1
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    comoe_cli("eval", str(run_dir))
-    again = json.loads((run_dir / "eval_label.json").read_text())
-    for task, scores in metrics["adapter"]["tasks"].items():
-        assert again["adapter"]["tasks"][task]["accuracy"] == scores["accuracy"]
 
 
 def test_placement_ffn_trains_whole_ffn_experts_and_analyze_reads_their_blocks(tiny_model_dir, tmp_path):
@@ -279,19 +293,12 @@ def test_the_math_suite_trains_and_scores_generated_numbers(tiny_model_dir, tmp_
         assert all(0 <= s["accuracy"] <= 1 and s["n"] == 4 for s in scores.values()) and len(scores) == 7
 
 
-def test_compile_trains_what_eager_trains(tiny_model_dir, tmp_path):
+def test_compile_trains_what_eager_trains(tiny_model_dir, eager_run, tmp_path):
     """`--compile` (inductor, each decoder layer) with the contrastive term, routing health and validation
     on: eager's losses and adapter within float tolerance, and eager's evaluation. Steps 1 and 3 run
-    compiled (steps 2 and 4 log routing health: eager). A larger --norm-eps keeps the second step's contrastive
-    gradient (B near zero) from a norm of ~1e4, which would make float rounding grow as in a chaotic run.
-    Every prompt is longer than --max-length: one sequence length, one compilation."""
-    common = (
-        *("--max-steps", "4", "--eval-base", "false", "--contrastive-weight", "0.1", "--max-length", "20"),
-        *("--routing-health-steps", "2", "--val-per-task", "2", "--eval-steps", "2", "--norm-eps", "1e-2"),
-    )
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    comoe_cli(*tiny_args(tiny_model_dir, eager, *common))
-    comoe_cli(*tiny_args(tiny_model_dir, compiled, *common, "--compile"))
+    compiled (steps 2 and 4 log routing health: eager)."""
+    eager, compiled = eager_run, tmp_path / "compiled"
+    comoe_cli(*tiny_args(tiny_model_dir, compiled, *EAGER_FLAGS, "--eval-base", "false", "--compile"))
     assert RunConfig.from_yaml(compiled / "run_config.yaml").compile
     for expected, got in zip(read_log(eager), read_log(compiled), strict=True):
         for key in ("loss", "task", "contrastive", "val_loss", "routing_entropy_min"):
