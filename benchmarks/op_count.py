@@ -39,7 +39,7 @@ def main() -> None:
 
     result = {
         "command": "python benchmarks/op_count.py "
-        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v),
+        + " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in vars(args).items() if v),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "commit": commit.strip(),
         "machine": machine_info(torch.device("cpu")),

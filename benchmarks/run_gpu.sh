@@ -42,9 +42,10 @@ timeout 90 $BENCH $G --autocast bfloat16 --batch 16 --rank 16 --experts 4,16 --v
         --no-generate --no-parity --name gpu7b-amp-b16
 # the same steps with every variant's decoder layers compiled (`comoe train --compile`), both token counts
 V=lora,ours-dense,ours-con-gram
-timeout 120 $BENCH $G --autocast bfloat16 --rank 16 --experts 4 --variants $V --compile --name gpu7b-amp-compiled
-timeout 90 $BENCH $G --autocast bfloat16 --batch 16 --rank 16 --experts 4 --variants $V --compile \
-        --name gpu7b-amp-b16-compiled
+timeout 110 $BENCH $G --autocast bfloat16 --rank 16 --experts 4 --variants $V --compile \
+        --name gpu7b-amp-compiled
+timeout 80 $BENCH $G --autocast bfloat16 --batch 16 --rank 16 --experts 4 --variants $V --compile \
+        --no-generate --name gpu7b-amp-b16-compiled
 # where a step's time goes: GPU busy vs wall, kernels and host operators per step
 timeout 60 $PY benchmarks/gpu_profile.py --out "$RESULTS/gpu-profile.json"
 if [[ -n "${FULL:-}" ]]; then  # FULL=1: also the runs without autocast and the many-codes sweep (+6 min)

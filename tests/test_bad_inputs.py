@@ -471,6 +471,11 @@ CLI_CASES = [
         ["task 'arc_e' is named twice", "'arc_easy' and 'arc_e' are the same task"],
     ),
     cli("warmup-ratio-2", train("--warmup-ratio", "2"), ["warmup_ratio must be in [0, 1]", "got 2.0"]),
+    cli(
+        "compile-with-checkpointing",
+        train("--compile", "--gradient-checkpointing", "true"),
+        ["compile and gradient_checkpointing", "the layers would run eagerly"],
+    ),
     cli("r-0", train("--r", "0"), ["r must be a positive integer", "got 0"]),
     cli("lora-dropout-1.5", train("--lora-dropout", "1.5"), ["lora_dropout must be in [0, 1)", "got 1.5"]),
     cli(

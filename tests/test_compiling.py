@@ -1,4 +1,5 @@
-"""`comoe.compile_layers`: each decoder layer's forward compiled, with Trainer, under FSDP2, and undone.
+"""`comoe.compile_layers`: each decoder layer's forward compiled, with Trainer, checkpointing, DDP and FSDP2,
+and undone.
 
 The backend is ``aot_eager`` (Dynamo's graph capture and AOT autograd without code generation, seconds on
 a CPU); `comoe train --compile` with inductor is tested end to end in tests/training/test_train.py.
@@ -15,11 +16,11 @@ from peft import get_peft_model
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import Trainer, TrainingArguments
 
-from comoe import compile_layers
+from comoe import compile_layers, get_comoe_model
 from comoe.compiling import decoder_layers
 from tests.test_contract import adapted, assert_same_step, training_step
 from tests.test_trainer import dataset
-from tests.tiny_models import VOCAB, build, tiny_comoe_config
+from tests.tiny_models import VOCAB, build, randomize_adapters, tiny_comoe_config
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
 
@@ -33,6 +34,52 @@ def test_restore_gives_back_the_eager_forward_and_an_earlier_instance_forward():
     assert first.forward is not patched and "forward" in second.__dict__
     handle.restore()
     assert first.forward is patched and "forward" not in second.__dict__
+
+
+def test_layers_share_two_graphs_however_deep_the_model_is():
+    """Four layers, two graphs: the first layer's (its input needs no gradient) and the other three's."""
+    torch._dynamo.reset()
+    model = get_comoe_model(build("llama", num_layers=4), tiny_comoe_config("llama", contrastive_weight=0.1))
+    randomize_adapters(model)
+    eager = training_step(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    with compile_layers(model, backend=counter, fullgraph=True) as handle:
+        assert len(handle.layers) == 4
+        compiled = training_step(model)
+    assert counter.frame_count == 2
+    assert_same_step(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_layers_under_accelerates_instance_forward_compile_and_give_the_eager_step():
+    """A forward that accelerate's hooks set on the instance (a partial: ``device_map`` dispatch) is compiled
+    as it is, and restored."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    torch._dynamo.reset()
+    model = adapted("lora")
+    for layer in decoder_layers(model):
+        add_hook_to_module(layer, ModelHook())
+    hooked = [layer.forward for layer in decoder_layers(model)]
+    eager = training_step(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    with compile_layers(model, backend=counter):
+        compiled = training_step(model)
+    assert counter.frame_count >= 1
+    assert_same_step(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert [layer.forward for layer in decoder_layers(model)] == hooked
+
+
+def test_activation_checkpointing_is_refused_and_the_cache_setting_comes_back():
+    """torch's checkpoint runs its function with the compiler off: the layers would run eagerly."""
+    model = adapted("lora")
+    base = model.get_base_model()
+    base.config.use_cache = True
+    with compile_layers(model, backend="aot_eager"):
+        assert base.config.use_cache is False  # no KV cache while the layers are compiled
+    assert base.config.use_cache is True
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="activation checkpointing is on.*Turn one of them off"):
+        compile_layers(model)
 
 
 def test_a_model_without_decoder_layer_classes_is_refused_naming_them():
@@ -82,6 +129,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_ddp_wrapped_model_compiles_its_layers_and_gives_the_eager_step():
+    """``compile_layers`` on the DDP wrapper finds the layers inside it; DDP's gradient hooks fire after the
+    compiled backward."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        model = adapted("lora")
+        eager = training_step(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        counter = CompileCounterWithBackend("aot_eager")
+        with compile_layers(ddp, backend=counter, fullgraph=True):
+            compiled = training_step(model, ddp)
+        assert counter.frame_count == 2
+        assert_same_step(compiled, eager, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fsdp2_sharded_layers_compile_and_give_the_eager_step():
     """Under FSDP2 each sharded layer is an instance of a subclass of its class: it is found, compiled
     whole (its hooks, which gather the shards, stay outside the graph), and gives eager's step."""
@@ -106,9 +171,9 @@ def test_fsdp2_sharded_layers_compile_and_give_the_eager_step():
 
 
 def test_a_static_cache_decode_step_compiles_whole_and_generates_eagers_tokens():
-    """Generation at LoRA's speed on a GPU goes through transformers' static KV cache, whose decode step
-    transformers compiles (CUDA graphs there; forced here on the CPU): a comoe model's forward, hooks
-    included, traces as one graph (``fullgraph``) for top-k and top-p routing and gives eager's greedy tokens."""
+    """Generation with transformers' static KV cache, whose decode step transformers compiles (on GPUs;
+    forced here on the CPU): a comoe model's forward, hooks included, traces as one graph (``fullgraph``)
+    for top-k and top-p routing and gives eager's greedy tokens."""
     from transformers import CompileConfig
 
     for kind in ("lora", "topp"):  # top-k and a data-dependent number of experts per token

@@ -492,6 +492,10 @@ def test_dense_layer_compiles_without_graph_breaks():
     def step(x):
         ctx.aux, ctx.traces, ctx.active = [], [], True
         y = layer(x)
+        ctx.traces = (
+            ctx.traces + layer.pending_traces
+        )  # a compiled call keeps its trace (the tuner gathers it)
+        layer.pending_traces = []
         ctx.aux = losses_from_traces(ctx, training=True)
         ctx.active = False
         return y.square().mean() + ctx.aux[0].contrastive.loss

@@ -38,10 +38,8 @@ def base_weight(layer: nn.Module) -> Tensor:
             scales = layer.state.SCB
         return layer.weight.data.float() * scales.float()[:, None] / 127
     weight = layer.weight
-    if type(weight) not in (
-        nn.Parameter,
-        Tensor,
-    ):  # quantised (PEFT's helper reads names torch.compile cannot)
+    # PEFT's helper only for a quantised weight: it reads names that torch.compile cannot trace
+    if type(weight) not in (nn.Parameter, Tensor):
         weight = dequantize_module_weight(layer)
     if Conv1D != () and isinstance(layer, Conv1D):
         weight = weight.t()

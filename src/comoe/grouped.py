@@ -81,7 +81,9 @@ def grouped_matmul(x: Tensor, weights: Tensor, offsets: Tensor) -> Tensor:
     if _grouped_mm_supported(x, weights):
         out = _GROUPED_MM(x.contiguous(), weights.contiguous(), offs=offsets)
         return _ContiguousGrad.apply(out)
-    if torch.compiler.is_compiling():  # no host sync in a graph: each group's product, masked to its rows
+    # no host sync in a graph: every expert's product over all rows, each masked to its group's rows (E× the
+    # FLOPs: where grouped_mm is missing, a compiled grouped path costs more than the dense path)
+    if torch.compiler.is_compiling():
         group = torch.searchsorted(
             offsets, torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype), right=True
         )

@@ -53,6 +53,7 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         self.config = config
         self.context: ForwardContext = context
         self.module_name = name
+        self.pending_traces: list[LayerTrace] = []  # a compiled call's traces, until the model's forward ends
         self.scaling = config.scaling
         device = next(base_layer.parameters()).device
         self.experts: Experts = build_experts(base_layer, config, ffn_block)
@@ -196,11 +197,11 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         ctx = self.context
         router_trains = self.router is not None and self.router.comoe_router.requires_grad
         adapter_trains = any(p.requires_grad for p in self.adapter_parameters())
-        trace = LayerTrace(
-            self.module_name, self.config, routing, contrastive, samples, router_trains, adapter_trains
-        )
+        trace = LayerTrace(self, self.config, routing, contrastive, samples, router_trains, adapter_trains)
         if ctx.active:
-            ctx.traces.append(trace)
+            # compiled, each layer keeps its own (a shared list's length would be a guard, and every layer a
+            # graph of its own); the tuner gathers them after the forward, in the modules' order
+            (self.pending_traces if torch.compiler.is_compiling() else ctx.traces).append(trace)
         elif ctx.recorder is not None and not (self.training and torch.is_grad_enabled()):
             detached = routing._replace(probs=routing.probs.detach())
             ctx.recorder.observe(trace._replace(routing=detached, contrastive=None), None, None, None)

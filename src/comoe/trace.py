@@ -57,13 +57,20 @@ class Samples(NamedTuple):
 class LayerTrace(NamedTuple):
     """One routed layer call."""
 
-    name: str  # the module's name inside the model
+    # the layer (its ``module_name`` is the trace's name; a compiled layer keeps no per-layer string in
+    # its graph, so the layers of a model share one), or the name itself
+    origin: object
     config: object  # the layer's CoMoEConfig (temperature, anchors, negatives, weights)
     routing: Routing
     contrastive: ContrastiveInputs | None  # None: no contrastive loss from this call
     samples: Samples | None  # expert outputs of the tokens the recorder samples
     router_trains: bool  # the router's weight requires grad: its losses must carry autograd history
     adapter_trains: bool  # some adapter tensor of the layer requires grad
+
+    @property
+    def name(self) -> str:
+        """The module's name inside the model."""
+        return self.origin if isinstance(self.origin, str) else self.origin.module_name
 
 
 @dataclass

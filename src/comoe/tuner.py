@@ -4,18 +4,16 @@ Importing this module registers the method with PEFT (``peft_type`` "COMOE", pre
 ``peft.get_peft_model(model, CoMoEConfig(...))`` and ``peft.PeftModel.from_pretrained(base, adapter_dir)``
 build it, as they build LoRA. ``comoe.get_comoe_model`` goes through the same tuner.
 
-The auxiliary losses are added by forward hooks on the wrapped transformers model rather than by a forward
-of the tuner: PEFT's plain ``PeftModel`` calls that model directly, its task classes
-(``PeftModelForCausalLM``) call the tuner, ``generate`` calls neither; hooks see every path. The pre-hook
-prepares the layers' shared context from the batch (padding mask, optional ``task_ids`` for routing
-records); the post-hook forms the losses from the traces the layers left (``comoe.auxiliary``), adds them to a training
-``loss`` and sets the output fields ``aux_loss`` (weighted sum), ``contrastive_loss`` and
-``balance_loss``, as transformers' own MoE models return theirs. Wrappers that rebuild the output
-(accelerate's mixed precision, DDP, ``torch.compile``) keep mapping fields, where an attribute would be
-dropped.
+The auxiliary losses are added by forward hooks on the wrapped transformers model, not by a forward of the
+tuner: PEFT's plain ``PeftModel`` calls that model directly, its task classes call the tuner, ``generate``
+neither; hooks see every path. The pre-hook prepares the layers' shared context from the batch (padding
+mask, optional ``task_ids``); the post-hook forms the losses from the traces the layers left
+(``comoe.auxiliary``), adds them to a training ``loss`` and sets the output fields ``aux_loss``,
+``contrastive_loss`` and ``balance_loss``, as transformers' MoE models return theirs (mapping fields, which
+wrappers that rebuild the output keep: mixed precision, DDP, ``torch.compile``).
 
-One adapter per model: its parameters are not keyed by adapter name. ``set_adapter`` accepts its name;
-a second adapter, ``delete_adapter`` and merging are refused with the reason.
+One adapter per model (its parameters are not keyed by adapter name): a second one, ``delete_adapter`` and
+merging are refused with the reason.
 """
 
 from __future__ import annotations
@@ -49,11 +47,9 @@ from comoe.utils.modeling import named_arguments, replace_module, token_shape
 class AdapterConfigs(dict):
     """The tuner's ``peft_config`` (adapter name → ``CoMoEConfig``): it refuses another method's config.
 
-    ``peft.get_peft_model(comoe_model, LoraConfig(...))`` builds a second tuner on top, and PEFT's
-    ``BaseTuner`` adds its config to the ``peft_config`` it finds on the model it wraps, which is this dict;
-    the CoMoE hooks would then read a ``LoraConfig`` at the next forward. Refusing the assignment stops
-    PEFT before it changes any module.
-    """
+    ``peft.get_peft_model(comoe_model, LoraConfig(...))`` builds a second tuner on top, whose ``BaseTuner``
+    adds its config to the ``peft_config`` of the model it wraps, this dict: the CoMoE hooks would read a
+    ``LoraConfig`` at the next forward. Refusing it stops PEFT before it changes any module."""
 
     def __setitem__(self, name: str, config: object) -> None:
         if not isinstance(config, CoMoEConfig):
@@ -198,12 +194,11 @@ class CoMoETuner(BaseTuner):
             if outputs is None:  # the forward raised
                 return None
             # after the base forward: checkpointed layers never re-run the loss computation
+            ctx.traces = ctx.traces + self._pending_traces()
             ctx.aux = losses_from_traces(ctx, module.training)
             self.last_aux = combined_aux(ctx.aux, self.comoe_config)
-            if module.training and torch.is_grad_enabled():
-                self.training_aux = (
-                    self.last_aux
-                )  # what a trainer that ignores outputs.loss must add (comoe.sft)
+            if module.training and torch.is_grad_enabled():  # what a trainer that ignores outputs.loss adds
+                self.training_aux = self.last_aux  # (comoe.sft)
             # Only a training loss carries the aux terms: recording in eval mode must not change out.loss.
             if module.training and self.last_aux is not None and getattr(outputs, "loss", None) is not None:
                 share = token_share(kwargs.get("labels"), kwargs.get("num_items_in_batch"))
@@ -215,6 +210,14 @@ class CoMoETuner(BaseTuner):
             ctx.token_mask = ctx.task_ids = None
             ctx.compute_contrastive = ctx.compute_balance = ctx.active = False
             ctx.traces = []
+            self._pending_traces()  # what a forward that raised left
+
+    def _pending_traces(self) -> list:
+        """The traces compiled layers kept (``MixtureLayer.pending_traces``), in the modules' order; cleared."""
+        traces = [trace for layer in self.adapted_modules.values() for trace in layer.pending_traces]
+        for layer in self.adapted_modules.values():
+            layer.pending_traces = []
+        return traces
 
     def _after_aux(self, module: nn.Module, args: tuple, outputs: Any) -> None:
         """What follows the auxiliary losses: the deprecated ``outputs.aux_losses``, the check that a

@@ -82,7 +82,10 @@ def test_compile_times_every_variant_compiled_and_generates_with_a_static_cache(
     """`comoe bench --compile`: each variant's decoder layers compiled (inductor), its steps timed against
     compiled LoRA, generation with transformers' static KV cache; memory and parity are skipped."""
     argv = _argv(tmp_path, "--compile", "--variants", "lora,ours-dense", "--layers", "1", "--name", "tc")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     assert main(argv) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # each variant's layer, compiled
     data = json.loads((tmp_path / "results" / "tc.json").read_text())
     assert data["settings"]["compiled"] is True
     (case,) = data["cases"]

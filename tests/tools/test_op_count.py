@@ -28,4 +28,4 @@ def test_a_decode_step_counts_the_router_and_gating_above_lora():
     assert result["variants"]["lora"]["modules"] == 16
     extra = result["extra_ops_per_module"]
     assert {"aten.topk.default", "aten._softmax.default", "aten.scatter.src"} <= set(extra)
-    assert 0 < result["extra_per_module"] <= 15
+    assert result["extra_per_module"] == 8.0  # the figure README.md and benchmarks/NOTES.md give

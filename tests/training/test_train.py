@@ -216,7 +216,7 @@ def test_ddp_two_processes_on_cpu(tiny_model_dir, tmp_path, launcher):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
-def test_use_dora_trains_dora_experts_and_eval_and_analyze_read_them(tiny_model_dir, tmp_path):
+def test_use_dora_trains_dora_experts_and_analyze_reads_them(tiny_model_dir, tmp_path):
     """`comoe train --use-dora`: CoMoE-DoRA experts with the contrastive term; the adapter saved (its reload
     to the same logits: tests/test_contract.py); `comoe analyze` materialises their outputs. (`--method lora
     --use-dora`, PEFT's DoRA, is tested in tests/test_dora.py.)"""
@@ -293,12 +293,15 @@ def test_the_math_suite_trains_and_scores_generated_numbers(tiny_model_dir, tmp_
         assert all(0 <= s["accuracy"] <= 1 and s["n"] == 4 for s in scores.values()) and len(scores) == 7
 
 
-def test_compile_trains_what_eager_trains(tiny_model_dir, eager_run, tmp_path):
+def test_compile_trains_what_eager_trains(tiny_model_dir, eager_run, tmp_path, monkeypatch):
     """`--compile` (inductor, each decoder layer) with the contrastive term, routing health and validation
     on: eager's losses and adapter within float tolerance, and eager's evaluation. Steps 1 and 3 run
     compiled (steps 2 and 4 log routing health: eager)."""
     eager, compiled = eager_run, tmp_path / "compiled"
+    inductor = tmp_path / "inductor"  # where inductor writes the kernels it generates: a sign it compiled
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor))
     comoe_cli(*tiny_args(tiny_model_dir, compiled, *EAGER_FLAGS, "--eval-base", "false", "--compile"))
+    assert any(path.suffix == ".py" for path in inductor.rglob("*")), "inductor generated no code"
     assert RunConfig.from_yaml(compiled / "run_config.yaml").compile
     for expected, got in zip(read_log(eager), read_log(compiled), strict=True):
         for key in ("loss", "task", "contrastive", "val_loss", "routing_entropy_min"):

@@ -144,7 +144,7 @@ class RunConfig:
         default=False,
         metadata=doc(
             "Compile each decoder layer's forward with torch.compile while training (the first steps "
-            "compile; on a GPU the later ones run faster). Evaluation runs eagerly."
+            "compile). Validation and evaluation run eagerly."
         ),
     )
     max_grad_norm: float | None = field(
@@ -217,6 +217,11 @@ class RunConfig:
         _check(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             f"max_grad_norm must be > 0, or none for no clipping, got {self.max_grad_norm!r}",
+        )
+        _check(
+            not (self.compile and self.gradient_checkpointing),
+            "compile and gradient_checkpointing: torch's activation checkpointing runs each layer with the "
+            "compiler off, so the layers would run eagerly; set one of them false",
         )
         _check(
             self.eval_steps == 0 or self.val_per_task > 0,
@@ -336,5 +341,9 @@ __getattr__ = moved_names(
         **{name: f"{_SETTINGS}:{name}" for name in ("nest_fields", "merge_fields", "flat_fields")},
         "load_yaml": "comoe.utils.yaml_files:load_yaml",
         "parse_field_value": f"{_SETTINGS}:parse_field_value",
+        **{
+            name: f"comoe.training.run_adapter:{name}"
+            for name in ("ADAPTER_FIELDS", "NAME_LISTS", "method_overrides")
+        },
     },
 )

@@ -45,8 +45,12 @@ class Validator:
         (the macro average under the run's protocol) of ``model``, the unwrapped adapted model."""
         was_training = model.training
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-        eager = torch.compiler.set_stance("force_eager")  # under --compile: no graphs for evaluation
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast(), eager:
+        with (
+            torch.random.fork_rng(devices=devices),
+            torch.no_grad(),
+            accelerator.autocast(),
+            torch.compiler.set_stance("force_eager"),  # under --compile: no graphs for evaluation
+        ):
             model.eval()
             try:
                 loss = self._task_loss(model, accelerator.device)
