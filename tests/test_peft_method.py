@@ -102,35 +102,40 @@ RELOAD_SCRIPT = textwrap.dedent(
     from tests.tiny_models import batch, build
 
     torch.set_num_threads(1)
-    model = PeftModel.from_pretrained(build("llama", seed=0), sys.argv[2])
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert type(model.base_model).__name__ == "CoMoETuner"
-    with torch.no_grad():
-        save_file({"logits": model(**batch("llama")).logits.contiguous()}, sys.argv[1])
+    for result, adapter in zip(sys.argv[1::2], sys.argv[2::2]):  # (logits file, adapter directory) pairs
+        model = PeftModel.from_pretrained(build("llama", seed=0), adapter)
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+        assert type(model.base_model).__name__ == "CoMoETuner"
+        with torch.no_grad():
+            save_file({"logits": model(**batch("llama")).logits.contiguous()}, result)
     """
 )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("saver", ["peft-save_pretrained", "comoe-save_pretrained"])
-def test_peft_from_pretrained_in_a_fresh_process_reproduces_the_logits(tmp_path, saver):
-    if saver == "peft-save_pretrained":
-        model = peft_model("CAUSAL_LM")
-    else:
-        model = get_comoe_model(build("llama"), tiny_comoe_config("llama"))
-    with torch.no_grad():
-        randomize_adapters(model)
-    model.eval()
-    expected = logits_of(model)
-    assert not torch.allclose(expected, logits_of(build("llama")), atol=1e-3)  # the adapter matters
-    model.save_pretrained(tmp_path / "adapter")
-    assert {CONFIG_NAME, WEIGHTS_NAME} <= set(os.listdir(tmp_path / "adapter"))
-    assert all(
-        k.startswith("base_model.model.model.layers.") for k in load_file(tmp_path / "adapter" / WEIGHTS_NAME)
-    )
-    result = tmp_path / "logits.safetensors"
+def test_peft_from_pretrained_in_a_fresh_process_reproduces_the_logits(tmp_path):
+    """Saved by PEFT's ``save_pretrained`` (a ``get_peft_model`` model) and by comoe's, reloaded by a fresh
+    process through ``PeftModel.from_pretrained`` (one process for both: imports dominate)."""
+    expected, argv = {}, []
+    for saver in ("peft-save_pretrained", "comoe-save_pretrained"):
+        if saver == "peft-save_pretrained":
+            model = peft_model("CAUSAL_LM")
+        else:
+            model = get_comoe_model(build("llama"), tiny_comoe_config("llama"))
+        with torch.no_grad():
+            randomize_adapters(model)
+        model.eval()
+        expected[saver] = logits_of(model)
+        assert not torch.allclose(
+            expected[saver], logits_of(build("llama")), atol=1e-3
+        )  # the adapter matters
+        adapter = tmp_path / saver
+        model.save_pretrained(adapter)
+        assert {CONFIG_NAME, WEIGHTS_NAME} <= set(os.listdir(adapter))
+        assert all(k.startswith("base_model.model.model.layers.") for k in load_file(adapter / WEIGHTS_NAME))
+        argv += [str(tmp_path / f"{saver}.safetensors"), str(adapter)]
     proc = subprocess.run(
-        [sys.executable, "-c", RELOAD_SCRIPT, str(result), str(tmp_path / "adapter")],
+        [sys.executable, "-c", RELOAD_SCRIPT, *argv],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -138,7 +143,9 @@ def test_peft_from_pretrained_in_a_fresh_process_reproduces_the_logits(tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    torch.testing.assert_close(load_file(result)["logits"], expected, rtol=0, atol=0)
+    for saver, logits in expected.items():
+        got = load_file(tmp_path / f"{saver}.safetensors")["logits"]
+        torch.testing.assert_close(got, logits, rtol=0, atol=0, msg=lambda m, s=saver: f"{s}: {m}")
 
 
 def test_peft_and_comoe_write_the_same_files(tmp_path):

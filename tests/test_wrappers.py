@@ -124,8 +124,8 @@ def test_distributed_data_parallel(maker, placement):
 
 @pytest.mark.slow
 def test_torch_compile():
-    """The whole model compiled (Trainer's ``torch_compile=True``; ``comoe.compile_layers``, the layers only, is
-    tests/test_compiling.py): the contrastive term is in the gradient."""
+    """The whole model compiled (Trainer's ``torch_compile=True``; ``comoe.compile_layers``, the layers
+    only, is tests/test_compiling.py): the contrastive term is in the gradient."""
     maker = "get_peft_model"
     try:  # a torch build without a working compiler skips; a failure of the CoMoE model below does not
         torch.compile(torch.nn.Linear(2, 2), backend="aot_eager")(torch.ones(1, 2))

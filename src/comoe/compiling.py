@@ -2,12 +2,13 @@
 
 Every adapted module sits inside a decoder layer (a class the model lists in ``_no_split_modules``), and a
 layer's forward compiles to one graph, with no graph break and no host sync, for every expert kind and
-routing. Layers of one class share that graph (their parameters are its inputs), so compiling costs one
-layer's time however deep the model is: while they are compiled the model's ``config.use_cache`` is False,
-since a KV cache's per-layer state would make each layer a graph of its own. Only ``forward`` is
-compiled: the module's hooks (FSDP2's, PEFT's, accelerate's, comoe's own) stay outside the graph. torch's
-activation checkpointing runs its function with the compiler off, so the two are refused together. The rest of the
-step (embedding, output head, loss, the mean of the auxiliary losses) runs eagerly: a few operators.
+routing. Layers of one class share their graphs (their parameters are inputs; the first layer, whose input
+needs no gradient, has its own), so compiling costs one layer's time however deep the model is. While
+they are compiled the model's ``config.use_cache`` is False: a KV cache's per-layer state would make each
+layer a graph of its own. Only ``forward`` is compiled: the module's hooks (FSDP2's, PEFT's, accelerate's,
+comoe's own) stay outside the graph. torch's activation checkpointing runs its function with the
+compiler off, so the two are refused together. The rest of the step (embedding, output head, loss, the
+auxiliary losses) runs eagerly.
 """
 
 from __future__ import annotations
@@ -88,5 +89,6 @@ class CompiledLayers:
 
 def compile_layers(model: nn.Module, **compile_kwargs: Any) -> CompiledLayers:
     """Compile the forward of each decoder layer of ``model`` (see the module's docstring); returns the
-    handle whose ``restore()`` undoes it. For Trainer: ``compile_layers(model)`` before ``trainer.train()``."""
+    handle whose ``restore()`` undoes it. With Trainer: ``compile_layers(model)`` before
+    ``trainer.train()``."""
     return CompiledLayers(model, **compile_kwargs)

@@ -213,7 +213,7 @@ class CoMoETuner(BaseTuner):
             self._pending_traces()  # what a forward that raised left
 
     def _pending_traces(self) -> list:
-        """The traces compiled layers kept (``MixtureLayer.pending_traces``), in the modules' order; cleared."""
+        """The traces compiled layers kept (``MixtureLayer.pending_traces``), in module order; cleared."""
         traces = [trace for layer in self.adapted_modules.values() for trace in layer.pending_traces]
         for layer in self.adapted_modules.values():
             layer.pending_traces = []

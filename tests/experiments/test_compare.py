@@ -225,9 +225,10 @@ def test_single_task_setting_trains_one_adapter_per_task_and_skips_analysis(tiny
 
 
 @pytest.mark.slow
-def test_jobs_trains_cells_side_by_side_and_names_a_failed_cell(tiny_model_dir, tmp_path):  # noqa: F811
-    """`--jobs 2`: two cells at once, each with its output in its own train.log; a cell that fails is named,
-    the other finishes, and rerunning resumes only what is missing."""
+def test_jobs_trains_cells_side_by_side_and_names_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """`--jobs 2`: two cells at once, each with its output in its own train.log; a cell that fails is named
+    and the other finishes (a cell is done once its metrics.json is written: a rerun skips finished cells,
+    test_grid_runs_summarises_and_skips_finished_runs)."""
     grid = tmp_path / "grid.yaml"
     grid.write_text(
         "variants:\n  lora: {method: lora}\n  broken: {method: lora, model: 'no-such-model-dir'}\n"
@@ -236,6 +237,8 @@ def test_jobs_trains_cells_side_by_side_and_names_a_failed_cell(tiny_model_dir, 
         "batch_size: 4, r: 4, max_steps: 1, eval_base: false}\n"
     )
     out = tmp_path / "grid"
+    # offline, as on this machine: the missing model directory (a hub id) fails at once, without retries
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # as the README has it: `comoe compare --jobs 2 --set test_per_task=none` (every test example)
     failed = comoe_cli(
         "compare",
@@ -257,24 +260,6 @@ def test_jobs_trains_cells_side_by_side_and_names_a_failed_cell(tiny_model_dir, 
     assert "adapter" in (out / "runs/lora-multi-seed0/train.log").read_text()  # its table went to the log
     scores = json.loads((out / "runs/lora-multi-seed0/metrics.json").read_text())["adapter"]["tasks"]
     assert {task: s["n"] for task, s in scores.items()} == {"strategyqa": 300, "social_iqa": 300}
-    grid.write_text(grid.read_text().replace("no-such-model-dir", str(tiny_model_dir)))
-    again = comoe_cli(
-        "compare",
-        "--grid",
-        str(grid),
-        "--out",
-        str(out),
-        "--jobs",
-        "2",
-        "--set",
-        "test_per_task=none",
-        "--no-analysis",
-    )
-    assert again.stdout.count("done, skipped") == 1 and again.stdout.count("running in") == 1
-    assert {r["variant"] for r in json.loads((out / "summary.json").read_text())["rows"]} == {
-        "lora",
-        "broken",
-    }
 
 
 @pytest.mark.slow

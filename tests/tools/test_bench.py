@@ -79,19 +79,24 @@ def test_ffn_variants_run_on_the_gate_up_down_projections(tmp_path):
 
 @pytest.mark.slow
 def test_compile_times_every_variant_compiled_and_generates_with_a_static_cache(tmp_path):
-    """`comoe bench --compile`: each variant's decoder layers compiled (inductor), its steps timed against
-    compiled LoRA, generation with transformers' static KV cache; memory and parity are skipped."""
-    argv = _argv(tmp_path, "--compile", "--variants", "lora,ours-dense", "--layers", "1", "--name", "tc")
+    """`comoe bench --compile`: each variant's decoder layers compiled (inductor) and timed (one variant
+    here: each compiles for seconds), generation with transformers' static KV cache; memory and parity are
+    skipped."""
+    argv = _argv(tmp_path, "--compile", "--variants", "ours-dense", "--layers", "1", "--name", "tc")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     assert main(argv) == 0
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # each variant's layer, compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # its layer, compiled
     data = json.loads((tmp_path / "results" / "tc.json").read_text())
     assert data["settings"]["compiled"] is True
     (case,) = data["cases"]
-    assert case["variants"]["ours-dense"]["x_lora"] > 0 and "saved_bytes" not in case["variants"]["lora"]
     assert (
-        case["generate"]["cache"] == "static" and case["generate"]["variants"]["ours-dense"]["tps_x_lora"] > 0
+        case["variants"]["ours-dense"]["median_ms"] > 0
+        and "saved_bytes" not in case["variants"]["ours-dense"]
+    )
+    assert (
+        case["generate"]["cache"] == "static"
+        and case["generate"]["variants"]["ours-dense"]["tokens_per_s"] > 0
     )
     assert "decoder layers compiled" in (tmp_path / "results" / "tc.md").read_text()
 

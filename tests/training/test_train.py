@@ -61,7 +61,8 @@ EAGER_FLAGS = (
 
 @pytest.fixture(scope="module")
 def eager_run(tiny_model_dir, tmp_path_factory) -> Path:
-    """One eager `comoe train` run that two tests read: the complete run directory and `--compile`'s reference."""
+    """One eager `comoe train` run that two tests read: the complete run directory, and `--compile`'s
+    reference."""
     run_dir = tmp_path_factory.mktemp("eager") / "run"
     comoe_cli(*tiny_args(tiny_model_dir, run_dir, *EAGER_FLAGS))
     return run_dir
