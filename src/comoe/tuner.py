@@ -214,8 +214,9 @@ class CoMoETuner(BaseTuner):
 
     def _pending_traces(self) -> list:
         """The traces compiled layers kept (``MixtureLayer.pending_traces``), in module order; cleared."""
-        traces = [trace for layer in self.adapted_modules.values() for trace in layer.pending_traces]
+        traces = []
         for layer in self.adapted_modules.values():
+            traces += layer.pending_traces
             layer.pending_traces = []
         return traces
 

@@ -331,9 +331,7 @@ def train_adapter(
     )
     if resume:
         recipe.resume()
-    if not run.compile:
-        return recipe.run()
-    with compile_layers(recipe.core):  # eager again for the evaluation that follows
+    with compile_layers(recipe.core) if run.compile else nullcontext():  # eager again for the evaluation
         return recipe.run()
 
 

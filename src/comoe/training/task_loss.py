@@ -22,10 +22,8 @@ def causal_lm_loss(
     With ``trim`` the output head runs only at positions that predict a label: with the loss on answer
     tokens, a few positions per row instead of all of them (the head is ~20% of SmolLM2's compute).
     """
-    batch = {
-        **batch,
-        "use_cache": False,
-    }  # a copy (the caller's keeps its labels); training needs no KV cache
+    # a copy (the caller's batch keeps its labels); training builds no KV cache
+    batch = {**batch, "use_cache": False}
     labels = batch.pop("labels")
     targets = labels[:, 1:]
     if not trim:
