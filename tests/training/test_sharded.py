@@ -8,11 +8,6 @@ one process (the same global batch: grad_accum 2), and an FSDP2 run killed with 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,89 +15,49 @@ import torch
 from safetensors.torch import load_file
 
 from tests.cli_runs import TASKS, comoe_cli, read_log
+from tests.launches import ACCELERATE_CONFIGS, check, killed_after, launch, saved_adapter
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-FSDP2_CONFIG = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
+FSDP2_CONFIG = ACCELERATE_CONFIGS / "fsdp2.yaml"
 STEPS, SAVE_STEPS = 6, 2
 
 
-def _run_config(tmp: Path, model_dir: Path) -> Path:
+def run_config(tmp: Path, model_dir: Path, adapter: str = "") -> Path:
     """A YAML file (accelerate launch would take `--r` for a flag of its own). No randomness that depends on
     how examples are split over processes (all anchors, no dropout), so one process and two agree."""
     path = tmp / "run.yaml"
     path.write_text(
         f"model: {model_dir}\ntasks: [{TASKS}]\ntrain_per_task: 24\ntest_per_task: 2\nbatch_size: 4\nr: 4\n"
         f"learning_rate: 5.0e-3\nmax_steps: {STEPS}\nsave_steps: {SAVE_STEPS}\neval_base: false\nbf16: true\n"
-        "lora_dropout: 0.0\nadapter: {anchor: all, contrastive_weight: 0.1}\n"
+        f"lora_dropout: 0.0\nadapter: {{anchor: all, contrastive_weight: 0.1{adapter}}}\n"
     )
     return path
-
-
-def _launch(*args: str, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(FSDP2_CONFIG),
-        "--main_process_port",
-        str(port),
-        "-m",
-        "comoe",
-        *args,
-    ]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _check(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def _killed_after(cmd: list[str], run_dir: Path, steps: int) -> None:
-    """Start ``cmd`` in its own process group and SIGKILL the whole group once ``steps`` steps are logged."""
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True
-    )
-    log, deadline = run_dir / "train_log.jsonl", time.time() + 300
-    try:
-        while not (log.is_file() and len(log.read_text().splitlines()) >= steps):
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "the run logged too few steps"
-            time.sleep(0.01)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("sharded")
-    config = _run_config(tmp, tiny_model_dir)
+    config = run_config(tmp, tiny_model_dir)
     dirs = {name: tmp / name for name in ("fsdp", "one", "killed")}
-    _check(_launch("train", "--config", str(config), "--output-dir", str(dirs["fsdp"]), port=29531))
+    check(
+        launch(FSDP2_CONFIG, "train", "--config", str(config), "--output-dir", str(dirs["fsdp"]), port=29531)
+    )
     comoe_cli("train", "--config", str(config), "--grad-accum", "2", "--output-dir", str(dirs["one"]))
-    killed = _launch("train", "--config", str(config), "--output-dir", str(dirs["killed"]), port=29532)
-    _killed_after(killed, dirs["killed"], SAVE_STEPS + 1)  # after the first checkpoint, before the end
+    killed = launch(
+        FSDP2_CONFIG, "train", "--config", str(config), "--output-dir", str(dirs["killed"]), port=29532
+    )
+    killed_after(killed, dirs["killed"], SAVE_STEPS + 1)  # after the first checkpoint, before the end
     assert not (dirs["killed"] / "adapter").exists(), "killed too late: the run had finished"
-    _check(_launch("train", "--resume", str(dirs["killed"]), port=29533))
+    check(launch(FSDP2_CONFIG, "train", "--resume", str(dirs["killed"]), port=29533))
     return dirs
-
-
-def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
 def test_fsdp2_trains_the_adapter_one_process_trains(runs):
     """The whole adapter, gathered from both ranks' shards (each holds other rows of every tensor, so a
     save of rank 0's shard alone fails this), fp32 on a bf16 base, equal to one process's on the same
     global batch; the run directory is complete."""
-    sharded, single = _adapter(runs["fsdp"]), _adapter(runs["one"])
+    sharded, single = saved_adapter(runs["fsdp"]), saved_adapter(runs["one"])
     assert sharded.keys() == single.keys() and len(sharded) > 0
     for name, tensor in single.items():
         assert sharded[name].dtype == torch.float32, name
@@ -131,13 +86,13 @@ def test_fsdp2_checkpoints_hold_the_whole_state_and_resume_after_sigkill(runs):
     }
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     optimizer = load_file(checkpoint / "optimizer.safetensors")
-    shapes = {name: tuple(t.shape) for name, t in _adapter(runs["fsdp"]).items()}
+    shapes = {name: tuple(t.shape) for name, t in saved_adapter(runs["fsdp"]).items()}
     for i, name in enumerate(state["parameters"]):
         assert tuple(optimizer[f"{i}.exp_avg"].shape) == shapes[name.replace(".default", "")], name
     assert {"torch_cpu", "rank1.torch_cpu"} <= set(load_file(checkpoint / "rng.safetensors"))
     assert set(state["rng_by_rank"]) == {"1"}
 
-    straight, resumed = _adapter(runs["fsdp"]), _adapter(runs["killed"])
+    straight, resumed = saved_adapter(runs["fsdp"]), saved_adapter(runs["killed"])
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name

@@ -56,7 +56,8 @@ def whole_adapter(model: nn.Module, directory: str | Path) -> dict[str, Tensor]:
     (whole) shapes: what a sharded model loads (each process keeps its shard)."""
     path = Path(directory) / WEIGHTS_NAME
     if isinstance(model, CoMoEModel):
-        expected = {name: param.shape for name, param in model.adapter_state_dict().items()}
+        tensors = model.adapter_state_dict().items()  # ZeRO-3 keeps a partitioned tensor's shape as ds_shape
+        expected = {name: getattr(param, "ds_shape", param.shape) for name, param in tensors}
         return {
             PEFT_PREFIX + k: v for k, v in fit_adapter_tensors(load_file(path), expected, str(path)).items()
         }

@@ -5,10 +5,10 @@ and renamed when complete, so a run killed at any moment leaves either the previ
 one, never a half-written one; the hidden directory a killed write leaves is removed when the run starts
 again (`remove_stale_writes`). Tensors go to safetensors files, everything else to JSON.
 
-It holds the whole training state of every process: under FSDP the adapter and the optimizer state are
-gathered whole from their shards (adapter-sized tensors only, never the base) and the main process writes
-them in the same files as an unsharded run's, so a checkpoint resumes on any number of processes; each
-process's RNG state is kept under its rank.
+It holds the whole training state of every process: under FSDP and DeepSpeed ZeRO the adapter and the
+optimizer state are gathered whole from their shards (adapter-sized tensors only, never the base) and the
+main process writes them in the same files as an unsharded run's, so a checkpoint resumes on any number of
+processes and under any of them; each process's RNG state is kept under its rank.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from comoe.compat import legacy_adapter_name, legacy_parameter_order
+from comoe.training import sharding, zero
 from comoe.training.adapters import load_adapter_weights, whole_adapter
 from comoe.training.run_dir import ADAPTER_DIR
-from comoe.training.sharding import gathered_optimizer, gathered_trainable, load_whole_state
 from comoe.utils.files import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -65,15 +65,25 @@ def optimizer_parameter_names(model: torch.nn.Module, optimizer: torch.optim.Opt
     return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
 
 
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters by name, in ``model``'s order: the order of comoe's one optimizer group
+    (under ZeRO the optimizer holds flat partitions instead of them)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _group_sizes(optimizer: torch.optim.Optimizer) -> list[int]:
+    return [len(group["params"]) for group in optimizer.param_groups]
+
+
 def optimizer_state_by_name(
     saved: dict[str, Any],
     saved_names: list[str],
-    optimizer: torch.optim.Optimizer,
+    group_sizes: list[int],
     names: list[str],
     source: str,
 ) -> dict[str, Any]:
-    """The optimizer state ``saved`` for the parameters ``saved_names``, reordered for ``optimizer`` whose
-    parameters are ``names``. Saved names of an earlier version are matched through ``comoe.compat``, so a
+    """The optimizer state ``saved`` for the parameters ``saved_names``, reordered for an optimizer whose
+    parameters are ``names`` in groups of ``group_sizes``. Saved names of an earlier version are matched through ``comoe.compat``, so a
     checkpoint resumes even where the parameters were renamed or registered in another order."""
     flat = [index for group in saved["param_groups"] for index in group["params"]]
     position = {name: j for j, name in enumerate(names)}
@@ -81,7 +91,7 @@ def optimizer_state_by_name(
         position.setdefault(legacy_adapter_name(name), j)
     unknown = [name for name in saved_names if name not in position]
     covered = sorted(position[name] for name in saved_names if name in position) == list(range(len(names)))
-    same_groups = len(saved["param_groups"]) == len(optimizer.param_groups)
+    same_groups = len(saved["param_groups"]) == len(group_sizes)
     if len(flat) != len(saved_names) or unknown or not covered or not same_groups:
         raise CheckpointError(
             f"{source}: its optimizer state is for {len(saved_names)} tensors "
@@ -90,9 +100,9 @@ def optimizer_state_by_name(
         )
     moved = {old: position[name] for old, name in zip(flat, saved_names, strict=True)}
     groups, start = [], 0
-    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
-        groups.append({**saved_group, "params": list(range(start, start + len(group["params"])))})
-        start += len(group["params"])
+    for saved_group, size in zip(saved["param_groups"], group_sizes, strict=True):
+        groups.append({**saved_group, "params": list(range(start, start + size))})
+        start += size
     return {"state": {moved[old]: value for old, value in saved["state"].items()}, "param_groups": groups}
 
 
@@ -129,16 +139,22 @@ class TrainingState(NamedTuple):
     rngs: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]  # each process's RNG state, by rank
 
 
-def training_state(model, optimizer, sharded: bool = False) -> TrainingState:
-    """The whole training state; every process calls it (under FSDP or DDP it gathers across processes),
-    and only the main process's is complete."""
-    names = optimizer_parameter_names(model, optimizer)
+def training_state(model, optimizer, sharded: bool = False, engine=None) -> TrainingState:
+    """The whole training state; every process calls it (under FSDP, ZeRO or DDP it gathers across
+    processes), and only the main process's is complete. ``sharded``: ``model`` is sharded with FSDP2;
+    ``engine``: the DeepSpeed engine that trains ``model``."""
     rngs = [rng_state()]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, rng_state())
+    if engine is not None:
+        params = trainable_parameters(model)
+        trainable, moments = zero.gathered_trainable(params), zero.gathered_optimizer(engine, params)
+        return TrainingState(trainable, moments, list(params), rngs)
+    names = optimizer_parameter_names(model, optimizer)
     if sharded:
-        return TrainingState(gathered_trainable(model), gathered_optimizer(model, optimizer), names, rngs)
+        trainable = sharding.gathered_trainable(model)
+        return TrainingState(trainable, sharding.gathered_optimizer(model, optimizer), names, rngs)
     return TrainingState(None, optimizer.state_dict(), names, rngs)
 
 
@@ -203,20 +219,24 @@ def remove_stale_writes(root: str | Path) -> list[Path]:
 
 
 def load_checkpoint(
-    path: str | Path, model, optimizer, scheduler, rank: int = 0, sharded: bool = False
+    path: str | Path, model, optimizer, scheduler, rank: int = 0, sharded: bool = False, engine=None
 ) -> dict[str, Any]:
     """Restore adapter, optimizer, scheduler and this process's (``rank``'s) RNG from ``path``; returns the
-    saved progress. ``sharded``: the model is sharded (FSDP2); every process reads the whole state and
-    keeps its shard. A rank the checkpoint has no RNG state for (one written by fewer processes) takes
-    rank 0's."""
+    saved progress. ``sharded`` (FSDP2) or ``engine`` (the DeepSpeed engine training ``model``): every
+    process reads the whole state and keeps its shard. A rank the checkpoint has no RNG state for (one
+    written by fewer processes) takes rank 0's."""
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
-    names = optimizer_parameter_names(model, optimizer)
+    params = trainable_parameters(model)
+    names = list(params) if engine is not None else optimizer_parameter_names(model, optimizer)
+    sizes = [len(names)] if engine is not None else _group_sizes(optimizer)
     saved_names = state.get("parameters") or legacy_parameter_order(names)  # comoe 0.1 saved no names
     saved = optimizer_from_files(load_file(path / "optimizer.safetensors"), state["optimizer"])
-    saved = optimizer_state_by_name(saved, saved_names, optimizer, names, str(path))
-    if sharded:
-        load_whole_state(model, optimizer, whole_adapter(model, path / ADAPTER_DIR), saved, names)
+    saved = optimizer_state_by_name(saved, saved_names, sizes, names, str(path))
+    if engine is not None:
+        zero.load_whole_state(engine, params, whole_adapter(model, path / ADAPTER_DIR), saved)
+    elif sharded:
+        sharding.load_whole_state(model, optimizer, whole_adapter(model, path / ADAPTER_DIR), saved, names)
     else:
         load_adapter_weights(model, path / ADAPTER_DIR)
         optimizer.load_state_dict(saved)

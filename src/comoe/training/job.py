@@ -25,8 +25,10 @@ from comoe.evaluation.accuracy_table import print_accuracy_table
 from comoe.evaluation.scoring import evaluate_tasks, majority_baseline, with_macro_average
 from comoe.ffn import ffn_targets
 from comoe.model import find_targets
+from comoe.training import zero
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
 from comoe.training.base_models import check_max_length, load_base_model
+from comoe.training.checkpoint import trainable_parameters
 from comoe.training.data_notes import data_summary, print_data_warnings
 from comoe.training.loop import plan_steps, train_adapter
 from comoe.training.run_config import RunConfig
@@ -80,13 +82,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
             run_dir, {k: v for k, v in run.to_dict().items() if k != "output_dir"}, report=False
         )
     accelerator = make_accelerator(run, run_dir / TRACKING_DIR)
-    plan = fsdp_launch()  # None: one process or DDP
-    if plan is not None and run.quantize is not None:
-        raise ValueError(
-            f"quantize={run.quantize!r} under FSDP: bitsandbytes' quantised weights shard only when stored in "
-            "the compute dtype (bnb_4bit_quant_storage), which comoe's loader does not set; train a quantised "
-            "base with DDP or one process, or shard an unquantised --bf16 base"
-        )
+    plan, zero_plan = sharded_launch(run)
     check_output_dir(run_dir, resume)
     data = load_run_data(
         run.tasks,
@@ -131,7 +127,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     if plan is None:
-        base.to(accelerator.device)  # a sharded base moves there shard by shard
+        base.to(accelerator.device)  # an FSDP-sharded base moves there shard by shard
     if accelerator.device.type == "cpu":
         CpuThreads(run.cpu_threads).settle()  # the base's evaluation; training re-measures as it goes
     results: dict = {"majority": majority_baseline(train, test), "data": data_summary(data)}
@@ -147,12 +143,22 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
             _shard(model, plan, accelerator, run, run_dir, tokenizer, test, results)
         examples = [ex for t in train for ex in train[t]]
         trained = train_adapter(
-            model, tokenizer, examples, list(train), run, run_dir, accelerator, resume, "train", data.val
+            model,
+            tokenizer,
+            examples,
+            list(train),
+            run,
+            run_dir,
+            accelerator,
+            resume,
+            "train",
+            data.val,
+            zero_plan,
         )
         results["train"] = asdict(trained)
         core = accelerator.unwrap_model(model)
-        _save_trained(core, run_dir / ADAPTER_DIR, accelerator, plan is not None)
-        if accelerator.is_main_process or plan is not None:  # a sharded forward needs every process
+        _save_trained(core, run_dir / ADAPTER_DIR, accelerator, plan, zero_plan)
+        if accelerator.is_main_process or plan or zero_plan:  # a sharded forward needs every process
             results["adapter"] = evaluate_tasks(
                 core,
                 tokenizer,
@@ -165,7 +171,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
             )
     else:
         results["adapter"], results["train"] = _single_task(
-            run, run_dir, data, accelerator, resume, base, tokenizer, plan, results
+            run, run_dir, data, accelerator, resume, base, tokenizer, (plan, zero_plan), results
         )
         results["trainable"], results["total_params"] = results["train"].pop("params")
     results["train_seconds"] = time.time() - started + _seconds_before_resume(results["train"])
@@ -197,17 +203,41 @@ def _shard(
             results["base"] = _cached_base_eval(run, run_dir, model, tokenizer, test, read=False)
 
 
-def _save_trained(core, directory: Path, accelerator, sharded: bool) -> None:
+def sharded_launch(run: RunConfig) -> tuple[FsdpPlan | None, zero.ZeroPlan | None]:
+    """The FSDP2 or ZeRO plan of this launch (both None: one process or DDP); what comoe cannot run sharded
+    is refused before any work."""
+    fsdp, zero_plan = fsdp_launch(), zero.zero_launch()
+    name = "FSDP" if fsdp else f"DeepSpeed ZeRO-{zero_plan.stage}" if zero_plan else None
+    if name and run.quantize is not None:
+        raise ValueError(
+            f"quantize={run.quantize!r} under {name}: bitsandbytes' packed weights shard only when stored in the "
+            "compute dtype (bnb_4bit_quant_storage), which comoe's loader does not set; train a quantised "
+            "base with DDP or one process, or shard an unquantised --bf16 base"
+        )
+    if zero_plan and zero_plan.stage == 3 and run.compile:
+        raise ValueError(
+            "compile=true under DeepSpeed ZeRO-3: its parameter gathers run inside the layers, where "
+            "torch.compile cannot follow them; drop --compile, or shard with FSDP2 (examples/accelerate/fsdp2.yaml)"
+        )
+    return fsdp, zero_plan
+
+
+def _save_trained(core, directory: Path, accelerator, fsdp: FsdpPlan | None, zero_plan=None) -> None:
     """The main process saves the adapter; a sharded one is first gathered whole (its tensors only)."""
-    if sharded:
+    if zero_plan:
+        state = zero.gathered_trainable(trainable_parameters(core))
+        if accelerator.is_main_process:
+            save_adapter(core, directory, state)
+    elif fsdp:
         save_sharded_adapter(core, directory, accelerator.is_main_process)
     elif accelerator.is_main_process:
         save_adapter(core, directory)
 
 
-def _single_task(run, run_dir, data, accelerator, resume, base, tokenizer, plan=None, results=None):
+def _single_task(run, run_dir, data, accelerator, resume, base, tokenizer, plans=(None, None), results=None):
     """One adapter per task, each on a fresh copy of the base, evaluated on its own task."""
     train, test = data.train, data.test
+    plan, zero_plan = plans
     scores, logs, params = {}, {}, (0, 0)
     for i, task in enumerate(train):
         if i > 0:
@@ -223,12 +253,22 @@ def _single_task(run, run_dir, data, accelerator, resume, base, tokenizer, plan=
         task_dir.mkdir(parents=True, exist_ok=True)
         validation = {task: data.val[task]} if data.val else None
         trained = train_adapter(
-            model, tokenizer, train[task], [task], run, task_dir, accelerator, resume, task, validation
+            model,
+            tokenizer,
+            train[task],
+            [task],
+            run,
+            task_dir,
+            accelerator,
+            resume,
+            task,
+            validation,
+            zero_plan,
         )
         logs[task] = asdict(trained)
         core = accelerator.unwrap_model(model)
-        _save_trained(core, task_dir / ADAPTER_DIR, accelerator, plan is not None)
-        if accelerator.is_main_process or plan is not None:  # a sharded forward needs every process
+        _save_trained(core, task_dir / ADAPTER_DIR, accelerator, plan, zero_plan)
+        if accelerator.is_main_process or plan or zero_plan:  # a sharded forward needs every process
             scores.update(
                 evaluate_tasks(
                     core,

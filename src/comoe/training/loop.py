@@ -1,5 +1,6 @@
 """The training loop as a recipe object on Hugging Face accelerate: one process, DDP (torchrun, accelerate
-launch), or FSDP2 (accelerate launch with an FSDP config; see ``comoe.training.sharding``).
+launch), FSDP2 (accelerate launch with an FSDP config; see ``comoe.training.sharding``) or DeepSpeed ZeRO
+(accelerate launch with a DeepSpeed config; see ``comoe.training.zero``).
 
 :class:`TrainingRecipe` holds the state of a run (model, optimiser, schedule, accelerator, checkpoints);
 ``train_adapter`` builds one and runs it.
@@ -34,6 +35,7 @@ from comoe.data.batching import EncodedExample, collate, encode_example
 from comoe.data.schema import Example
 from comoe.model import CoMoEModel
 from comoe.routing_health import RoutingHealth, health_summary
+from comoe.training import zero
 from comoe.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -93,8 +95,9 @@ class TrainingRecipe:
     """One adapter's training: the optimiser, schedule and checkpoints of ``model`` on ``examples``.
 
     Build it, then :meth:`run`; :meth:`step` is one optimiser step over a list of micro-batches. A model
-    sharded with FSDP2 already (``comoe.training.sharding.shard_model``) trains as it is; any other is
-    prepared by accelerate (DDP over several processes).
+    sharded with FSDP2 already (``comoe.training.sharding.shard_model``) trains as it is; with ``zero`` (a
+    DeepSpeed launch) a DeepSpeed engine trains it; any other is prepared by accelerate (DDP over several
+    processes).
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class TrainingRecipe:
         accelerator: Accelerator,
         desc: str = "train",
         validator: Validator | None = None,
+        zero_plan: zero.ZeroPlan | None = None,
     ) -> None:
         self.run_config, self.accelerator, self.desc, self.validator = run, accelerator, desc, validator
         task_index = {name: i for i, name in enumerate(task_names)}
@@ -123,10 +127,15 @@ class TrainingRecipe:
         self.scheduler = make_scheduler(
             run.scheduler, optimizer, math.ceil(run.warmup_ratio * self.total_steps), self.total_steps
         )
-        # a sharded model is not handed to accelerate, which would wrap it again
-        self.model, self.optimizer = (
-            (model, optimizer) if self.sharded else accelerator.prepare(model, optimizer)
-        )
+        self.engine = None  # DeepSpeed's, under ZeRO; the scheduler moves the AdamW that it steps
+        if zero_plan is not None:
+            config = zero.deepspeed_config(zero_plan, run.batch_size, run.grad_accum, run.max_grad_norm)
+            self.engine = zero.initialize(model, optimizer, config)
+            self.model, self.optimizer = self.engine, optimizer
+        elif self.sharded:  # not handed to accelerate, which would wrap it again
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.core = accelerator.unwrap_model(self.model)
         self.health = RoutingHealth(self.core)
         self.pad_id = pad_token_id(tokenizer)
@@ -142,7 +151,7 @@ class TrainingRecipe:
         if found:
             rank = self.accelerator.process_index
             progress = load_checkpoint(
-                found[-1], self.core, self.optimizer, self.scheduler, rank, self.sharded
+                found[-1], self.core, self.optimizer, self.scheduler, rank, self.sharded, self.engine
             )
             self.start_step, self.earlier_seconds = progress["step"], progress.get("elapsed_s", 0.0)
             self.accelerator.print(f"resumed from {found[-1]} at step {self.start_step}/{self.total_steps}")
@@ -188,7 +197,7 @@ class TrainingRecipe:
             if self.threads is not None:
                 parts["threads"] = self.threads.adjust()  # the count the next step runs with
             if self.validator is not None and self.validator.due(step + 1, self.total_steps):
-                if accelerator.is_main_process or self.sharded:  # a sharded forward needs every process
+                if accelerator.is_main_process or self.partitioned:  # a sharded forward needs them all
                     parts.update(self.validator(self.core, accelerator))
                 accelerator.wait_for_everyone()
             if health:
@@ -222,7 +231,7 @@ class TrainingRecipe:
             time.time() - began,
             final,
             accelerator.num_processes,
-            self.sharded or replicas_identical(self.params, accelerator),  # sharded: one copy of each tensor
+            self.partitioned or replicas_identical(self.params, accelerator),  # one copy of each tensor
             resumed_at_step=self.start_step,
             seconds_before_resume=self.earlier_seconds,
             validation=validation_history(logged),
@@ -232,6 +241,10 @@ class TrainingRecipe:
         """One optimiser step over ``micro_batches``; returns this process's token-weighted loss parts and
         the gradient's norm (before clipping)."""
         parts = self.accumulate(micro_batches)
+        if self.engine is not None:  # the engine stepped and clipped at the last micro-batch
+            parts["grad_norm"] = zero.grad_norm(self.engine)
+            self.scheduler.step()
+            return parts
         limit = self.run_config.max_grad_norm  # the norm before clipping is logged either way
         limit = math.inf if limit is None else limit
         clip = clip_grad_norm if self.sharded else self.accelerator.clip_grad_norm_
@@ -254,9 +267,7 @@ class TrainingRecipe:
             dtype=torch.float64,
         )
         step_tokens = local.sum(0)
-        if (
-            accelerator.num_processes > 1
-        ):  # DDP and FSDP average gradients: normalise by all processes' tokens
+        if accelerator.num_processes > 1:  # DDP, FSDP and ZeRO average gradients: normalise by all tokens
             step_tokens = (
                 accelerator.reduce(step_tokens.to(accelerator.device), "sum").cpu()
                 / accelerator.num_processes
@@ -272,12 +283,27 @@ class TrainingRecipe:
                 aux = self._aux_loss(out)
                 real_share = local[i, 1].item() / real_total
                 loss = task_sum / label_total + (aux * real_share if aux is not None else 0.0)
-                accelerator.backward(loss)
+                self._backward(loss)
             _add_parts(sums, task_sum, out, local[i, 1].item())
         return _mean_parts(sums, local.sum(0))
 
+    @property
+    def partitioned(self) -> bool:
+        """Whether the adapter is split over the processes (FSDP2, ZeRO-3; ZeRO-1/2 split its optimizer
+        state): its whole state is gathered to save it, and every process runs each forward."""
+        return self.sharded or self.engine is not None
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.engine is None:
+            self.accelerator.backward(loss)
+            return
+        self.engine.backward(loss, scale_wrt_gas=False)  # ``loss`` is already the step's share
+        self.engine.step()  # steps the optimiser at the last micro-batch only (its gradient_accumulation_steps)
+
     def _sync(self, last: bool):
-        """Reduce the gradients at the step's last micro-batch only."""
+        """Reduce the gradients at the step's last micro-batch only (the engine knows its own)."""
+        if self.engine is not None:
+            return nullcontext()
         if self.sharded:
             return gradient_sync(self.model, last)
         return nullcontext() if last else self.accelerator.no_sync(self.model)
@@ -285,7 +311,7 @@ class TrainingRecipe:
     def checkpoint(self, step: int, epoch: int, elapsed_s: float) -> None:
         """Every process takes part (the state is gathered whole); the main process writes it."""
         self.accelerator.wait_for_everyone()
-        state = training_state(self.core, self.optimizer, self.sharded)
+        state = training_state(self.core, self.optimizer, self.sharded, self.engine)
         if self.accelerator.is_main_process:
             progress = {"epoch": epoch, "elapsed_s": elapsed_s}
             save_checkpoint(
@@ -322,12 +348,14 @@ def train_adapter(
     resume: bool = False,
     desc: str = "train",
     validation: dict[str, list[Example]] | None = None,
+    zero_plan: zero.ZeroPlan | None = None,
 ) -> TrainResult:
     """Train the adapter of ``model`` (already wrapped) on ``examples``; checkpoints under ``work_dir``.
-    With ``validation`` (task -> held-out examples), scores them every ``run.eval_steps`` steps."""
+    With ``validation`` (task -> held-out examples), scores them every ``run.eval_steps`` steps; with
+    ``zero_plan``, a DeepSpeed engine trains it."""
     validator = Validator(validation, tokenizer, task_names, run) if validation and run.eval_steps else None
     recipe = TrainingRecipe(
-        model, tokenizer, examples, task_names, run, work_dir, accelerator, desc, validator
+        model, tokenizer, examples, task_names, run, work_dir, accelerator, desc, validator, zero_plan
     )
     if resume:
         recipe.resume()

@@ -4,7 +4,6 @@ TensorBoard, Weights & Biases, MLflow). Routing health is ``comoe.routing_health
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from comoe.training.sharding import fsdp_launch
+from comoe.training.zero import without_zero_flag, zero_launch
 
 REPORTERS = ("none", "tensorboard", "wandb", "mlflow")
 _PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
@@ -33,31 +33,27 @@ def reporter_problem(report_to: str) -> str | None:
 
 
 def make_accelerator(run, tracking_dir: Path | None = None) -> Accelerator:
-    """One process, DDP (torchrun / accelerate launch) or FSDP2 (accelerate launch with an FSDP config, on
-    GPUs or CPUs), with ``run.report_to``'s tracker writing under ``tracking_dir``. What cannot run is
-    refused before any work: FSDP version 1 (``comoe.training.sharding.fsdp_launch``) and DeepSpeed."""
-    fsdp_launch()  # raises for an FSDP launch comoe cannot follow
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise ValueError(DEEPSPEED_REFUSED)
+    """One process, DDP (torchrun / accelerate launch), FSDP2 or DeepSpeed ZeRO (accelerate launch with an
+    FSDP or DeepSpeed config, on GPUs or CPUs), with ``run.report_to``'s tracker writing under
+    ``tracking_dir``. A launch comoe cannot follow is refused before any work (``fsdp_launch``,
+    ``zero_launch``)."""
+    fsdp_launch()
+    zero_launch()
     trackers = {} if run.report_to == "none" else {"log_with": run.report_to, "project_dir": tracking_dir}
-    # accelerate only sets up multi-process CPU training (gloo) when told it is on the CPU
-    accelerator = Accelerator(
-        mixed_precision="bf16" if run.bf16 else "no", cpu=not torch.cuda.is_available(), **trackers
-    )
+    # accelerate only sets up multi-process CPU training (gloo) when told it is on the CPU; comoe drives
+    # DeepSpeed's engine itself, so its accelerator is a plain multi-process one (autocast, collectives)
+    with without_zero_flag():
+        accelerator = Accelerator(
+            mixed_precision="bf16" if run.bf16 else "no", cpu=not torch.cuda.is_available(), **trackers
+        )
     if accelerator.distributed_type not in SUPPORTED_DISTRIBUTION:
         raise ValueError(
-            f"`comoe train` runs on one process, with DDP or with FSDP2, not "
+            f"`comoe train` runs on one process, with DDP, FSDP2 or DeepSpeed ZeRO, not "
             f"{accelerator.distributed_type.value}: launch with `torchrun` or an accelerate config from "
-            "examples/accelerate (ddp.yaml, fsdp2.yaml)"
+            "examples/accelerate (ddp.yaml, fsdp2.yaml, zero2.yaml, zero3.yaml)"
         )
     set_seed(run.seed)
     return accelerator
-
-
-DEEPSPEED_REFUSED = (
-    "`comoe train` does not run DeepSpeed: its checkpoints and saved adapter would hold one process's ZeRO "
-    "partition; shard with FSDP2 (accelerate launch --config_file examples/accelerate/fsdp2.yaml)"
-)
 
 
 def start_tracking(accelerator: Accelerator, run) -> None:
