@@ -1768,9 +1768,20 @@ def test_refused_wrap_leaves_the_base_trainable(wrap, tmp_path):
             {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"},
             "--gradient-checkpointing",
         ),
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "does not run DeepSpeed"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"},
+            "ZeRO stages 1, 2 and 3",
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"},
+            "zero3_init_flag: false",
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "nvme"},
+            "offload_optimizer_device: 'nvme'",
+        ),
     ],
-    ids=["fsdp1", "fsdp-activation-checkpointing", "deepspeed"],
+    ids=["fsdp1", "fsdp-activation-checkpointing", "zero-stage-0", "zero3-init", "zero-nvme-offload"],
 )
 def test_sharded_launches_comoe_cannot_follow_are_refused_before_any_work(
     env, expected, tmp_path, monkeypatch, capsys
@@ -1786,15 +1797,37 @@ def test_sharded_launches_comoe_cannot_follow_are_refused_before_any_work(
     assert not run_dir.exists()
 
 
-def test_a_quantised_base_under_fsdp_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("bitsandbytes")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
+@pytest.mark.parametrize(
+    "env, flags, expected",
+    [
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+            ["--quantize", "nf4"],
+            "quantize='nf4' under FSDP",
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+            ["--quantize", "nf4"],
+            "quantize='nf4' under DeepSpeed ZeRO-2",
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            ["--compile"],
+            "compile=true under DeepSpeed ZeRO-3",
+        ),
+    ],
+    ids=["quantize-under-fsdp", "quantize-under-zero", "compile-under-zero3"],
+)
+def test_what_cannot_run_sharded_is_refused_before_any_work(
+    env, flags, expected, tmp_path, monkeypatch, capsys
+):
+    pytest.importorskip("bitsandbytes" if "--quantize" in flags else "deepspeed")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     run_dir = tmp_path / "run"
-    assert main(["train", "--tasks", "winowhy", "--quantize", "nf4", "--output-dir", str(run_dir)]) == 2
+    assert main(["train", "--tasks", "winowhy", *flags, "--output-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
-    assert "quantize='nf4' under FSDP" in err and "bnb_4bit_quant_storage" in err
-    assert len(err.strip().splitlines()) == 1 and not run_dir.exists()
+    assert expected in err and len(err.strip().splitlines()) == 1 and not run_dir.exists()
 
 
 def test_other_distributed_types_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
@@ -1806,7 +1839,7 @@ def test_other_distributed_types_are_refused_before_any_work(tmp_path, monkeypat
     run_dir = tmp_path / "run"
     assert main(["train", "--tasks", "winowhy", "--output-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
-    assert "one process, with DDP or with FSDP2" in err and "examples/accelerate" in err
+    assert "one process, with DDP, FSDP2 or DeepSpeed ZeRO" in err and "examples/accelerate" in err
     assert not run_dir.exists()
 
 

@@ -20,6 +20,7 @@ row here; a new promise is a test here, parametrized over ``KINDS``.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 
 import pytest
@@ -30,7 +31,7 @@ from peft import PeftModel
 from comoe import CoMoEModel, get_comoe_model
 from comoe.compiling import compile_layers, decoder_layers
 from comoe.placement import adapter_parameter_count
-from tests import fsdp_worker
+from tests import sharded_worker
 from tests.tiny_models import batch, build, is_adapter, randomize_adapters, tiny_comoe_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -291,14 +292,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory) -> dict:
-    """Every kind's FSDP2 and one-process gradients (fp32 base), and LoRA experts' on a bf16 base: one
-    launch of 2 processes for all of them."""
+    """Every kind's FSDP2, ZeRO-3 (``zero3 <kind>``) and one-process gradients (fp32 base), and LoRA
+    experts' under FSDP2 on a bf16 base: one launch of 2 processes for all of them."""
     cases = {
         kind: dict(base_dtype="float32", config={"balance_weight": BALANCE, **KINDS[kind]}) for kind in KINDS
     }
     cases["bf16 base"] = dict(base_dtype="bfloat16", config={"balance_weight": BALANCE})
+    if importlib.util.find_spec("deepspeed"):
+        cases.update({f"zero3 {kind}": {**cases[kind], "engine": "zero3"} for kind in KINDS})
     out_path = str(tmp_path_factory.mktemp("fsdp") / "grads.pt")
-    mp.spawn(fsdp_worker.run, args=(2, _free_port(), out_path, cases), nprocs=2, join=True)
+    mp.spawn(sharded_worker.run, args=(2, _free_port(), out_path, cases), nprocs=2, join=True)
     return torch.load(out_path)
 
 
@@ -324,6 +327,15 @@ def test_fsdp2_gives_one_process_gradients(kind, fsdp_results):
     from the adapter weights (BᵀB, materialised expert outputs) is formed inside each layer's forward, while
     FSDP holds the layer's weights whole."""
     _check_fsdp(fsdp_results[kind], contrastive_on(kind))
+
+
+@pytest.mark.slow
+def test_zero3_gives_one_process_gradients(kind, fsdp_results):
+    """DeepSpeed ZeRO-3 with every tensor partitioned: ranks gather each module's weights when it runs, so
+    every rank runs the same modules whatever its tokens pick (the grouped path too), and what the losses
+    need from the weights is formed while they are gathered."""
+    pytest.importorskip("deepspeed")
+    _check_fsdp(fsdp_results[f"zero3 {kind}"], contrastive_on(kind))
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ from comoe.data.batching import IGNORE_INDEX, collate, encode_example
 from comoe.data.prompts import format_prompt
 from comoe.data.schema import Example
 from comoe.training.base_models import load_tokenizer
-from comoe.training.loop import causal_lm_loss, epoch_batches
+from comoe.training.loop import causal_lm_loss
+from comoe.training.steps import epoch_batches
 
 
 def test_answer_tokens_are_the_only_labels_and_long_prompts_lose_their_start():

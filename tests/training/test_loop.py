@@ -12,9 +12,10 @@ from accelerate import Accelerator
 from comoe.data.schema import Example
 from comoe.training.adapters import build_adapted_model
 from comoe.training.base_models import load_base_model
-from comoe.training.loop import TrainingRecipe, make_scheduler
+from comoe.training.loop import TrainingRecipe
 from comoe.training.run_config import RunConfig
 from comoe.training.run_dir import read_train_log, truncate_train_log
+from comoe.training.steps import make_scheduler
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -30,7 +30,7 @@ from comoe.training.adapters import build_adapted_model, load_adapted_model, sav
 from comoe.training.base_models import check_max_length, load_base_model
 from comoe.training.checkpoint import trainable_parameters
 from comoe.training.data_notes import data_summary, print_data_warnings
-from comoe.training.loop import plan_steps, train_adapter
+from comoe.training.loop import train_adapter
 from comoe.training.run_config import RunConfig
 from comoe.training.run_dir import (
     ADAPTER_DIR,
@@ -49,6 +49,7 @@ from comoe.training.run_dir import (
 )
 from comoe.training.run_settings import resolve_run
 from comoe.training.sharding import FsdpPlan, fsdp_launch, save_sharded_adapter, shard_model
+from comoe.training.steps import plan_steps
 from comoe.training.tracking import make_accelerator, start_tracking
 from comoe.utils.deprecation import moved_names
 from comoe.utils.files import write_json_atomic

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from comoe.compiling import compile_layers
 from comoe.data.batching import EncodedExample, collate, encode_example
@@ -46,6 +45,7 @@ from comoe.training.checkpoint import (
 from comoe.training.run_config import RunConfig
 from comoe.training.run_dir import CHECKPOINTS_DIR, TRAIN_LOG_NAME, read_train_log, truncate_train_log
 from comoe.training.sharding import clip_grad_norm, gradient_sync, is_sharded
+from comoe.training.steps import epoch_batches, make_scheduler, plan_steps
 from comoe.training.task_loss import causal_lm_loss, label_tokens
 from comoe.training.validation import Validator, validation_history
 from comoe.utils.deprecation import moved_names
@@ -67,28 +67,6 @@ class TrainResult:
     resumed_at_step: int = 0
     seconds_before_resume: float = 0.0
     validation: list[dict[str, float]] = field(default_factory=list)  # [{step, val_loss, val_accuracy}]
-
-
-def epoch_batches(
-    lengths: list[int], batch_size: int, seed: int, epoch: int, rank: int, world: int, group: int = 32
-) -> list[list[int]]:
-    """This process's micro-batches (example indices) for one epoch; every rank gets the same count.
-
-    A permutation seeded by (seed, epoch); within windows of ``group`` batches, examples are sorted by
-    length so that batches hold similar lengths (less padding); the batch order is then shuffled.
-    """
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    window = batch_size * group
-    order = [
-        i
-        for start in range(0, len(order), window)
-        for i in sorted(order[start : start + window], key=lengths.__getitem__)
-    ]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    per_rank = len(batches) // world
-    return batches[rank::world][:per_rank]
 
 
 class TrainingRecipe:
@@ -129,7 +107,10 @@ class TrainingRecipe:
         )
         self.engine = None  # DeepSpeed's, under ZeRO; the scheduler moves the AdamW that it steps
         if zero_plan is not None:
-            config = zero.deepspeed_config(zero_plan, run.batch_size, run.grad_accum, run.max_grad_norm)
+            numel = sum(p.numel() for p in self.params)
+            config = zero.deepspeed_config(
+                zero_plan, run.batch_size, run.grad_accum, run.max_grad_norm, numel
+            )
             self.engine = zero.initialize(model, optimizer, config)
             self.model, self.optimizer = self.engine, optimizer
         elif self.sharded:  # not handed to accelerate, which would wrap it again
@@ -378,36 +359,6 @@ def _mean_parts(sums: dict[str, float], tokens: torch.Tensor) -> dict[str, float
     parts.update({key: sums[key] / real for key in ("contrastive", "balance") if key in sums})
     parts["loss"] = parts["task"] + sums.get("aux", 0.0) / real
     return {"loss": parts.pop("loss"), **parts}
-
-
-def plan_steps(num_examples: int, run: RunConfig, world: int) -> tuple[int, int]:
-    """(optimiser steps per epoch, total steps) for ``num_examples``; a clear error when there is no step.
-
-    Every process gets ``ceil(n / batch_size) // world`` micro-batches an epoch (see ``epoch_batches``).
-    """
-    micro_per_epoch = math.ceil(num_examples / run.batch_size) // world
-    steps_per_epoch = micro_per_epoch // run.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{num_examples} training examples make no full step of batch_size={run.batch_size} × "
-            f"grad_accum={run.grad_accum} × {world} processes: lower them or add data (train_per_task)"
-        )
-    return steps_per_epoch, run.max_steps or math.ceil(run.epochs * steps_per_epoch)
-
-
-def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
-    """transformers' schedule ``name``, whose warm-up never runs a step at rate 0.
-
-    Warm-up step ``i`` (0-based) of ``w`` uses ``lr·(i+1)/(w+1)``, so even a one-step run (``--max-steps
-    1``, whose warm-up is that step) moves the adapter; after the warm-up the schedule is transformers'
-    own (linear and cosine decay reach 0 only after the last step)."""
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-    if warmup_steps == 0 or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        return scheduler
-    after = scheduler.lr_lambdas[0]
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (step + 1) / (warmup_steps + 1) if step < warmup_steps else after(step)
-    )
 
 
 def replicas_identical(params: list[torch.Tensor], accelerator: Accelerator) -> bool:

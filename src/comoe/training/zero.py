@@ -11,13 +11,13 @@ process.
 ZeRO-3 gathers a module's parameters when the module runs, so ranks whose tokens pick different experts
 must still run the same modules: in a comoe layer they do, whatever the routing (the E experts are one
 module's stacked tensors, which the dense and the grouped path alike read whole), so no rank waits on a
-gather another never starts and no module needs to be a ZeRO-3 leaf. (DeepSpeed 0.19's leaf modules
-also break the backward of comoe's fused autograd functions: a leaf's parameters are released before
-their gradients are accumulated.)
+gather another never starts and no module needs to be a ZeRO-3 leaf. (Marking the routed layers as
+leaves makes DeepSpeed 0.19's backward meet an empty, released parameter: observed, not traced further.)
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -116,10 +116,21 @@ def _config_file_zero(path: str | None) -> dict[str, Any]:
     return {k: v for k, v in config.get("zero_optimization", {}).items() if v != "auto"}
 
 
-def deepspeed_config(plan: ZeroPlan, micro_batch_size: int, grad_accum: int, max_grad_norm: float | None):
+def deepspeed_config(
+    plan: ZeroPlan,
+    micro_batch_size: int,
+    grad_accum: int,
+    max_grad_norm: float | None,
+    trainable_numel: int | None = None,
+) -> dict[str, Any]:
     """DeepSpeed's configuration for ``plan``: fp32 master weights for the trainable tensors (the base
-    keeps its own dtype), torch's AdamW, gradient clipping at ``max_grad_norm`` (0: none)."""
+    keeps its own dtype), torch's AdamW, gradient clipping at ``max_grad_norm`` (0: none). Only the adapter's
+    gradients are reduced, so unless the plan sets them the reduce and all-gather buckets hold
+    ``trainable_numel`` elements (DeepSpeed's default, 5e8, is a 2 GB fp32 buffer per process)."""
     zero: dict[str, Any] = {**plan.extra, "stage": plan.stage}
+    if trainable_numel:
+        zero.setdefault("reduce_bucket_size", trainable_numel)
+        zero.setdefault("allgather_bucket_size", trainable_numel)
     if plan.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": plan.offload_optimizer}
     if plan.offload_params != "none" and plan.stage == 3:
@@ -141,8 +152,23 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[
     optimizer's param_groups stay the ones a scheduler built on it moves."""
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    with _no_shared_memory_kernel():
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
+
+
+@contextmanager
+def _no_shared_memory_kernel() -> Iterator[None]:
+    """On DeepSpeed's CPU accelerator its communicator compiles a C++ shared-memory all-reduce the first time
+    it starts (tens of seconds, and a compiler) that only ``inference_all_reduce`` uses; training's
+    collectives are torch's either way, so it is not built. A no-op where DeepSpeed runs on a GPU."""
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` as a name is torch
+    build = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = build
 
 
 def is_zero(model: nn.Module) -> bool:
