@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 
 
-def launch(config_file: Path, *args: str, port: int) -> list[str]:
-    """The command that runs `comoe *args` under ``accelerate launch --config_file config_file``."""
+def launch(config_file: Path, *args: str, port: int, launcher: tuple[str, ...] = ()) -> list[str]:
+    """The command that runs `comoe *args` under ``accelerate launch --config_file config_file *launcher``."""
     return [
         sys.executable,
         "-m",
@@ -25,6 +25,7 @@ def launch(config_file: Path, *args: str, port: int) -> list[str]:
         str(config_file),
         "--main_process_port",
         str(port),
+        *launcher,
         "-m",
         "comoe",
         *args,

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO on 2 CPU processes (gloo, DeepSpeed's CPU accelerator): `comoe train` through
-`accelerate launch` with examples/accelerate/zero2.yaml and a ZeRO-3 config file, and the launch settings
-comoe refuses.
+`accelerate launch` with examples/accelerate/zero2.yaml and zero3.yaml (the latter with a DeepSpeed config
+file added), and the launch settings comoe refuses.
 
 One module-scoped set of launches: a ZeRO-2 run (bf16 base) and a ZeRO-3 run (fp32), each beside the same
 run on one process (the same global batch), and a ZeRO-3 run killed with SIGKILL and resumed. The ZeRO-3
@@ -34,16 +34,10 @@ pytest.importorskip("deepspeed")
 ZERO3_FILE = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
-def _zero3_launch_config(tmp: Path) -> Path:
-    """An accelerate config whose DeepSpeed settings come from a config file (``deepspeed_config_file``)."""
+def _zero3_file(tmp: Path) -> tuple[str, ...]:
+    """accelerate launch's flag that adds a DeepSpeed config file to examples/accelerate/zero3.yaml."""
     (tmp / "zero3.json").write_text(json.dumps(ZERO3_FILE))
-    path = tmp / "zero3-file.yaml"
-    path.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_machines: 1\nmachine_rank: 0\n"
-        "num_processes: 2\nuse_cpu: false\ndeepspeed_config:\n"
-        f"  deepspeed_config_file: {tmp / 'zero3.json'}\n  zero3_init_flag: false\n"
-    )
-    return path
+    return ("--deepspeed_config_file", str(tmp / "zero3.json"))
 
 
 def _configs(tmp: Path, model_dir: Path) -> dict[str, Path]:
@@ -58,19 +52,20 @@ def _configs(tmp: Path, model_dir: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("zero")
-    configs, zero3 = _configs(tmp, tiny_model_dir), _zero3_launch_config(tmp)
+    configs, zero3, file = _configs(tmp, tiny_model_dir), ACCELERATE_CONFIGS / "zero3.yaml", _zero3_file(tmp)
     dirs = {name: tmp / name for name in ("zero2", "one-bf16", "zero3", "one-fp32", "killed")}
 
     def train(precision: str, name: str) -> tuple[str, ...]:
         return ("train", "--config", str(configs[precision]), "--output-dir", str(dirs[name]))
 
     check(launch(ACCELERATE_CONFIGS / "zero2.yaml", *train("bf16", "zero2"), port=29541))
-    check(launch(zero3, *train("fp32", "zero3"), port=29542))
+    check(launch(zero3, *train("fp32", "zero3"), port=29542, launcher=file))
     comoe_cli(*train("bf16", "one-bf16"), "--grad-accum", "2")
     comoe_cli(*train("fp32", "one-fp32"), "--grad-accum", "2")
-    killed_after(launch(zero3, *train("fp32", "killed"), port=29543), dirs["killed"], SAVE_STEPS + 1)
+    killed = launch(zero3, *train("fp32", "killed"), port=29543, launcher=file)
+    killed_after(killed, dirs["killed"], SAVE_STEPS + 1)
     assert not (dirs["killed"] / "adapter").exists(), "killed too late: the run had finished"
-    check(launch(zero3, "train", "--resume", str(dirs["killed"]), port=29544))
+    check(launch(zero3, "train", "--resume", str(dirs["killed"]), port=29544, launcher=file))
     return dirs
 
 
