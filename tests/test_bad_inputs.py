@@ -1802,8 +1802,8 @@ def test_sharded_launches_comoe_cannot_follow_are_refused_before_any_work(
     [
         (
             {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
-            ["--quantize", "nf4"],
-            "quantize='nf4' under FSDP",
+            ["--quantize", "int8"],
+            "quantize='int8' under FSDP",
         ),
         (
             {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
@@ -1816,7 +1816,7 @@ def test_sharded_launches_comoe_cannot_follow_are_refused_before_any_work(
             "compile=true under DeepSpeed ZeRO-3",
         ),
     ],
-    ids=["quantize-under-fsdp", "quantize-under-zero", "compile-under-zero3"],
+    ids=["int8-under-fsdp", "quantize-under-zero", "compile-under-zero3"],
 )
 def test_what_cannot_run_sharded_is_refused_before_any_work(
     env, flags, expected, tmp_path, monkeypatch, capsys

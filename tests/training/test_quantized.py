@@ -14,6 +14,7 @@ from comoe.ffn import CoMoEFFNLayer
 from comoe.training.base_models import load_base_model
 from comoe.training.run_config import RunConfig
 from tests.cli_runs import comoe_cli, read_log
+from tests.launches import ACCELERATE_CONFIGS, check, launch, saved_adapter
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -75,33 +76,18 @@ def test_training_on_a_quantised_base_lowers_the_loss_and_reloads_exactly(
 
 
 @pytest.mark.slow
-def test_cli_quantize_trains_and_evaluates_on_the_quantised_base(model_dir, tmp_path):
-    run_dir = tmp_path / "nf4"
-    comoe_cli(
-        "train",
-        "--model",
-        str(model_dir),
-        "--tasks",
-        "strategyqa",
-        "--train-per-task",
-        "16",
-        "--test-per-task",
-        "6",
-        "--batch-size",
-        "4",
-        "--r",
-        "4",
-        "--max-steps",
-        "3",
-        "--eval-base",
-        "false",
-        "--contrastive-weight",
-        "0.5",
-        "--quantize",
-        "nf4",
-        "--output-dir",
-        str(run_dir),
+def test_cli_quantize_trains_and_evaluates_on_the_quantised_base_and_fsdp2_trains_it_too(model_dir, tmp_path):
+    """`--quantize nf4` through the command line on one process, and the same run sharded with FSDP2 over 2
+    processes (the packed weights stored in the compute dtype, which FSDP shards): the same adapter. No
+    randomness that depends on how examples are split over processes (all anchors, no dropout)."""
+    config = tmp_path / "nf4.yaml"
+    config.write_text(
+        f"model: {model_dir}\ntasks: [strategyqa]\ntrain_per_task: 16\ntest_per_task: 6\nbatch_size: 4\nr: 4\n"
+        "max_steps: 3\neval_base: false\nquantize: nf4\nlora_dropout: 0.0\n"
+        "adapter: {anchor: all, contrastive_weight: 0.5, norm_eps: 1.0e-2}\n"  # no gradient spike (test_zero.py)
     )
+    run_dir, sharded_dir = tmp_path / "nf4", tmp_path / "nf4-fsdp2"
+    comoe_cli("train", "--config", str(config), "--grad-accum", "2", "--output-dir", str(run_dir))
     assert RunConfig.from_yaml(run_dir / "run_config.yaml").quantize == "nf4"
     assert all(row["contrastive"] > 0 for row in read_log(run_dir))
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -109,6 +95,16 @@ def test_cli_quantize_trains_and_evaluates_on_the_quantised_base(model_dir, tmp_
     again = json.loads((run_dir / "eval_label.json").read_text())
     for task, scores in metrics["adapter"]["tasks"].items():
         assert again["adapter"]["tasks"][task]["accuracy"] == scores["accuracy"]
+
+    fsdp2 = ACCELERATE_CONFIGS / "fsdp2.yaml"
+    check(launch(fsdp2, "train", "--config", str(config), "--output-dir", str(sharded_dir), port=29551))
+    single, sharded = saved_adapter(run_dir), saved_adapter(sharded_dir)
+    assert single.keys() == sharded.keys()
+    for name, tensor in single.items():
+        torch.testing.assert_close(
+            sharded[name], tensor, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    assert json.loads((sharded_dir / "metrics.json").read_text())["train"]["processes"] == 2
 
 
 @pytest.mark.slow

@@ -92,9 +92,11 @@ def gguf_path(alias: str = DEFAULT_MODEL) -> Path:
 QUANTIZATIONS = ("nf4", "int8")
 
 
-def quantization_config(quantize: str | None, dtype: torch.dtype):
+def quantization_config(quantize: str | None, dtype: torch.dtype, shardable: bool = False):
     """bitsandbytes settings for ``quantize``: 'nf4' (QLoRA's 4-bit NormalFloat with double quantisation,
-    computing in ``dtype``) or 'int8' (LLM.int8()); None for an unquantised base."""
+    computing in ``dtype``) or 'int8' (LLM.int8()); None for an unquantised base. ``shardable``: nf4's
+    packed weights are stored in ``dtype`` elements (bnb_4bit_quant_storage) rather than bytes, the form
+    FSDP shards like any other weight of the layer (the values are the same)."""
     if quantize is None:
         return None
     check_quantization_available(quantize)
@@ -106,6 +108,7 @@ def quantization_config(quantize: str | None, dtype: torch.dtype):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            **({"bnb_4bit_quant_storage": dtype} if shardable else {}),
         )
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -121,15 +124,20 @@ def check_quantization_available(quantize: str) -> None:
 
 
 def load_base_model(
-    name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, quantize: str | None = None
+    name: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+    shardable: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer.
 
     ``name`` is an alias from :data:`ALIASES` (offline, cached on first use), a local directory, or a
     Hugging Face hub id (needs network). ``quantize`` ('nf4', 'int8') loads the linears quantised by
-    bitsandbytes (the rest in ``dtype``). The model is returned in eval mode.
+    bitsandbytes (the rest in ``dtype``; ``shardable``: in the form FSDP shards, see
+    :func:`quantization_config`). The model is returned in eval mode.
     """
-    quantized = {"quantization_config": quantization_config(quantize, dtype)} if quantize else {}
+    config = quantization_config(quantize, dtype, shardable) if quantize else None
+    quantized = {"quantization_config": config} if quantize else {}
     if name.lower() in ALIASES:
         alias = name.lower()
         path = model_cache_dir(alias)

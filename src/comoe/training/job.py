@@ -97,7 +97,7 @@ def run_job(run: RunConfig, run_dir: Path | None = None, resume: bool = False) -
     train, test = data.train, data.test
     for examples in ([ex for t in train for ex in train[t]],) if run.setting == "multi" else train.values():
         plan_steps(len(examples), run, accelerator.num_processes)
-    base, tokenizer = load_base_model(run.model, dtype=base_dtype(run), quantize=run.quantize)
+    base, tokenizer = load_base_model(run.model, base_dtype(run), run.quantize, shardable=plan is not None)
     check_adapter_fits(base, run)
     check_max_length(base, run.max_length, report=accelerator.is_main_process)
     check_lengths(
@@ -208,12 +208,16 @@ def sharded_launch(run: RunConfig) -> tuple[FsdpPlan | None, zero.ZeroPlan | Non
     """The FSDP2 or ZeRO plan of this launch (both None: one process or DDP); what comoe cannot run sharded
     is refused before any work."""
     fsdp, zero_plan = fsdp_launch(), zero.zero_launch()
-    name = "FSDP" if fsdp else f"DeepSpeed ZeRO-{zero_plan.stage}" if zero_plan else None
-    if name and run.quantize is not None:
+    if fsdp and run.quantize == "int8":
         raise ValueError(
-            f"quantize={run.quantize!r} under {name}: bitsandbytes' packed weights shard only when stored in the "
-            "compute dtype (bnb_4bit_quant_storage), which comoe's loader does not set; train a quantised "
-            "base with DDP or one process, or shard an unquantised --bf16 base"
+            "quantize='int8' under FSDP: bitsandbytes' int8 weights lose their quantisation state when "
+            "sharded; shard an nf4 base (--quantize nf4), or train the int8 base with DDP or one process"
+        )
+    if zero_plan and run.quantize is not None:
+        raise ValueError(
+            f"quantize={run.quantize!r} under DeepSpeed ZeRO-{zero_plan.stage}: comoe does not hand "
+            "bitsandbytes' packed weights to DeepSpeed's engine (untested); shard an nf4 base with FSDP2 "
+            "(examples/accelerate/fsdp2.yaml), or train it with DDP or one process"
         )
     if zero_plan and zero_plan.stage == 3 and run.compile:
         raise ValueError(
@@ -242,7 +246,9 @@ def _single_task(run, run_dir, data, accelerator, resume, base, tokenizer, plans
     scores, logs, params = {}, {}, (0, 0)
     for i, task in enumerate(train):
         if i > 0:
-            base, tokenizer = load_base_model(run.model, dtype=base_dtype(run), quantize=run.quantize)
+            base, tokenizer = load_base_model(
+                run.model, base_dtype(run), run.quantize, shardable=plan is not None
+            )
             if plan is None:
                 base.to(accelerator.device)
         set_seed(run.seed)
