@@ -26,7 +26,14 @@ from safetensors.torch import load_file
 
 from comoe.training.zero import ZeroPlan, deepspeed_config, zero_launch
 from tests.cli_runs import comoe_cli, read_log
-from tests.launches import ACCELERATE_CONFIGS, check, killed_after, launch, saved_adapter
+from tests.launches import (
+    ACCELERATE_CONFIGS,
+    assert_trains_one_process_adapter,
+    check,
+    killed_after,
+    launch,
+    saved_adapter,
+)
 from tests.training.test_sharded import SAVE_STEPS, STEPS, run_config
 
 pytest.importorskip("deepspeed")
@@ -74,20 +81,8 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 def test_zero_trains_the_adapter_one_process_trains(runs, stage, one):
     """The whole fp32 adapter, gathered from both ranks' partitions, equal to one process's on the same
     global batch with λ > 0 (ZeRO-2 on a bf16 base); the run directory is complete."""
-    sharded, single = saved_adapter(runs[stage]), saved_adapter(runs[one])
-    assert sharded.keys() == single.keys() and len(sharded) > 0
-    for name, tensor in single.items():
-        assert sharded[name].dtype == torch.float32, name
-        torch.testing.assert_close(
-            sharded[name], tensor, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
-        )
-    assert any(t.abs().sum() > 0 for n, t in sharded.items() if "comoe_B" in n)  # it trained
+    assert_trains_one_process_adapter(runs[stage], runs[one], STEPS)
     assert json.loads((runs[stage] / "metrics.json").read_text())["train"]["processes"] == 2
-    log = read_log(runs[stage])
-    assert [row["step"] for row in log] == list(range(1, STEPS + 1))
-    assert all(row["contrastive"] > 0 for row in log)
-    norms = [row["grad_norm"] for row in read_log(runs[one])]
-    assert [row["grad_norm"] for row in log] == pytest.approx(norms, rel=1e-4)
 
 
 @pytest.mark.slow

@@ -28,7 +28,6 @@ from comoe.model import find_targets
 from comoe.training import zero
 from comoe.training.adapters import build_adapted_model, load_adapted_model, save_adapter, trainable_counts
 from comoe.training.base_models import check_max_length, load_base_model
-from comoe.training.checkpoint import trainable_parameters
 from comoe.training.data_notes import data_summary, print_data_warnings
 from comoe.training.loop import train_adapter
 from comoe.training.run_config import RunConfig
@@ -230,9 +229,7 @@ def sharded_launch(run: RunConfig) -> tuple[FsdpPlan | None, zero.ZeroPlan | Non
 def _save_trained(core, directory: Path, accelerator, fsdp: FsdpPlan | None, zero_plan=None) -> None:
     """The main process saves the adapter; a sharded one is first gathered whole (its tensors only)."""
     if zero_plan:
-        state = zero.gathered_trainable(trainable_parameters(core))
-        if accelerator.is_main_process:
-            save_adapter(core, directory, state)
+        zero.save_zero_adapter(core, directory, accelerator.is_main_process)
     elif fsdp:
         save_sharded_adapter(core, directory, accelerator.is_main_process)
     elif accelerator.is_main_process:

@@ -184,6 +184,17 @@ def gathered_trainable(params: dict[str, nn.Parameter]) -> dict[str, torch.Tenso
     return {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in params.items()}
 
 
+def save_zero_adapter(model: nn.Module, directory, is_main_process: bool) -> None:
+    """Save the whole adapter of a model DeepSpeed's engine trains: every process calls it, the trainable
+    tensors alone are gathered, and the main process writes them atomically (``model.save_pretrained``'s
+    layout). ``save_pretrained`` itself would write each process's empty ZeRO-3 partitions."""
+    from comoe.training.adapters import save_adapter
+
+    state = gathered_trainable({name: p for name, p in model.named_parameters() if p.requires_grad})
+    if is_main_process:
+        save_adapter(model, directory, state)
+
+
 def gathered_optimizer(engine, params: dict[str, nn.Parameter]) -> dict[str, Any]:
     """The whole AdamW state, keyed by position in ``params`` as ``optimizer.state_dict()`` keys it; every
     process calls it."""
