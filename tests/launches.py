@@ -64,19 +64,27 @@ def saved_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def assert_trains_one_process_adapter(run_dir: Path, one_process_dir: Path, steps: int) -> None:
+def assert_trains_one_process_adapter(
+    run_dir: Path, one_process_dir: Path, steps: int, relative_error: float | None = None
+) -> None:
     """A 2-process run trained the adapter the one-process run trained (the same global batch): fp32
-    tensors within rtol 1e-4, every step logged with λ > 0, the same gradient norms."""
+    tensors within rtol 1e-4 element by element (or, given ``relative_error``, each tensor's difference
+    within that fraction of its norm, and the gradient norms within it too), every step logged with
+    λ > 0, the same gradient norms."""
     sharded, single = saved_adapter(run_dir), saved_adapter(one_process_dir)
     assert sharded.keys() == single.keys() and len(sharded) > 0
     for name, tensor in single.items():
         assert sharded[name].dtype == torch.float32, name
-        torch.testing.assert_close(
-            sharded[name], tensor, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
-        )
+        if relative_error is None:
+            torch.testing.assert_close(
+                sharded[name], tensor, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+            )
+        else:
+            error = float((sharded[name] - tensor).norm() / tensor.norm())
+            assert error < relative_error, f"{name}: {error:.3g} of its norm apart"
     assert any(t.abs().sum() > 0 for n, t in sharded.items() if "comoe_B" in n)  # it trained
     log = read_log(run_dir)
     assert [row["step"] for row in log] == list(range(1, steps + 1))
     assert all(row["contrastive"] > 0 for row in log)  # λ > 0 under sharding
     norms = [row["grad_norm"] for row in read_log(one_process_dir)]
-    assert [row["grad_norm"] for row in log] == pytest.approx(norms, rel=1e-4)
+    assert [row["grad_norm"] for row in log] == pytest.approx(norms, rel=relative_error or 1e-4)

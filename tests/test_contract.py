@@ -331,9 +331,10 @@ def test_fsdp2_gives_one_process_gradients(kind, fsdp_results):
 
 @pytest.mark.slow
 def test_zero3_gives_one_process_gradients(kind, fsdp_results):
-    """DeepSpeed ZeRO-3 with every tensor partitioned: ranks gather each module's weights when it runs, so
-    every rank runs the same modules whatever its tokens pick (the grouped path too), and what the losses
-    need from the weights is formed while they are gathered."""
+    """DeepSpeed ZeRO-3 with every tensor partitioned: each module's weights are gathered when it runs
+    (every kind, the grouped path too), and what the losses need from them is formed while they are
+    gathered. Both ranks see the same batch here; ranks whose tokens pick other experts run the same
+    modules all the same (a layer's experts are one module)."""
     pytest.importorskip("deepspeed")
     _check_fsdp(fsdp_results[f"zero3 {kind}"], contrastive_on(kind))
 

@@ -67,6 +67,7 @@ def test_fsdp2_trains_the_adapter_one_process_trains(runs):
     assert_trains_one_process_adapter(runs["fsdp"], runs["one"], STEPS)
     metrics = json.loads((runs["fsdp"] / "metrics.json").read_text())
     assert metrics["train"]["processes"] == 2 and set(metrics["adapter"]["tasks"]) == set(TASKS.split(","))
+    assert metrics["train"]["sharding"] == "fsdp2"
 
 
 def test_fsdp2_checkpoints_hold_the_whole_state_and_resume_after_sigkill(runs):

@@ -27,15 +27,19 @@ EVAL_FIELDS = (
 
 def run_train(args: argparse.Namespace) -> int:
     from comoe.training.job import resumed_run, run_job
+    from comoe.training.tracking import end_processes
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        run_job(resumed_run(run_dir, requested_fields(args)), run_dir, resume=True)
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            run_job(resumed_run(run_dir, requested_fields(args)), run_dir, resume=True)
+            return 0
+        run = run_config_from_args(args)
+        check_method_overrides(args, run.method)
+        run_job(run)
         return 0
-    run = run_config_from_args(args)
-    check_method_overrides(args, run.method)
-    run_job(run)
-    return 0
+    finally:
+        end_processes()
 
 
 def check_method_overrides(args: argparse.Namespace, method: str) -> None:

@@ -83,8 +83,9 @@ def optimizer_state_by_name(
     source: str,
 ) -> dict[str, Any]:
     """The optimizer state ``saved`` for the parameters ``saved_names``, reordered for an optimizer whose
-    parameters are ``names`` in groups of ``group_sizes``. Saved names of an earlier version are matched through ``comoe.compat``, so a
-    checkpoint resumes even where the parameters were renamed or registered in another order."""
+    parameters are ``names`` in groups of ``group_sizes``. Saved names of an earlier version are matched
+    through ``comoe.compat``, so a checkpoint resumes even where the parameters were renamed or registered
+    in another order."""
     flat = [index for group in saved["param_groups"] for index in group["params"]]
     position = {name: j for j, name in enumerate(names)}
     for j, name in enumerate(names):

@@ -221,7 +221,8 @@ def sharded_launch(run: RunConfig) -> tuple[FsdpPlan | None, zero.ZeroPlan | Non
     if zero_plan and zero_plan.stage == 3 and run.compile:
         raise ValueError(
             "compile=true under DeepSpeed ZeRO-3: its parameter gathers run inside the layers, where "
-            "torch.compile cannot follow them; drop --compile, or shard with FSDP2 (examples/accelerate/fsdp2.yaml)"
+            "torch.compile cannot follow them; drop --compile, or shard with FSDP2 "
+            "(examples/accelerate/fsdp2.yaml)"
         )
     return fsdp, zero_plan
 

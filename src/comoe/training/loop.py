@@ -67,6 +67,7 @@ class TrainResult:
     resumed_at_step: int = 0
     seconds_before_resume: float = 0.0
     validation: list[dict[str, float]] = field(default_factory=list)  # [{step, val_loss, val_accuracy}]
+    sharding: str = ""  # "fsdp2", "zero1", "zero2", "zero3"; "" for one process or DDP
 
 
 class TrainingRecipe:
@@ -216,6 +217,7 @@ class TrainingRecipe:
             resumed_at_step=self.start_step,
             seconds_before_resume=self.earlier_seconds,
             validation=validation_history(logged),
+            sharding=self.sharding,
         )
 
     def step(self, micro_batches: list[list[EncodedExample]]) -> dict[str, float]:
@@ -224,6 +226,12 @@ class TrainingRecipe:
         parts = self.accumulate(micro_batches)
         if self.engine is not None:  # the engine stepped and clipped at the last micro-batch
             parts["grad_norm"] = zero.grad_norm(self.engine)
+            if not math.isfinite(parts["grad_norm"]):
+                raise TrainingDiverged(
+                    f"{self.desc}: the gradient's norm is {parts['grad_norm']} (DeepSpeed skipped the step); "
+                    "no adapter was saved. Check the model and the data, or start a new run with a lower "
+                    "--learning-rate"
+                )
             self.scheduler.step()
             return parts
         limit = self.run_config.max_grad_norm  # the norm before clipping is logged either way
@@ -237,7 +245,8 @@ class TrainingRecipe:
 
     def accumulate(self, micro_batches: list[list[EncodedExample]]) -> dict[str, float]:
         """Forward and backward over ``micro_batches``, leaving the step's gradient in ``.grad``: that of
-        one batch holding them all (see the module docstring)."""
+        one batch holding them all (see the module docstring). Under ZeRO the engine keeps the gradient in
+        its partitions and steps the optimiser after the last micro-batch."""
         accelerator = self.accelerator
         batches = [
             {k: v.to(accelerator.device) for k, v in collate(micro, self.pad_id).items()}
@@ -265,8 +274,17 @@ class TrainingRecipe:
                 real_share = local[i, 1].item() / real_total
                 loss = task_sum / label_total + (aux * real_share if aux is not None else 0.0)
                 self._backward(loss)
+            if self.engine is not None:
+                self.engine.step()  # steps the optimiser at the last micro-batch only (gradient_accumulation_steps)
             _add_parts(sums, task_sum, out, local[i, 1].item())
         return _mean_parts(sums, local.sum(0))
+
+    @property
+    def sharding(self) -> str:
+        """How the adapter is split over the processes: "fsdp2", "zero1" to "zero3", or "" (not at all)."""
+        if self.engine is not None:
+            return f"zero{self.engine.zero_optimization_stage()}"
+        return "fsdp2" if self.sharded else ""
 
     @property
     def partitioned(self) -> bool:
@@ -279,7 +297,6 @@ class TrainingRecipe:
             self.accelerator.backward(loss)
             return
         self.engine.backward(loss, scale_wrt_gas=False)  # ``loss`` is already the step's share
-        self.engine.step()  # steps the optimiser at the last micro-batch only (its gradient_accumulation_steps)
 
     def _sync(self, last: bool):
         """Reduce the gradients at the step's last micro-batch only (the engine knows its own)."""

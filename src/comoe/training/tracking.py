@@ -56,6 +56,15 @@ def make_accelerator(run, tracking_dir: Path | None = None) -> Accelerator:
     return accelerator
 
 
+def end_processes() -> None:
+    """Tear down this process's part of a multi-process launch (a no-op on one process) before it exits:
+    a process group left to the interpreter's exit can abort it while its communication threads run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def start_tracking(accelerator: Accelerator, run) -> None:
     """Open the run's tracker (if any), with the run's settings as its hyper-parameters."""
     if run.report_to != "none":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -30,6 +31,13 @@ import torch
 from torch import nn
 
 ZERO_FLAG = "ACCELERATE_USE_DEEPSPEED"  # what `accelerate launch` sets for a DeepSpeed config
+# settings of a DeepSpeed config file that are the run's flags in `comoe train`
+RUN_SETTINGS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
 _OFFLOAD = ("none", "cpu")
 
 
@@ -37,7 +45,7 @@ _OFFLOAD = ("none", "cpu")
 class ZeroPlan:
     """The settings of a DeepSpeed launch that `comoe train` follows."""
 
-    stage: int = 3
+    stage: int = 2
     offload_optimizer: str = "none"  # "cpu": optimizer state in host memory (on GPUs)
     offload_params: str = "none"  # "cpu": ZeRO-3's parameter partitions in host memory (on GPUs)
     extra: dict[str, Any] = field(default_factory=dict)  # other zero_optimization keys of a config file
@@ -60,7 +68,9 @@ def zero_launch(environ: Mapping[str, str] = os.environ) -> ZeroPlan | None:
             "pip install 'comoe[deepspeed]' (or launch with examples/accelerate/fsdp2.yaml)"
         ) from None
     zero = _config_file_zero(environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
-    stage = zero.pop("stage", None) or environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    stage = zero.pop("stage", None)
+    if stage is None:
+        stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     offload_optimizer = zero.pop("offload_optimizer", {}).get("device") or environ.get(
         "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none"
     )
@@ -108,10 +118,12 @@ def _config_file_zero(path: str | None) -> dict[str, Any]:
         raise ValueError(f"deepspeed_config_file {path}: {err}") from None
     owned = [key for key in ("optimizer", "scheduler") if key in config]
     owned += [key for key in ("fp16", "bf16") if config.get(key, {}).get("enabled") is True]
+    owned += [key for key in RUN_SETTINGS if config.get(key, "auto") != "auto"]
     if owned:
         raise ValueError(
-            f"deepspeed_config_file {path}: remove {', '.join(owned)}: `comoe train` runs its own AdamW and "
-            "schedule (--learning-rate, --scheduler) and its own precision (--bf16: a bf16 base, fp32 experts)"
+            f'deepspeed_config_file {path}: remove {", ".join(owned)} (or set it to "auto"): `comoe train` '
+            "runs its own AdamW and schedule (--learning-rate, --scheduler), precision (--bf16: a bf16 base, "
+            "fp32 experts), batch (--batch-size, --grad-accum) and clipping (--max-grad-norm)"
         )
     return {k: v for k, v in config.get("zero_optimization", {}).items() if v != "auto"}
 
@@ -171,11 +183,6 @@ def _no_shared_memory_kernel() -> Iterator[None]:
         ds_torch.build_shm_op = build
 
 
-def is_zero(model: nn.Module) -> bool:
-    """Whether ``model`` is a DeepSpeed engine."""
-    return type(model).__name__ == "DeepSpeedEngine"
-
-
 def gathered_trainable(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """The whole fp32 trainable tensors, on the CPU, keyed as ``params``; every process calls it (one
     gather per tensor: the frozen base stays partitioned)."""
@@ -190,6 +197,7 @@ def save_zero_adapter(model: nn.Module, directory, is_main_process: bool) -> Non
     layout). ``save_pretrained`` itself would write each process's empty ZeRO-3 partitions."""
     from comoe.training.adapters import save_adapter
 
+    model = getattr(model, "module", model)  # the engine's model, if given the engine
     state = gathered_trainable({name: p for name, p in model.named_parameters() if p.requires_grad})
     if is_main_process:
         save_adapter(model, directory, state)
@@ -243,9 +251,10 @@ def load_whole_state(
 
 
 def grad_norm(engine) -> float:
-    """The gradients' global norm of the last optimiser step, before clipping."""
+    """The gradients' global norm of the last optimiser step, before clipping (inf where DeepSpeed found a
+    non-finite gradient and skipped the step)."""
     norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else 0.0
+    return float(norm) if norm is not None else math.nan
 
 
 def _stage(engine) -> int:
@@ -270,7 +279,8 @@ def _step_count(zero_optimizer) -> torch.Tensor | None:
 
 def _create_moments(zero_optimizer, step: torch.Tensor) -> None:
     """Give AdamW the state of a resumed run before its first step (AdamW creates it lazily): zero moments
-    that the saved ones then fill, and the saved step count."""
+    that the saved ones then fill, and the saved step count. ZeRO-1/2 also link each parameter to its
+    slice of that state only after a first step; the link is made here."""
     state = zero_optimizer.optimizer.state
     for flat in _flat_partitions(zero_optimizer):
         state[flat] = {
@@ -278,3 +288,6 @@ def _create_moments(zero_optimizer, step: torch.Tensor) -> None:
             "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format),
         }
+    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)  # stages 1-2
+    if link is not None:
+        link()
