@@ -74,9 +74,9 @@ class TrainingRecipe:
     """One adapter's training: the optimiser, schedule and checkpoints of ``model`` on ``examples``.
 
     Build it, then :meth:`run`; :meth:`step` is one optimiser step over a list of micro-batches. A model
-    sharded with FSDP2 already (``comoe.training.sharding.shard_model``) trains as it is; with ``zero`` (a
-    DeepSpeed launch) a DeepSpeed engine trains it; any other is prepared by accelerate (DDP over several
-    processes).
+    sharded with FSDP2 already (``comoe.training.sharding.shard_model``) trains as it is; with
+    ``zero_plan`` (a DeepSpeed launch) a DeepSpeed engine trains it; any other is prepared by accelerate
+    (DDP over several processes).
     """
 
     def __init__(
@@ -275,7 +275,7 @@ class TrainingRecipe:
                 loss = task_sum / label_total + (aux * real_share if aux is not None else 0.0)
                 self._backward(loss)
             if self.engine is not None:
-                self.engine.step()  # steps the optimiser at the last micro-batch only (gradient_accumulation_steps)
+                self.engine.step()  # steps the optimiser at the step's last micro-batch only
             _add_parts(sums, task_sum, out, local[i, 1].item())
         return _mean_parts(sums, local.sum(0))
 
@@ -290,7 +290,7 @@ class TrainingRecipe:
     def partitioned(self) -> bool:
         """Whether the adapter is split over the processes (FSDP2, ZeRO-3; ZeRO-1/2 split its optimizer
         state): its whole state is gathered to save it, and every process runs each forward."""
-        return self.sharded or self.engine is not None
+        return bool(self.sharding)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.engine is None:

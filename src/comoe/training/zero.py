@@ -234,7 +234,7 @@ def load_whole_state(
 
     values = [trainable[name] for name in params]
     with deepspeed.zero.GatheredParameters(
-        list(params.values()), modifier_rank=0, enabled=_stage(engine) == 3
+        list(params.values()), modifier_rank=0, enabled=engine.zero_optimization_stage() == 3
     ):
         for p, value in zip(params.values(), values, strict=True):
             p.data.copy_(value.to(p.dtype))
@@ -255,10 +255,6 @@ def grad_norm(engine) -> float:
     non-finite gradient and skipped the step)."""
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else math.nan
-
-
-def _stage(engine) -> int:
-    return engine.zero_optimization_stage()
 
 
 def _flat_partitions(zero_optimizer) -> list[torch.Tensor]:
